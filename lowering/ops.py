@@ -1,0 +1,64 @@
+"""torch.library ops of the `lynx` namespace: routing and sparse experts.
+
+Both ops have fake implementations whose output shapes depend only on input shapes
+(symbolic token counts work), and CPU kernels that are the reference. CUDA tensors take
+the Triton kernels when lynx_compile.lowering.triton_ops registers them (it overrides the
+CUDA kernels below); until then, CUDA runs the reference too.
+"""
+
+from __future__ import annotations
+
+import torch
+from lynx_compile.lowering import reference
+from lynx_compile.lowering.telemetry import record_route
+
+
+@torch.library.custom_op("lynx::route", mutates_args=(), device_types=None)
+def route(
+    logits: torch.Tensor,
+    top_k: int,
+    policy: str,
+    alpha: float,
+    beta: float | None,
+    k0: int,
+    budget: int,
+    weights: str,
+    telemetry_site: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route tokens: logits [N, E] -> (weights [N, k] in logits' dtype, ids int64 [N, k]).
+
+    telemetry_site >= 0 records distinct experts (exact vs chosen) for that report site.
+    """
+    pol = reference.RoutingPolicy(policy, alpha, beta, k0, budget)
+    out_w, out_ids = reference.route_reference(logits, top_k, pol, weights)
+    if telemetry_site >= 0:
+        record_route(telemetry_site, logits, top_k, out_ids)
+    return out_w, out_ids
+
+
+@route.register_fake
+def _route_fake(logits, top_k, policy, alpha, beta, k0, budget, weights, telemetry_site):
+    n = logits.shape[0]
+    return (
+        logits.new_empty((n, top_k)),
+        logits.new_empty((n, top_k), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("lynx::experts", mutates_args=(), device_types=None)
+def experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str,
+    gated: bool,
+) -> torch.Tensor:
+    """Sparse experts: x [N, d], ids/weights [N, k], w_up [E, U, d], w_down [E, d, I] -> [N, d]."""
+    return reference.experts_reference(x, ids, weights, w_up, w_down, activation, gated)
+
+
+@experts.register_fake
+def _experts_fake(x, ids, weights, w_up, w_down, activation, gated):
+    return torch.empty_like(x)

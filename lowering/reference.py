@@ -1,0 +1,227 @@
+"""Plain-PyTorch routing policies and sparse-expert computation: the specification.
+
+Every other implementation (the CPU op kernels, the Triton kernels) must agree with
+these functions. They favour clarity over speed; they never sync on data they do not
+need and never produce data-dependent shapes.
+
+Routing (one MoE layer, one batch of N routed tokens, E experts, top-k):
+  exact     the model's own top-k of the router scores.
+  affinity  AffinityBinning (LYNX, arXiv 2411.08982), see docs/design/affinity_binning.md.
+  oea       opportunistic expert activation: keep each token's top-k0, fill from the union.
+  static    keep the `budget` experts with the highest summed probability in the batch.
+
+Weight conventions (`weights=`):
+  "renorm"  the model divides its top-k probabilities by their sum (Mixtral, Qwen3-MoE).
+  "mass"    the model keeps raw top-k probabilities (OLMoE, Qwen2-MoE norm_topk_prob=False);
+            approximate policies rescale the final experts' probabilities so that they sum
+            to the token's original top-k probability mass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+POLICIES = ("exact", "affinity", "oea", "static")
+WEIGHT_CONVENTIONS = ("renorm", "mass")
+
+# Most negative affinity bin kept as an integer; -inf logits (masked experts) land here.
+_MIN_BIN = -(2**30)
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """One routing policy and its parameters (validated by lynx_compile.config)."""
+
+    name: str = "exact"
+    alpha: float = 3.0
+    beta: float | None = 2.0
+    k0: int = 2
+    budget: int = 16
+
+
+def _check_logits(logits: torch.Tensor, top_k: int) -> None:
+    if logits.dim() != 2:
+        raise ValueError(
+            f"router logits must be 2-D [tokens, experts], got shape {tuple(logits.shape)}; "
+            "flatten the batch and sequence dimensions first"
+        )
+    if not logits.is_floating_point():
+        raise ValueError(f"router logits must be floating point, got {logits.dtype}")
+    num_experts = logits.shape[1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}] (the expert count), got {top_k}")
+
+
+def _stable_rank(keys: list[torch.Tensor]) -> torch.Tensor:
+    """Expert order per token, most preferred first: keys[0] descending, then keys[1]
+    descending, ..., then lower expert index. keys: each [N, E]."""
+    num_experts = keys[0].shape[1]
+    order = torch.arange(num_experts, device=keys[0].device).expand_as(keys[0]).clone()
+    for key in reversed(keys):  # least significant key first; stable sorts keep earlier order
+        _, pos = torch.sort(torch.gather(key, 1, order), dim=1, descending=True, stable=True)
+        order = torch.gather(order, 1, pos)
+    return order
+
+
+def _finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[N] bool: rows whose maximum is finite and that hold no NaN (the rows a batch-aware
+    policy may remap; the others keep the model's exact routing)."""
+    row_max = logits.amax(dim=1)
+    return torch.isfinite(row_max) & ~torch.isnan(logits).any(dim=1)
+
+
+def affinity_bins(logits: torch.Tensor, alpha: float, beta: float | None) -> torch.Tensor:
+    """q[t, e] = ceil(alpha * (L[t, e] - max_e' L[t, e'])), floored at -beta: int64 [N, E] <= 0."""
+    shifted = alpha * (logits.double() - logits.double().amax(dim=1, keepdim=True))
+    q = torch.ceil(shifted).nan_to_num(nan=0.0, neginf=_MIN_BIN).clamp(_MIN_BIN, 0)
+    if beta is not None:
+        q = q.clamp(min=-math.floor(beta))
+    return q.to(torch.int64)
+
+
+def popularity_bins(batch: int, beta: float | None) -> int:
+    """How many affinity bins the exact integer popularity key can hold for this batch.
+
+    The vote of token t' for expert e is B**q[t', e]; excluding the token itself each bin
+    count is <= B - 1, so the summed vote is a base-B numeral with one digit per bin and
+    comparing it equals comparing the per-bin counts lexicographically. The key keeps
+    that numeral exactly in int64: as many bins as fit below 2**62 (all of them when beta
+    is set and small). Deeper bins weigh < B**-bins of one top-bin vote.
+    """
+    if batch <= 1:
+        return 1
+    fit = max(1, int(62 // math.log2(batch)))
+    return fit if beta is None else min(fit, math.floor(beta) + 1)
+
+
+def popularity_key(q: torch.Tensor, include: torch.Tensor, beta: float | None) -> torch.Tensor:
+    """pop[t, e] * B**(bins-1) as an exact int64 [N, E]: the votes of the other tokens.
+
+    q: int64 [N, E] affinity bins; include: bool [N] tokens that vote.
+    """
+    batch = q.shape[0]
+    bins = popularity_bins(batch, beta)
+    depth = (-q).clamp(max=bins)  # bins >= `bins` deep contribute nothing
+    place = torch.tensor([batch**p for p in range(bins - 1, -1, -1)] + [0], dtype=torch.int64)
+    vote = place.to(q.device)[depth] * include.to(torch.int64)[:, None]  # [N, E]
+    return vote.sum(dim=0, keepdim=True) - vote
+
+
+def _final_from_kept(probs: torch.Tensor, kept: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Each token's top-k by (in kept set, probability, lower index): int64 [N, k]."""
+    order = _stable_rank([kept.to(probs.dtype), probs])
+    return order[:, :top_k]
+
+
+def _weights(
+    probs: torch.Tensor, ids: torch.Tensor, exact_mass: torch.Tensor, convention: str
+) -> torch.Tensor:
+    chosen = torch.gather(probs, 1, ids)
+    if convention == "renorm":
+        return chosen / chosen.sum(dim=1, keepdim=True)
+    return chosen * (exact_mass / chosen.sum(dim=1, keepdim=True))
+
+
+def route_reference(
+    logits: torch.Tensor,
+    top_k: int,
+    policy: RoutingPolicy = RoutingPolicy(),
+    weights: str = "renorm",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route N tokens: logits [N, E] -> (weights [N, k] in logits' dtype, ids int64 [N, k]).
+
+    The scores are softmax(logits) computed in logits' dtype, as the model computes them.
+    Rows with NaN or an infinite maximum keep the exact routing (the model's own result,
+    however non-finite) and do not vote in batch-aware policies.
+    """
+    _check_logits(logits, top_k)
+    if policy.name not in POLICIES:
+        raise ValueError(f"unknown routing policy {policy.name!r}; valid: {', '.join(POLICIES)}")
+    if weights not in WEIGHT_CONVENTIONS:
+        raise ValueError(f"unknown weight convention {weights!r}; valid: {WEIGHT_CONVENTIONS}")
+    probs = torch.softmax(logits, dim=-1)
+    exact_vals, exact_ids = torch.topk(probs, top_k, dim=-1)
+    if policy.name == "exact" or logits.shape[0] == 0:
+        if weights == "renorm":
+            exact_vals = exact_vals / exact_vals.sum(dim=-1, keepdim=True)
+        return exact_vals, exact_ids
+
+    valid = _finite_rows(logits)  # [N]
+    num_experts = logits.shape[1]
+    if policy.name == "affinity":
+        q = affinity_bins(logits, policy.alpha, policy.beta)
+        pop = popularity_key(q, valid, policy.beta)
+        chosen = _stable_rank([q, pop, probs])[:, :top_k]
+        kept_ids = chosen
+    elif policy.name == "oea":
+        kept_ids = exact_ids[:, : min(policy.k0, top_k)]
+    else:  # static
+        totals = torch.where(valid[:, None], probs, 0).sum(dim=0)  # [E]
+        budget = min(max(policy.budget, top_k), num_experts)
+        top_experts = _stable_rank([totals[None, :]])[0, :budget]
+        kept_ids = top_experts.expand(logits.shape[0], budget)
+
+    kept = torch.zeros(logits.shape[0], num_experts, dtype=torch.bool, device=logits.device)
+    kept.scatter_(1, kept_ids, valid[:, None].expand_as(kept_ids))
+    kept = kept.any(dim=0, keepdim=True).expand_as(kept)  # the batch's kept set K
+    ids = _final_from_kept(probs, kept, top_k)
+    ids = torch.where(valid[:, None], ids, exact_ids)
+    exact_weights = exact_vals
+    if weights == "renorm":
+        exact_weights = exact_vals / exact_vals.sum(dim=1, keepdim=True)
+    # Tokens whose experts did not change keep the model's weights bit for bit.
+    same = (ids.sort(dim=1).values == exact_ids.sort(dim=1).values).all(dim=1, keepdim=True)
+    ids = torch.where(same, exact_ids, ids)
+    moved = _weights(probs, ids, exact_vals.sum(dim=1, keepdim=True), weights)
+    return torch.where(same, exact_weights, moved), ids
+
+
+def distinct_experts(ids: torch.Tensor) -> int:
+    """Number of distinct experts a batch's routing ids [N, k] touch."""
+    return int(torch.unique(ids).numel())
+
+
+ACTIVATIONS = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "relu": torch.relu,
+}
+
+
+def experts_reference(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str = "silu",
+    gated: bool = True,
+) -> torch.Tensor:
+    """Sparse experts: x [N, d], ids/weights [N, k], w_up [E, U, d], w_down [E, d, I] -> [N, d].
+
+    For each (token, slot): h = x @ w_up[e].T; gated: act(h[:, :I]) * h[:, I:], else act(h);
+    y = h @ w_down[e].T; out[token] += weight * y. Computed per expert touched, in x's dtype,
+    with the weighted sum accumulated in fp32 and cast once.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; valid: {sorted(ACTIVATIONS)}")
+    act = ACTIVATIONS[activation]
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    flat_ids = ids.reshape(-1)
+    for e in torch.unique(flat_ids).tolist():
+        slot = (flat_ids == e).nonzero().squeeze(1)  # positions in [N * k]
+        token = slot // ids.shape[1]
+        h = x[token] @ w_up[e].to(x.dtype).t()
+        if gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = act(gate) * up
+        else:
+            h = act(h)
+        y = h @ w_down[e].to(x.dtype).t()
+        w = weights.reshape(-1)[slot].to(torch.float32)
+        out.index_add_(0, token, y.to(torch.float32) * w[:, None])
+    return out.to(x.dtype)

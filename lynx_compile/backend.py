@@ -1,0 +1,79 @@
+"""The `lynx` torch.compile backend: rewrite MoE routers (and dispatch), then Inductor.
+
+Resolved by name through the `torch_dynamo_backends` entry point, so
+`torch.compile(model, backend="lynx")` works without importing lynx_compile. This
+module therefore must not register the name itself (Dynamo would see a duplicate).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.fx as fx
+
+from lynx_compile import graph_dump
+from lynx_compile.config import LynxConfig, parse_options
+from lynx_compile.lowering import ops  # noqa: F401  (registers torch.ops.lynx.*)
+from lynx_compile.passes import report as report_mod
+from lynx_compile.passes.router import find_router_sites, rewrite_router
+
+log = logging.getLogger("lynx_compile")
+
+# Seconds spent in the lynx passes (not Inductor), summed over graphs; read by `bench`.
+pass_seconds: list[float] = []
+
+
+def _grad_needed(example_inputs) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
+    )
+
+
+def apply_lynx_passes(gm: fx.GraphModule, example_inputs, config: LynxConfig) -> fx.GraphModule:
+    """Rewrite every router site of one Dynamo graph in place; returns the graph module."""
+    start = time.perf_counter()
+    graph_id = report_mod.new_graph_id()
+    dump_dir = graph_dump.active_dump_dir()
+    before = gm.print_readable(print_output=False) if dump_dir else None
+    sites = find_router_sites(gm, graph_id)
+    if sites and _grad_needed(example_inputs):
+        for site in sites:
+            report_mod.add_site(
+                kind="router",
+                status="skipped",
+                reason="autograd is on: lynx rewrites inference graphs; run under "
+                "torch.no_grad() or torch.inference_mode()",
+                num_experts=site.num_experts,
+                top_k=site.top_k,
+                graph=graph_id,
+                node=site.topk.name,
+            )
+        sites = []
+    for site in sites:
+        rewrite_router(gm, site, config, graph_id)
+    if sites:
+        gm.graph.lint()
+        gm.recompile()
+    pass_seconds.append(time.perf_counter() - start)
+    if dump_dir:
+        graph_dump.write_graph_dump(dump_dir, graph_id, before, gm)
+    return gm
+
+
+def _inductor_patches(config: LynxConfig) -> dict:
+    patches = {}
+    if config.mode is not None:
+        patches.update(torch._inductor.list_mode_options(config.mode))
+    patches.update(config.inductor)
+    return patches
+
+
+def lynx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode=None):
+    """torch.compile backend: lynx passes on the Dynamo graph, then Inductor's compile_fx."""
+    from torch._inductor.compile_fx import compile_fx
+
+    config = parse_options(options, mode)
+    gm = apply_lynx_passes(gm, example_inputs, config)
+    return compile_fx(gm, example_inputs, config_patches=_inductor_patches(config))

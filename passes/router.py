@@ -1,0 +1,260 @@
+"""Router sites: find softmax -> top-k (-> renormalise) routers and rewrite them to lynx::route.
+
+A router site, in the torch-level graph Dynamo hands the backend:
+
+    logits = linear(x, W_router)           # x: [N, d] flattened from [B, T, d]
+    probs  = softmax(cast(logits), -1)     # optionally softmax(logits, dtype=float32)
+    vals, ids = topk(probs, k, -1)
+    vals = vals / vals.sum(-1, keepdim=True)   # only in "renorm" models
+    (vals = vals.to(dtype))                # left in place, it consumes our weights
+
+The rewrite replaces (vals after renorm, ids) with the outputs of
+lynx::route(logits_cast, k, policy...), keeping every other user of logits/probs
+(aux losses, router-logit outputs) untouched. Decode gating: the approximate policy is
+applied only when x was flattened from a [B, 1, d] tensor (one new token per sequence).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from lynx_compile.passes import report as report_mod
+from lynx_compile.passes.fx_utils import arg, canonical_op, example_value, last_dim
+
+from lynx_compile.config import LynxConfig
+
+
+@dataclass
+class RouterSite:
+    """A matched softmax -> top-k router in one graph."""
+
+    topk: fx.Node
+    softmax: fx.Node
+    logits: fx.Node  # the tensor softmax normalises (before its dtype= cast, if any)
+    softmax_dtype: torch.dtype | None
+    values: fx.Node | None  # getitem(topk, 0)
+    ids: fx.Node | None  # getitem(topk, 1)
+    weights_out: fx.Node | None  # the node whose users receive the routing weights
+    convention: str  # "renorm" | "mass"
+    num_experts: int
+    top_k: int
+    pattern: str
+
+
+def _topk_outputs(topk: fx.Node) -> tuple[fx.Node | None, fx.Node | None, bool]:
+    """(values, ids, ok): the getitem users of a topk node; ok is False on other uses."""
+    values = ids = None
+    for user in topk.users:
+        if canonical_op(user) != "getitem" or user.args[1] not in (0, 1):
+            return None, None, False
+        if user.args[1] == 0:
+            values = user
+        else:
+            ids = user
+    return values, ids, True
+
+
+def _renorm_of(values: fx.Node) -> fx.Node | None:
+    """The node dividing `values` by its own sum over the last dim, if that is all values feeds."""
+    sums = [
+        u
+        for u in values.users
+        if canonical_op(u) == "sum"
+        and u.args[0] is values
+        and last_dim(arg(u, 1, "dim"), 2)
+        and arg(u, 2, "keepdim", False)
+    ]
+    if len(sums) != 1:
+        return None
+    divs = [
+        u
+        for u in values.users
+        if canonical_op(u) == "div" and u.args[0] is values and u.args[1] is sums[0]
+    ]
+    if len(divs) != 1 or set(values.users) != {sums[0], divs[0]}:
+        return None
+    return divs[0]
+
+
+def _skip(topk: fx.Node, reason: str, graph_id: int, e=None, k=None) -> None:
+    report_mod.add_site(
+        kind="router",
+        status="skipped",
+        reason=reason,
+        num_experts=e,
+        top_k=k,
+        graph=graph_id,
+        node=topk.name,
+    )
+
+
+def _looks_like_router(node: fx.Node) -> bool:
+    """Whether a top-k input comes from a linear/matmul within a few elementwise hops."""
+    for _ in range(4):
+        op = canonical_op(node)
+        if op in ("linear", "matmul"):
+            return True
+        if op is None and node.op != "call_function":
+            return False
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if not tensors:
+            return False
+        node = tensors[0]
+    return False
+
+
+def match_router(topk: fx.Node, graph_id: int) -> RouterSite | None:
+    """Match one topk node as a softmax router; reports and returns None when it is not one."""
+    src = topk.args[0] if topk.args else topk.kwargs.get("input")
+    k = arg(topk, 1, "k")
+    src_val = example_value(src)
+    if src_val is None:
+        return None
+    e = int(src_val.shape[-1]) if src_val.dim() else None
+    if canonical_op(src) != "softmax":
+        if _looks_like_router(src):
+            _skip(topk, "top-k input is not a softmax over experts", graph_id, e, k)
+        return None
+    if not isinstance(k, int):
+        _skip(topk, f"top-k count is not a constant int ({k!r})", graph_id, e)
+        return None
+    if src_val.dim() != 2:
+        _skip(
+            topk, f"router scores are {src_val.dim()}-D, expected [tokens, experts]", graph_id, e, k
+        )
+        return None
+    if not last_dim(arg(topk, 2, "dim", -1), 2) or not arg(topk, 3, "largest", True):
+        _skip(topk, "top-k is not the largest-k over the expert dim", graph_id, e, k)
+        return None
+    if not last_dim(arg(src, 1, "dim"), 2):
+        _skip(topk, "softmax is not over the expert dim", graph_id, e, k)
+        return None
+    values, ids, ok = _topk_outputs(topk)
+    if not ok or ids is None:
+        _skip(topk, "top-k result used other than as (values, ids)", graph_id, e, k)
+        return None
+    weights_out, convention = values, "mass"
+    if values is not None and (div := _renorm_of(values)) is not None:
+        weights_out, convention = div, "renorm"
+    elif values is not None and any(canonical_op(u) == "div" for u in values.users):
+        _skip(topk, "top-k values divided by something other than their sum", graph_id, e, k)
+        return None
+    logits = src.args[0] if src.args else src.kwargs["input"]
+    softmax_dtype = arg(src, 2, "dtype") if src.op == "call_function" else src.kwargs.get("dtype")
+    return RouterSite(
+        topk=topk,
+        softmax=src,
+        logits=logits,
+        softmax_dtype=softmax_dtype,
+        values=values,
+        ids=ids,
+        weights_out=weights_out,
+        convention=convention,
+        num_experts=e,
+        top_k=k,
+        pattern=f"softmax_topk_{convention}",
+    )
+
+
+def is_decode_step(logits: fx.Node) -> bool | None:
+    """True when the router input was flattened from [B, 1, d] (one new token per sequence),
+    False for [B, T>1, d] or a symbolic T, None when the graph does not show the shape."""
+    node = logits
+    for _ in range(12):
+        val = example_value(node)
+        if val is not None and val.dim() >= 3:
+            return isinstance(val.shape[-2], int) and val.shape[-2] == 1
+        op = canonical_op(node)
+        if op in ("view", "cast", "linear", "matmul") or (
+            op is None and node.op == "call_function"
+        ):
+            tensors = [a for a in node.args if isinstance(a, fx.Node)]
+            if not tensors:
+                return None
+            node = tensors[0]
+        else:
+            return None
+    return None
+
+
+def find_router_sites(gm: fx.GraphModule, graph_id: int) -> list[RouterSite]:
+    """Every softmax -> top-k router in the graph (others are reported as skipped)."""
+    sites = []
+    for node in list(gm.graph.nodes):
+        if canonical_op(node) == "topk":
+            site = match_router(node, graph_id)
+            if site is not None:
+                sites.append(site)
+    return sites
+
+
+def rewrite_router(
+    gm: fx.GraphModule, site: RouterSite, config: LynxConfig, graph_id: int
+) -> tuple[fx.Node, fx.Node, dict]:
+    """Replace one router site by lynx::route; returns (weights, ids, report entry)."""
+    decode = is_decode_step(site.logits)
+    policy = config.routing_policy(bool(decode))
+    entry = report_mod.add_site(
+        kind="router",
+        status="rewritten",
+        reason=site.pattern,
+        num_experts=site.num_experts,
+        top_k=site.top_k,
+        graph=graph_id,
+        node=site.topk.name,
+        policy=policy.name,
+        decode=decode,
+        weights=site.convention,
+        telemetry_on=config.telemetry,
+    )
+    graph = gm.graph
+    with graph.inserting_before(site.topk):
+        logits = site.logits
+        if site.softmax_dtype is not None:
+            logits = graph.call_method("to", (logits, site.softmax_dtype))
+        route = graph.call_function(
+            torch.ops.lynx.route.default,
+            (
+                logits,
+                site.top_k,
+                policy.name,
+                float(policy.alpha),
+                None if policy.beta is None else float(policy.beta),
+                int(policy.k0),
+                int(policy.budget),
+                site.convention,
+                entry["site"] if config.telemetry else -1,
+            ),
+        )
+        weights = graph.call_function(operator.getitem, (route, 0))
+        ids = graph.call_function(operator.getitem, (route, 1))
+    _copy_meta(site, weights, ids, route)
+    if site.weights_out is not None:
+        site.weights_out.replace_all_uses_with(weights)
+    site.ids.replace_all_uses_with(ids)
+    renorm_sum = site.weights_out.args[1] if site.convention == "renorm" else None
+    _erase_dead(
+        graph, [site.weights_out, renorm_sum, site.values, site.ids, site.topk, site.softmax]
+    )
+    return weights, ids, entry
+
+
+def _copy_meta(site: RouterSite, weights: fx.Node, ids: fx.Node, route: fx.Node) -> None:
+    """Give new nodes the example values of the nodes they replace (later passes read them)."""
+    w_src = site.weights_out if site.weights_out is not None else site.values
+    for new, old in ((weights, w_src), (ids, site.ids)):
+        val = example_value(old)
+        if val is not None:
+            new.meta["example_value"] = val
+    vals = (example_value(weights), example_value(ids))
+    if all(v is not None for v in vals):
+        route.meta["example_value"] = vals
+
+
+def _erase_dead(graph: fx.Graph, nodes: list[fx.Node | None]) -> None:
+    for node in nodes:
+        if node is not None and not node.users:
+            graph.erase_node(node)
