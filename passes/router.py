@@ -255,6 +255,6 @@ def _copy_meta(site: RouterSite, weights: fx.Node, ids: fx.Node, route: fx.Node)
 
 
 def _erase_dead(graph: fx.Graph, nodes: list[fx.Node | None]) -> None:
-    for node in nodes:
+    for node in dict.fromkeys(nodes):  # ordered, without repeats
         if node is not None and not node.users:
             graph.erase_node(node)
