@@ -157,7 +157,8 @@ def route_reference(
         chosen = _stable_rank([q, pop, probs])[:, :top_k]
         kept_ids = chosen
     elif policy.name == "oea":
-        kept_ids = exact_ids[:, : min(policy.k0, top_k)]
+        # Own top-k0 under the same tie rule as the remap (torch.topk's tie order is unspecified).
+        kept_ids = _stable_rank([probs])[:, : min(policy.k0, top_k)]
     else:  # static
         totals = torch.where(valid[:, None], probs, 0).sum(dim=0)  # [E]
         budget = min(max(policy.budget, top_k), num_experts)

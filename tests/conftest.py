@@ -1,0 +1,27 @@
+"""Shared fixtures: Dynamo state is reset around each test module, so compiled models of
+the same class in different modules never hit Dynamo's recompile limit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lynx_compile
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_dynamo():
+    """Each module starts and ends with an empty Dynamo cache and report."""
+    torch._dynamo.reset()
+    lynx_compile.clear_report()
+    yield
+    torch._dynamo.reset()
+
+
+def sites_of(report: dict, graph_ids=None, kind: str = "router") -> list[dict]:
+    """Sites of one kind in a report, optionally limited to some graphs."""
+    return [
+        s
+        for s in report["sites"]
+        if s["kind"] == kind and (graph_ids is None or s.get("graph") in graph_ids)
+    ]
