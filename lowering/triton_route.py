@@ -285,6 +285,11 @@ def _block_tokens(num_tokens: int, block_e: int, interpreted: bool) -> int:
     return max(1, min(triton.next_power_of_2(max(num_tokens, 1)), 4096 // block_e))
 
 
+def _empty(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the wrapper allocates comes from here, so tests can poison them."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _size_hint(n) -> int:
     """A concrete value for a possibly symbolic size; used only for performance choices."""
     return n if isinstance(n, int) else int(n.node.hint)
@@ -328,8 +333,8 @@ def route(
     if policy == "affinity" and not alpha > 0:
         raise ValueError(f"affinity needs alpha > 0, got {alpha}")
     num_tokens, num_experts = logits.shape
-    out_w = torch.empty((num_tokens, top_k), dtype=logits.dtype, device=logits.device)
-    out_ids = torch.empty((num_tokens, top_k), dtype=torch.int64, device=logits.device)
+    out_w = _empty((num_tokens, top_k), logits.dtype, logits.device)
+    out_ids = _empty((num_tokens, top_k), torch.int64, logits.device)
     if num_tokens == 0:
         return out_w, out_ids
     if logits.stride(1) != 1:

@@ -1,0 +1,160 @@
+"""Launch configs of the sparse-experts kernels, kept as data.
+
+A JSON file per (experts, hidden, intermediate, device, dtype) under lowering/configs/
+maps token buckets (powers of two) to an ExpertsConfig; `lowering/tuner.py` writes them.
+`experts_config` reads them through a cached lookup and falls back, logging once per
+file, to `default_config`, a heuristic for memory-bound decode.
+
+File format (one file per shape and GPU):
+  {"num_experts": 128, "hidden": 2048, "inter": 768, "device": "NVIDIA H200",
+   "dtype": "bfloat16", "configs": {"16": {"block_m": 16, "up": {...}, "down": {...}}}}
+where "up"/"down" hold block_n, block_k, num_warps, num_stages of that GEMM.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("lynx_compile.launch_configs")
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile of one grouped GEMM: output columns, reduction step, warps, pipeline stages."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    """Rows per expert tile (shared by both GEMMs and the grouping) and the two GEMM tiles."""
+
+    block_m: int
+    up: GemmConfig
+    down: GemmConfig
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict) -> ExpertsConfig:
+        """Inverse of to_dict; raises KeyError/TypeError on a malformed entry."""
+        return ExpertsConfig(
+            block_m=int(data["block_m"]),
+            up=GemmConfig(**data["up"]),
+            down=GemmConfig(**data["down"]),
+        )
+
+
+def token_bucket(num_tokens: int) -> int:
+    """The power of two >= num_tokens (>= 1): the key that configs are stored under."""
+    return 1 << max(num_tokens - 1, 0).bit_length()
+
+
+def config_path(num_experts: int, hidden: int, inter: int, device: str, dtype: torch.dtype) -> Path:
+    """Where the configs for this shape, GPU and dtype live."""
+    device_tag = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_")
+    dtype_tag = str(dtype).removeprefix("torch.")
+    name = f"E={num_experts},d={hidden},I={inter},device={device_tag},dtype={dtype_tag}.json"
+    return CONFIG_DIR / name
+
+
+def _pow2_clamp(n: int, low: int, high: int) -> int:
+    return max(low, min(high, 1 << max(n - 1, 0).bit_length()))
+
+
+def default_config(
+    num_experts: int, hidden: int, inter: int, num_tokens: int, top_k: int, dtype: torch.dtype
+) -> ExpertsConfig:
+    """Heuristic for decode: one row tile covers an expert's average share of the batch,
+    narrow output tiles (64) give enough CTAs to keep HBM busy, deep K steps stream
+    weights in long contiguous rows."""
+    per_expert = -(-num_tokens * top_k // max(num_experts, 1))
+    block_m = _pow2_clamp(per_expert, 16, 64)
+    wide = dtype != torch.float32  # fp32 tiles take twice the shared memory
+    stages = 4 if block_m <= 32 and wide else 3
+    up = GemmConfig(
+        block_n=_pow2_clamp(inter, 16, 64),
+        block_k=_pow2_clamp(hidden, 16, 128 if wide else 64),
+        num_warps=4,
+        num_stages=stages,
+    )
+    down = GemmConfig(
+        block_n=_pow2_clamp(hidden, 16, 64),
+        block_k=_pow2_clamp(inter, 16, 128 if wide else 64),
+        num_warps=4,
+        num_stages=stages,
+    )
+    return ExpertsConfig(block_m=block_m, up=up, down=down)
+
+
+@functools.cache
+def load_table(path: Path) -> dict[int, ExpertsConfig] | None:
+    """Token bucket -> config from one JSON file, or None when the file is absent."""
+    if not path.is_file():
+        log.info("no tuned launch configs at %s; using the default heuristic", path.name)
+        return None
+    data = json.loads(path.read_text())
+    try:
+        return {int(b): ExpertsConfig.from_dict(c) for b, c in data["configs"].items()}
+    except (KeyError, TypeError, ValueError) as err:
+        log.warning(
+            "ignoring malformed launch configs %s (%s); rerun `lynx-compile tune`", path, err
+        )
+        return None
+
+
+def experts_config(
+    num_experts: int,
+    hidden: int,
+    inter: int,
+    num_tokens: int,
+    top_k: int,
+    dtype: torch.dtype,
+    device: str,
+) -> ExpertsConfig:
+    """Tuned config for the nearest stored token bucket >= num_tokens (else the largest),
+    or the default heuristic when nothing is stored for this shape, GPU and dtype."""
+    table = load_table(config_path(num_experts, hidden, inter, device, dtype))
+    if not table:
+        return default_config(num_experts, hidden, inter, num_tokens, top_k, dtype)
+    bucket = token_bucket(num_tokens)
+    larger = [b for b in table if b >= bucket]
+    return table[min(larger) if larger else max(table)]
+
+
+def write_table(
+    num_experts: int,
+    hidden: int,
+    inter: int,
+    device: str,
+    dtype: torch.dtype,
+    configs: dict[int, ExpertsConfig],
+) -> Path:
+    """Write the JSON file `experts_config` reads; returns its path."""
+    path = config_path(num_experts, hidden, inter, device, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "num_experts": num_experts,
+        "hidden": hidden,
+        "inter": inter,
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "configs": {str(b): c.to_dict() for b, c in sorted(configs.items())},
+    }
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    load_table.cache_clear()
+    return path
