@@ -64,12 +64,19 @@ def token_bucket(num_tokens: int) -> int:
     return 1 << max(num_tokens - 1, 0).bit_length()
 
 
-def config_path(num_experts: int, hidden: int, inter: int, device: str, dtype: torch.dtype) -> Path:
-    """Where the configs for this shape, GPU and dtype live."""
+def config_path(
+    num_experts: int,
+    hidden: int,
+    inter: int,
+    device: str,
+    dtype: torch.dtype,
+    directory: Path | None = None,
+) -> Path:
+    """Where the configs for this shape, GPU and dtype live (default: CONFIG_DIR)."""
     device_tag = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_")
     dtype_tag = str(dtype).removeprefix("torch.")
     name = f"E={num_experts},d={hidden},I={inter},device={device_tag},dtype={dtype_tag}.json"
-    return CONFIG_DIR / name
+    return (directory or CONFIG_DIR) / name
 
 
 def _pow2_clamp(n: int, low: int, high: int) -> int:
@@ -143,9 +150,10 @@ def write_table(
     device: str,
     dtype: torch.dtype,
     configs: dict[int, ExpertsConfig],
+    directory: Path | None = None,
 ) -> Path:
-    """Write the JSON file `experts_config` reads; returns its path."""
-    path = config_path(num_experts, hidden, inter, device, dtype)
+    """Write the JSON file `experts_config` reads (from CONFIG_DIR); returns its path."""
+    path = config_path(num_experts, hidden, inter, device, dtype, directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "num_experts": num_experts,

@@ -1,0 +1,176 @@
+"""The Triton sparse-experts kernels (interpreted on CPU) against reference.experts_reference,
+plus the launch-config lookup and the tuner's no-CUDA exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import pytest
+import torch
+from lynx_compile.lowering import launch_configs, reference, triton_experts, triton_ops, tuner
+from lynx_compile.lowering.launch_configs import ExpertsConfig, GemmConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on NaN poison
+
+# Error relative to the output's largest magnitude. fp32: the kernel's fp32 dot and the
+# reference's CPU matmul sum in different orders (~1e-6). fp16: the reference rounds the
+# up projection, the activation and the gate product to fp16 separately, the kernel
+# rounds h once, so a few fp16 ulps (2**-10 ~ 1e-3) separate them.
+REL_TOL = {torch.float32: 1e-5, torch.float16: 4e-3}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def interpreted_kernels():
+    """The kernels must have been decorated under TRITON_INTERPRET=1 (see conftest.py)."""
+    if "Interpreted" not in type(triton_experts.up_kernel).__name__:
+        pytest.fail(
+            "lowering/triton_experts.py was imported before TRITON_INTERPRET=1 was set; "
+            "run the kernel tests on their own or import the kernel module only after "
+            "tests/lowering/conftest.py"
+        )
+
+
+def poison(monkeypatch) -> None:
+    """Every buffer the wrapper allocates (outputs and scratch) starts as NaN or -1."""
+
+    def poisoned(shape, dtype, device):
+        fill = float("nan") if dtype.is_floating_point else -1
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_experts, "_empty", poisoned)
+
+
+def make_inputs(tokens, experts, k, hidden, inter, dtype, gated, seed):
+    """x [N, d], ids [N, k] distinct per token, weights [N, k], w_up [E, U, d], w_down [E, d, I]."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=gen).to(dtype)
+    up_rows = 2 * inter if gated else inter
+    w_up = (torch.randn(experts, up_rows, hidden, generator=gen) / hidden**0.5).to(dtype)
+    w_down = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).to(dtype)
+    return x, ids, weights, w_up, w_down
+
+
+def assert_close_to_reference(got, want, dtype) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert not torch.isnan(got).any(), "unwritten (poisoned) output rows"
+    err = (got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-6)
+    assert err < REL_TOL[dtype], f"relative error {err:.2e} >= {REL_TOL[dtype]:.0e}"
+
+
+# Every listed value appears: tokens 1, 3, 13, 33; experts 8, 60, 128; k 1, 2, 8; fp32
+# and fp16; each activation, gated and plain; odd d and I (masked tile edges).
+CASES = [
+    # tokens, experts, k, hidden, inter, dtype, activation, gated
+    (1, 8, 1, 40, 24, torch.float32, "silu", True),
+    (3, 128, 8, 32, 16, torch.float16, "gelu", True),
+    (13, 60, 2, 48, 40, torch.float32, "gelu_tanh", False),
+    (33, 8, 2, 64, 48, torch.float16, "relu", False),
+    (13, 128, 8, 24, 20, torch.float32, "silu", True),
+    (33, 60, 1, 40, 72, torch.float16, "silu", True),
+]
+
+
+@pytest.mark.parametrize("tokens,experts,k,hidden,inter,dtype,activation,gated", CASES)
+def test_experts_match_reference(
+    monkeypatch, tokens, experts, k, hidden, inter, dtype, activation, gated
+):
+    poison(monkeypatch)
+    args = make_inputs(tokens, experts, k, hidden, inter, dtype, gated, seed=tokens + experts)
+    want = reference.experts_reference(*args, activation, gated)
+    assert_close_to_reference(triton_experts.experts(*args, activation, gated), want, dtype)
+
+
+def test_several_tiles_per_expert_and_strided_weights(monkeypatch):
+    """block_m 16 with 33 tokens on 8 experts at k=8 (3 tiles each); w_down stored as the
+    transpose of [E, I, d] (stride 1 along d), fp32 routing weights with fp16 x."""
+    poison(monkeypatch)
+    x, ids, weights, w_up, _ = make_inputs(33, 8, 8, 40, 24, torch.float16, True, seed=1)
+    w_down = (torch.randn(8, 24, 40) / 24**0.5).to(torch.float16).transpose(1, 2)
+    weights = weights.float()
+    gemm = GemmConfig(block_n=16, block_k=16, num_warps=4, num_stages=2)
+    config = ExpertsConfig(block_m=16, up=gemm, down=gemm)
+    want = reference.experts_reference(x, ids, weights, w_up, w_down, "silu", True)
+    got = triton_experts.experts(x, ids, weights, w_up, w_down, "silu", True, config=config)
+    assert_close_to_reference(got, want, torch.float16)
+
+
+def test_routed_by_the_router_and_through_the_triton_op():
+    """ids and weights straight from affinity routing; torch.ops.lynx.experts_triton."""
+    x, _, _, w_up, w_down = make_inputs(13, 60, 8, 32, 24, torch.float32, True, seed=2)
+    logits = 2 * torch.randn(13, 60, generator=torch.Generator().manual_seed(3))
+    weights, ids = reference.route_reference(logits, 8, reference.RoutingPolicy("affinity"))
+    want = reference.experts_reference(x, ids, weights, w_up, w_down, "silu", True)
+    got = torch.ops.lynx.experts_triton(x, ids, weights, w_up, w_down, "silu", True)
+    assert_close_to_reference(got, want, torch.float32)
+
+
+def test_poisoning_catches_unwritten_rows(monkeypatch):
+    """Must fail: an expert id past E is never grouped, so its slot's output row is never
+    written and the poisoned NaN reaches the output (the kernel does not check ids: that
+    would sync; the reference path raises instead)."""
+    poison(monkeypatch)
+    x, ids, weights, w_up, w_down = make_inputs(3, 8, 2, 32, 16, torch.float32, True, seed=4)
+    ids[1, 0] = 8
+    got = triton_experts.experts(x, ids, weights, w_up, w_down, "silu", True)
+    assert torch.isnan(got[1]).all() and not torch.isnan(got[[0, 2]]).any()
+    with pytest.raises(AssertionError, match="unwritten"):
+        assert_close_to_reference(got, torch.zeros_like(got), torch.float32)
+
+
+def test_rejects_bad_arguments():
+    x, ids, weights, w_up, w_down = make_inputs(3, 8, 2, 32, 16, torch.float32, True, seed=5)
+    with pytest.raises(ValueError, match="unknown activation"):
+        triton_experts.experts(x, ids, weights, w_up, w_down, "swish", True)
+    with pytest.raises(ValueError, match="expected w_up"):
+        triton_experts.experts(x, ids, weights, w_up, w_down, "silu", False)
+    with pytest.raises(ValueError, match="ids and weights"):
+        triton_experts.experts(x, ids[:, :1], weights, w_up, w_down, "silu", True)
+
+
+def test_op_choice_per_device():
+    assert triton_ops.experts_op_for(torch.device("cpu")) is torch.ops.lynx.experts.default
+    cuda = torch.device("cuda")
+    assert triton_ops.experts_op_for(cuda) is torch.ops.lynx.experts_triton.default
+
+
+def test_launch_configs_round_trip_and_fallback(tmp_path, monkeypatch, caplog):
+    """Tuned table: nearest bucket >= N, else the largest; absent or malformed: the
+    default heuristic, with a log line naming the file."""
+    monkeypatch.setattr(launch_configs, "CONFIG_DIR", tmp_path)
+    launch_configs.load_table.cache_clear()
+    small = ExpertsConfig(16, GemmConfig(32, 64, 4, 3), GemmConfig(64, 128, 4, 4))
+    large = ExpertsConfig(64, GemmConfig(128, 64, 8, 4), GemmConfig(64, 256, 8, 4))
+    path = launch_configs.write_table(
+        128, 2048, 768, "NVIDIA H200", torch.bfloat16, {16: small, 256: large}
+    )
+    assert path.parent == tmp_path and json.loads(path.read_text())["device"] == "NVIDIA H200"
+
+    def lookup(tokens, device="NVIDIA H200"):
+        return launch_configs.experts_config(128, 2048, 768, tokens, 8, torch.bfloat16, device)
+
+    assert lookup(3) == small and lookup(16) == small
+    assert lookup(17) == large and lookup(1000) == large
+    with caplog.at_level(logging.INFO, logger="lynx_compile.launch_configs"):
+        fallback = lookup(64, device="NVIDIA B200")
+    assert fallback == launch_configs.default_config(128, 2048, 768, 64, 8, torch.bfloat16)
+    assert "no tuned launch configs" in caplog.text
+    path.write_text('{"configs": {"16": {"block_m": 16}}}')
+    launch_configs.load_table.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="lynx_compile.launch_configs"):
+        assert lookup(16) == launch_configs.default_config(128, 2048, 768, 16, 8, torch.bfloat16)
+    assert "malformed" in caplog.text
+    launch_configs.load_table.cache_clear()
+
+
+def test_tuner_without_cuda_exits_2(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the tuner would tune")
+    parser = argparse.ArgumentParser()
+    tuner.add_arguments(parser)
+    assert tuner.run(parser.parse_args(["--preset", "qwen3-30b-a3b"])) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no CUDA device" in err and "\n" not in err
