@@ -62,3 +62,55 @@ def experts(
 @experts.register_fake
 def _experts_fake(x, ids, weights, w_up, w_down, activation, gated):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("lynx::experts_split", mutates_args=(), device_types=None)
+def experts_split(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """Sparse gated experts with separate gate/up weights [E, I, d]; w_down [E, d, I] -> [N, d]."""
+    return reference.experts_split_reference(x, ids, weights, w_gate, w_up, w_down, activation)
+
+
+@experts_split.register_fake
+def _experts_split_fake(x, ids, weights, w_gate, w_up, w_down, activation):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lynx::route_scored", mutates_args=(), device_types=None)
+def route_scored(
+    scores: torch.Tensor,
+    top_k: int,
+    space: str,
+    policy: str,
+    alpha: float,
+    beta: float | None,
+    k0: int,
+    budget: int,
+    telemetry_site: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose experts by a ranking score: scores [N, E] -> (scores at ids [N, k], ids int64).
+
+    Replaces a router's top-k; the model computes its weights from the outputs itself.
+    telemetry_site >= 0 records distinct experts (exact vs chosen) for that report site.
+    """
+    pol = reference.RoutingPolicy(policy, alpha, beta, k0, budget)
+    values, ids = reference.route_scored_reference(scores, top_k, space, pol)
+    if telemetry_site >= 0:
+        record_route(telemetry_site, scores, top_k, ids)
+    return values, ids
+
+
+@route_scored.register_fake
+def _route_scored_fake(scores, top_k, space, policy, alpha, beta, k0, budget, telemetry_site):
+    n = scores.shape[0]
+    return (
+        scores.new_empty((n, top_k)),
+        scores.new_empty((n, top_k), dtype=torch.int64),
+    )

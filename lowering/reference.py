@@ -208,6 +208,24 @@ def experts_reference(
     y = h @ w_down[e].T; out[token] += weight * y. Computed per expert touched, in x's dtype,
     with the weighted sum accumulated in fp32 and cast once.
     """
+    return _experts(x, ids, weights, None, w_up, w_down, activation, gated)
+
+
+def experts_split_reference(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """Sparse gated experts with separate gate and up weights, w_gate/w_up [E, I, d]:
+    y = (act(x @ w_gate[e].T) * (x @ w_up[e].T)) @ w_down[e].T, combined as experts_reference."""
+    return _experts(x, ids, weights, w_gate, w_up, w_down, activation, True)
+
+
+def _experts(x, ids, weights, w_gate, w_up, w_down, activation, gated):
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; valid: {sorted(ACTIVATIONS)}")
     act = ACTIVATIONS[activation]
@@ -217,7 +235,9 @@ def experts_reference(
         slot = (flat_ids == e).nonzero().squeeze(1)  # positions in [N * k]
         token = slot // ids.shape[1]
         h = x[token] @ w_up[e].to(x.dtype).t()
-        if gated:
+        if w_gate is not None:
+            h = act(x[token] @ w_gate[e].to(x.dtype).t()) * h
+        elif gated:
             gate, up = h.chunk(2, dim=-1)
             h = act(gate) * up
         else:
@@ -226,3 +246,93 @@ def experts_reference(
         w = weights.reshape(-1)[slot].to(torch.float32)
         out.index_add_(0, token, y.to(torch.float32) * w[:, None])
     return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------- routers ranked by a score
+# Routers that are not softmax -> top-k (sigmoid + bias + group limit, top-k on logits,
+# softmax + bias, ...) are rewritten at their top-k only: lynx chooses the ids, and the
+# model's own code turns them into weights. See docs/design/affinity_binning_routers.md.
+
+SCORE_SPACES = ("logit", "prob", "score")
+
+# One bin of a "score" ranking is 1/(4 alpha) wide: sigmoid and softmax have slope at most
+# 1/4 per logit, so scores within one bin include every expert within 1/alpha logits.
+_SCORE_BINS_PER_UNIT = 4.0
+
+
+def score_bins(scores: torch.Tensor, space: str, alpha: float, beta: float | None) -> torch.Tensor:
+    """Affinity bins of a ranking score [N, E] -> int64 [N, E] <= 0, in the space's units.
+
+    logit: bins of 1/alpha on the score itself (it is a logit, as for softmax routers).
+    prob:  bins of 1/alpha on log(score) (a probability: the same bins as on its logits).
+    score: bins of 1/(4 alpha) on the score (a sigmoid or probability, maybe plus a bias).
+    Non-finite scores (experts the model masked out) get the lowest bin: they never vote.
+    """
+    if space not in SCORE_SPACES:
+        raise ValueError(f"unknown score space {space!r}; valid: {', '.join(SCORE_SPACES)}")
+    if space == "prob":
+        ranked = scores.double().log()
+    elif space == "score":
+        ranked = scores.double() * _SCORE_BINS_PER_UNIT
+    else:
+        ranked = scores.double()
+    q = affinity_bins(ranked, alpha, beta)
+    return torch.where(torch.isfinite(ranked), q, _MIN_BIN)
+
+
+def _static_totals(scores: torch.Tensor, space: str, valid: torch.Tensor) -> torch.Tensor:
+    """[E] batch totals the static policy ranks: probabilities summed over valid tokens."""
+    if space == "logit":
+        mass = torch.softmax(scores.double(), dim=-1)
+    else:
+        mass = torch.where(torch.isfinite(scores), scores.double(), 0.0)
+    return torch.where(valid[:, None], mass.nan_to_num(0.0), 0.0).sum(dim=0)
+
+
+def route_scored_reference(
+    scores: torch.Tensor,
+    top_k: int,
+    space: str,
+    policy: RoutingPolicy = RoutingPolicy(),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose top_k experts per token by a ranking score [N, E] -> (scores at ids, ids int64).
+
+    Both outputs have shape [N, k]; values are gathered from `scores` (what torch.topk would
+    return), so the model computes its weights from them as it does from its own top-k.
+    exact is torch.topk. The batch-aware policies bin in `space` (score_bins), break ties by
+    popularity, then score, then lower index, and re-select from the batch's kept set by
+    score among the experts the token may use (finite score). Rows with NaN or a non-finite
+    maximum keep the exact routing and do not vote.
+    """
+    _check_logits(scores, top_k)
+    if policy.name not in POLICIES:
+        raise ValueError(f"unknown routing policy {policy.name!r}; valid: {', '.join(POLICIES)}")
+    if space not in SCORE_SPACES:
+        raise ValueError(f"unknown score space {space!r}; valid: {', '.join(SCORE_SPACES)}")
+    exact_vals, exact_ids = torch.topk(scores, top_k, dim=-1)
+    if policy.name == "exact" or scores.shape[0] == 0:
+        return exact_vals, exact_ids
+
+    valid = _finite_rows(scores)  # [N]
+    usable = torch.isfinite(scores)  # [N, E]: experts the model lets this token use
+    num_experts = scores.shape[1]
+    if policy.name == "affinity":
+        q = score_bins(scores, space, policy.alpha, policy.beta)
+        pop = popularity_key(q, valid, policy.beta)
+        kept_ids = _stable_rank([q, pop, scores])[:, :top_k]
+    elif policy.name == "oea":
+        kept_ids = _stable_rank([scores])[:, : min(policy.k0, top_k)]
+    else:  # static
+        totals = _static_totals(scores, space, valid)
+        budget = min(max(policy.budget, top_k), num_experts)
+        kept_ids = _stable_rank([totals[None, :]])[0, :budget].expand(scores.shape[0], budget)
+
+    kept = torch.zeros(scores.shape[0], num_experts, dtype=torch.bool, device=scores.device)
+    kept.scatter_(1, kept_ids, valid[:, None].expand_as(kept_ids))
+    kept = kept.any(dim=0, keepdim=True) & usable  # the batch's kept set, per token's mask
+    ids = _stable_rank([kept.to(scores.dtype), scores])[:, :top_k]
+    ids = torch.where(valid[:, None], ids, exact_ids)
+    # Tokens whose experts did not change keep torch.topk's order bit for bit.
+    same = (ids.sort(dim=1).values == exact_ids.sort(dim=1).values).all(dim=1, keepdim=True)
+    ids = torch.where(same, exact_ids, ids)
+    return torch.gather(scores, 1, ids), ids

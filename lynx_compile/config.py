@@ -23,7 +23,6 @@ _OPTION_HELP = {
     "decode_only": "apply approximate policies only to decode steps, a bool (default True)",
     "telemetry": "record distinct experts per call per site, a bool (default False)",
     "fuse_experts": "rewrite the expert dispatch into lynx::experts where found (default True)",
-    "verify": "check each rewrite numerically at compile time, a bool (default True)",
     "mode": "Inductor mode, as torch.compile's mode= (default None)",
     "inductor": "a dict of Inductor config patches (default {})",
 }
@@ -42,7 +41,6 @@ class LynxConfig:
     decode_only: bool = True
     telemetry: bool = False
     fuse_experts: bool = True
-    verify: bool = True
     mode: str | None = None
     inductor: dict = dataclasses.field(default_factory=dict)
 
@@ -85,7 +83,6 @@ def parse_options(options: dict | None, mode: str | None = None) -> LynxConfig:
         "decode_only": lambda v: isinstance(v, bool),
         "telemetry": lambda v: isinstance(v, bool),
         "fuse_experts": lambda v: isinstance(v, bool),
-        "verify": lambda v: isinstance(v, bool),
         "mode": lambda v: v is None or isinstance(v, str),
         "inductor": lambda v: isinstance(v, dict),
     }

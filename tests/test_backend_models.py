@@ -41,6 +41,7 @@ class Case:
     experts: Callable  # (module, tokens [N, d], ids [N, k], weights [N, k]) -> [N, d]
     top_k: Callable[[torch.nn.Module], int]
     convention: str
+    fused: bool  # whether the expert dispatch is in the router's graph and must be fused
 
 
 def _hf_case(family: str, impl: str) -> Case:
@@ -52,6 +53,7 @@ def _hf_case(family: str, impl: str) -> Case:
         experts=lambda m, x, ids, w: m.experts(x, ids, w.to(x.dtype)),
         top_k=lambda m: m.gate.top_k,
         convention="renorm" if norm else "mass",
+        fused=impl != "eager",  # the eager loop graph-breaks: router-only
     )
 
 
@@ -90,6 +92,7 @@ CASES = [
         _loop_experts,
         lambda m: m.router.top_k,
         "renorm",
+        fused=False,
     ),
     Case(
         "examples-dense",
@@ -98,6 +101,7 @@ CASES = [
         _dense_experts,
         lambda m: m.top_k,
         "renorm",
+        fused=True,
     ),
 ]
 
@@ -134,6 +138,10 @@ def test_exact_policy_equals_eager_on_decode_batches(compiled):
     assert sites and all(s["status"] == "rewritten" for s in sites), sites
     assert all(s["policy"] == "exact" for s in sites)
     assert all(s["weights"] == case.convention for s in sites)
+    dispatch = sites_of(lynx_compile.report(), kind="dispatch")
+    assert len(dispatch) == len(sites)
+    expected = "rewritten" if case.fused else "skipped"
+    assert all(s["status"] == expected for s in dispatch), dispatch
 
 
 @torch.no_grad()

@@ -1,0 +1,395 @@
+"""Dispatch sites: the expert computation that consumes a router's (weights, ids) in the same
+graph, rewritten into lynx::experts when it is shown equivalent.
+
+Rather than one pattern per spelling (transformers' grouped_mm and batched_mm forms, dense
+all-experts einsums, gather + bmm, ...), the pass works on meaning:
+
+1. region:    the nodes downstream of the routing outputs, up to the first node O whose
+              value is [tokens, d] and that closes the region (no region node other than O
+              is used outside it), grown backwards over side nodes used only inside it
+              (weight transposes, repeat_interleave of the tokens, aranges);
+2. inputs:    the region must read exactly: the routing weights and ids, one [tokens, d]
+              hidden-states tensor, and two (gate_up, down) or three (gate, up, down) 3-D
+              expert weights with leading dim E, plus sizes;
+3. candidates: layouts (linear [E, out, in] or transposed), gated or not, the activation
+              found in the region; each is checked numerically against the original region
+              on random hidden states and random exact routings with the real weights, and
+              the first that matches replaces the region. No match: the region is kept and
+              the site is reported as skipped, with why.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from lynx_compile.passes import report as report_mod
+from lynx_compile.passes.fx_utils import canonical_op, example_value
+
+_ACTIVATION_OPS = {"silu": "silu", "relu": "relu"}
+
+
+@dataclass
+class ExpertsPlan:
+    """How to call lynx::experts in place of one dispatch region."""
+
+    x: fx.Node
+    w_up: fx.Node
+    w_down: fx.Node
+    w_gate: fx.Node | None
+    up_transposed: bool
+    down_transposed: bool
+    gated: bool
+    activation: str
+
+    def describe(self) -> str:
+        """Pattern name for the report."""
+        gate = "split-gate" if self.w_gate is not None else ("gated" if self.gated else "plain")
+        return f"sparse_experts({gate} {self.activation})"
+
+
+def _hint(v):
+    """A concrete int for an int or SymInt, without adding a guard."""
+    return v if isinstance(v, int) else v.node.hint
+
+
+def _same_size(a, b) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return str(a) == str(b)
+
+
+def _forward_slice(seeds: list[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = list(seeds)
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user not in seen and user.op != "output":
+                seen.add(user)
+                todo.append(user)
+    return seen
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        for inp in todo.pop().all_input_nodes:
+            if inp not in seen:
+                seen.add(inp)
+                todo.append(inp)
+    return seen
+
+
+_LIKE_OPS = {torch.zeros_like, torch.empty_like, torch.ones_like, torch.full_like}
+
+
+def _shape_only(node: fx.Node, region: set[fx.Node]) -> bool:
+    """Whether the region reads only the shape of `node` (through zeros_like and kin)."""
+    users = [u for u in node.users if u in region]
+    return bool(users) and all(u.op == "call_function" and u.target in _LIKE_OPS for u in users)
+
+
+def _grow_backwards(region: set[fx.Node], protected: set[fx.Node]) -> None:
+    """Add side nodes (not placeholders, not on the router's path, not mere shape sources)
+    used only by the region."""
+    changed = True
+    while changed:
+        changed = False
+        for node in {i for n in region for i in n.all_input_nodes} - region:
+            if node.op in ("placeholder", "get_attr") or node in protected:
+                continue
+            if _shape_only(node, region):
+                continue
+            if node.users and all(u in region for u in node.users):
+                region.add(node)
+                changed = True
+
+
+def _external_inputs(region: set[fx.Node], order: dict[fx.Node, int]) -> list[fx.Node]:
+    ext = {i for n in region for i in n.all_input_nodes} - region
+    return sorted(ext, key=order.__getitem__)
+
+
+def _is_closed(region: set[fx.Node], out: fx.Node) -> bool:
+    return all(u in region for n in region if n is not out for u in n.users)
+
+
+def find_region(
+    gm: fx.GraphModule, weights: fx.Node, ids: fx.Node, route: fx.Node, hidden_dim
+) -> tuple[fx.Node, set[fx.Node], list[fx.Node]] | None:
+    """(output node, region, external inputs) of the dispatch consuming weights/ids: its
+    output is the first [tokens, hidden_dim] node that closes the region; None if none."""
+    ids_val = example_value(ids)
+    if ids_val is None:
+        return None
+    tokens = ids_val.shape[0]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    slice_ = _forward_slice([weights, ids])
+    protected = _ancestors(route) | {route, weights, ids}
+    for out in sorted(slice_, key=order.__getitem__):
+        val = example_value(out)
+        if val is None or val.dim() != 2 or not _same_size(val.shape[0], tokens):
+            continue
+        if not _same_size(val.shape[1], hidden_dim):
+            continue
+        region = {n for n in slice_ if order[n] <= order[out]}
+        if not (set(weights.users) | set(ids.users)) <= region or not _is_closed(region, out):
+            continue
+        _grow_backwards(region, protected)
+        return out, region, _external_inputs(region, order)
+    return None
+
+
+def _plan_candidates(
+    inputs: list[fx.Node], region: set[fx.Node], weights: fx.Node, ids: fx.Node, num_experts: int
+) -> list[ExpertsPlan] | str:
+    """Every plausible lynx::experts call for a region's inputs, or why there is none."""
+    order = {n: i for i, n in enumerate(next(iter(region)).graph.nodes)}
+    tensors = [
+        n
+        for n in inputs
+        if n not in (weights, ids) and example_value(n) is not None and not _shape_only(n, region)
+    ]
+    experts = [n for n in tensors if example_value(n).dim() == 3]
+    others = [n for n in tensors if example_value(n).dim() != 3]
+    if any(_hint(example_value(n).shape[0]) != num_experts for n in experts):
+        return "a 3-D input of the dispatch is not indexed by expert"
+    if len(others) != 1 or example_value(others[0]).dim() != 2:
+        return f"dispatch reads {len(others)} hidden-state tensors, expected one [tokens, d]"
+    x = others[0]
+    d = _hint(example_value(x).shape[1])
+    experts.sort(key=lambda n: min(order[u] for u in n.users))  # first used = first matmul
+    if len(experts) not in (2, 3):
+        return f"dispatch reads {len(experts)} expert weight tensors, expected 2 or 3"
+    plans = []
+    for activation in ("silu", "gelu", "gelu_tanh", "relu"):
+        for up_t, down_t in itertools.product((False, True), repeat=2):
+            if len(experts) == 2:
+                for gated in (True, False):
+                    plans.append(
+                        ExpertsPlan(
+                            x, experts[0], experts[1], None, up_t, down_t, gated, activation
+                        )
+                    )
+            else:
+                for gate, up in ((experts[0], experts[1]), (experts[1], experts[0])):
+                    plans.append(
+                        ExpertsPlan(x, up, experts[2], gate, up_t, down_t, True, activation)
+                    )
+    return [p for p in plans if _shapes_fit(p, d)]
+
+
+def _shapes_fit(plan: ExpertsPlan, d: int) -> bool:
+    up = [_hint(s) for s in example_value(plan.w_up).shape[1:]]
+    down = [_hint(s) for s in example_value(plan.w_down).shape[1:]]
+    up_out, up_in = reversed(up) if plan.up_transposed else up
+    down_out, down_in = reversed(down) if plan.down_transposed else down
+    inter = up_out // 2 if plan.gated and plan.w_gate is None else up_out
+    if plan.gated and plan.w_gate is None and up_out % 2:
+        return False
+    if plan.w_gate is not None:
+        gate = [_hint(s) for s in example_value(plan.w_gate).shape[1:]]
+        gate_out, gate_in = reversed(gate) if plan.up_transposed else gate
+        if (gate_out, gate_in) != (up_out, up_in):
+            return False
+    return up_in == d and down_out == d and down_in == inter
+
+
+def _activations_in(region: set[fx.Node]) -> set[str]:
+    found = set()
+    for node in region:
+        op = canonical_op(node)
+        if op in _ACTIVATION_OPS:
+            found.add(op)
+        elif op == "gelu":
+            tanh = node.kwargs.get("approximate", "none") == "tanh"
+            found.add("gelu_tanh" if tanh else "gelu")
+    return found
+
+
+def _extract(gm: fx.GraphModule, region: set[fx.Node], inputs: list[fx.Node], out: fx.Node):
+    """The region as a standalone GraphModule taking `inputs` in order."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in inputs:
+        env[node] = graph.placeholder(node.name)
+    for node in gm.graph.nodes:
+        if node in region:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[out])
+    return fx.GraphModule(gm, graph)
+
+
+def _weight_args(plan: ExpertsPlan, values: dict[fx.Node, object]):
+    def layout(node, transposed):
+        w = values[node]
+        return w.transpose(1, 2) if transposed else w
+
+    up = layout(plan.w_up, plan.up_transposed)
+    down = layout(plan.w_down, plan.down_transposed)
+    gate = None if plan.w_gate is None else layout(plan.w_gate, plan.up_transposed)
+    return up, down, gate
+
+
+def call_experts(plan: ExpertsPlan, x, ids, weights, values) -> torch.Tensor:
+    """Run lynx::experts (or lynx::experts_split) for a plan, eagerly."""
+    up, down, gate = _weight_args(plan, values)
+    if gate is not None:
+        return torch.ops.lynx.experts_split(x, ids, weights, gate, up, down, plan.activation)
+    return torch.ops.lynx.experts(x, ids, weights, up, down, plan.activation, plan.gated)
+
+
+def _random_inputs(inputs, weights, ids, num_experts, real: dict, tokens: int):
+    """Random hidden states and a random exact routing; real tensors for placeholders."""
+    gen = torch.Generator().manual_seed(0)
+    values = {}
+    for node in inputs:
+        val = example_value(node)
+        if node in real:
+            values[node] = real[node]
+        elif node is ids:
+            k = _hint(val.shape[1])
+            logits = torch.randn(tokens, num_experts, generator=gen)
+            values[node] = torch.topk(logits, k, dim=-1).indices.to(val.device)
+        elif node is weights:
+            w = torch.rand(tokens, _hint(val.shape[1]), generator=gen) + 0.1
+            values[node] = (w / w.sum(-1, keepdim=True)).to(val.dtype).to(val.device)
+        elif val is not None:
+            shape = [_hint(s) for s in val.shape]
+            values[node] = torch.randn(shape, generator=gen).to(val.dtype).to(val.device)
+        elif isinstance(node.meta.get("example_value"), torch.SymInt):
+            values[node] = _hint(node.meta["example_value"])
+        else:
+            return None
+    return values
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    # Relative to the output's scale: fp32 differs only by summation order; half types by
+    # rounding of intermediates (the original may round between matmuls differently).
+    return {torch.float32: 1e-4, torch.float64: 1e-8}.get(dtype, 3e-2)
+
+
+def _matches(expected: torch.Tensor, got: torch.Tensor, compute_dtype: torch.dtype) -> bool:
+    """Max error relative to the output's scale, within the tolerance of the dtype the
+    experts compute in (a bf16 block may return fp32 after an upcast)."""
+    if expected.shape != got.shape or not torch.isfinite(expected).all():
+        return False
+    scale = expected.abs().max().clamp_min(1e-6)
+    err = (expected.float() - got.float()).abs().max() / scale
+    return bool(err <= max(_tolerance(expected.dtype), _tolerance(compute_dtype)))
+
+
+def _placeholder_values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, object]:
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    pairs = zip(holders, example_inputs, strict=True)
+    return {n: v for n, v in pairs if isinstance(v, torch.Tensor)}
+
+
+def rewrite_dispatch(
+    gm: fx.GraphModule,
+    route: fx.Node,
+    weights: fx.Node,
+    ids: fx.Node,
+    router_entry: dict,
+    example_inputs,
+    graph_id: int,
+) -> bool:
+    """Fuse the dispatch consuming one router's outputs into lynx::experts; report either way."""
+    num_experts, top_k = router_entry["num_experts"], router_entry["top_k"]
+
+    def report(status, reason):
+        report_mod.add_site(
+            kind="dispatch",
+            status=status,
+            reason=reason,
+            num_experts=num_experts,
+            top_k=top_k,
+            graph=graph_id,
+            router_site=router_entry["site"],
+        )
+
+    if all(u.op == "output" for u in (*weights.users, *ids.users)):
+        report("skipped", "routing leaves the graph: the experts run in another graph")
+        return False
+    if router_entry.get("hidden_dim") is None:
+        report("skipped", "the router's input (hidden size) is not visible in the graph")
+        return False
+    found = find_region(gm, weights, ids, route, router_entry["hidden_dim"])
+    if found is None:
+        report(
+            "skipped",
+            "no closed [tokens, d] expert computation consumes the routing in this graph "
+            "(the experts run elsewhere: router-only rewrite)",
+        )
+        return False
+    out, region, inputs = found
+    plans = _plan_candidates(inputs, region, weights, ids, num_experts)
+    if isinstance(plans, str):
+        report("skipped", plans)
+        return False
+    acts = _activations_in(region)
+    plans = [p for p in plans if p.activation in acts]
+    if not plans:
+        report("skipped", f"no supported activation in the dispatch (found {sorted(acts)})")
+        return False
+    chosen = _verified_plan(gm, region, inputs, out, plans, weights, ids, example_inputs)
+    if chosen is None:
+        report("skipped", "no lynx::experts form reproduces the dispatch numerically")
+        return False
+    _replace(gm, region, out, chosen, weights, ids)
+    report("rewritten", chosen.describe())
+    return True
+
+
+def _verified_plan(gm, region, inputs, out, plans, weights, ids, example_inputs):
+    real = _placeholder_values(gm, example_inputs)
+    num_experts = _hint(example_value(plans[0].w_up).shape[0])
+    tokens = _hint(example_value(ids).shape[0])
+    values = _random_inputs(inputs, weights, ids, num_experts, real, max(tokens, 1))
+    if values is None:
+        return None
+    original = _extract(gm, region, inputs, out)
+    with torch.no_grad():
+        expected = original(*[values[n] for n in inputs])
+        for plan in plans:
+            got = call_experts(plan, values[plan.x], values[ids], values[weights], values)
+            if _matches(expected, got.to(expected.dtype), values[plan.x].dtype):
+                return plan
+    return None
+
+
+def _replace(gm, region, out, plan: ExpertsPlan, weights, ids) -> None:
+    graph = gm.graph
+    with graph.inserting_before(out):
+
+        def layout(node, transposed):
+            return graph.call_method("transpose", (node, 1, 2)) if transposed else node
+
+        up = layout(plan.w_up, plan.up_transposed)
+        down = layout(plan.w_down, plan.down_transposed)
+        if plan.w_gate is not None:
+            gate = layout(plan.w_gate, plan.up_transposed)
+            fused = graph.call_function(
+                torch.ops.lynx.experts_split.default,
+                (plan.x, ids, weights, gate, up, down, plan.activation),
+            )
+        else:
+            fused = graph.call_function(
+                torch.ops.lynx.experts.default,
+                (plan.x, ids, weights, up, down, plan.activation, plan.gated),
+            )
+        out_val = example_value(out)
+        result = fused
+        if out_val is not None and out_val.dtype != example_value(plan.x).dtype:
+            result = graph.call_method("to", (fused, out_val.dtype))
+    if out_val is not None:
+        result.meta["example_value"] = out_val
+    out.replace_all_uses_with(result)
+    for node in reversed(list(graph.nodes)):
+        if node in region:
+            graph.erase_node(node)
