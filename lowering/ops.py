@@ -1,15 +1,15 @@
 """torch.library ops of the `lynx` namespace: routing and sparse experts.
 
-Both ops have fake implementations whose output shapes depend only on input shapes
-(symbolic token counts work), and CPU kernels that are the reference. CUDA tensors take
-the Triton kernels when lynx_compile.lowering.triton_ops registers them (it overrides the
-CUDA kernels below); until then, CUDA runs the reference too.
+Every op has a fake implementation whose output shapes depend only on input shapes
+(symbolic token counts work). Routing runs the reference; the sparse experts run the
+grouped-GEMM CPU kernel (lowering/cpu_kernels.py, tested against the reference). CUDA
+tensors take the Triton kernels that lynx_compile.lowering.triton_ops registers.
 """
 
 from __future__ import annotations
 
 import torch
-from lynx_compile.lowering import reference
+from lynx_compile.lowering import cpu_kernels, reference
 from lynx_compile.lowering.telemetry import record_route
 
 
@@ -56,7 +56,7 @@ def experts(
     gated: bool,
 ) -> torch.Tensor:
     """Sparse experts: x [N, d], ids/weights [N, k], w_up [E, U, d], w_down [E, d, I] -> [N, d]."""
-    return reference.experts_reference(x, ids, weights, w_up, w_down, activation, gated)
+    return cpu_kernels.experts_grouped(x, ids, weights, w_up, w_down, activation, gated)
 
 
 @experts.register_fake
@@ -75,7 +75,7 @@ def experts_split(
     activation: str,
 ) -> torch.Tensor:
     """Sparse gated experts with separate gate/up weights [E, I, d]; w_down [E, d, I] -> [N, d]."""
-    return reference.experts_split_reference(x, ids, weights, w_gate, w_up, w_down, activation)
+    return cpu_kernels.experts_grouped(x, ids, weights, w_up, w_down, activation, True, w_gate)
 
 
 @experts_split.register_fake

@@ -208,7 +208,7 @@ def experts_reference(
     y = h @ w_down[e].T; out[token] += weight * y. Computed per expert touched, in x's dtype,
     with the weighted sum accumulated in fp32 and cast once.
     """
-    return _experts(x, ids, weights, None, w_up, w_down, activation, gated)
+    return experts_general_reference(x, ids, weights, None, w_up, w_down, activation, gated)
 
 
 def experts_split_reference(
@@ -222,10 +222,11 @@ def experts_split_reference(
 ) -> torch.Tensor:
     """Sparse gated experts with separate gate and up weights, w_gate/w_up [E, I, d]:
     y = (act(x @ w_gate[e].T) * (x @ w_up[e].T)) @ w_down[e].T, combined as experts_reference."""
-    return _experts(x, ids, weights, w_gate, w_up, w_down, activation, True)
+    return experts_general_reference(x, ids, weights, w_gate, w_up, w_down, activation, True)
 
 
-def _experts(x, ids, weights, w_gate, w_up, w_down, activation, gated):
+def experts_general_reference(x, ids, weights, w_gate, w_up, w_down, activation, gated):
+    """Both expert forms: w_gate None -> experts_reference, else experts_split_reference."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; valid: {sorted(ACTIVATIONS)}")
     act = ACTIVATIONS[activation]
