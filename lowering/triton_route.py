@@ -278,11 +278,12 @@ def route_kernel(
 
 
 def _block_tokens(num_tokens: int, block_e: int, interpreted: bool) -> int:
-    """Tokens per tile: ~4096 scores per tile on the GPU (registers); one tile under the
-    interpreter, where every program repeats the cross-token pass in Python."""
+    """Tokens per tile. GPU: <= 2048 scores per tile (registers of 4 warps), a function of
+    the expert count only, so one compiled kernel serves every batch size. Interpreter:
+    one tile, because every program repeats the cross-token pass in Python."""
     if interpreted:
         return triton.next_power_of_2(max(num_tokens, 1))
-    return max(1, min(triton.next_power_of_2(max(num_tokens, 1)), 4096 // block_e))
+    return max(1, min(64, 2048 // block_e))
 
 
 def _empty(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -362,6 +363,6 @@ def route(
         BLOCK_E=block_e,
         BLOCK_K=triton.next_power_of_2(top_k),
         PRECISE_EXP=not interpreted,
-        num_warps=4 if block_t * block_e <= 2048 else 8,
+        num_warps=4,
     )
     return out_w, out_ids
