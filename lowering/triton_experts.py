@@ -269,7 +269,7 @@ def _gpu_name(device: torch.device) -> str:
 
 def max_tiles(num_assign, num_experts: int, block_m: int):
     """Upper bound on expert tiles: full tiles plus at most one partial tile per expert."""
-    return triton.cdiv(num_assign, block_m) + min(num_experts, num_assign)
+    return triton.cdiv(num_assign, block_m) + torch.sym_min(num_experts, num_assign)
 
 
 def check_experts_args(
