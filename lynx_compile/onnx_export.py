@@ -1,15 +1,16 @@
 """lynx_compile.to_onnx: the rewritten model as ONNX that onnxruntime runs without custom kernels.
 
-The lynx ops have no ONNX counterpart, so before export each lynx::route node is swapped
-for the routing reference itself (plain PyTorch: softmax, top-k, stable sorts, gathers,
-integer keys) and each lynx::experts node for a dense all-experts equivalent (the
-reference loops over the experts a batch touches, a data-dependent shape ONNX cannot
-express). The exporter then emits standard operators, except for one gap filled here:
-stable sort, which becomes ONNX TopK over the whole axis (TopK breaks ties by lower
-index, which is exactly what a stable sort keeps).
+The lynx ops have no ONNX counterpart, so before export each routing op node (lynx::route,
+lynx::route_scored) is swapped for the routing reference itself (plain PyTorch: softmax,
+top-k, stable sorts, gathers, integer keys) and each experts op node (lynx::experts,
+lynx::experts_split) for a dense all-experts equivalent (the reference loops over the
+experts a batch touches, a data-dependent shape ONNX cannot express). The exporter then
+emits standard operators, except for one gap filled here: stable sort, which becomes ONNX
+TopK over the whole axis (TopK breaks ties by lower index, exactly what a stable sort keeps).
 
-With lynx_domain=True the lynx ops are instead written as custom-domain nodes
-(lynx.Route / lynx.Experts, opset "lynx" version 1) for runtimes that implement them.
+With lynx_domain=True the lynx ops are instead written as custom-domain nodes (domain
+"lynx", version 1: lynx::route -> lynx.Route, lynx::experts_split -> lynx.ExpertsSplit),
+tensor arguments as inputs and the others as attributes, for runtimes that implement them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from lynx_compile.export import ExportError, capture_rewritten, describe_error, export_graph
+from lynx_compile.lowering import reference
 from lynx_compile.lowering.reference import ACTIVATIONS, RoutingPolicy, route_reference
 
 ONNX_OPSET = 18
@@ -35,37 +37,79 @@ def route_decomposed(logits, top_k, policy, alpha, beta, k0, budget, weights, te
     return route_reference(logits, top_k, RoutingPolicy(policy, alpha, beta, k0, budget), weights)
 
 
-def experts_decomposed(x, ids, weights, w_up, w_down, activation, gated):
-    """lynx::experts with every expert computed for every token, then combined by routing
-    weight: x [N, d], ids/weights [N, k], w_up [E, U, d], w_down [E, d, I] -> [N, d].
+def route_scored_decomposed(scores, top_k, space, policy, alpha, beta, k0, budget, telemetry_site):
+    """lynx::route_scored as plain PyTorch ops: scores [N, E] -> (scores at ids [N, k], ids).
 
-    Matches experts_reference up to summation order (fp32 accumulation in both)."""
+    The routing reference itself; telemetry is dropped."""
+    pol = RoutingPolicy(policy, alpha, beta, k0, budget)
+    return reference.route_scored_reference(scores, top_k, space, pol)
+
+
+def _dense_experts(x, ids, weights, w_gate, w_up, w_down, activation, gated):
+    """Every expert on every token, combined by routing weight: x [N, d], ids/weights [N, k],
+    w_up [E, U, d] (U = 2I when gated without w_gate), w_gate [E, I, d] or None,
+    w_down [E, d, I] -> [N, d] in x's dtype, the weighted sum in fp32 like the reference."""
     act = ACTIVATIONS[activation]
     h = torch.einsum("nd,eud->neu", x, w_up.to(x.dtype))  # [N, E, U]
-    if gated:
+    if w_gate is not None:
+        h = act(torch.einsum("nd,eid->nei", x, w_gate.to(x.dtype))) * h  # [N, E, I]
+    elif gated:
         gate, up = h.chunk(2, dim=-1)
         h = act(gate) * up  # [N, E, I]
     else:
         h = act(h)
     y = torch.einsum("nei,edi->ned", h, w_down.to(x.dtype))  # [N, E, d]
-    combine = torch.zeros(x.shape[0], w_up.shape[0], dtype=torch.float32, device=x.device)
+    combine = torch.zeros(x.shape[0], w_down.shape[0], dtype=torch.float32, device=x.device)
     combine = combine.scatter_add(1, ids, weights.to(torch.float32))  # [N, E]
     return torch.einsum("ned,ne->nd", y.to(torch.float32), combine).to(x.dtype)
 
 
-_DECOMPOSITIONS = {
-    torch.ops.lynx.route.default: route_decomposed,
-    torch.ops.lynx.experts.default: experts_decomposed,
+def experts_decomposed(x, ids, weights, w_up, w_down, activation, gated):
+    """lynx::experts without data-dependent shapes: x [N, d], ids/weights [N, k],
+    w_up [E, U, d], w_down [E, d, I] -> [N, d]. Equals experts_reference up to summation
+    order (the reference loops over the experts the batch touches)."""
+    return _dense_experts(x, ids, weights, None, w_up, w_down, activation, gated)
+
+
+def experts_split_decomposed(x, ids, weights, w_gate, w_up, w_down, activation):
+    """lynx::experts_split without data-dependent shapes: w_gate/w_up [E, I, d],
+    w_down [E, d, I] -> [N, d]. Equals experts_split_reference up to summation order."""
+    return _dense_experts(x, ids, weights, w_gate, w_up, w_down, activation, True)
+
+
+# Keyed by op name (torch.ops.lynx.<name>): a new lynx op needs an entry here to export.
+DECOMPOSITIONS = {
+    "route": route_decomposed,
+    "route_scored": route_scored_decomposed,
+    "experts": experts_decomposed,
+    "experts_split": experts_split_decomposed,
 }
+
+
+def lynx_op_name(target) -> str | None:
+    """'route' for torch.ops.lynx.route or .default (user code calling the op directly
+    leaves the packet in Dynamo's graph, the pass inserts overloads); None for other ops."""
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        namespace, _, rest = str(target).partition(".")
+        if namespace == "lynx":
+            return rest.split(".")[0]
+    return None
 
 
 def decompose_lynx_ops(gm: fx.GraphModule) -> int:
     """Swap every lynx op node of `gm` for its plain-PyTorch decomposition; returns how many."""
     swapped = 0
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _DECOMPOSITIONS:
-            node.target = _DECOMPOSITIONS[node.target]
-            swapped += 1
+        name = lynx_op_name(node.target) if node.op == "call_function" else None
+        if name is None:
+            continue
+        if name not in DECOMPOSITIONS:
+            raise ExportError(
+                f"lynx::{name} has no plain-PyTorch decomposition for ONNX yet; add one to "
+                "lynx_compile.onnx_export.DECOMPOSITIONS, or export with lynx_domain=True"
+            )
+        node.target = DECOMPOSITIONS[name]
+        swapped += 1
     gm.recompile()
     return swapped
 
@@ -78,73 +122,97 @@ def _sort_stable_as_topk(self, stable=None, dim=-1, descending=False):
     return op.TopK(self, k, axis=dim, largest=1 if descending else 0, sorted=1)
 
 
-def _register_lynx_schemas() -> None:
-    """Declare lynx.Route / lynx.Experts (domain "lynx", version 1) to onnx once, so the
-    exporter can build nodes of them (it validates every node against a schema)."""
+LYNX_DOMAIN = "lynx"
+_TENSOR_TYPES = [
+    f"tensor({t})" for t in ("float", "float16", "bfloat16", "double", "int64", "int32", "bool")
+]
+
+
+def _onnx_op_type(name: str) -> str:
+    """ONNX op type of a lynx op: route_scored -> RouteScored."""
+    return "".join(part.capitalize() for part in name.split("_"))
+
+
+def _attribute_kind(arg_type: torch._C.JitType):
+    """(ONNX attribute type, required) of a non-tensor op argument; bools travel as INT."""
+    from onnx.defs import OpSchema
+
+    optional = isinstance(arg_type, torch._C.OptionalType)
+    base = arg_type.getElementType() if optional else arg_type
+    kinds = {
+        torch._C.IntType: OpSchema.AttrType.INT,
+        torch._C.BoolType: OpSchema.AttrType.INT,
+        torch._C.FloatType: OpSchema.AttrType.FLOAT,
+        torch._C.StringType: OpSchema.AttrType.STRING,
+    }
+    return kinds[type(base)], not optional
+
+
+def _register_domain_schema(op: torch._ops.OpOverload) -> None:
+    """Declare lynx op `op` to onnx as <LYNX_DOMAIN>.<OpType> version 1 (the exporter checks
+    every node against a schema): tensor arguments are inputs, the others attributes."""
     import onnx
     from onnx.defs import OpSchema
 
-    if onnx.defs.has("Route", "lynx"):
+    op_type = _onnx_op_type(lynx_op_name(op))
+    if onnx.defs.has(op_type, LYNX_DOMAIN):
         return
-    param, attr, kind = OpSchema.FormalParameter, OpSchema.Attribute, OpSchema.AttrType
-    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
-    onnx.defs.register_schema(
-        OpSchema(
-            "Route",
-            "lynx",
-            1,
-            "lynx::route: logits [N, E] -> (weights [N, k], ids int64 [N, k])",
-            inputs=[param("logits", "T")],
-            outputs=[param("weights", "T"), param("ids", "tensor(int64)")],
-            type_constraints=[("T", floats, "router logits and weights")],
-            attributes=[
-                attr("top_k", kind.INT),
-                attr("policy", kind.STRING),
-                attr("alpha", kind.FLOAT),
-                attr("beta", kind.FLOAT, "absent: no floor", required=False),
-                attr("k0", kind.INT),
-                attr("budget", kind.INT),
-                attr("weights", kind.STRING),
-            ],
-        )
+    inputs, attributes, constraints = [], [], []
+    for arg in op._schema.arguments:
+        if isinstance(arg.type, torch._C.TensorType):
+            inputs.append(OpSchema.FormalParameter(arg.name, f"T_{arg.name}"))
+            constraints.append((f"T_{arg.name}", _TENSOR_TYPES, ""))
+        else:
+            kind, required = _attribute_kind(arg.type)
+            attributes.append(OpSchema.Attribute(arg.name, kind, "", required=required))
+    outputs = [OpSchema.FormalParameter(f"out{i}", f"R{i}") for i in range(len(op._schema.returns))]
+    constraints += [(f"R{i}", _TENSOR_TYPES, "") for i in range(len(outputs))]
+    doc = f"{op._schema}" + " (a lynx_compile op; see lynx_compile/lowering/ops.py)"
+    schema = OpSchema(
+        op_type,
+        LYNX_DOMAIN,
+        1,
+        doc,
+        inputs=inputs,
+        outputs=outputs,
+        type_constraints=constraints,
+        attributes=attributes,
     )
-    onnx.defs.register_schema(
-        OpSchema(
-            "Experts",
-            "lynx",
-            1,
-            "lynx::experts: x [N, d], ids/weights [N, k], w_up [E, U, d], w_down [E, d, I] "
-            "-> [N, d]",
-            inputs=[
-                param("x", "T"),
-                param("ids", "tensor(int64)"),
-                param("weights", "W"),
-                param("w_up", "T"),
-                param("w_down", "T"),
-            ],
-            outputs=[param("y", "T")],
-            type_constraints=[("T", floats, "activations"), ("W", floats, "routing weights")],
-            attributes=[attr("activation", kind.STRING), attr("gated", kind.INT)],
-        )
-    )
+    onnx.defs.register_schema(schema)
 
 
-def _lynx_route_node(logits, top_k, policy, alpha, beta, k0, budget, weights, telemetry_site):
-    """lynx::route as one custom-domain node lynx.Route (attributes: the op's arguments)."""
+def _domain_translation(op: torch._ops.OpOverload):
+    """A translation writing `op` as one lynx-domain node; None-valued attributes are left
+    out (their absence means None, as beta=None does for route)."""
     from onnxscript import values
 
-    attrs = dict(top_k=top_k, policy=policy, alpha=alpha, k0=k0, budget=budget, weights=weights)
-    if beta is not None:  # an absent beta means no floor, as beta=None does
-        attrs["beta"] = beta
-    return values.Opset("lynx", 1).Route(logits, **attrs)
+    _register_domain_schema(op)
+    arguments = op._schema.arguments
+    node_op = values.Opset(LYNX_DOMAIN, 1)[_onnx_op_type(lynx_op_name(op))]
+
+    def translate(*args):
+        inputs, attrs = [], {}
+        for arg, value in zip(arguments, args, strict=False):
+            if isinstance(arg.type, torch._C.TensorType):
+                inputs.append(value)
+            elif value is not None:
+                attrs[arg.name] = int(value) if isinstance(value, bool) else value
+        return node_op(*inputs, **attrs)
+
+    return translate
 
 
-def _lynx_experts_node(x, ids, weights, w_up, w_down, activation, gated):
-    """lynx::experts as one custom-domain node lynx.Experts."""
-    from onnxscript import values
-
-    lynx = values.Opset("lynx", 1)
-    return lynx.Experts(x, ids, weights, w_up, w_down, activation=activation, gated=int(gated))
+def _domain_translations(gm: fx.GraphModule) -> dict:
+    """{lynx op overload: translation to a lynx-domain node} for the lynx ops in `gm`."""
+    table = {}
+    for node in gm.graph.nodes:
+        name = lynx_op_name(node.target) if node.op == "call_function" else None
+        if name is not None:
+            overload = getattr(torch.ops.lynx, name).default
+            node.target = overload  # one spelling, so one table entry serves every node
+            table[overload] = _domain_translation(overload)
+    gm.recompile()
+    return table
 
 
 @dataclass
@@ -179,14 +247,12 @@ def to_onnx(
     gm = capture_rewritten(model, args, options)
     with torch.no_grad():
         expected = pytree.tree_leaves(gm(*args))
-    lynx_ops = sum(1 for n in gm.graph.nodes if n.target in _DECOMPOSITIONS)
     table = {torch.ops.aten.sort.stable: _sort_stable_as_topk}
     if lynx_domain:
-        _register_lynx_schemas()
-        table[torch.ops.lynx.route.default] = _lynx_route_node
-        table[torch.ops.lynx.experts.default] = _lynx_experts_node
+        table.update(_domain_translations(gm))
+        lynx_ops = sum(1 for n in gm.graph.nodes if n.target in table)
     else:
-        decompose_lynx_ops(gm)
+        lynx_ops = decompose_lynx_ops(gm)
     program = export_graph(gm, args)
     try:
         onnx_program = torch.onnx.export(
