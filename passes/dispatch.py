@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from lynx_compile.lowering.triton_ops import experts_op_for
 from lynx_compile.passes import report as report_mod
 from lynx_compile.passes.fx_utils import canonical_op, example_value
 
@@ -379,9 +380,9 @@ def _replace(gm, region, out, plan: ExpertsPlan, weights, ids) -> None:
                 (plan.x, ids, weights, gate, up, down, plan.activation),
             )
         else:
+            op = experts_op_for(example_value(plan.x).device)
             fused = graph.call_function(
-                torch.ops.lynx.experts.default,
-                (plan.x, ids, weights, up, down, plan.activation, plan.gated),
+                op, (plan.x, ids, weights, up, down, plan.activation, plan.gated)
             )
         out_val = example_value(out)
         result = fused
