@@ -18,6 +18,7 @@ from lynx_compile.config import LynxConfig, parse_options
 from lynx_compile.lowering import ops  # noqa: F401  (registers torch.ops.lynx.*)
 from lynx_compile.passes import report as report_mod
 from lynx_compile.passes.router import find_router_sites, rewrite_router
+from lynx_compile.passes.router_families import find_scored_router_sites, rewrite_scored_router
 
 log = logging.getLogger("lynx_compile")
 
@@ -38,8 +39,9 @@ def apply_lynx_passes(gm: fx.GraphModule, example_inputs, config: LynxConfig) ->
     dump_dir = graph_dump.active_dump_dir()
     before = gm.print_readable(print_output=False) if dump_dir else None
     sites = find_router_sites(gm, graph_id)
-    if sites and _grad_needed(example_inputs):
-        for site in sites:
+    scored = find_scored_router_sites(gm, graph_id, claimed={site.topk for site in sites})
+    if (sites or scored) and _grad_needed(example_inputs):
+        for site in sites + scored:
             report_mod.add_site(
                 kind="router",
                 status="skipped",
@@ -50,10 +52,12 @@ def apply_lynx_passes(gm: fx.GraphModule, example_inputs, config: LynxConfig) ->
                 graph=graph_id,
                 node=site.topk.name,
             )
-        sites = []
+        sites, scored = [], []
     for site in sites:
         rewrite_router(gm, site, config, graph_id)
-    if sites:
+    for site in scored:
+        rewrite_scored_router(gm, site, config, graph_id)
+    if sites or scored:
         gm.graph.lint()
         gm.recompile()
     pass_seconds.append(time.perf_counter() - start)

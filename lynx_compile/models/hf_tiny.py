@@ -106,3 +106,186 @@ def build_causal_lm(family: str, implementation: str = "grouped_mm", seed: int =
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     _randomize(model, seed)
     return model
+
+
+# Every other router kind of transformers' MoE families (sigmoid + bias + groups, top-k on
+# logits, softmax + bias, shared experts, top-1), at one toy size where the config allows
+# it (16 experts, top-4, expert width 24): compiled kernels then repeat across families,
+# which keeps the family test matrix affordable on CPU.
+_DEEPSEEK = dict(
+    n_routed_experts=16,
+    num_experts_per_tok=4,
+    moe_intermediate_size=24,
+    n_shared_experts=1,
+    n_group=4,
+    topk_group=2,
+)
+_TOP4_OF_16 = dict(num_experts_per_tok=4, intermediate_size=24)
+
+FAMILIES.update(
+    {
+        "deepseek_v2": Family(
+            "deepseek_v2",
+            "DeepseekV2Config",
+            "DeepseekV2Moe",
+            dict(_DEEPSEEK, topk_method="group_limited_greedy", routed_scaling_factor=1.5),
+        ),
+        "deepseek_v3": Family(
+            "deepseek_v3",
+            "DeepseekV3Config",
+            "DeepseekV3MoE",
+            dict(_DEEPSEEK, norm_topk_prob=True, routed_scaling_factor=2.5),
+        ),
+        "glm4_moe": Family(
+            "glm4_moe",
+            "Glm4MoeConfig",
+            "Glm4MoeMoE",
+            dict(_DEEPSEEK, n_group=2, topk_group=1, norm_topk_prob=False),
+        ),
+        "dots1": Family(
+            "dots1",
+            "Dots1Config",
+            "Dots1MoE",
+            dict(_DEEPSEEK, n_group=1, topk_group=1, norm_topk_prob=True),
+        ),
+        "exaone_moe": Family(
+            "exaone_moe",
+            "ExaoneMoeConfig",
+            "ExaoneMoeSparseMoEBlock",
+            dict(
+                num_experts=16,
+                num_experts_per_tok=4,
+                moe_intermediate_size=24,
+                num_shared_experts=1,
+            ),
+        ),
+        "lfm2_moe": Family(
+            "lfm2_moe",
+            "Lfm2MoeConfig",
+            "Lfm2MoeSparseMoeBlock",
+            dict(
+                num_experts=16,
+                num_experts_per_tok=4,
+                moe_intermediate_size=24,
+                use_expert_bias=True,
+                norm_topk_prob=True,
+            ),
+        ),
+        "gpt_oss": Family(
+            "gpt_oss", "GptOssConfig", "GptOssMLP", dict(_TOP4_OF_16, num_local_experts=16)
+        ),
+        "llama4": Family(
+            "llama4",
+            "Llama4TextConfig",
+            "Llama4TextMoe",
+            dict(num_local_experts=16, num_experts_per_tok=1, intermediate_size=24),
+        ),
+        "granitemoe": Family(
+            "granitemoe",
+            "GraniteMoeConfig",
+            "GraniteMoeMoE",
+            dict(_TOP4_OF_16, num_local_experts=16),
+        ),
+        "granitemoeshared": Family(
+            "granitemoeshared",
+            "GraniteMoeSharedConfig",
+            "GraniteMoeSharedMoE",
+            dict(_TOP4_OF_16, num_local_experts=16, shared_intermediate_size=32),
+        ),
+        "jetmoe": Family(
+            "jetmoe",
+            "JetMoeConfig",
+            "JetMoeMoE",
+            dict(_TOP4_OF_16, num_local_experts=16),
+            implementations=("eager",),  # its own parallel-experts kernels, no switch
+        ),
+        "aria": Family(
+            "aria",
+            "AriaTextConfig",
+            "AriaTextMoELayer",
+            dict(moe_num_experts=16, moe_topk=4, intermediate_size=24, moe_num_shared_experts=1),
+        ),
+        "ernie4_5_moe": Family(
+            "ernie4_5_moe",
+            "Ernie4_5_MoeConfig",
+            "Ernie4_5_MoeSparseMoeBlock",
+            dict(moe_num_experts=16, moe_k=4, moe_intermediate_size=24, moe_num_shared_experts=1),
+        ),
+        "longcat_flash": Family(
+            "longcat_flash",
+            "LongcatFlashConfig",
+            "LongcatFlashMoE",
+            dict(n_routed_experts=16, moe_topk=4, expert_ffn_hidden_size=24, zero_expert_num=0),
+        ),
+        "qwen2_moe": Family(
+            "qwen2_moe",
+            "Qwen2MoeConfig",
+            "Qwen2MoeSparseMoeBlock",
+            dict(
+                num_experts=16,
+                num_experts_per_tok=4,
+                moe_intermediate_size=24,
+                shared_expert_intermediate_size=32,
+                norm_topk_prob=False,
+            ),
+        ),
+        "qwen3_next": Family(
+            "qwen3_next",
+            "Qwen3NextConfig",
+            "Qwen3NextSparseMoeBlock",
+            dict(
+                num_experts=16,
+                num_experts_per_tok=4,
+                moe_intermediate_size=24,
+                shared_expert_intermediate_size=32,
+                norm_topk_prob=True,
+            ),
+        ),
+        "hunyuan_v1_moe": Family(
+            "hunyuan_v1_moe",
+            "HunYuanMoEV1Config",
+            "HunYuanMoEV1Moe",
+            dict(num_experts=16, moe_topk=4, intermediate_size=24),
+        ),
+        "minimax": Family(
+            "minimax",
+            "MiniMaxConfig",
+            "MiniMaxSparseMoeBlock",
+            dict(_TOP4_OF_16, num_local_experts=16),
+        ),
+        "jamba": Family(
+            "jamba", "JambaConfig", "JambaSparseMoeBlock", dict(_TOP4_OF_16, num_experts=16)
+        ),
+        "flex_olmo": Family(
+            "flex_olmo",
+            "FlexOlmoConfig",
+            "FlexOlmoSparseMoeBlock",
+            dict(_TOP4_OF_16, num_experts=16, norm_topk_prob=False),
+        ),
+        "dbrx": Family(
+            "dbrx",
+            "DbrxConfig",
+            "DbrxFFN",
+            dict(
+                d_model=32,
+                n_heads=4,
+                ffn_config=dict(ffn_hidden_size=24, moe_num_experts=16, moe_top_k=4),
+            ),
+        ),
+        # Built but not rewritten (max/argmax top-1 and top-2 with masks): they must compile
+        # to eager's output and be reported as skipped.
+        "phimoe": Family(
+            "phimoe",
+            "PhimoeConfig",
+            "PhimoeSparseMoeBlock",
+            dict(num_local_experts=16, num_experts_per_tok=2, intermediate_size=24),
+        ),
+        "switch_transformers": Family(
+            "switch_transformers",
+            "SwitchTransformersConfig",
+            "SwitchTransformersSparseMLP",
+            dict(d_model=32, d_ff=24, num_experts=16, expert_capacity=64),
+            implementations=("eager",),  # its own expert loop, no switch
+        ),
+    }
+)
