@@ -33,6 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The GPU image reaches no registry, so the checkout may not be pip-installed: import it
+# from here (lynx_compile maps passes/, lowering/ and examples/ itself in that case).
+sys.path.insert(0, str(REPO))
 TIME_BUDGET_S = 240.0  # the whole check must fit one 5-minute call, start-up included
 
 

@@ -7,12 +7,34 @@ lynx_compile.export(model, example_inputs)            # torch.export program wit
 lynx_compile.to_onnx(model, example_inputs, "d/model.onnx")  # lynx ops as standard ONNX
 """
 
-from lynx_compile.backend import lynx_backend
-from lynx_compile.config import LynxConfig, parse_options
-from lynx_compile.export import export
-from lynx_compile.lowering.reference import RoutingPolicy, route_reference
-from lynx_compile.onnx_export import to_onnx
-from lynx_compile.passes.report import clear_report, report
+import importlib.metadata
+import importlib.util
+from pathlib import Path
+
+# A source checkout that was not pip-installed (the GPU image reaches no registry): map
+# passes/, lowering/ and examples/ into this package as pyproject's package-dir does.
+if importlib.util.find_spec("lynx_compile.lowering") is None:
+    __path__.append(str(Path(__file__).resolve().parent.parent))
+
+from lynx_compile.backend import lynx_backend  # noqa: E402
+from lynx_compile.config import LynxConfig, parse_options  # noqa: E402
+from lynx_compile.export import export  # noqa: E402
+from lynx_compile.lowering.reference import RoutingPolicy, route_reference  # noqa: E402
+from lynx_compile.onnx_export import to_onnx  # noqa: E402
+from lynx_compile.passes.report import clear_report, report  # noqa: E402
+
+
+def _register_without_entry_point() -> None:
+    """Without installed metadata the `lynx` entry point is missing: register the name here
+    (never both: Dynamo rejects a duplicate name)."""
+    points = importlib.metadata.entry_points(group="torch_dynamo_backends")
+    if not any(p.name == "lynx" for p in points):
+        import torch._dynamo
+
+        torch._dynamo.register_backend(name="lynx")(lynx_backend)
+
+
+_register_without_entry_point()
 
 __all__ = [
     "LynxConfig",
