@@ -1,0 +1,366 @@
+"""`lynx-compile accuracy`: next-byte accuracy against experts touched, for every routing policy.
+
+Held-out stdlib sources (the files TinyMoE never trained on) are decoded step by step,
+teacher-forced, as a server decodes: B sequences per batch, a short prompt prefilled
+first, then one token per sequence per step through the KV cache. Every decode step runs
+through torch.compile(model, backend="lynx", options={"policy": ..., "telemetry": True}),
+so the routing under test is the backend's own. For each (policy, batch) row:
+
+  acc            next-byte top-1 accuracy over the decode steps, %
+  acc_exact      the same for the exact policy at that batch
+  nll            mean next-byte negative log-likelihood, nats
+  experts_ratio  distinct experts per layer per decode step under the policy, over the
+                 model's own top-k on the same router logits (the backend's telemetry)
+
+Writes OUT/accuracy.json and OUT/accuracy.png (accuracy change against experts_ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import lynx_compile
+from lynx_compile import config as lynx_config
+from lynx_compile.models.tiny_moe import DEFAULT_CHECKPOINT, TinyMoE, load_model
+from lynx_compile.models.train import load_bytes, split_files
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """One routing policy to measure: its name and the backend options that set it."""
+
+    name: str
+    params: dict = field(default_factory=dict)
+
+    @staticmethod
+    def parse(text: str) -> PolicySpec:
+        """'exact' | 'affinity:ALPHA:BETA' (BETA may be 'none') | 'oea:K0' | 'static:BUDGET'."""
+        parts = text.split(":")
+        name, values = parts[0], parts[1:]
+        try:
+            if name == "exact" and not values:
+                return PolicySpec("exact")
+            if name == "affinity" and len(values) == 2:
+                beta = None if values[1].lower() == "none" else float(values[1])
+                return PolicySpec("affinity", {"alpha": float(values[0]), "beta": beta})
+            if name == "oea" and len(values) == 1:
+                return PolicySpec("oea", {"k0": int(values[0])})
+            if name == "static" and len(values) == 1:
+                return PolicySpec("static", {"budget": int(values[0])})
+        except ValueError:
+            pass
+        raise ValueError(
+            f"bad policy spec {text!r}: expected exact, affinity:ALPHA:BETA (BETA a number or "
+            "none), oea:K0 or static:BUDGET, e.g. affinity:3:2"
+        )
+
+    def label(self) -> str:
+        """Short text for tables and plots, e.g. 'affinity a=3 b=2'."""
+        short = {"alpha": "a", "beta": "b", "k0": "k0", "budget": "m"}
+        return " ".join([self.name] + [f"{short[k]}={_fmt(v)}" for k, v in self.params.items()])
+
+    def is_default(self) -> bool:
+        """Whether these are the backend's default policy and parameters."""
+        if self.name != lynx_config.DEFAULT_POLICY:
+            return False
+        defaults = {
+            "alpha": lynx_config.DEFAULT_ALPHA,
+            "beta": lynx_config.DEFAULT_BETA,
+            "k0": lynx_config.LynxConfig().k0,
+            "budget": lynx_config.LynxConfig().budget,
+        }
+        return all(defaults[k] == v for k, v in self.params.items())
+
+
+def _fmt(value) -> str:
+    return "none" if value is None else f"{value:g}"
+
+
+# The alpha x beta grid spans the paper's per-family settings ((1, 1) .. (3, 2), (3, none)).
+FULL_POLICIES = [
+    "exact",
+    "affinity:1:1",
+    "affinity:1:2",
+    "affinity:2:2",
+    "affinity:3:1",
+    "affinity:3:2",
+    "affinity:3:none",
+    "oea:1",
+    "oea:2",
+    "static:8",
+    "static:16",
+]
+QUICK_POLICIES = ["exact", "affinity:3:2", "affinity:1:1"]
+
+
+def heldout_sequences(count: int, length: int, seed: int) -> torch.Tensor:
+    """`count` windows of `length` bytes from the held-out files: int64 [count, length].
+
+    Windows are drawn with a fixed seed, so every policy and batch sees the same text.
+    """
+    data = load_bytes(split_files("heldout"))
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, data.numel() - length, (count,), generator=gen).tolist()
+    return torch.stack([data[s : s + length] for s in starts]).long()
+
+
+def _decode_site_totals() -> dict[int, tuple[float, float, int]]:
+    """Per decode router site: (sum of exact distinct experts, sum chosen, calls) so far."""
+    totals = {}
+    for site in lynx_compile.report()["sites"]:
+        tel = site.get("telemetry")
+        if site.get("kind") != "router" or not site.get("decode") or not tel:
+            continue
+        calls = tel["calls"]
+        totals[site["site"]] = (
+            tel["mean_experts_exact"] * calls,
+            tel["mean_experts_chosen"] * calls,
+            calls,
+        )
+    return totals
+
+
+@torch.no_grad()
+def evaluate(
+    model: TinyMoE, compiled, sequences: torch.Tensor, batch: int, prompt_len: int
+) -> dict:
+    """Teacher-forced decode of `sequences` [S, T] in batches of `batch`: accuracy and NLL.
+
+    The prompt (first prompt_len bytes) is prefilled eagerly (prefill routing is exact under
+    every policy); then each step feeds byte t of every sequence through `compiled` and
+    scores its prediction of byte t+1.
+    """
+    if sequences.shape[0] % batch:
+        raise ValueError(
+            f"{sequences.shape[0]} sequences do not split into batches of {batch}; "
+            "pass --sequences as a multiple of every --batch"
+        )
+    length = sequences.shape[1]
+    correct = count = 0
+    nll = 0.0
+    before = _decode_site_totals()
+    for chunk in sequences.split(batch):
+        cache = model.new_cache(batch, max_len=length)
+        if batch > 1:  # one compiled graph serves every batch size (1 is specialised)
+            for tensor in (t for kv in cache for t in kv):
+                torch._dynamo.mark_dynamic(tensor, 0)
+        model(chunk[:, :prompt_len], cache, torch.tensor(0))
+        for t in range(prompt_len, length - 1):
+            step = chunk[:, t : t + 1]
+            if batch > 1:
+                torch._dynamo.mark_dynamic(step, 0)
+            logits = compiled(step, cache, torch.tensor(t))[:, 0].float()  # [B, vocab]
+            target = chunk[:, t + 1]
+            correct += int((logits.argmax(-1) == target).sum())
+            nll += float(F.cross_entropy(logits, target, reduction="sum"))
+            count += batch
+    after = _decode_site_totals()
+    exact = sum(after[s][0] - before.get(s, (0, 0, 0))[0] for s in after)
+    chosen = sum(after[s][1] - before.get(s, (0, 0, 0))[1] for s in after)
+    calls = sum(after[s][2] - before.get(s, (0, 0, 0))[2] for s in after)
+    if calls == 0:
+        raise RuntimeError(
+            "the lynx backend recorded no decode router telemetry: its router pass did not "
+            "rewrite TinyMoE's decode graph; inspect it with `lynx-compile dump`"
+        )
+    return {
+        "acc": 100.0 * correct / count,
+        "nll": nll / count,
+        "experts_exact": exact / calls,
+        "experts_chosen": chosen / calls,
+        "experts_ratio": chosen / exact,
+        "tokens": count,
+    }
+
+
+def run_accuracy(
+    checkpoint: Path,
+    policies: list[PolicySpec],
+    batches: list[int],
+    sequences: int,
+    prompt_len: int,
+    steps: int,
+    seed: int = 0,
+    log=print,
+) -> list[dict]:
+    """Every (policy, batch) row; the exact policy is measured first as the reference."""
+    model = load_model(checkpoint)
+    seqs = heldout_sequences(sequences, prompt_len + steps + 1, seed)
+    specs = sorted(policies, key=lambda p: p.name != "exact")
+    if specs[0].name != "exact":
+        specs.insert(0, PolicySpec("exact"))
+    rows, exact_acc = [], {}
+    for spec in specs:
+        torch._dynamo.reset()  # a fresh cache per policy: the options differ, the code not
+        lynx_compile.clear_report()
+        options = {"policy": spec.name, "telemetry": True, **spec.params}
+        compiled = torch.compile(model, backend="lynx", options=options)
+        for batch in batches:
+            start = time.perf_counter()
+            result = evaluate(model, compiled, seqs, batch, prompt_len)
+            if spec.name == "exact":
+                exact_acc[batch] = result["acc"]
+            row = {
+                "policy": spec.name,
+                "params": spec.params,
+                "batch": batch,
+                "acc": result["acc"],
+                "acc_exact": exact_acc[batch],
+                "nll": result["nll"],
+                "experts_ratio": result["experts_ratio"],
+                "experts_chosen": result["experts_chosen"],
+                "experts_exact": result["experts_exact"],
+                "tokens": result["tokens"],
+                "is_default": spec.is_default(),
+                "seconds": time.perf_counter() - start,
+            }
+            rows.append(row)
+            log(format_row(row))
+    return rows
+
+
+TABLE_HEADER = (
+    f"{'policy':<22} {'batch':>5} {'acc %':>7} {'change':>7} {'nll':>7} "
+    f"{'experts':>8} {'ratio':>6} {'s':>5}"
+)
+
+
+def format_row(row: dict) -> str:
+    """One table line: policy, batch, accuracy, change vs exact, NLL, experts, ratio."""
+    label = PolicySpec(row["policy"], row["params"]).label() + (" *" if row["is_default"] else "")
+    return (
+        f"{label:<22} {row['batch']:>5} {row['acc']:>7.2f} {row['acc'] - row['acc_exact']:>+7.2f} "
+        f"{row['nll']:>7.4f} {row['experts_chosen']:>8.2f} {row['experts_ratio']:>6.3f} "
+        f"{row['seconds']:>5.0f}"
+    )
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Accuracy change (points) against experts_ratio, one colour per policy family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"exact": "black", "affinity": "tab:blue", "oea": "tab:orange", "static": "tab:green"}
+    markers = ["o", "s", "^", "D", "v", "P"]
+    batches = sorted({r["batch"] for r in rows})
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for row in rows:
+        marker = markers[batches.index(row["batch"]) % len(markers)]
+        drop = row["acc"] - row["acc_exact"]
+        ax.scatter(
+            row["experts_ratio"],
+            drop,
+            c=colours[row["policy"]],
+            marker=marker,
+            s=90 if row["is_default"] else 40,
+            edgecolors="red" if row["is_default"] else "none",
+        )
+        if row["policy"] != "exact":
+            short = PolicySpec(row["policy"], row["params"]).label().split(" ", 1)[1]
+            ax.annotate(short, (row["experts_ratio"], drop), fontsize=6, alpha=0.7)
+    for name, colour in colours.items():
+        ax.scatter([], [], c=colour, label=name)
+    for i, b in enumerate(batches):
+        ax.scatter([], [], c="grey", marker=markers[i % len(markers)], label=f"batch {b}")
+    ax.axhline(-1.0, color="red", linestyle=":", linewidth=1, label="-1 point")
+    ax.axvline(0.70, color="grey", linestyle=":", linewidth=1, label="0.70x experts")
+    ax.set_xlabel("distinct experts per layer per decode step, relative to exact")
+    ax.set_ylabel("next-byte accuracy change vs exact (points)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `lynx-compile accuracy`."""
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"fewer policies ({', '.join(QUICK_POLICIES)}) and sequences: a few minutes on CPU",
+    )
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=[8, 16], help="decode batch sizes (default 8 16)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("accuracy_results"), help="output directory"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=DEFAULT_CHECKPOINT,
+        help="TinyMoE safetensors checkpoint (default: the committed one)",
+    )
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=None,
+        help="policy specs (exact, affinity:A:B, oea:K0, static:M); default: the full grid, "
+        "or the quick set with --quick",
+    )
+    parser.add_argument(
+        "--sequences",
+        type=int,
+        default=None,
+        help="held-out sequences per (policy, batch); a multiple of every batch "
+        "(default 48, 16 with --quick)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="decode steps per sequence (default 128, 48 with --quick)",
+    )
+    parser.add_argument("--prompt-len", type=int, default=16, help="prefilled bytes per sequence")
+    parser.add_argument("--seed", type=int, default=0, help="seed choosing held-out windows")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure, print the table, write accuracy.json and accuracy.png; returns 0."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.policies or (QUICK_POLICIES if args.quick else FULL_POLICIES)
+    policies = [PolicySpec.parse(text) for text in names]
+    sequences = args.sequences or (16 if args.quick else 48)
+    steps = args.steps or (48 if args.quick else 128)
+    print(f"checkpoint {args.checkpoint}; {sequences} held-out sequences x {steps} decode steps")
+    print(TABLE_HEADER)
+    start = time.perf_counter()
+    rows = run_accuracy(
+        args.checkpoint, policies, args.batch, sequences, args.prompt_len, steps, args.seed
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "checkpoint": str(args.checkpoint),
+        "sequences": sequences,
+        "decode_steps": steps,
+        "prompt_len": args.prompt_len,
+        "seed": args.seed,
+        "torch": torch.__version__,
+        "seconds": time.perf_counter() - start,
+    }
+    (args.out / "accuracy.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    title = (
+        f"{args.checkpoint.name}: {sequences} held-out seqs x {steps} decode steps "
+        f"(* / red edge = backend default)"
+    )
+    plot(rows, args.out / "accuracy.png", title)
+    print(f"wrote {args.out / 'accuracy.json'} and {args.out / 'accuracy.png'}")
+    return 0
