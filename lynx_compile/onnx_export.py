@@ -77,6 +77,10 @@ def experts_split_decomposed(x, ids, weights, w_gate, w_up, w_down, activation):
     return _dense_experts(x, ids, weights, w_gate, w_up, w_down, activation, True)
 
 
+# The ops the pass emits for CUDA tensors: same signatures and results as their
+# device-neutral op, so an export (which runs anywhere) writes the neutral one.
+DEVICE_NEUTRAL = {"route_triton": "route", "experts_triton": "experts"}
+
 # Keyed by op name (torch.ops.lynx.<name>): a new lynx op needs an entry here to export.
 DECOMPOSITIONS = {
     "route": route_decomposed,
@@ -84,6 +88,7 @@ DECOMPOSITIONS = {
     "experts": experts_decomposed,
     "experts_split": experts_split_decomposed,
 }
+DECOMPOSITIONS.update({fast: DECOMPOSITIONS[neutral] for fast, neutral in DEVICE_NEUTRAL.items()})
 
 
 def lynx_op_name(target) -> str | None:
@@ -208,8 +213,8 @@ def _domain_translations(gm: fx.GraphModule) -> dict:
     for node in gm.graph.nodes:
         name = lynx_op_name(node.target) if node.op == "call_function" else None
         if name is not None:
-            overload = getattr(torch.ops.lynx, name).default
-            node.target = overload  # one spelling, so one table entry serves every node
+            overload = getattr(torch.ops.lynx, DEVICE_NEUTRAL.get(name, name)).default
+            node.target = overload  # one neutral spelling: one table entry serves every node
             table[overload] = _domain_translation(overload)
     gm.recompile()
     return table

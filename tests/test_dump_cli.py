@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import networkx as nx
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -169,3 +171,21 @@ def test_lynx_dump_env_writes_the_same_files(runs, tmp_path, monkeypatch):
     sites = json.loads((out / "report.json").read_text())["sites"]
     assert sites == json.loads(json.dumps(report_mod.report()["sites"], default=str))
     assert "lynx.route.default" in (out / f"after{graph_id}.py").read_text()
+
+
+def test_picture_is_rendered_when_graphviz_is_installed(tmp_path, monkeypatch):
+    """A stand-in `dot` on PATH (Graphviz itself is optional) receives the DOT file."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_dot = bin_dir / "dot"
+    fake_dot.write_text('#!/bin/sh\n# args: -Tfmt in.dot -o out\ncp "$2" "$4"\n')
+    fake_dot.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    region = nx.DiGraph()
+    region.add_node("route", label="route\nlynx.route.default", kind="lynx")
+    region.add_node("logits", label="logits\nlinear\n[8, 16]", kind="context")
+    region.add_edge("logits", "route")
+    written = graph_dump.write_picture(region, tmp_path / "region3")
+    assert written == ["region3.dot", "region3.svg", "region3.png"]
+    dot_text = (tmp_path / "region3.svg").read_text()
+    assert '"logits" -> "route"' in dot_text and "palegreen" in dot_text

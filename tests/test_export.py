@@ -24,6 +24,7 @@ import lynx_compile
 from lynx_compile.export import ExportError
 from lynx_compile.onnx_export import (
     DECOMPOSITIONS,
+    DEVICE_NEUTRAL,
     experts_decomposed,
     experts_split_decomposed,
     onnxruntime_error,
@@ -237,3 +238,17 @@ def test_dense_experts_match_the_reference(activation, split, gated):
         got, want = experts_decomposed(*args), experts_reference(*args)
     # Same fp32 math, different summation order: a few ulps apart.
     torch.testing.assert_close(got, want)
+
+
+def test_cuda_ops_export_as_their_device_neutral_op():
+    from lynx_compile.lowering import triton_ops
+
+    if not triton_ops.HAVE_TRITON:
+        pytest.skip("the Triton ops are registered only where triton is installed")
+    for fast, neutral in DEVICE_NEUTRAL.items():
+        fast_args = getattr(torch.ops.lynx, fast).default._schema.arguments
+        neutral_args = getattr(torch.ops.lynx, neutral).default._schema.arguments
+        assert [(a.name, str(a.type)) for a in fast_args] == [
+            (a.name, str(a.type)) for a in neutral_args
+        ]
+        assert DECOMPOSITIONS[fast] is DECOMPOSITIONS[neutral]
