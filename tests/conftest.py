@@ -3,10 +3,17 @@ the same class in different modules never hit Dynamo's recompile limit."""
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-import lynx_compile
+# CPU CI runs the Triton kernels in Triton's interpreter; the flag is read when triton.jit
+# functions (triton.language's own included) are defined, so it must be set before anything
+# imports triton: lynx_compile does, through torch.library.triton_op.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import lynx_compile  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
