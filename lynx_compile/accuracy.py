@@ -8,6 +8,7 @@ so the routing under test is the backend's own. For each (policy, batch) row:
 
   acc            next-byte top-1 accuracy over the decode steps, %
   acc_exact      the same for the exact policy at that batch
+  acc_change_se  standard error of acc - acc_exact, paired over the same tokens
   nll            mean next-byte negative log-likelihood, nats
   experts_ratio  distinct experts per layer per decode step under the policy, over the
                  model's own top-k on the same router logits (the backend's telemetry)
@@ -143,7 +144,7 @@ def evaluate(
             "pass --sequences as a multiple of every --batch"
         )
     length = sequences.shape[1]
-    correct = count = 0
+    hits = []  # per step: bool [B], whether the top-1 prediction was right
     nll = 0.0
     before = _decode_site_totals()
     for chunk in sequences.split(batch):
@@ -158,9 +159,8 @@ def evaluate(
                 torch._dynamo.mark_dynamic(step, 0)
             logits = compiled(step, cache, torch.tensor(t))[:, 0].float()  # [B, vocab]
             target = chunk[:, t + 1]
-            correct += int((logits.argmax(-1) == target).sum())
+            hits.append(logits.argmax(-1) == target)
             nll += float(F.cross_entropy(logits, target, reduction="sum"))
-            count += batch
     after = _decode_site_totals()
     exact = sum(after[s][0] - before.get(s, (0, 0, 0))[0] for s in after)
     chosen = sum(after[s][1] - before.get(s, (0, 0, 0))[1] for s in after)
@@ -170,14 +170,26 @@ def evaluate(
             "the lynx backend recorded no decode router telemetry: its router pass did not "
             "rewrite TinyMoE's decode graph; inspect it with `lynx-compile dump`"
         )
+    hit = torch.cat(hits)
     return {
-        "acc": 100.0 * correct / count,
-        "nll": nll / count,
+        "acc": 100.0 * hit.float().mean().item(),
+        "nll": nll / hit.numel(),
         "experts_exact": exact / calls,
         "experts_chosen": chosen / calls,
         "experts_ratio": chosen / exact,
-        "tokens": count,
+        "hits": hit,
     }
+
+
+def paired_change_se(hit: torch.Tensor, hit_exact: torch.Tensor) -> float:
+    """Standard error (points) of acc - acc_exact measured on the same tokens: bool [n] each.
+
+    Only tokens whose correctness differs between the two runs move the difference, so the
+    paired error is far below the error of either accuracy alone.
+    """
+    n = hit.numel()
+    diff = hit.float() - hit_exact.float()  # per token: -1, 0 or +1
+    return 100.0 * (diff.var(unbiased=True).item() / n) ** 0.5 if n > 1 else 0.0
 
 
 def run_accuracy(
@@ -196,7 +208,7 @@ def run_accuracy(
     specs = sorted(policies, key=lambda p: p.name != "exact")
     if specs[0].name != "exact":
         specs.insert(0, PolicySpec("exact"))
-    rows, exact_acc = [], {}
+    rows, exact_hits = [], {}
     for spec in specs:
         torch._dynamo.reset()  # a fresh cache per policy: the options differ, the code not
         lynx_compile.clear_report()
@@ -206,18 +218,21 @@ def run_accuracy(
             start = time.perf_counter()
             result = evaluate(model, compiled, seqs, batch, prompt_len)
             if spec.name == "exact":
-                exact_acc[batch] = result["acc"]
+                exact_hits[batch] = result["hits"]
+            hit, hit_exact = result["hits"], exact_hits[batch]
             row = {
                 "policy": spec.name,
                 "params": spec.params,
                 "batch": batch,
                 "acc": result["acc"],
-                "acc_exact": exact_acc[batch],
+                "acc_exact": 100.0 * hit_exact.float().mean().item(),
+                "acc_change_se": paired_change_se(hit, hit_exact),
+                "tokens_changed": int((hit != hit_exact).sum()),
                 "nll": result["nll"],
                 "experts_ratio": result["experts_ratio"],
                 "experts_chosen": result["experts_chosen"],
                 "experts_exact": result["experts_exact"],
-                "tokens": result["tokens"],
+                "tokens": hit.numel(),
                 "is_default": spec.is_default(),
                 "seconds": time.perf_counter() - start,
             }
@@ -227,16 +242,18 @@ def run_accuracy(
 
 
 TABLE_HEADER = (
-    f"{'policy':<22} {'batch':>5} {'acc %':>7} {'change':>7} {'nll':>7} "
+    f"{'policy':<22} {'batch':>5} {'acc %':>7} {'change':>7} {'+-se':>5} {'nll':>7} "
     f"{'experts':>8} {'ratio':>6} {'s':>5}"
 )
 
 
 def format_row(row: dict) -> str:
-    """One table line: policy, batch, accuracy, change vs exact, NLL, experts, ratio."""
+    """One table line: policy, batch, accuracy, change vs exact (and its paired standard
+    error), NLL, distinct experts per layer per step, their ratio to exact, seconds."""
     label = PolicySpec(row["policy"], row["params"]).label() + (" *" if row["is_default"] else "")
     return (
         f"{label:<22} {row['batch']:>5} {row['acc']:>7.2f} {row['acc'] - row['acc_exact']:>+7.2f} "
+        f"{row['acc_change_se']:>5.2f} "
         f"{row['nll']:>7.4f} {row['experts_chosen']:>8.2f} {row['experts_ratio']:>6.3f} "
         f"{row['seconds']:>5.0f}"
     )

@@ -93,24 +93,30 @@ def heldout_loss(model: TinyMoE, batches: list[tuple[torch.Tensor, torch.Tensor]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The training CLI (every flag has a default matching the committed checkpoint)."""
+    """The training CLI; its defaults are the committed checkpoint's command."""
     p = argparse.ArgumentParser(description="Train TinyMoE on the Python stdlib sources.")
     p.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint path")
     p.add_argument("--log", type=Path, default=None, help="log file (default: <out>_train.log)")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
-    p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=256, help="bytes per training sequence")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     p.add_argument("--lb-coef", type=float, default=0.01, help="load-balancing loss weight")
     p.add_argument("--seed", type=int, default=0, help="seed of init and batch sampling")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: on a shared 2-core machine, 2 threads measured 3-5x slower "
+        "per step, each waiting for the other while other processes hold a core)",
+    )
     p.add_argument("--eval-every", type=int, default=500, help="held-out eval interval")
     p.add_argument(
         "--max-minutes",
         type=float,
-        default=25.0,
+        default=24.0,
         help="stop (and save) early if training runs longer than this",
     )
     for field in ("dim", "num_layers", "num_heads", "num_experts", "top_k", "expert_hidden"):
