@@ -1,0 +1,64 @@
+"""End to end: `lynx-compile demo` (reduced batch and steps) and `lynx-compile bench --quick`
+run as a user runs them, in a subprocess, and print / write what they promise."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROW_KEYS = {"suite", "case", "backend", "device", "metric", "value", "unit"}
+
+
+def _lynx_compile(args: list[str], timeout: float) -> str:
+    """Run `python -m lynx_compile.cli ARGS` on CPU; its stdout. The measured compiles use
+    fresh Inductor caches of their own, so the user's cache dir is left as it is."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lynx_compile.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"lynx-compile {' '.join(args)} failed:\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def test_demo_prints_table_for_every_backend(tmp_path):
+    out = _lynx_compile(
+        ["demo", "--batch", "4", "--steps", "6", "--prompt-len", "16", "--threads", "1"],
+        timeout=300,
+    )
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("backend"))
+    rows = {line.split()[0]: line.split() for line in lines[header + 1 : header + 4]}
+    for backend in ("eager", "inductor", "lynx"):
+        assert backend in rows, out
+    assert float(rows["inductor"][1]) > 0 and float(rows["lynx"][1]) > 0, out  # compile s
+    assert rows["inductor"][4] == "100.0%", out  # bytes = inductor: agrees with itself
+    assert "lynx/exact =" in out and "--- prompt 0:" in out
+
+
+def test_bench_quick_writes_schema_and_compile_rows(tmp_path):
+    out_dir = tmp_path / "bench"
+    _lynx_compile(["bench", "--quick", "--threads", "1", "--out", str(out_dir)], 300)
+    result = json.loads((out_dir / "results.json").read_text())
+    rows = result["rows"]
+    assert rows and all(set(row) == ROW_KEYS for row in rows), rows[:3]
+    assert {row["suite"] for row in rows} == {"compile", "recompile", "runtime"}
+    assert {row["device"] for row in rows} == {"cpu"}
+    compile_rows = [row for row in rows if row["metric"] == "compile_s"]
+    cases = {row["case"] for row in compile_rows}
+    assert len(cases) >= 2
+    for case in cases:
+        backends = {row["backend"] for row in compile_rows if row["case"] == case}
+        assert backends == {"lynx", "inductor"}, case
+    assert all(row["value"] > 0 and row["unit"] == "s" for row in compile_rows)
+    runtime = {(r["backend"], r["metric"]) for r in rows if r["suite"] == "runtime"}
+    for backend in ("eager", "inductor", "lynx-exact", "lynx"):
+        assert {(backend, "ms"), (backend, "experts")} <= runtime, backend
+    assert "| case |" in (out_dir / "results.md").read_text()
+    for png in ("compile.png", "runtime.png", "recompile.png"):
+        assert (out_dir / png).stat().st_size > 0
