@@ -15,8 +15,9 @@ import torch.fx as fx
 
 from lynx_compile import graph_dump
 from lynx_compile.config import LynxConfig, parse_options
-from lynx_compile.lowering import ops  # noqa: F401  (registers torch.ops.lynx.*)
+from lynx_compile.lowering import ops, triton_ops  # noqa: F401  (register torch.ops.lynx.*)
 from lynx_compile.passes import report as report_mod
+from lynx_compile.passes.dispatch import rewrite_dispatch
 from lynx_compile.passes.router import find_router_sites, rewrite_router
 from lynx_compile.passes.router_families import find_scored_router_sites, rewrite_scored_router
 
@@ -33,7 +34,7 @@ def _grad_needed(example_inputs) -> bool:
 
 
 def apply_lynx_passes(gm: fx.GraphModule, example_inputs, config: LynxConfig) -> fx.GraphModule:
-    """Rewrite every router site of one Dynamo graph in place; returns the graph module."""
+    """Rewrite every router site (and the dispatch consuming it) of one Dynamo graph in place."""
     start = time.perf_counter()
     graph_id = report_mod.new_graph_id()
     dump_dir = graph_dump.active_dump_dir()
@@ -53,10 +54,11 @@ def apply_lynx_passes(gm: fx.GraphModule, example_inputs, config: LynxConfig) ->
                 node=site.topk.name,
             )
         sites, scored = [], []
-    for site in sites:
-        rewrite_router(gm, site, config, graph_id)
-    for site in scored:
-        rewrite_scored_router(gm, site, config, graph_id)
+    routed = [rewrite_router(gm, site, config, graph_id) for site in sites]
+    routed += [rewrite_scored_router(gm, site, config, graph_id) for site in scored]
+    if config.fuse_experts:
+        for weights, ids, entry in routed:
+            rewrite_dispatch(gm, weights.args[0], weights, ids, entry, example_inputs, graph_id)
     if sites or scored:
         gm.graph.lint()
         gm.recompile()

@@ -28,6 +28,7 @@ import torch.fx as fx
 from lynx_compile.lowering.triton_ops import experts_op_for
 from lynx_compile.passes import report as report_mod
 from lynx_compile.passes.fx_utils import canonical_op, example_value
+from lynx_compile.passes.router import router_hidden_dim
 
 _ACTIVATION_OPS = {"silu": "silu", "relu": "relu"}
 
@@ -317,10 +318,11 @@ def rewrite_dispatch(
     if all(u.op == "output" for u in (*weights.users, *ids.users)):
         report("skipped", "routing leaves the graph: the experts run in another graph")
         return False
-    if router_entry.get("hidden_dim") is None:
+    hidden_dim = router_hidden_dim(route.args[0])
+    if hidden_dim is None:
         report("skipped", "the router's input (hidden size) is not visible in the graph")
         return False
-    found = find_region(gm, weights, ids, route, router_entry["hidden_dim"])
+    found = find_region(gm, weights, ids, route, hidden_dim)
     if found is None:
         report(
             "skipped",

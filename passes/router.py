@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from lynx_compile.lowering.triton_ops import route_op_for
 from lynx_compile.passes import report as report_mod
 from lynx_compile.passes.fx_utils import arg, canonical_op, example_value, last_dim
 
@@ -164,6 +165,26 @@ def is_decode_step(logits: fx.Node) -> bool | None:
     return None
 
 
+def router_hidden_dim(logits: fx.Node) -> int | None:
+    """The hidden size d the router projects from: the last dim of the linear's input."""
+    node = logits
+    for _ in range(6):
+        op = canonical_op(node)
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if op in ("linear", "matmul") and tensors:
+            val = example_value(tensors[0])
+            return None if val is None else val.shape[-1]
+        if op not in ("view", "cast") or not tensors:
+            return None
+        node = tensors[0]
+    return None
+
+
+def _device_of(node: fx.Node) -> torch.device:
+    val = example_value(node)
+    return torch.device("cpu") if val is None else val.device
+
+
 def find_router_sites(gm: fx.GraphModule, graph_id: int) -> list[RouterSite]:
     """Every softmax -> top-k router in the graph (others are reported as skipped)."""
     sites = []
@@ -192,6 +213,7 @@ def rewrite_router(
         policy=policy.name,
         decode=decode,
         weights=site.convention,
+        hidden_dim=router_hidden_dim(site.logits),
         telemetry_on=config.telemetry,
     )
     graph = gm.graph
@@ -200,7 +222,7 @@ def rewrite_router(
         if site.softmax_dtype is not None:
             logits = graph.call_method("to", (logits, site.softmax_dtype))
         route = graph.call_function(
-            torch.ops.lynx.route.default,
+            route_op_for(_device_of(site.logits), site.num_experts, site.top_k, config.telemetry),
             (
                 logits,
                 site.top_k,
