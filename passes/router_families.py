@@ -103,11 +103,15 @@ def _is_expert_bias(node, num_experts: int) -> bool:
     return val is not None and val.numel() == num_experts and val.shape[-1] == num_experts
 
 
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 def _trace_scores(scores: fx.Node, num_experts: int) -> _Trace | str:
     """Walk from a top-k input to the router's linear; returns a _Trace or why it is not one.
 
-    Accepted on the way: views and casts, + a per-expert bias, masked_fill (a group mask),
-    and at most one sigmoid or softmax over the expert dim.
+    Accepted on the way: views and casts, + a per-expert bias, * a positive constant,
+    masked_fill (a group mask), and at most one sigmoid or softmax over the expert dim.
     """
     node, source, bias, mask = scores, "logits", False, None
     for _ in range(16):
@@ -130,6 +134,8 @@ def _trace_scores(scores: fx.Node, num_experts: int) -> _Trace | str:
             else:
                 return "top-k input adds a token-dependent tensor to the router scores"
             bias = True
+        elif op == "mul" and len(node.args) == 2 and _positive_number(node.args[1]):
+            node = node.args[0]  # a logit multiplier (MuseSpark): the order is unchanged
         elif _is_masked_fill(node) and mask is None:
             mask, node = node, _tensor_input(node)
         else:
