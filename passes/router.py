@@ -202,6 +202,7 @@ def rewrite_router(
     """Replace one router site by lynx::route; returns (weights, ids, report entry)."""
     decode = is_decode_step(site.logits)
     policy = config.routing_policy(bool(decode))
+    hidden_dim = router_hidden_dim(site.logits)
     entry = report_mod.add_site(
         kind="router",
         status="rewritten",
@@ -213,7 +214,9 @@ def rewrite_router(
         policy=policy.name,
         decode=decode,
         weights=site.convention,
-        hidden_dim=router_hidden_dim(site.logits),
+        # The report is plain data (report() deep-copies it): a symbolic size (dynamic=True
+        # can leave d symbolic, e.g. Jamba) cannot be copied, so it is reported as unknown.
+        hidden_dim=hidden_dim if isinstance(hidden_dim, int) else None,
         telemetry_on=config.telemetry,
     )
     graph = gm.graph

@@ -17,7 +17,7 @@ returns what torch.topk returned (the scores at the chosen ids, and the ids), so
 model's own code after the top-k (gather of unbiased scores, renormalisation, routed
 scaling factor, softmax over the k logits, sigmoid, p-norm) still computes the weights:
 every family keeps its weight convention exactly. Softmax routers that passes/router.py
-matches keep its rewrite (and its dispatch fusion); sites here are router-only.
+matches keep its rewrite.
 
 Top-k nodes inside a matched router (the per-group top-k of group-limited routing) belong
 to that site. Anything else that looks like a router (fed by a linear) is reported as
@@ -356,7 +356,6 @@ def rewrite_scored_router(
         decode=decode,
         weights="model",
         score_space=site.space,
-        dispatch="router-only",
         telemetry_on=config.telemetry,
     )
     graph = gm.graph
