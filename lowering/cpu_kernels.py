@@ -61,3 +61,37 @@ def experts_grouped(
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, token, y.to(torch.float32) * w[:, None])
     return out.to(x.dtype)
+
+
+def experts_gathered(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: str,
+    gated: bool,
+    w_gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sparse experts with static shapes: each (token, slot) gathers its expert's weights.
+
+    Traceable (no host sync, no data-dependent shape), so Inductor compiles it into C++
+    loops that read the gathered weights in place; this is what the CPU lowering of
+    lynx::experts decomposes into. Work follows the N*k assignments, not the experts
+    touched: on CPU at decode sizes the weights sit in cache and per-op overhead dominates.
+    """
+    act = reference.ACTIVATIONS[activation]
+    n, k = ids.shape
+    flat = ids.reshape(-1)  # [N*k]
+    xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [N*k, d, 1]
+    h = torch.bmm(w_up[flat].to(x.dtype), xs).squeeze(-1)  # [N*k, U]
+    if w_gate is not None:
+        h = act(torch.bmm(w_gate[flat].to(x.dtype), xs).squeeze(-1)) * h
+    elif gated:
+        gate, up = h.chunk(2, dim=-1)
+        h = act(gate) * up
+    else:
+        h = act(h)
+    y = torch.bmm(w_down[flat].to(x.dtype), h.unsqueeze(-1)).squeeze(-1)  # [N*k, d]
+    y = y.to(torch.float32) * weights.reshape(-1, 1).to(torch.float32)
+    return y.view(n, k, -1).sum(dim=1).to(x.dtype)

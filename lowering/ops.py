@@ -45,6 +45,30 @@ def _route_fake(logits, top_k, policy, alpha, beta, k0, budget, weights, telemet
     )
 
 
+@torch.library.custom_op("lynx::route_recorded", mutates_args=(), device_types=None)
+def route_recorded(
+    logits: torch.Tensor,
+    top_k: int,
+    policy: str,
+    alpha: float,
+    beta: float | None,
+    k0: int,
+    budget: int,
+    weights: str,
+    telemetry_site: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """lynx::route plus telemetry: stays an opaque call in compiled graphs (lynx::route is
+    traced into them), so each call records distinct experts for its report site."""
+    out_w, out_ids = torch.ops.lynx.route(
+        logits, top_k, policy, alpha, beta, k0, budget, weights, -1
+    )
+    record_route(telemetry_site, logits, top_k, out_ids)
+    return out_w, out_ids
+
+
+route_recorded.register_fake(_route_fake)
+
+
 @torch.library.custom_op("lynx::experts", mutates_args=(), device_types=None)
 def experts(
     x: torch.Tensor,

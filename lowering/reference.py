@@ -82,19 +82,19 @@ def affinity_bins(logits: torch.Tensor, alpha: float, beta: float | None) -> tor
     return q.to(torch.int64)
 
 
-def popularity_bins(batch: int, beta: float | None) -> int:
-    """How many affinity bins the exact integer popularity key can hold for this batch.
+def popularity_bins(batch: torch.Tensor, beta: float | None) -> torch.Tensor:
+    """How many affinity bins the exact integer popularity key can hold: int64 0-d tensor.
 
     The vote of token t' for expert e is B**q[t', e]; excluding the token itself each bin
     count is <= B - 1, so the summed vote is a base-B numeral with one digit per bin and
     comparing it equals comparing the per-bin counts lexicographically. The key keeps
-    that numeral exactly in int64: as many bins as fit below 2**62 (all of them when beta
-    is set and small). Deeper bins weigh < B**-bins of one top-bin vote.
+    that numeral exactly in int64: the largest b with B**b <= 2**62 (all bins when beta
+    is set and small). Deeper bins weigh < B**-b of one top-bin vote. `batch` (B) is a
+    0-d tensor so that traced graphs stay valid for every batch size.
     """
-    if batch <= 1:
-        return 1
-    fit = max(1, int(62 // math.log2(batch)))
-    return fit if beta is None else min(fit, math.floor(beta) + 1)
+    fit = torch.floor(62.0 / torch.log2(batch.double().clamp(min=2.0))).to(torch.int64)
+    bins = torch.where(batch <= 1, 1, fit.clamp(min=1))
+    return bins if beta is None else bins.clamp(max=math.floor(beta) + 1)
 
 
 def popularity_key(q: torch.Tensor, include: torch.Tensor, beta: float | None) -> torch.Tensor:
@@ -102,11 +102,17 @@ def popularity_key(q: torch.Tensor, include: torch.Tensor, beta: float | None) -
 
     q: int64 [N, E] affinity bins; include: bool [N] tokens that vote.
     """
-    batch = q.shape[0]
+    batch = torch.ones_like(include, dtype=torch.int64).sum()  # B as a 0-d tensor
     bins = popularity_bins(batch, beta)
-    depth = (-q).clamp(max=bins)  # bins >= `bins` deep contribute nothing
-    place = torch.tensor([batch**p for p in range(bins - 1, -1, -1)] + [0], dtype=torch.int64)
-    vote = place.to(q.device)[depth] * include.to(torch.int64)[:, None]  # [N, E]
+    depth = -q  # >= 0; bins >= `bins` deep contribute nothing
+    if beta is None:
+        place = torch.where(depth < bins, torch.pow(batch, (bins - 1 - depth).clamp(min=0)), 0)
+    else:  # at most floor(beta)+1 bins: unrolled, cheaper than an elementwise int pow
+        place, power = torch.zeros_like(q), torch.ones_like(batch)
+        for p in range(math.floor(beta) + 1):  # depth bins-1-p votes B**p
+            place = torch.where(depth == bins - 1 - p, power, place)
+            power = power * batch
+    vote = place * include.to(torch.int64)[:, None]  # [N, E]
     return vote.sum(dim=0, keepdim=True) - vote
 
 
@@ -114,6 +120,12 @@ def _final_from_kept(probs: torch.Tensor, kept: torch.Tensor, top_k: int) -> tor
     """Each token's top-k by (in kept set, probability, lower index): int64 [N, k]."""
     order = _stable_rank([kept.to(probs.dtype), probs])
     return order[:, :top_k]
+
+
+def _row_sets(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """ids [N, k] -> bool [N, E] membership (compares expert sets without sorting)."""
+    member = torch.zeros(ids.shape[0], num_experts, dtype=torch.bool, device=ids.device)
+    return member.scatter(1, ids, torch.ones_like(ids, dtype=torch.bool))
 
 
 def _weights(
@@ -166,15 +178,19 @@ def route_reference(
         kept_ids = top_experts.expand(logits.shape[0], budget)
 
     kept = torch.zeros(logits.shape[0], num_experts, dtype=torch.bool, device=logits.device)
-    kept.scatter_(1, kept_ids, valid[:, None].expand_as(kept_ids))
+    kept = kept.scatter(1, kept_ids, valid[:, None].expand_as(kept_ids))
     kept = kept.any(dim=0, keepdim=True).expand_as(kept)  # the batch's kept set K
-    ids = _final_from_kept(probs, kept, top_k)
+    if policy.name == "affinity":  # every token's chosen set is in K and |K| >= k: one sort
+        masked = torch.where(kept, probs, -1.0)
+        ids = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :top_k]
+    else:
+        ids = _final_from_kept(probs, kept, top_k)
     ids = torch.where(valid[:, None], ids, exact_ids)
     exact_weights = exact_vals
     if weights == "renorm":
         exact_weights = exact_vals / exact_vals.sum(dim=1, keepdim=True)
     # Tokens whose experts did not change keep the model's weights bit for bit.
-    same = (ids.sort(dim=1).values == exact_ids.sort(dim=1).values).all(dim=1, keepdim=True)
+    same = (_row_sets(ids, num_experts) == _row_sets(exact_ids, num_experts)).all(1, keepdim=True)
     ids = torch.where(same, exact_ids, ids)
     moved = _weights(probs, ids, exact_vals.sum(dim=1, keepdim=True), weights)
     return torch.where(same, exact_weights, moved), ids
@@ -329,11 +345,11 @@ def route_scored_reference(
         kept_ids = _stable_rank([totals[None, :]])[0, :budget].expand(scores.shape[0], budget)
 
     kept = torch.zeros(scores.shape[0], num_experts, dtype=torch.bool, device=scores.device)
-    kept.scatter_(1, kept_ids, valid[:, None].expand_as(kept_ids))
+    kept = kept.scatter(1, kept_ids, valid[:, None].expand_as(kept_ids))
     kept = kept.any(dim=0, keepdim=True) & usable  # the batch's kept set, per token's mask
     ids = _stable_rank([kept.to(scores.dtype), scores])[:, :top_k]
     ids = torch.where(valid[:, None], ids, exact_ids)
     # Tokens whose experts did not change keep torch.topk's order bit for bit.
-    same = (ids.sort(dim=1).values == exact_ids.sort(dim=1).values).all(dim=1, keepdim=True)
+    same = (_row_sets(ids, num_experts) == _row_sets(exact_ids, num_experts)).all(1, keepdim=True)
     ids = torch.where(same, exact_ids, ids)
     return torch.gather(scores, 1, ids), ids

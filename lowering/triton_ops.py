@@ -61,7 +61,7 @@ if HAVE_TRITON:
 
         telemetry_site is accepted for signature parity and not recorded: recording reads
         ids back to the host, which a compiled graph cannot do; route_op_for(...,
-        telemetry=True) hands out lynx::route, whose CUDA kernel records.
+        telemetry=True) hands out lynx::route_recorded, which records.
         """
         triton_route, _ = _kernels()
         return triton_route.route(
@@ -112,15 +112,12 @@ def route_op_for(
     top_k: int = 1,
     telemetry: bool = False,
 ) -> torch._ops.OpOverload:
-    """The routing op to emit for tensors on `device`: lynx::route_triton on CUDA when the
-    kernel takes the shape and no telemetry is asked, else lynx::route (whose CUDA kernel
-    is still Triton, eagerly, with telemetry)."""
-    if (
-        HAVE_TRITON
-        and torch.device(device).type == "cuda"
-        and route_fits(num_experts, top_k)
-        and not telemetry
-    ):
+    """The routing op to emit for tensors on `device`: lynx::route_recorded when telemetry
+    is asked (opaque, records each call; Triton inside on CUDA), else lynx::route_triton on
+    CUDA when the kernel takes the shape, else lynx::route (traced by Inductor)."""
+    if telemetry:
+        return torch.ops.lynx.route_recorded.default
+    if HAVE_TRITON and torch.device(device).type == "cuda" and route_fits(num_experts, top_k):
         return torch.ops.lynx.route_triton.default
     return torch.ops.lynx.route.default
 

@@ -7,15 +7,24 @@ module therefore must not register the name itself (Dynamo would see a duplicate
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from pathlib import Path
 
 import torch
 import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+import lynx_compile.lowering as lowering_pkg
+import lynx_compile.passes as passes_pkg
 from lynx_compile import graph_dump
 from lynx_compile.config import LynxConfig, parse_options
-from lynx_compile.lowering import ops, triton_ops  # noqa: F401  (register torch.ops.lynx.*)
+from lynx_compile.lowering import (  # noqa: F401  (register torch.ops.lynx.* and lowerings)
+    decompositions,
+    ops,
+    triton_ops,
+)
 from lynx_compile.passes import report as report_mod
 from lynx_compile.passes.dispatch import rewrite_dispatch
 from lynx_compile.passes.router import find_router_sites, rewrite_router
@@ -68,8 +77,30 @@ def apply_lynx_passes(gm: fx.GraphModule, example_inputs, config: LynxConfig) ->
     return gm
 
 
+class LynxCacheSalt(CustomGraphPass):
+    """A no-op post-grad pass whose uuid hashes the lynx sources and options: Inductor's FX
+    graph cache keys on it, so a cached graph never outlives a change to the lynx ops'
+    lowerings (decompositions, kernels) or to the options it was compiled with."""
+
+    def __init__(self, config: LynxConfig):
+        self.key = config.cache_key()
+
+    def __call__(self, graph: fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> str:
+        return f"{_source_hash()}-{self.key}"
+
+
+@functools.cache
+def _source_hash() -> str:
+    roots = [Path(lowering_pkg.__file__).parent, Path(passes_pkg.__file__).parent]
+    files = sorted(str(f) for root in roots for f in root.glob("*.py"))
+    return get_hash_for_files(tuple(files)).hex()
+
+
 def _inductor_patches(config: LynxConfig) -> dict:
-    patches = {}
+    patches = {"post_grad_custom_post_pass": LynxCacheSalt(config)}
     if config.mode is not None:
         patches.update(torch._inductor.list_mode_options(config.mode))
     patches.update(config.inductor)

@@ -79,7 +79,7 @@ def experts_split_decomposed(x, ids, weights, w_gate, w_up, w_down, activation):
 
 # The ops the pass emits for CUDA tensors: same signatures and results as their
 # device-neutral op, so an export (which runs anywhere) writes the neutral one.
-DEVICE_NEUTRAL = {"route_triton": "route", "experts_triton": "experts"}
+DEVICE_NEUTRAL = {"route_triton": "route", "route_recorded": "route", "experts_triton": "experts"}
 
 # Keyed by op name (torch.ops.lynx.<name>): a new lynx op needs an entry here to export.
 DECOMPOSITIONS = {

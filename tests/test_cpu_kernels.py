@@ -1,10 +1,11 @@
-"""The CPU sparse-experts kernel (grouped GEMMs) against the loop reference."""
+"""The CPU sparse-experts kernels (grouped GEMMs; the traceable gathered form that the
+Inductor C++ lowering uses) against the loop reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from lynx_compile.lowering.cpu_kernels import experts_grouped
+from lynx_compile.lowering.cpu_kernels import experts_gathered, experts_grouped
 from lynx_compile.lowering.reference import experts_general_reference
 
 # fp32: same products, different summation order. bf16: both paths round the gate/up
@@ -29,11 +30,12 @@ def _case(tokens, experts, k, d, inter, form, dtype, seed=0):
 @pytest.mark.parametrize("tokens", [1, 3, 13, 33])
 @pytest.mark.parametrize("form", ["gated", "plain", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_kernel_matches_reference(tokens, form, dtype):
+@pytest.mark.parametrize("kernel", [experts_grouped, experts_gathered])
+def test_cpu_kernels_match_reference(tokens, form, dtype, kernel):
     x, ids, w, w_up, w_down, w_gate = _case(tokens, 8, 2, 24, 20, form, dtype)
     act = "silu" if form != "plain" else "gelu"
     gated = form != "plain"
-    got = experts_grouped(x, ids, w, w_up, w_down, act, gated, w_gate)
+    got = kernel(x, ids, w, w_up, w_down, act, gated, w_gate)
     expected = experts_general_reference(x, ids, w, w_gate, w_up, w_down, act, gated)
     assert got.dtype == dtype
     torch.testing.assert_close(got, expected, **TOL[dtype])
@@ -47,3 +49,23 @@ def test_grouped_kernel_takes_transposed_weight_views_and_empty_batches():
     torch.testing.assert_close(got, expected, **TOL[torch.float32])
     empty = experts_grouped(x[:0], ids[:0], w[:0], w_up, w_down, "silu", True)
     assert empty.shape == (0, 16)
+
+
+def test_cpu_compiles_lynx_ops_into_the_graph_and_telemetry_keeps_the_op():
+    """On CPU Inductor inlines routing and experts (C++ path); telemetry keeps lynx::route."""
+    from torch._inductor.utils import run_and_get_code
+
+    import lynx_compile
+    from lynx_compile.models import hf_tiny
+
+    block = hf_tiny.build_block("qwen3_moe", "grouped_mm")
+    x = torch.randn(5, 1, 32)
+    for telemetry, expect_route in ((False, False), (True, True)):
+        torch._dynamo.reset()
+        model = torch.compile(block, backend="lynx", options={"telemetry": telemetry})
+        with torch.no_grad():
+            _, code = run_and_get_code(model, x)
+        source = "\n".join(code)
+        assert ("torch.ops.lynx.route" in source) == expect_route
+        assert "torch.ops.lynx.experts" not in source
+    assert lynx_compile.report()["sites"]

@@ -146,7 +146,9 @@ def test_op_choice_per_device():
     cuda = torch.device("cuda")
     assert triton_ops.route_op_for(cuda, 128, 8) is torch.ops.lynx.route_triton.default
     assert triton_ops.route_op_for(cuda, 1024, 8) is torch.ops.lynx.route.default
-    assert triton_ops.route_op_for(cuda, 128, 8, telemetry=True) is torch.ops.lynx.route.default
+    recorded = torch.ops.lynx.route_recorded.default  # telemetry stays an opaque call
+    assert triton_ops.route_op_for(cuda, 128, 8, telemetry=True) is recorded
+    assert triton_ops.route_op_for(torch.device("cpu"), telemetry=True) is recorded
 
 
 def test_poisoning_catches_unwritten_rows():
