@@ -43,6 +43,7 @@ from tqdm import tqdm
 import lynx_compile
 from lynx_compile import backend as lynx_backend_mod
 from lynx_compile.demo import (
+    checkpoint_label,
     decode_router_experts,
     heldout_prompts,
     load_demo_model,
@@ -78,14 +79,21 @@ class BenchConfig:
     sweep_max: int = 64
     prompt_len: int = 32
     warmup: int = 3
-    iters: int = 30
+    rounds: int = 5  # timing rounds, each visiting every backend in turn
+    calls: int = 6  # timed calls per backend per round
     profile: bool = False
 
     @classmethod
     def for_mode(cls, quick: bool, **overrides) -> BenchConfig:
         """The full configuration, or the reduced one that fits 60 s on a 2-core CPU."""
         if quick:
-            overrides = {"runtime_batches": (16,), "warmup": 2, "iters": 10, **overrides}
+            overrides = {
+                "runtime_batches": (16,),
+                "warmup": 2,
+                "rounds": 2,
+                "calls": 5,
+                **overrides,
+            }
         return cls(quick=quick, **overrides)
 
 
@@ -163,25 +171,45 @@ def hf_block_case(family: str, device: torch.device) -> Case:
     return Case(f"{family}/block", block, args, size, layers)
 
 
-def time_ms(fn: Callable, args: tuple, device: torch.device, warmup: int, iters: int) -> float:
-    """Median wall time of fn(*args) in ms, synchronised per call (decode is latency-bound)."""
+def time_calls(fn: Callable, args: tuple, device: torch.device, calls: int) -> list[float]:
+    """Wall time of each of `calls` calls of fn(*args) in ms, synchronised per call (decode
+    is latency-bound: one call's latency is what a server waits for)."""
+    times = []
     with torch.no_grad():
-        for _ in range(warmup):
-            fn(*args)
-        times = []
-        for _ in range(iters):
+        for _ in range(calls):
             synchronize(device)
             start = time.perf_counter()
             fn(*args)
             synchronize(device)
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+            times.append(1e3 * (time.perf_counter() - start))
+    return times
 
 
-def compiled_call(case: Case, backend: str, options: dict | None, batch: int):
-    """(compiled module, seconds of its first call at `batch`: the compile), Dynamo reset."""
-    torch._dynamo.reset()
-    lynx_compile.clear_report()
+def time_interleaved(
+    fns: dict[str, Callable],
+    args: tuple,
+    device: torch.device,
+    warmup: int,
+    rounds: int,
+    calls: int,
+) -> dict[str, list[float]]:
+    """Per-call ms of every fn, measured in `rounds` rounds that visit each fn in turn for
+    `calls` calls: load from other processes then lands on every fn alike."""
+    for fn in fns.values():
+        time_calls(fn, args, device, warmup)
+    samples: dict[str, list[float]] = {label: [] for label in fns}
+    for _ in range(rounds):
+        for label, fn in fns.items():
+            samples[label] += time_calls(fn, args, device, calls)
+    return samples
+
+
+def compiled_call(case: Case, backend: str, options: dict | None, batch: int, reset: bool = True):
+    """(compiled module, seconds of its first call at `batch`: the compile). With `reset`,
+    Dynamo's cache and lynx's report are emptied first (else earlier compiles stay usable)."""
+    if reset:
+        torch._dynamo.reset()
+        lynx_compile.clear_report()
     fn = torch.compile(case.module, backend=backend, options=options)
     args = case.make_args(batch)
     device = next(case.module.parameters()).device
@@ -251,14 +279,15 @@ def _counting_backend(backend: str, options: dict | None, counter: list[int]):
 
 
 def run_recompile_suite(
-    cases: list[Case], config: BenchConfig, rows: Rows
+    cases: list[Case], config: BenchConfig, rows: Rows, backends: tuple[str, ...]
 ) -> dict[str, list[float]]:
     """Decode batch 1..sweep_max through one compiled callable per (case, backend), from a
     fresh Inductor cache: graphs compiled and total seconds; returns per-call seconds."""
     curves = {}
     batches = range(1, config.sweep_max + 1)
     for case in cases:
-        for label, (backend, options) in COMPILE_BACKENDS.items():
+        for label in backends:
+            backend, options = COMPILE_BACKENDS[label]
             torch._dynamo.reset()
             counter: list[int] = []
             fn = torch.compile(case.module, backend=_counting_backend(backend, options, counter))
@@ -283,12 +312,14 @@ def copy_bandwidth(device: torch.device) -> float:
     """Bytes per second of a device-to-device copy (bytes read + written), 256 MiB."""
     src = torch.empty(64 * 2**20, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    seconds = time_ms(dst.copy_, (src,), device, warmup=3, iters=20) / 1e3
+    time_calls(dst.copy_, (src,), device, 3)
+    seconds = statistics.median(time_calls(dst.copy_, (src,), device, 20)) / 1e3
     return 2 * src.numel() * src.element_size() / seconds
 
 
 def run_runtime_suite(cases: list[Case], config: BenchConfig, rows: Rows) -> None:
-    """Per case and decode batch: time each backend, then distinct experts from telemetry."""
+    """Per case and decode batch: compile every backend, time them interleaved (median and
+    minimum ms), then distinct experts from a separate telemetry compile."""
     device = next(cases[0].module.parameters()).device
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     if bandwidth:
@@ -296,20 +327,25 @@ def run_runtime_suite(cases: list[Case], config: BenchConfig, rows: Rows) -> Non
     for case in cases:
         for batch in config.runtime_batches:
             name = f"{case.name}/b{batch}"
-            timings = {}
+            torch._dynamo.reset()
+            fns = {}
             for label, spec in RUNTIME_BACKENDS.items():
                 if spec is None:
-                    fn = case.module
-                else:
-                    with ticking(f"compile {name} {label}"):
-                        fn, _ = compiled_call(case, spec[0], spec[1], batch)
-                with ticking(f"time {name} {label}"):
-                    timings[label] = time_ms(
-                        fn, case.make_args(batch), device, config.warmup, config.iters
-                    )
+                    fns[label] = case.module
+                    continue
+                # No reset in between: the compiled backends coexist in Dynamo's cache.
+                with ticking(f"compile {name} {label}"):
+                    fns[label], _ = compiled_call(case, *spec, batch, reset=False)
+            with ticking(f"time {name}"):
+                samples = time_interleaved(
+                    fns, case.make_args(batch), device, config.warmup, config.rounds, config.calls
+                )
+            timings = {label: statistics.median(ms) for label, ms in samples.items()}
+            for label, ms in samples.items():
                 rows.add("runtime", name, label, "ms", timings[label], "ms")
+                rows.add("runtime", name, label, "ms_min", min(ms), "ms")
             with ticking(f"experts {name}"):
-                compiled, _ = compiled_call(case, "lynx", {"telemetry": True}, batch)
+                compiled_call(case, "lynx", {"telemetry": True}, batch)
                 exact, chosen = decode_router_experts()
             for label in RUNTIME_BACKENDS:
                 experts = chosen if label == "lynx" else exact
@@ -327,13 +363,13 @@ def profile_case(case: Case, batch: int, device: torch.device, out: Path, calls:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     args = case.make_args(batch)
     for label, spec in RUNTIME_BACKENDS.items():
         fn = case.module if spec is None else compiled_call(case, spec[0], spec[1], batch)[0]
-        time_ms(fn, args, device, warmup=3, iters=3)
+        time_calls(fn, args, device, 3)
         with torch.no_grad(), profile(activities=activities) as prof:
             for _ in range(calls):
                 fn(*args)
@@ -343,6 +379,23 @@ def profile_case(case: Case, batch: int, device: torch.device, out: Path, calls:
         paths[-1].write_text(f"{case.name} batch {batch}, {label}, {calls} calls\n{table}\n")
     torch._dynamo.reset()
     return paths
+
+
+def source_version() -> str | None:
+    """`git describe --always --dirty` of the checkout lynx_compile runs from, if any."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() or None
 
 
 def run_experiment(config: BenchConfig) -> dict:
@@ -360,6 +413,7 @@ def run_experiment(config: BenchConfig) -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "source": source_version(),
         "load_avg_start": os.getloadavg(),
         "decode_batch": config.batch,
         "cold_cache": "torch._inductor.utils.fresh_cache() + torch._dynamo.reset() per compile",
@@ -369,17 +423,20 @@ def run_experiment(config: BenchConfig) -> dict:
         meta["warm_up_s"] = warm_up_compiler(device)
     tiny = tiny_moe_cases(config, device)
     decode_step, moe_layer = tiny
-    meta["checkpoint"] = str(config.checkpoint) if config.checkpoint.is_file() else None
+    meta["checkpoint"] = checkpoint_label(config.checkpoint)
     families = HF_FAMILIES[:1] if config.quick else HF_FAMILIES
     hf = [hf_block_case(family, device) for family in families]
     with torch.no_grad():
         if config.quick:
             run_compile_suite([moe_layer, *hf], config, rows)
-            sweeps = run_recompile_suite([moe_layer], config, rows)
+            # lynx only: its rewrite is what could add recompiles; keeps --quick within 60 s
+            sweeps = run_recompile_suite([moe_layer], config, rows, ("lynx",))
             run_runtime_suite([moe_layer], config, rows)
         else:
             run_compile_suite([decode_step, moe_layer, *hf], config, rows)
-            sweeps = run_recompile_suite([moe_layer, decode_step], config, rows)
+            sweeps = run_recompile_suite(
+                [moe_layer, decode_step], config, rows, tuple(COMPILE_BACKENDS)
+            )
             run_runtime_suite([moe_layer, decode_step], config, rows)
         if config.profile:
             for case in (decode_step, moe_layer):
@@ -434,14 +491,20 @@ def format_tables(result: dict) -> str:
     out += ["| case | backend | graphs compiled | sweep s |", "| --- | --- | --- | --- |"]
     for case in _cases(rows, "recompile"):
         for backend in COMPILE_BACKENDS:
-            graphs = _value(
-                rows, suite="recompile", case=case, backend=backend, metric="graphs_compiled"
+            graphs, sweep = (
+                _value(rows, suite="recompile", case=case, backend=backend, metric=metric)
+                for metric in ("graphs_compiled", "sweep_s")
             )
-            sweep = _value(rows, suite="recompile", case=case, backend=backend, metric="sweep_s")
-            out.append(f"| {case} | {backend} | {graphs} | {_fmt(sweep, '.1f')} |")
+            if graphs is not None:
+                out.append(f"| {case} | {backend} | {graphs} | {_fmt(sweep, '.1f')} |")
     cuda = meta["device"].startswith("cuda")
-    out += ["", "### Runtime per call (median ms) and distinct experts per MoE layer", ""]
-    header = "| case | backend | ms | vs inductor | experts |" + (
+    out += [
+        "",
+        "### Runtime per call (median and minimum ms, backends timed in interleaved rounds) "
+        "and distinct experts per MoE layer",
+        "",
+    ]
+    header = "| case | backend | ms | min ms | vs inductor | experts |" + (
         " floor ms | floor/ms |" if cuda else ""
     )
     out += [header, "| --- " * (header.count("|") - 1) + "|"]
@@ -457,8 +520,8 @@ def format_tables(result: dict) -> str:
             ms = get("ms")
             ratio = ms / ref if ms and ref else None
             line = (
-                f"| {case} | {backend} | {_fmt(ms)} | {_fmt(ratio, '.2f')}x "
-                f"| {_fmt(get('experts'), '.2f')} |"
+                f"| {case} | {backend} | {_fmt(ms)} | {_fmt(get('ms_min'))} "
+                f"| {_fmt(ratio, '.2f')}x | {_fmt(get('experts'), '.2f')} |"
             )
             if cuda:
                 line += f" {_fmt(get('floor_ms'))} | {_fmt(get('floor_fraction'), '.2f')} |"
@@ -544,7 +607,8 @@ def write_results(result: dict, out: Path) -> list[Path]:
         f"# lynx-compile bench{' --quick' if meta['quick'] else ''}: {meta['device']}",
         "",
         f"{meta['date']}; {meta['device_name']}, {meta['cpu_count']} CPUs, torch "
-        f"{meta['torch']} ({meta['torch_threads']} threads), Python {meta['python']}; "
+        f"{meta['torch']} ({meta['torch_threads']} threads), Python {meta['python']}, "
+        f"lynx_compile {meta['source'] or 'version unknown'}; "
         f"checkpoint {meta['checkpoint'] or 'none (random TinyMoE)'}; decode batch "
         f"{meta['decode_batch']} for the compile suite; {meta['seconds']:.0f} s in all.",
         f"Load average at start {meta['load_avg_start'][0]:.1f}, at end "
@@ -564,7 +628,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="one MoE layer and one transformers family, batch 16 only: <= 60 s on CPU",
+        help="one MoE layer and one transformers family, batch 16 only, recompile sweep of "
+        "lynx only: <= 60 s on CPU",
     )
     parser.add_argument(
         "--device",
@@ -580,7 +645,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="TinyMoE safetensors checkpoint (default: the embedded one)",
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: decode-sized ops gain little from a second thread, "
+        "and on a shared machine a descheduled OpenMP thread stalls every op; 0: torch's choice)",
     )
     parser.add_argument(
         "--profile",

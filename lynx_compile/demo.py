@@ -69,6 +69,14 @@ def load_demo_model(checkpoint: Path, device: torch.device, log=print) -> TinyMo
     return TinyMoE().eval().to(device)
 
 
+def checkpoint_label(checkpoint: Path) -> str | None:
+    """How tables name a checkpoint: the embedded one by file name, others by path; None
+    when absent (the random model)."""
+    if not checkpoint.is_file():
+        return None
+    return checkpoint.name if checkpoint == DEFAULT_CHECKPOINT else str(checkpoint)
+
+
 def heldout_prompts(count: int, length: int, seed: int) -> torch.Tensor:
     """`count` held-out byte windows of `length` starting at a line start: int64 [count, length].
 
@@ -250,7 +258,7 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     torch._dynamo.reset()
     return {
         "device": str(device),
-        "checkpoint": str(config.checkpoint) if config.checkpoint.is_file() else None,
+        "checkpoint": checkpoint_label(config.checkpoint),
         "prompts": prompts.cpu(),
         "runs": runs,
         "warm_up_s": warm_up_s,
@@ -344,7 +352,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--show", type=int, default=defaults.show, help="prompts printed with their generations"
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: decode-sized ops gain little from a second thread, "
+        "and on a shared machine a descheduled OpenMP thread stalls every op; 0: torch's choice)",
     )
 
 
