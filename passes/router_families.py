@@ -2,8 +2,9 @@
 
 transformers' MoE families rank experts in several ways before their top-k:
 
-    logits_topk                  top-k on the logits, softmax/sigmoid of the k values after
-                                 (GPT-OSS with a router bias, Granite, JetMoE, Aria, Llama-4)
+    logits[_bias]_topk           top-k on the logits (maybe scaled or biased), softmax or
+                                 sigmoid of the k values after (GPT-OSS with a router bias,
+                                 Granite, JetMoE, Aria, Llama-4)
     sigmoid[_bias][_grouped]_topk sigmoid scores, plus a score-correction bias, with experts
                                  outside the token's top groups masked out (DeepSeek-V3,
                                  GLM-4 MoE, dots1, EXAONE MoE, LFM2-MoE)
@@ -100,7 +101,9 @@ def _is_expert_bias(node, num_experts: int) -> bool:
     if isinstance(node, (int, float)):
         return True
     val = example_value(node)
-    return val is not None and val.numel() == num_experts and val.shape[-1] == num_experts
+    if val is None or not isinstance(val.numel(), int):  # a symbolic size is token data
+        return False
+    return val.numel() == num_experts and val.shape[-1] == num_experts
 
 
 def _positive_number(value) -> bool:
@@ -224,9 +227,9 @@ def match_scored_router(topk: fx.Node, graph_id: int) -> ScoredRouterSite | None
     scores = topk.args[0] if topk.args else topk.kwargs.get("input")
     k = arg(topk, 1, "k")
     scores_val = example_value(scores)
-    if scores_val is None or scores_val.dim() == 0:
-        return None
-    e = int(scores_val.shape[-1])
+    if scores_val is None or scores_val.dim() == 0 or not isinstance(scores_val.shape[-1], int):
+        return None  # a router has a fixed expert count
+    e = scores_val.shape[-1]
     problem = _topk_problem(topk, scores_val, k)
     if canonical_op(scores) == "softmax" and not _declined_softmax_router(topk, scores, problem):
         return None  # passes/router.py reported it
@@ -292,14 +295,17 @@ def _report_max_routers(gm: fx.GraphModule, graph_id: int) -> None:
         val = example_value(src) if src is not None else None
         if val is None or dim is None or not last_dim(dim, val.dim()):
             continue
-        if _derives_from_linear(src) and val.shape[-1] > 1 and _feeds_selection(node):
+        experts = val.shape[-1]
+        if not isinstance(experts, int) or experts == 1:
+            continue
+        if _derives_from_linear(src) and _feeds_selection(node):
             _skip(
                 node,
                 "top-1 by max/argmax (Switch Transformers capacity routing, PhiMoE "
                 "sparsemixer) is not rewritten: its weights depend on masks lynx does not "
                 "model; it runs exact",
                 graph_id,
-                int(val.shape[-1]),
+                experts,
                 1,
             )
 

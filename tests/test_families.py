@@ -35,7 +35,9 @@ Checks per (family, implementation), on decode inputs [B, 1, d] with B = 3 and 1
 compiled model per policy, dynamic shapes, so both sizes share it):
 policy "exact" equals eager (fp32, rtol 1e-4 / atol 1e-5) and the report names the
 pattern; the default policy gives finite outputs and routes every token to k distinct,
-usable experts (the ids the routing op produced, recorded from its reference kernel).
+usable experts (the ids the routing op produced, recorded from its reference kernel; the
+CPU decompositions of the ops are checked against the reference in test_cpu_kernels.py).
+Last, lynx::route_scored itself: every policy and score space, its fake implementation.
 """
 
 from __future__ import annotations
@@ -141,7 +143,9 @@ def compiled(request):
     block = hf_tiny.build_block(family, impl)
     models = {
         "exact": _compile(block, {"policy": "exact"}),
-        "default": _compile(block),
+        # Telemetry keeps the routing op an opaque call (on CPU it is otherwise traced into
+        # the C++ graph), so the test can read the ids it returns; the policy is the default.
+        "default": _compile(block, {"telemetry": True}),
     }
     return family, block, models
 
@@ -178,6 +182,8 @@ def test_default_policy_routes_every_token_to_k_usable_experts(compiled):
             assert torch.isfinite(torch.gather(scores, 1, ids)).all(), (scores, ids)
     sites = sites_of(lynx_compile.report())
     assert sites and all(s["status"] == "rewritten" for s in sites), sites
+    calls = sum(s["telemetry"]["calls"] for s in sites if s["telemetry"])
+    assert calls >= len(DECODE_BATCHES), sites  # the routing ran once per decode batch
     if family in DECODE_HIDDEN:
         assert all(s["policy"] == "exact" and s["decode"] is None for s in sites), sites
     else:
@@ -204,3 +210,44 @@ def test_the_matrix_covers_every_tiny_family():
     """Every family hf_tiny builds is in the matrix, and there are at least 15 of them."""
     assert set(REWRITTEN) | set(NOT_REWRITTEN) == set(hf_tiny.FAMILIES)
     assert len(REWRITTEN) + len(NOT_REWRITTEN) >= 15
+
+
+# ---------------------------------------------------------------- lynx::route_scored itself
+def _scores(space: str, tokens: int = 13, experts: int = 16) -> torch.Tensor:
+    logits = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(experts))
+    if space == "logit":
+        return logits
+    if space == "prob":
+        return logits.softmax(dim=-1)
+    biased = logits.sigmoid() + 0.1 * torch.randn(
+        experts, generator=torch.Generator().manual_seed(1)
+    )
+    biased[:, : experts // 2] = float("-inf")  # a group mask: half the experts unusable
+    return biased
+
+
+@pytest.mark.parametrize("space", reference.SCORE_SPACES)
+@pytest.mark.parametrize("policy", reference.POLICIES)
+def test_route_scored_gives_k_distinct_usable_experts_and_exact_is_topk(space, policy):
+    scores = _scores(space)
+    pol = reference.RoutingPolicy(policy, alpha=1.0, beta=1.0, k0=2, budget=6)
+    values, ids = reference.route_scored_reference(scores, 4, space, pol)
+    assert all(len(set(row)) == 4 for row in ids.tolist())
+    assert torch.isfinite(values).all() and torch.equal(values, scores.gather(1, ids))
+    if policy == "exact":
+        expected = torch.topk(scores, 4, dim=-1)
+        assert torch.equal(ids, expected.indices) and torch.equal(values, expected.values)
+
+
+def test_route_scored_on_probabilities_bins_as_the_softmax_router_does():
+    """Space "prob" bins log p, i.e. the logits: the softmax router's AffinityBinning ids."""
+    logits = _scores("logit", tokens=33)
+    pol = reference.RoutingPolicy("affinity", alpha=1.0, beta=1.0)
+    _, ids = reference.route_scored_reference(logits.softmax(-1), 4, "prob", pol)
+    _, expected = reference.route_reference(logits, 4, pol, "renorm")
+    assert torch.equal(ids, expected)
+
+
+def test_route_scored_op_fake_impl_and_schema():
+    args = (_scores("score"), 4, "score", "affinity", 3.0, 2.0, 2, 16, -1)
+    torch.library.opcheck(torch.ops.lynx.route_scored.default, args)
