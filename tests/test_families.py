@@ -1,7 +1,8 @@
 """`backend="lynx"` over every transformers MoE family that builds as a tiny random block.
 
 The matrix: each family below x each experts implementation it supports ("eager",
-"grouped_mm", "batched_mm"; JetMoE and Switch Transformers have their own expert code).
+"grouped_mm", "batched_mm"; JetMoE, DBRX, LongCat, Llama-4 and Switch Transformers have
+no switch, only their own expert code, run as "eager").
 
     family             router                                   pattern reported
     mixtral            softmax -> top-k, renormalised           softmax_topk_renorm

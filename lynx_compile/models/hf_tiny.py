@@ -179,6 +179,7 @@ FAMILIES.update(
             "Llama4TextConfig",
             "Llama4TextMoe",
             dict(num_local_experts=16, num_experts_per_tok=1, intermediate_size=24),
+            implementations=("eager",),  # dense experts over all 16, no switch
         ),
         "granitemoe": Family(
             "granitemoe",
@@ -216,6 +217,7 @@ FAMILIES.update(
             "LongcatFlashConfig",
             "LongcatFlashMoE",
             dict(n_routed_experts=16, moe_topk=4, expert_ffn_hidden_size=24, zero_expert_num=0),
+            implementations=("eager",),  # its own expert loop, no switch
         ),
         "qwen2_moe": Family(
             "qwen2_moe",
@@ -271,6 +273,7 @@ FAMILIES.update(
                 n_heads=4,
                 ffn_config=dict(ffn_hidden_size=24, moe_num_experts=16, moe_top_k=4),
             ),
+            implementations=("eager",),  # its own expert loop, no switch
         ),
         # Built but not rewritten (max/argmax top-1 and top-2 with masks): they must compile
         # to eager's output and be reported as skipped.
