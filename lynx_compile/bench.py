@@ -10,13 +10,16 @@ Three suites, each a list of rows {suite, case, backend, device, metric, value, 
              any first compile in a process (imports, Inductor's CPU vector-ISA probe).
              Metrics: compile_s (cold), compile_warm_s, lynx_pass_s (the lynx passes' own
              time within the cold compile, from lynx_compile.backend.pass_seconds).
-  recompile  one compiled callable fed decode batches 1, 2, ..., 64 in turn: graphs compiled
-             (batch 1 is specialised, the rest share one dynamic graph) and the sweep's time.
-  runtime    median time of one call after warm-up: eager, inductor, lynx-exact
-             (options {"policy": "exact"}), lynx (default policy); distinct experts per MoE
-             layer per call (lynx's telemetry, from a separate compile so that its host syncs
-             stay out of the timings); on CUDA the achieved fraction of the bandwidth floor:
-             experts touched x bytes of one expert / measured device copy bandwidth.
+  recompile  one compiled callable fed decode batches 1, 2, ..., 64 in turn, from a fresh
+             cache: graphs_compiled (batch 1 is specialised, the rest can share one dynamic
+             graph) and sweep_s.
+  runtime    eager, inductor, lynx-exact (options {"policy": "exact"}) and lynx (default
+             policy), compiled side by side and timed in interleaved rounds, one synchronised
+             call at a time: ms (median) and ms_min; experts, distinct experts per MoE layer
+             per call (lynx's telemetry, from a separate compile: telemetry syncs and routes
+             through an opaque op, so it stays out of the timed graphs); on CUDA floor_ms and
+             floor_fraction, the bandwidth floor (experts touched x bytes of one expert /
+             measured device copy bandwidth) over the measured time.
 
 Cases: the embedded TinyMoE's decode step (whole model, one byte per sequence through the
 KV cache) and one of its MoE layers, on held-out prompts; tiny transformers MoE blocks
