@@ -102,7 +102,8 @@ def test_tiny_onnx_runs_in_onnxruntime_like_pytorch(runs, policy):
             assert np.abs(got - want).max() <= ONNX_RTOL * np.abs(want).max(), name
     report = json.loads((out / "report.json").read_text())
     assert report["onnx"]["onnxruntime_max_rel_error"] < ONNX_RTOL
-    assert [s["policy"] for s in report["sites"] if s["kind"] == "router"] == [policy]
+    routers = [s["policy"] for s in report["sites"] if s["kind"] == "router"]
+    assert routers and set(routers) == {policy}  # one site per MoE layer of the model
 
 
 def test_tiny_affinity_changes_the_exported_outputs(runs):
