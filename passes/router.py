@@ -196,13 +196,13 @@ def find_router_sites(gm: fx.GraphModule, graph_id: int) -> list[RouterSite]:
     return sites
 
 
-def rewrite_router(
-    gm: fx.GraphModule, site: RouterSite, config: LynxConfig, graph_id: int
-) -> tuple[fx.Node, fx.Node, dict]:
-    """Replace one router site by lynx::route; returns (weights, ids, report entry)."""
+def report_rewritten_router(site, config: LynxConfig, graph_id: int, **extra):
+    """Decode gating and the report entry every router rewrite shares: (policy, entry).
+
+    `site` is any matched router (softmax or scored) with logits, pattern, num_experts,
+    top_k and its topk node; `extra` adds kind-specific report fields."""
     decode = is_decode_step(site.logits)
     policy = config.routing_policy(bool(decode))
-    hidden_dim = router_hidden_dim(site.logits)
     entry = report_mod.add_site(
         kind="router",
         status="rewritten",
@@ -213,11 +213,25 @@ def rewrite_router(
         node=site.topk.name,
         policy=policy.name,
         decode=decode,
+        telemetry_on=config.telemetry,
+        **extra,
+    )
+    return policy, entry
+
+
+def rewrite_router(
+    gm: fx.GraphModule, site: RouterSite, config: LynxConfig, graph_id: int
+) -> tuple[fx.Node, fx.Node, dict]:
+    """Replace one router site by lynx::route; returns (weights, ids, report entry)."""
+    hidden_dim = router_hidden_dim(site.logits)
+    policy, entry = report_rewritten_router(
+        site,
+        config,
+        graph_id,
         weights=site.convention,
         # The report is plain data (report() deep-copies it): a symbolic size (dynamic=True
         # can leave d symbolic, e.g. Jamba) cannot be copied, so it is reported as unknown.
         hidden_dim=hidden_dim if isinstance(hidden_dim, int) else None,
-        telemetry_on=config.telemetry,
     )
     graph = gm.graph
     with graph.inserting_before(site.topk):

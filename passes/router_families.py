@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 from lynx_compile.passes import report as report_mod
 from lynx_compile.passes.fx_utils import arg, canonical_op, example_value, last_dim
-from lynx_compile.passes.router import is_decode_step
+from lynx_compile.passes.router import report_rewritten_router
 
 from lynx_compile.config import LynxConfig
 
@@ -348,21 +348,8 @@ def rewrite_scored_router(
     gm: fx.GraphModule, site: ScoredRouterSite, config: LynxConfig, graph_id: int
 ) -> tuple[fx.Node, fx.Node, dict]:
     """Replace one top-k by lynx::route_scored; returns (values, ids, report entry)."""
-    decode = is_decode_step(site.logits)
-    policy = config.routing_policy(bool(decode))
-    entry = report_mod.add_site(
-        kind="router",
-        status="rewritten",
-        reason=site.pattern,
-        num_experts=site.num_experts,
-        top_k=site.top_k,
-        graph=graph_id,
-        node=site.topk.name,
-        policy=policy.name,
-        decode=decode,
-        weights="model",
-        score_space=site.space,
-        telemetry_on=config.telemetry,
+    policy, entry = report_rewritten_router(
+        site, config, graph_id, weights="model", score_space=site.space
     )
     graph = gm.graph
     with graph.inserting_before(site.topk):
