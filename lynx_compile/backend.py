@@ -27,7 +27,11 @@ from lynx_compile.lowering import (  # noqa: F401  (register torch.ops.lynx.* an
 )
 from lynx_compile.passes import report as report_mod
 from lynx_compile.passes.dispatch import rewrite_dispatch
-from lynx_compile.passes.router import find_router_sites, rewrite_router
+from lynx_compile.passes.router import (
+    find_router_sites,
+    report_skipped_router,
+    rewrite_router,
+)
 from lynx_compile.passes.router_families import find_scored_router_sites, rewrite_scored_router
 
 log = logging.getLogger("lynx_compile")
@@ -52,15 +56,13 @@ def apply_lynx_passes(gm: fx.GraphModule, example_inputs, config: LynxConfig) ->
     scored = find_scored_router_sites(gm, graph_id, claimed={site.topk for site in sites})
     if (sites or scored) and _grad_needed(example_inputs):
         for site in sites + scored:
-            report_mod.add_site(
-                kind="router",
-                status="skipped",
-                reason="autograd is on: lynx rewrites inference graphs; run under "
+            report_skipped_router(
+                site.topk,
+                "autograd is on: lynx rewrites inference graphs; run under "
                 "torch.no_grad() or torch.inference_mode()",
-                num_experts=site.num_experts,
-                top_k=site.top_k,
-                graph=graph_id,
-                node=site.topk.name,
+                graph_id,
+                site.num_experts,
+                site.top_k,
             )
         sites, scored = [], []
     routed = [rewrite_router(gm, site, config, graph_id) for site in sites]

@@ -80,7 +80,8 @@ def _renorm_of(values: fx.Node) -> fx.Node | None:
     return divs[0]
 
 
-def _skip(topk: fx.Node, reason: str, graph_id: int, e=None, k=None) -> None:
+def report_skipped_router(topk: fx.Node, reason: str, graph_id: int, e=None, k=None) -> None:
+    """Record a router candidate left untouched, and why."""
     report_mod.add_site(
         kind="router",
         status="skipped",
@@ -103,22 +104,24 @@ def match_router(topk: fx.Node, graph_id: int) -> RouterSite | None:
     if canonical_op(src) != "softmax":
         return None  # passes/router_families.py matches or reports every other router
     if not isinstance(k, int):
-        _skip(topk, f"top-k count is not a constant int ({k!r})", graph_id, e)
+        report_skipped_router(topk, f"top-k count is not a constant int ({k!r})", graph_id, e)
         return None
     if src_val.dim() != 2:
-        _skip(
+        report_skipped_router(
             topk, f"router scores are {src_val.dim()}-D, expected [tokens, experts]", graph_id, e, k
         )
         return None
     if not last_dim(arg(topk, 2, "dim", -1), 2) or not arg(topk, 3, "largest", True):
-        _skip(topk, "top-k is not the largest-k over the expert dim", graph_id, e, k)
+        report_skipped_router(
+            topk, "top-k is not the largest-k over the expert dim", graph_id, e, k
+        )
         return None
     if not last_dim(arg(src, 1, "dim"), 2):
-        _skip(topk, "softmax is not over the expert dim", graph_id, e, k)
+        report_skipped_router(topk, "softmax is not over the expert dim", graph_id, e, k)
         return None
     values, ids, ok = _topk_outputs(topk)
     if not ok or ids is None:
-        _skip(topk, "top-k result used other than as (values, ids)", graph_id, e, k)
+        report_skipped_router(topk, "top-k result used other than as (values, ids)", graph_id, e, k)
         return None
     weights_out, convention = values, "mass"
     if values is not None and (div := _renorm_of(values)) is not None:

@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from lynx_compile.passes import report as report_mod
 from lynx_compile.passes.fx_utils import arg, canonical_op, example_value, last_dim
-from lynx_compile.passes.router import report_rewritten_router
+from lynx_compile.passes.router import report_rewritten_router, report_skipped_router
 
 from lynx_compile.config import LynxConfig
 
@@ -235,12 +234,12 @@ def match_scored_router(topk: fx.Node, graph_id: int) -> ScoredRouterSite | None
         return None  # passes/router.py reported it
     if problem is not None:
         if _derives_from_linear(scores):
-            _skip(topk, problem, graph_id, e, k if isinstance(k, int) else None)
+            report_skipped_router(topk, problem, graph_id, e, k if isinstance(k, int) else None)
         return None
     trace = _trace_scores(scores, e)
     if isinstance(trace, str):
         if _derives_from_linear(scores):
-            _skip(topk, trace, graph_id, e, k)
+            report_skipped_router(topk, trace, graph_id, e, k)
         return None
     inner = _group_topks(trace.mask, trace.logits) if trace.mask is not None else set()
     pattern, space = _pattern_and_space(trace, grouped=bool(inner))
@@ -251,7 +250,9 @@ def match_scored_router(topk: fx.Node, graph_id: int) -> ScoredRouterSite | None
         else:
             ids = user
     if ids is None:
-        _skip(topk, "top-k ids are unused: nothing routes on this top-k", graph_id, e, k)
+        report_skipped_router(
+            topk, "top-k ids are unused: nothing routes on this top-k", graph_id, e, k
+        )
         return None
     return ScoredRouterSite(
         topk=topk,
@@ -265,18 +266,6 @@ def match_scored_router(topk: fx.Node, graph_id: int) -> ScoredRouterSite | None
         top_k=k,
         masked_fill=trace.mask if trace.mask is scores else None,
         inner_topks=inner,
-    )
-
-
-def _skip(node: fx.Node, reason: str, graph_id: int, e=None, k=None) -> None:
-    report_mod.add_site(
-        kind="router",
-        status="skipped",
-        reason=reason,
-        num_experts=e,
-        top_k=k,
-        graph=graph_id,
-        node=node.name,
     )
 
 
@@ -299,7 +288,7 @@ def _report_max_routers(gm: fx.GraphModule, graph_id: int) -> None:
         if not isinstance(experts, int) or experts == 1:
             continue
         if _derives_from_linear(src) and _feeds_selection(node):
-            _skip(
+            report_skipped_router(
                 node,
                 "top-1 by max/argmax (Switch Transformers capacity routing, PhiMoE "
                 "sparsemixer) is not rewritten: its weights depend on masks lynx does not "
