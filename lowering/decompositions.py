@@ -1,36 +1,66 @@
-"""Inductor decompositions of the lynx ops for CPU tensors: the C++ path.
+"""Inductor decompositions of the lynx ops: the CPU path.
 
-On CPU an opaque custom op costs a Python call per op per layer, which at decode sizes is
-more than the work itself. Decomposed into plain aten ops, routing and the sparse experts
-are traced into the graph and compiled by Inductor's C++ codegen with everything around
-them. Each decomposition computes what the op's reference computes (tests check it).
+On CPU tensors:
+- lynx::route traces the model's softmax, top-k and weights into Inductor's C++ graph; the
+  batch-aware part of AffinityBinning (ranking, kept set, remap) is one call of the native
+  kernel lynx::affinity_ids_cpu (lowering/cpu_native.py), which replaces ~20 small traced
+  kernels and four sorts per layer. oea and static are traced whole.
+- lynx::experts / lynx::experts_split become one call of lynx::experts_cpu, whose work and
+  weight reads follow the experts touched (what AffinityBinning reduces).
+Where the native library cannot be built, or for dtypes it does not take, everything is
+traced (route: the reference; experts: the static-shape gathered form). Each decomposition
+computes what the op's reference computes (tests check it).
+
 On CUDA the passes emit the Triton ops (lynx::route_triton, lynx::experts_triton), which
-have no decomposition; where no Triton kernel fits, these decompositions are traced there
-too (static shapes, so still CUDA-graph safe). Routing with telemetry emits
+have no decomposition; where no Triton kernel fits, these decompositions trace the plain
+forms there too (static shapes, so still CUDA-graph safe). Routing with telemetry emits
 lynx::route_recorded, which stays opaque so its Python kernel can record.
 """
 
 from __future__ import annotations
 
 import torch
-from lynx_compile.lowering import cpu_kernels, ops, reference  # noqa: F401  (ops first)
+from lynx_compile.lowering import cpu_kernels, cpu_native, ops, reference  # noqa: F401
 from torch._inductor.decomposition import register_decomposition
 
 
 @register_decomposition(torch.ops.lynx.route.default)
 def route_cpu(logits, top_k, policy, alpha, beta, k0, budget, weights, telemetry_site):
-    """lynx::route: the reference, traced."""
+    """lynx::route: the reference traced, its AffinityBinning step native on CPU."""
     policy = reference.RoutingPolicy(policy, alpha, beta, k0, budget)
-    return reference.route_reference(logits, top_k, policy, weights)
+    native = _native(logits) and logits.dtype in cpu_native.ROUTE_DTYPES
+    affinity = torch.ops.lynx.affinity_ids_cpu.default if native else None
+    return reference.route_reference(logits, top_k, policy, weights, affinity=affinity)
+
+
+def _native(*tensors) -> bool:
+    """Whether the native CPU kernels take these tensors (all on CPU, library built)."""
+    return all(t.device.type == "cpu" for t in tensors) and cpu_native.available()
+
+
+def _native_experts(x, *weights) -> bool:
+    return (
+        _native(x)
+        and x.dtype in cpu_native.WEIGHT_DTYPES
+        and all(w.dtype == x.dtype for w in weights)
+    )
 
 
 @register_decomposition(torch.ops.lynx.experts.default)
 def experts_cpu(x, ids, weights, w_up, w_down, activation, gated):
-    """lynx::experts: the static-shape gathered form, traced."""
+    """lynx::experts: the native kernel on CPU, else the static-shape gathered form, traced."""
+    if _native_experts(x, w_up, w_down):
+        return torch.ops.lynx.experts_cpu.default(
+            x, ids, weights, w_up, None, w_down, activation, gated
+        )
     return cpu_kernels.experts_gathered(x, ids, weights, w_up, w_down, activation, gated)
 
 
 @register_decomposition(torch.ops.lynx.experts_split.default)
 def experts_split_cpu(x, ids, weights, w_gate, w_up, w_down, activation):
-    """lynx::experts_split: the static-shape gathered form, traced."""
+    """lynx::experts_split: the native kernel on CPU, else the gathered form, traced."""
+    if _native_experts(x, w_gate, w_up, w_down):
+        return torch.ops.lynx.experts_cpu.default(
+            x, ids, weights, w_up, w_gate, w_down, activation, True
+        )
     return cpu_kernels.experts_gathered(x, ids, weights, w_up, w_down, activation, True, w_gate)

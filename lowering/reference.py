@@ -142,12 +142,14 @@ def route_reference(
     top_k: int,
     policy: RoutingPolicy = RoutingPolicy(),
     weights: str = "renorm",
+    affinity=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route N tokens: logits [N, E] -> (weights [N, k] in logits' dtype, ids int64 [N, k]).
 
     The scores are softmax(logits) computed in logits' dtype, as the model computes them.
     Rows with NaN or an infinite maximum keep the exact routing (the model's own result,
-    however non-finite) and do not vote in batch-aware policies.
+    however non-finite) and do not vote in batch-aware policies. `affinity` replaces
+    affinity_ids (same signature and results; the CPU lowering passes its native kernel).
     """
     _check_logits(logits, top_k)
     if policy.name not in POLICIES:
@@ -156,19 +158,71 @@ def route_reference(
         raise ValueError(f"unknown weight convention {weights!r}; valid: {WEIGHT_CONVENTIONS}")
     probs = torch.softmax(logits, dim=-1)
     exact_vals, exact_ids = torch.topk(probs, top_k, dim=-1)
+    exact_weights = exact_vals
+    if weights == "renorm":
+        exact_weights = exact_vals / exact_vals.sum(dim=1, keepdim=True)
     if policy.name == "exact" or logits.shape[0] == 0:
-        if weights == "renorm":
-            exact_vals = exact_vals / exact_vals.sum(dim=-1, keepdim=True)
-        return exact_vals, exact_ids
+        return exact_weights, exact_ids
 
-    valid = _finite_rows(logits)  # [N]
-    num_experts = logits.shape[1]
     if policy.name == "affinity":
-        q = affinity_bins(logits, policy.alpha, policy.beta)
-        pop = popularity_key(q, valid, policy.beta)
-        chosen = _stable_rank([q, pop, probs])[:, :top_k]
-        kept_ids = chosen
-    elif policy.name == "oea":
+        ids, same = (affinity or affinity_ids)(logits, probs, exact_ids, policy.alpha, policy.beta)
+    else:
+        ids, same = _kept_set_ids(logits, probs, exact_ids, policy)
+    # Tokens whose experts did not change keep the model's weights bit for bit.
+    moved = _weights(probs, ids, exact_vals.sum(dim=1, keepdim=True), weights)
+    return torch.where(same, exact_weights, moved), ids
+
+
+def affinity_ids(
+    logits: torch.Tensor,
+    probs: torch.Tensor,
+    exact_ids: torch.Tensor,
+    alpha: float,
+    beta: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AffinityBinning's experts: (ids int64 [N, k], same bool [N, 1]).
+
+    logits, probs [N, E]; exact_ids [N, k] the model's top-k. Each valid token ranks its
+    experts by (bin, popularity, probability, lower index); the batch keeps the union of
+    their top-k; each token then takes its top-k by probability among the kept experts.
+    `same` marks tokens whose expert set did not change: they keep exact_ids as they are.
+    """
+    valid = _finite_rows(logits)  # [N]
+    top_k = exact_ids.shape[1]
+    q = affinity_bins(logits, alpha, beta)
+    pop = popularity_key(q, valid, beta)
+    chosen = _stable_rank([q, pop, probs])[:, :top_k]
+    kept = _kept_union(chosen, valid, logits.shape[1])
+    # Every token's chosen set is in K and |K| >= k: one sort by the masked probabilities.
+    masked = torch.where(kept, probs, -1.0)
+    ids = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :top_k]
+    return _keep_exact_rows(ids, valid, exact_ids, logits.shape[1])
+
+
+def _kept_union(kept_ids: torch.Tensor, valid: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The batch's kept set K, union of the valid tokens' kept_ids: bool [N, E] (rows equal)."""
+    kept = torch.zeros(kept_ids.shape[0], num_experts, dtype=torch.bool, device=kept_ids.device)
+    kept = kept.scatter(1, kept_ids, valid[:, None].expand_as(kept_ids))
+    return kept.any(dim=0, keepdim=True).expand_as(kept)
+
+
+def _keep_exact_rows(
+    ids: torch.Tensor, valid: torch.Tensor, exact_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Invalid rows and rows whose expert set is unchanged take exact_ids: (ids, same [N, 1])."""
+    ids = torch.where(valid[:, None], ids, exact_ids)
+    same = (_row_sets(ids, num_experts) == _row_sets(exact_ids, num_experts)).all(1, keepdim=True)
+    return torch.where(same, exact_ids, ids), same
+
+
+def _kept_set_ids(
+    logits: torch.Tensor, probs: torch.Tensor, exact_ids: torch.Tensor, policy: RoutingPolicy
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """oea and static: (ids int64 [N, k], same bool [N, 1]), as affinity_ids for its policy."""
+    valid = _finite_rows(logits)  # [N]
+    top_k = exact_ids.shape[1]
+    num_experts = logits.shape[1]
+    if policy.name == "oea":
         # Own top-k0 under the same tie rule as the remap (torch.topk's tie order is unspecified).
         kept_ids = _stable_rank([probs])[:, : min(policy.k0, top_k)]
     else:  # static
@@ -176,24 +230,9 @@ def route_reference(
         budget = min(max(policy.budget, top_k), num_experts)
         top_experts = _stable_rank([totals[None, :]])[0, :budget]
         kept_ids = top_experts.expand(logits.shape[0], budget)
-
-    kept = torch.zeros(logits.shape[0], num_experts, dtype=torch.bool, device=logits.device)
-    kept = kept.scatter(1, kept_ids, valid[:, None].expand_as(kept_ids))
-    kept = kept.any(dim=0, keepdim=True).expand_as(kept)  # the batch's kept set K
-    if policy.name == "affinity":  # every token's chosen set is in K and |K| >= k: one sort
-        masked = torch.where(kept, probs, -1.0)
-        ids = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :top_k]
-    else:
-        ids = _final_from_kept(probs, kept, top_k)
-    ids = torch.where(valid[:, None], ids, exact_ids)
-    exact_weights = exact_vals
-    if weights == "renorm":
-        exact_weights = exact_vals / exact_vals.sum(dim=1, keepdim=True)
-    # Tokens whose experts did not change keep the model's weights bit for bit.
-    same = (_row_sets(ids, num_experts) == _row_sets(exact_ids, num_experts)).all(1, keepdim=True)
-    ids = torch.where(same, exact_ids, ids)
-    moved = _weights(probs, ids, exact_vals.sum(dim=1, keepdim=True), weights)
-    return torch.where(same, exact_weights, moved), ids
+    kept = _kept_union(kept_ids, valid, num_experts)
+    ids = _final_from_kept(probs, kept, top_k)
+    return _keep_exact_rows(ids, valid, exact_ids, num_experts)
 
 
 def distinct_experts(ids: torch.Tensor) -> int:

@@ -97,7 +97,7 @@ class LynxCacheSalt(CustomGraphPass):
 @functools.cache
 def _source_hash() -> str:
     roots = [Path(lowering_pkg.__file__).parent, Path(passes_pkg.__file__).parent]
-    files = sorted(str(f) for root in roots for f in root.glob("*.py"))
+    files = sorted(str(f) for root in roots for pat in ("*.py", "*.c") for f in root.glob(pat))
     return get_hash_for_files(tuple(files)).hex()
 
 

@@ -32,10 +32,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +58,7 @@ from lynx_compile.demo import (
     ticking,
     warm_up_compiler,
 )
+from lynx_compile.lowering import cpu_native
 from lynx_compile.models import hf_tiny
 from lynx_compile.models.tiny_moe import DEFAULT_CHECKPOINT
 
@@ -176,15 +179,23 @@ def hf_block_case(family: str, device: torch.device) -> Case:
 
 def time_calls(fn: Callable, args: tuple, device: torch.device, calls: int) -> list[float]:
     """Wall time of each of `calls` calls of fn(*args) in ms, synchronised per call (decode
-    is latency-bound: one call's latency is what a server waits for)."""
+    is latency-bound: one call's latency is what a server waits for). Python's cyclic GC is
+    paused while timing, as servers pause or freeze it on the decode path: a collection
+    would land on whichever backend happens to run when the allocation count trips it."""
     times = []
-    with torch.no_grad():
-        for _ in range(calls):
-            synchronize(device)
-            start = time.perf_counter()
-            fn(*args)
-            synchronize(device)
-            times.append(1e3 * (time.perf_counter() - start))
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.no_grad():
+            for _ in range(calls):
+                synchronize(device)
+                start = time.perf_counter()
+                fn(*args)
+                synchronize(device)
+                times.append(1e3 * (time.perf_counter() - start))
+    finally:
+        if gc_was_on:
+            gc.enable()
     return times
 
 
@@ -401,6 +412,18 @@ def source_version() -> str | None:
     return proc.stdout.strip() or None
 
 
+def native_build_seconds() -> float | None:
+    """Seconds to build lowering/lynx_cpu.c from scratch (into a throw-away directory; the
+    real build is cached per machine, so compiles never pay it again): None if it fails."""
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        try:
+            cpu_native.build(Path(tmp))
+        except (OSError, RuntimeError):
+            return None
+        return time.perf_counter() - start
+
+
 def run_experiment(config: BenchConfig) -> dict:
     """Every suite of one configuration: {"meta": ..., "rows": [...], "sweeps": {...}}."""
     device = pick_device(config.device)
@@ -422,6 +445,9 @@ def run_experiment(config: BenchConfig) -> dict:
         "cold_cache": "torch._inductor.utils.fresh_cache() + torch._dynamo.reset() per compile",
     }
     rows = Rows(str(device))
+    if device.type == "cpu":
+        with ticking("one-off build of the native CPU kernels"):
+            meta["native_build_s"] = native_build_seconds()
     with ticking("warm-up compile (imports, ISA probe)"):
         meta["warm_up_s"] = warm_up_compiler(device)
     tiny = tiny_moe_cases(config, device)
@@ -601,6 +627,19 @@ def plot(result: dict, out: Path) -> list[Path]:
     return paths
 
 
+def native_line(meta: dict) -> str:
+    """The results.md line on the one-off build of the native CPU kernels."""
+    if meta["device"] != "cpu":
+        return "CUDA: the lynx ops run as Triton kernels (no native CPU build involved)."
+    seconds = meta.get("native_build_s")
+    if seconds is None:
+        return "The native CPU kernels did not build here: lynx ran its traced CPU fallback."
+    return (
+        f"The native CPU kernels (lowering/lynx_cpu.c) build once per machine in {seconds:.1f} s "
+        "and are cached outside Inductor's cache, so the compile times above do not include it."
+    )
+
+
 def write_results(result: dict, out: Path) -> list[Path]:
     """OUT/results.json, OUT/results.md and the plots; returns the paths written."""
     out.mkdir(parents=True, exist_ok=True)
@@ -618,6 +657,7 @@ def write_results(result: dict, out: Path) -> list[Path]:
         f"{meta['load_avg_end'][0]:.1f} (above the CPU count means other work shared the CPUs "
         "and timings are noisy).",
         f"Cold cache: {meta['cold_cache']}; a {meta['warm_up_s']:.1f} s warm-up compile ran first.",
+        native_line(meta),
         "",
         format_tables(result),
         "",

@@ -77,6 +77,12 @@ def experts_split_decomposed(x, ids, weights, w_gate, w_up, w_down, activation):
     return _dense_experts(x, ids, weights, w_gate, w_up, w_down, activation, True)
 
 
+def experts_cpu_decomposed(x, ids, weights, w_up, w_gate, w_down, activation, gated):
+    """lynx::experts_cpu (what the CPU lowering calls in place of lynx::experts and
+    lynx::experts_split; w_gate None or [E, I, d]) without data-dependent shapes."""
+    return _dense_experts(x, ids, weights, w_gate, w_up, w_down, activation, gated)
+
+
 # The ops the pass emits for CUDA tensors: same signatures and results as their
 # device-neutral op, so an export (which runs anywhere) writes the neutral one.
 DEVICE_NEUTRAL = {"route_triton": "route", "route_recorded": "route", "experts_triton": "experts"}
@@ -87,6 +93,10 @@ DECOMPOSITIONS = {
     "route_scored": route_scored_decomposed,
     "experts": experts_decomposed,
     "experts_split": experts_split_decomposed,
+    # Emitted by the CPU lowering inside Inductor, so never seen by export; here so that
+    # graphs captured after lowering (or written by hand) still convert.
+    "affinity_ids_cpu": reference.affinity_ids,
+    "experts_cpu": experts_cpu_decomposed,
 }
 DECOMPOSITIONS.update({fast: DECOMPOSITIONS[neutral] for fast, neutral in DEVICE_NEUTRAL.items()})
 

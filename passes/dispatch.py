@@ -139,7 +139,11 @@ def find_region(
         if not _same_size(val.shape[1], hidden_dim):
             continue
         region = {n for n in slice_ if order[n] <= order[out]}
-        if not (set(weights.users) | set(ids.users)) <= region or not _is_closed(region, out):
+        # The dispatch reads both routing outputs; they may have other users too (a module
+        # that also returns its ids for an auxiliary loss): those keep reading them.
+        if not (set(weights.users) & region and set(ids.users) & region):
+            continue
+        if not _is_closed(region, out):
             continue
         _grow_backwards(region, protected)
         return out, region, _external_inputs(region, order)

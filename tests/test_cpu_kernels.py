@@ -51,8 +51,9 @@ def test_grouped_kernel_takes_transposed_weight_views_and_empty_batches():
     assert empty.shape == (0, 16)
 
 
-def test_cpu_compiles_lynx_ops_into_the_graph_and_telemetry_keeps_the_op():
-    """On CPU Inductor inlines routing and experts (C++ path); telemetry keeps lynx::route."""
+def test_cpu_graph_calls_the_native_kernels_and_telemetry_keeps_the_route_op():
+    """On CPU the compiled graph traces softmax/top-k and calls the two native kernels
+    (lynx::affinity_ids_cpu, lynx::experts_cpu); telemetry keeps the opaque routing op."""
     from torch._inductor.utils import run_and_get_code
 
     import lynx_compile
@@ -60,12 +61,15 @@ def test_cpu_compiles_lynx_ops_into_the_graph_and_telemetry_keeps_the_op():
 
     block = hf_tiny.build_block("qwen3_moe", "grouped_mm")
     x = torch.randn(5, 1, 32)
-    for telemetry, expect_route in ((False, False), (True, True)):
+    for telemetry in (False, True):
         torch._dynamo.reset()
         model = torch.compile(block, backend="lynx", options={"telemetry": telemetry})
         with torch.no_grad():
             _, code = run_and_get_code(model, x)
         source = "\n".join(code)
-        assert ("torch.ops.lynx.route" in source) == expect_route
-        assert "torch.ops.lynx.experts" not in source
+        assert ("torch.ops.lynx.route_recorded.default" in source) == telemetry
+        assert ("torch.ops.lynx.affinity_ids_cpu.default" in source) != telemetry
+        assert "torch.ops.lynx.experts_cpu.default" in source
+        assert "torch.ops.lynx.route.default" not in source
+        assert "torch.ops.lynx.experts.default" not in source
     assert lynx_compile.report()["sites"]

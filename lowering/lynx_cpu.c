@@ -1,0 +1,395 @@
+/* The CPU kernels of lynx_compile: AffinityBinning selection and the sparse experts.
+ *
+ * Plain C, built once per machine by lowering/cpu_native.py and called through ctypes.
+ * Each function computes what its reference in lowering/reference.py computes (tests
+ * check equality of ids and closeness of outputs); see that file for the specification.
+ *
+ * Both are single-threaded: at decode sizes one layer's work is a few microseconds of
+ * arithmetic over weights read once per touched expert.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MIN_BIN (-(1LL << 30))
+
+/* ------------------------------------------------------------ AffinityBinning ids */
+
+/* Is candidate a (bin qa, popularity pa, prob fa, index ia) preferred to b? Branch-free. */
+static inline int better(int64_t qa, int64_t pa, float fa, int64_t ia,
+                         int64_t qb, int64_t pb, float fb, int64_t ib) {
+  return (qa > qb) | ((qa == qb) & ((pa > pb) | ((pa == pb) & ((fa > fb) | ((fa == fb) & (ia < ib))))));
+}
+
+/* Integer power without overflow checks (callers keep b**p <= 2**62). */
+static inline int64_t ipow(int64_t b, int64_t p) {
+  int64_t r = 1;
+  while (p-- > 0) r *= b;
+  return r;
+}
+
+/* Affinity routing for n tokens over e experts (reference.route_reference, policy
+ * "affinity", everything after the softmax and the model's top-k):
+ *   logits, probs  [n, e] float32 (exact conversions of the model's dtype)
+ *   exact_ids      [n, k] int64, the model's own top-k
+ *   ids (out)      [n, k] int64, final experts (exact_ids where the set is unchanged)
+ *   same (out)     [n] uint8, 1 where the token keeps its exact experts
+ *   beta < 0 means no floor on the bins.
+ * Returns the number of experts in the batch's kept set, or -1 when out of memory.
+ */
+int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t *exact_ids,
+                          int64_t n, int64_t e, int64_t k, double alpha, double beta,
+                          int64_t *ids, uint8_t *same) {
+  size_t words = (size_t)(2 * n * e + e), bytes = (size_t)(2 * e + n);
+  int64_t *q = malloc(words * sizeof(int64_t) + bytes);
+  if (!q) return -1;
+  int64_t *pop = q + n * e, *total = pop + n * e;
+  uint8_t *kept = (uint8_t *)(total + e), *taken = kept + e, *valid = taken + e;
+  int64_t floor_q = beta < 0 ? MIN_BIN : -(int64_t)floor(beta);
+  for (int64_t t = 0; t < n; ++t) {
+    const float *row = logits + t * e;
+    /* Rows that may be remapped: finite maximum, no NaN. */
+    float mx = -INFINITY;
+    int nan = 0;
+    for (int64_t j = 0; j < e; ++j) {
+      nan |= isnan(row[j]);
+      mx = row[j] > mx ? row[j] : mx;
+    }
+    valid[t] = !nan && isfinite(mx);
+    /* Affinity bins q = ceil(alpha * (L - max)) in double, floored at -floor(beta). */
+    for (int64_t j = 0; j < e; ++j) {
+      int64_t v = 0;
+      if (valid[t]) {
+        double c = ceil(alpha * ((double)row[j] - (double)mx));
+        c = c < (double)MIN_BIN ? (double)MIN_BIN : (c > 0.0 ? 0.0 : c); /* -inf: MIN_BIN */
+        v = (int64_t)c;
+        v = v < floor_q ? floor_q : v;
+      }
+      q[t * e + j] = v;
+    }
+  }
+  /* Popularity key (reference.popularity_key): the other tokens' votes as a base-B numeral,
+   * one digit per bin: a vote in bin depth p is worth B**(bins-1-p), none below `bins`. */
+  int64_t batch = n, bins = 1;
+  if (batch > 1) {
+    bins = (int64_t)floor(62.0 / log2((double)batch));
+    bins = bins < 1 ? 1 : bins;
+  }
+  if (beta >= 0 && bins > (int64_t)floor(beta) + 1) bins = (int64_t)floor(beta) + 1;
+  int64_t place[64];
+  for (int64_t p = 0; p < bins && p < 64; ++p) place[p] = ipow(batch, bins - 1 - p);
+  memset(total, 0, sizeof(int64_t) * (size_t)e);
+  for (int64_t t = 0; t < n; ++t) {
+    if (!valid[t]) continue;
+    for (int64_t j = 0; j < e; ++j) {
+      int64_t depth = -q[t * e + j];
+      if (depth < bins) total[j] += place[depth];
+    }
+  }
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t j = 0; j < e; ++j) {
+      int64_t depth = -q[t * e + j];
+      int64_t own = valid[t] && depth < bins ? place[depth] : 0;
+      pop[t * e + j] = total[j] - own;
+    }
+  /* Kept set: union over valid tokens of their top-k by (q, pop, prob, lower index). One
+   * pass per token keeps its best k so far, best first (insertion: most experts fail the
+   * first comparison with the current k-th). */
+  memset(kept, 0, (size_t)e);
+  for (int64_t t = 0; t < n; ++t) {
+    if (!valid[t]) continue;
+    const int64_t *qt = q + t * e, *pt = pop + t * e;
+    const float *ft = probs + t * e;
+    int64_t *top = ids + t * k, have = 0; /* the output row is free scratch until the remap */
+    for (int64_t j = 0; j < e; ++j) {
+      if (have == k) {
+        int64_t w = top[k - 1];
+        if (!better(qt[j], pt[j], ft[j], j, qt[w], pt[w], ft[w], w)) continue;
+        --have;
+      }
+      int64_t pos = have++;
+      while (pos > 0) {
+        int64_t w = top[pos - 1];
+        if (!better(qt[j], pt[j], ft[j], j, qt[w], pt[w], ft[w], w)) break;
+        top[pos] = w;
+        --pos;
+      }
+      top[pos] = j;
+    }
+    for (int64_t s = 0; s < k; ++s) kept[top[s]] = 1;
+  }
+  int64_t kept_count = 0;
+  for (int64_t j = 0; j < e; ++j) kept_count += kept[j];
+  /* Final experts: each valid token's top-k by probability among the kept set. */
+  for (int64_t t = 0; t < n; ++t) {
+    int64_t *out = ids + t * k;
+    const int64_t *ex = exact_ids + t * k;
+    if (!valid[t]) {
+      memcpy(out, ex, sizeof(int64_t) * (size_t)k);
+      same[t] = 1;
+      continue;
+    }
+    const float *ft = probs + t * e;
+    int64_t have = 0; /* top-k by (prob, lower index) among the kept experts, by insertion */
+    for (int64_t j = 0; j < e; ++j) {
+      if (!kept[j]) continue;
+      if (have == k) {
+        if (!(ft[j] > ft[out[k - 1]])) continue;
+        --have;
+      }
+      int64_t pos = have++;
+      while (pos > 0 && ft[j] > ft[out[pos - 1]]) {
+        out[pos] = out[pos - 1];
+        --pos;
+      }
+      out[pos] = j;
+    }
+    /* Same expert set as the model's top-k: keep its ids (and order) bit for bit. */
+    memset(taken, 0, (size_t)e);
+    for (int64_t s = 0; s < k; ++s) taken[out[s]] = 1;
+    int is_same = 1;
+    for (int64_t s = 0; s < k; ++s) is_same &= taken[ex[s]];
+    same[t] = (uint8_t)is_same;
+    if (is_same) memcpy(out, ex, sizeof(int64_t) * (size_t)k);
+  }
+  free(q);
+  return kept_count;
+}
+
+/* ------------------------------------------------------------------ sparse experts */
+
+enum { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3 };
+
+static inline float act_fn(float v, int act) {
+  switch (act) {
+    case ACT_SILU: return v / (1.0f + expf(-v));
+    case ACT_GELU: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case ACT_GELU_TANH: {
+      float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);
+      return 0.5f * v * (1.0f + tanhf(inner));
+    }
+    default: return v > 0.0f ? v : 0.0f;
+  }
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+static inline float round_bf16(float f) { /* round to nearest even, as torch does */
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  if (isnan(f)) return f;
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  u &= 0xFFFF0000u;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+/* 8-float vectors (GCC/Clang vector extensions: AVX2 or AVX-512 under -march=native,
+ * plain SSE or scalar code elsewhere). aligned(4): loads from any float address. */
+typedef float vf __attribute__((vector_size(32), aligned(4)));
+typedef uint16_t vh __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(32)));
+#define VL 8
+
+static inline __attribute__((always_inline)) vf load_w(const void *w, int64_t off, int dt) {
+  if (dt == 0) return *(const vf *)((const float *)w + off);
+  vu bits = __builtin_convertvector(*(const vh *)((const uint16_t *)w + off), vu) << 16;
+  vf f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+static inline float load_w1(const void *w, int64_t off, int dt) {
+  return dt == 0 ? ((const float *)w)[off] : bf16_to_f32(((const uint16_t *)w)[off]);
+}
+
+#if defined(__clang__)
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int32_t vi __attribute__((vector_size(32)));
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
+#endif
+
+/* The 8 lane sums of a0..a7 as one vector, [sum a0, sum a2, sum a1, sum a3, sum a4,
+ * sum a6, sum a5, sum a7] (callers pass their accumulators in that order to get them in
+ * order): a transpose-and-add tree, 14 shuffles and 7 adds for 8 dot products. */
+static inline __attribute__((always_inline)) vf reduce8(vf a0, vf a1, vf a2, vf a3, vf a4,
+                                                        vf a5, vf a6, vf a7) {
+  vf t0 = SHUF(a0, a1, 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(a0, a1, 4, 5, 6, 7, 12, 13, 14, 15);
+  vf t1 = SHUF(a2, a3, 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(a2, a3, 4, 5, 6, 7, 12, 13, 14, 15);
+  vf t2 = SHUF(a4, a5, 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(a4, a5, 4, 5, 6, 7, 12, 13, 14, 15);
+  vf t3 = SHUF(a6, a7, 0, 1, 2, 3, 8, 9, 10, 11) + SHUF(a6, a7, 4, 5, 6, 7, 12, 13, 14, 15);
+  vf u0 = SHUF(t0, t1, 0, 1, 8, 9, 4, 5, 12, 13) + SHUF(t0, t1, 2, 3, 10, 11, 6, 7, 14, 15);
+  vf u1 = SHUF(t2, t3, 0, 1, 8, 9, 4, 5, 12, 13) + SHUF(t2, t3, 2, 3, 10, 11, 6, 7, 14, 15);
+  return SHUF(u0, u1, 0, 2, 4, 6, 8, 10, 12, 14) + SHUF(u0, u1, 1, 3, 5, 7, 9, 11, 13, 15);
+}
+
+static inline float hsum(vf v) {
+  float s = 0.0f;
+  for (int l = 0; l < VL; ++l) s += v[l];
+  return s;
+}
+
+/* res[t * RB + r] = dot(x[t], w[r0 + r]) for TB tokens and RB (8 or 1) weight rows of
+ * length len: each weight vector is loaded once for all TB tokens, with TB*RB vector
+ * accumulators. Always inlined with constant TB and RB so they stay in registers. */
+static inline __attribute__((always_inline)) void block(const int TB, const int RB,
+                                                        const float *const *x, const void *w,
+                                                        int64_t r0, int64_t len, int dt,
+                                                        float *res) {
+  vf acc[3][8];
+  for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < RB; ++r) acc[t][r] = (vf){0};
+  int64_t c = 0;
+  for (; c + VL <= len; c += VL) {
+    vf xv[3];
+    for (int t = 0; t < TB; ++t) xv[t] = *(const vf *)(x[t] + c);
+    for (int r = 0; r < RB; ++r) {
+      vf wv = load_w(w, (r0 + r) * len + c, dt);
+      for (int t = 0; t < TB; ++t) acc[t][r] += xv[t] * wv;
+    }
+  }
+  for (int t = 0; t < TB; ++t) {
+    if (RB == 8) {
+      vf *a = acc[t];
+      vf sums = reduce8(a[0], a[2], a[1], a[3], a[4], a[6], a[5], a[7]);
+      memcpy(res + t * RB, &sums, sizeof sums);
+    } else {
+      for (int r = 0; r < RB; ++r) res[t * RB + r] = hsum(acc[t][r]);
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int64_t cc = c; cc < len; ++cc)
+        res[t * RB + r] += x[t][cc] * load_w1(w, (r0 + r) * len + cc, dt);
+  }
+}
+
+/* y[t * rows + r] = dot(x[t], w[r]) for m tokens and all rows of w [rows, len]: the weight
+ * matrix is streamed once (8 rows at a time, kept in L1 while every token uses them). */
+static inline __attribute__((always_inline)) void matmul_rows_dt(
+    const float *const *x, int64_t m, const void *w, int64_t rows, int64_t len, int dt,
+    float *y) {
+  float res[24];
+  for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+    int full = r0 + 8 <= rows;
+    for (int64_t t0 = 0; t0 < m; t0 += 3) {
+      int64_t tb = m - t0 < 3 ? m - t0 : 3;
+      const float *const *xt = x + t0;
+      int rb = full ? 8 : 1;
+      for (int64_t r = r0; r < (full ? r0 + 8 : rows); r += rb) {
+        switch (tb * 16 + rb) {
+          case 3 * 16 + 8: block(3, 8, xt, w, r, len, dt, res); break;
+          case 2 * 16 + 8: block(2, 8, xt, w, r, len, dt, res); break;
+          case 1 * 16 + 8: block(1, 8, xt, w, r, len, dt, res); break;
+          case 3 * 16 + 1: block(3, 1, xt, w, r, len, dt, res); break;
+          case 2 * 16 + 1: block(2, 1, xt, w, r, len, dt, res); break;
+          default: block(1, 1, xt, w, r, len, dt, res); break;
+        }
+        for (int64_t t = 0; t < tb; ++t)
+          for (int rr = 0; rr < rb; ++rr) y[(t0 + t) * rows + r + rr] = res[t * rb + rr];
+      }
+    }
+  }
+}
+
+/* matmul_rows_dt compiled once per weight dtype (dt a constant in each copy). */
+static void matmul_rows(const float *const *x, int64_t m, const void *w, int64_t rows,
+                        int64_t len, int dt, float *y) {
+  if (dt == 0) matmul_rows_dt(x, m, w, rows, len, 0, y);
+  else matmul_rows_dt(x, m, w, rows, len, 1, y);
+}
+
+/* Sparse experts (reference.experts_general_reference) for n tokens of width d:
+ *   x        [n, d] float32 (bf16 inputs are widened by the caller)
+ *   ids      [n, k] int64 in [0, e); weights [n, k] float32
+ *   w_up     [e, u, d]; w_gate [e, i, d] or NULL; w_down [e, d, i]; dtype dt (0 f32, 1 bf16)
+ *   gated    1: h = act(gate) * up with gate/up the halves of x @ w_up[e].T (u = 2i), or
+ *            gate = x @ w_gate[e].T when w_gate is given (u = i); 0: h = act(x @ w_up[e].T)
+ *   out      [n, d] float32, overwritten: sum over slots of weight * (h @ w_down[e].T)
+ * Work and weight reads follow the experts touched: each one's weights are read once for
+ * all of its tokens. round_mid rounds intermediates to bf16 as a bf16 model does.
+ * Returns 0; -1 when scratch memory could not be allocated; -2 for an id outside [0, e).
+ */
+int lynx_experts(const float *x, const int64_t *ids, const float *weights, const void *w_up,
+                 const void *w_gate, const void *w_down, int64_t n, int64_t k, int64_t e,
+                 int64_t d, int64_t u, int64_t i, int gated, int act, int dt, int round_mid,
+                 float *out) {
+  int64_t slots = n * k;
+  memset(out, 0, sizeof(float) * (size_t)(n * d));
+  if (slots == 0) return 0;
+  /* One scratch block: counts [e + 1], fill [e], order [slots], row pointers [2 slots],
+   * h [slots, max(u, d)] (up projection, then down projection), a [slots, i]. */
+  int64_t hw = u > d ? u : d;
+  size_t ints = (size_t)(2 * e + 1 + slots), ptrs = (size_t)(2 * slots);
+  size_t floats = (size_t)(slots * hw + slots * i);
+  char *scratch = malloc(ints * sizeof(int64_t) + ptrs * sizeof(float *) + floats * sizeof(float));
+  if (!scratch) return -1;
+  int64_t *count = (int64_t *)scratch, *fill = count + e + 1, *order = fill + e;
+  const float **xrow = (const float **)(order + slots), **arow = xrow + slots;
+  float *h = (float *)(arow + slots), *a = h + slots * hw;
+  /* Counting sort of the slots by expert (stable: token order within an expert). */
+  memset(count, 0, sizeof(int64_t) * (size_t)(e + 1));
+  for (int64_t s = 0; s < slots; ++s) {
+    if (ids[s] < 0 || ids[s] >= e) {
+      free(scratch);
+      return -2;
+    }
+    count[ids[s] + 1]++;
+  }
+  for (int64_t j = 0; j < e; ++j) count[j + 1] += count[j];
+  memcpy(fill, count, sizeof(int64_t) * (size_t)e);
+  for (int64_t s = 0; s < slots; ++s) order[fill[ids[s]]++] = s;
+  size_t esz = dt == 0 ? sizeof(float) : sizeof(uint16_t);
+  for (int64_t j = 0; j < e; ++j) {
+    int64_t lo = count[j], m = count[j + 1] - lo;
+    if (m == 0) continue;
+    const int64_t *grp = order + lo;
+    const char *wu = (const char *)w_up + (size_t)(j * u * d) * esz;
+    const char *wd = (const char *)w_down + (size_t)(j * d * i) * esz;
+    for (int64_t t = 0; t < m; ++t) xrow[t] = x + (grp[t] / k) * d;
+    /* Up (and gate) projection: h [m, u], g [m, i]. */
+    matmul_rows(xrow, m, wu, u, d, dt, h);
+    if (w_gate) {
+      const char *wg = (const char *)w_gate + (size_t)(j * i * d) * esz;
+      matmul_rows(xrow, m, wg, i, d, dt, a);
+      for (int64_t z = 0; z < m * i; ++z) {
+        float g = a[z], up = h[z];
+        if (round_mid) g = round_bf16(g), up = round_bf16(up);
+        float v = act_fn(g, act);
+        if (round_mid) v = round_bf16(v);
+        a[z] = v * up;
+      }
+    } else {
+      for (int64_t t = 0; t < m; ++t)
+        for (int64_t r = 0; r < i; ++r) {
+          float g = h[t * u + r];
+          if (round_mid) g = round_bf16(g);
+          float v = act_fn(g, act);
+          if (gated) {
+            float up = h[t * u + i + r];
+            if (round_mid) v = round_bf16(v), up = round_bf16(up);
+            v *= up;
+          }
+          a[t * i + r] = v;
+        }
+    }
+    if (round_mid)
+      for (int64_t z = 0; z < m * i; ++z) a[z] = round_bf16(a[z]);
+    /* Down projection [m, d] into h, then the weighted combine, accumulated in float32. */
+    for (int64_t t = 0; t < m; ++t) arow[t] = a + t * i;
+    matmul_rows(arow, m, wd, d, i, dt, h);
+    for (int64_t t = 0; t < m; ++t) {
+      float *o = out + (grp[t] / k) * d;
+      float wt = weights[grp[t]];
+      const float *y = h + t * d;
+      for (int64_t r = 0; r < d; ++r) o[r] += wt * (round_mid ? round_bf16(y[r]) : y[r]);
+    }
+  }
+  free(scratch);
+  return 0;
+}

@@ -1,0 +1,146 @@
+"""The native CPU kernels (lowering/lynx_cpu.c via lowering/cpu_native.py) against the
+plain-PyTorch reference: AffinityBinning ids exactly, sparse experts within dtype tolerance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lynx_compile.lowering import cpu_native, reference
+
+# fp32: same products, other summation order (8-wide partial sums). bf16: both round the
+# gate/up products and expert outputs to bf16 (eps 7.8e-3); the reference's bf16 matmuls
+# accumulate in other orders, so allow a few bf16 ulps of the outputs.
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def test_the_library_builds_here():
+    """CI has a C compiler: the kernels under test are the native ones, not the fallback."""
+    assert cpu_native.available(), "lowering/lynx_cpu.c did not build; see the logged warning"
+    assert cpu_native.build().exists()
+
+
+def _logits(tokens, experts, dtype, seed, scale=2.0, step=None):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, experts, generator=gen) * scale
+    if step is not None:  # coarse values: many exact ties in bins, popularity and probability
+        logits = (logits / step).round() * step
+    return logits.to(dtype)
+
+
+def _both(logits, k, alpha, beta):
+    probs = torch.softmax(logits, dim=-1)
+    exact_ids = torch.topk(probs, k, dim=-1).indices
+    want = reference.affinity_ids(logits, probs, exact_ids, alpha, beta)
+    got = torch.ops.lynx.affinity_ids_cpu(logits, probs, exact_ids, alpha, beta)
+    return got, want
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 13, 33])
+@pytest.mark.parametrize(
+    "experts,k,dtype,alpha,beta",
+    [
+        (8, 2, torch.float32, 3.0, 2.0),
+        (60, 8, torch.bfloat16, 3.0, 2.0),
+        (128, 8, torch.float16, 0.7, None),
+        (32, 4, torch.float32, 1.0, 2.5),
+        (60, 1, torch.float32, 3.0, None),
+    ],
+)
+def test_affinity_ids_equal_the_reference(tokens, experts, k, dtype, alpha, beta):
+    for seed, step in ((0, None), (1, 0.5)):
+        (ids, same), (want_ids, want_same) = _both(
+            _logits(tokens, experts, dtype, seed, step=step), k, alpha, beta
+        )
+        assert torch.equal(ids, want_ids), (seed, step)
+        assert torch.equal(same, want_same), (seed, step)
+
+
+def test_affinity_ids_remap_for_real_and_keep_non_finite_rows_exact():
+    logits = _logits(33, 60, torch.float32, 3, scale=1.0)
+    logits[4] = float("nan")
+    logits[5, :7] = float("-inf")  # masked experts: a valid row
+    logits[6, 2] = float("inf")  # infinite maximum: kept exact
+    logits[7] = float("-inf")
+    (ids, same), (want_ids, want_same) = _both(logits, 8, 3.0, 2.0)
+    assert torch.equal(ids, want_ids) and torch.equal(same, want_same)
+    assert not same.all(), "this batch should remap some tokens"
+    assert same[4] and same[6] and same[7]
+    assert torch.unique(ids).numel() < torch.unique(torch.topk(logits, 8).indices).numel()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    tokens=st.integers(1, 40),
+    experts=st.integers(2, 70),
+    data=st.data(),
+    alpha=st.sampled_from([0.5, 1.0, 3.0, 7.0]),
+    beta=st.sampled_from([None, 0.0, 1.0, 2.0, 4.5]),
+    step=st.sampled_from([None, 0.25, 1.0]),
+)
+def test_affinity_ids_property(tokens, experts, data, alpha, beta, step):
+    k = data.draw(st.integers(1, min(experts, 9)))
+    seed = data.draw(st.integers(0, 2**16))
+    (ids, same), (want_ids, want_same) = _both(
+        _logits(tokens, experts, torch.float32, seed, step=step), k, alpha, beta
+    )
+    assert torch.equal(ids, want_ids) and torch.equal(same, want_same)
+
+
+def test_affinity_ids_empty_batch_and_float64_fall_back_to_the_reference():
+    (ids, same), _ = _both(torch.zeros(0, 8), 2, 3.0, 2.0)
+    assert ids.shape == (0, 2) and same.shape == (0, 1)
+    (ids, same), (want_ids, want_same) = _both(_logits(5, 8, torch.float64, 0), 2, 3.0, 2.0)
+    assert torch.equal(ids, want_ids) and torch.equal(same, want_same)
+
+
+def _experts_case(tokens, experts, k, d, inter, form, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d, generator=gen)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+    w = torch.rand(tokens, k, generator=gen)
+    up_rows = inter if form in ("plain", "split") else 2 * inter
+    w_up = torch.randn(experts, up_rows, d, generator=gen) / d**0.5
+    w_gate = torch.randn(experts, inter, d, generator=gen) / d**0.5 if form == "split" else None
+    w_down = torch.randn(experts, d, inter, generator=gen) / inter**0.5
+    cast = [t.to(dtype) if t is not None else None for t in (x, w_up, w_gate, w_down)]
+    return cast[0], ids.reshape(tokens, k), w, cast[1], cast[2], cast[3]
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 13, 33])
+@pytest.mark.parametrize("form,act", [("gated", "silu"), ("plain", "gelu"), ("split", "silu")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_match_the_reference(tokens, form, act, dtype):
+    # d = 40 and inter = 20: vector bodies plus scalar tails, 8-row blocks plus leftover rows.
+    x, ids, w, w_up, w_gate, w_down = _experts_case(tokens, 8, 2, 40, 20, form, dtype)
+    gated = form != "plain"
+    got = torch.ops.lynx.experts_cpu(x, ids, w, w_up, w_gate, w_down, act, gated)
+    want = reference.experts_general_reference(x, ids, w, w_gate, w_up, w_down, act, gated)
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("act", ["gelu_tanh", "relu", "silu", "gelu"])
+def test_experts_activations_and_model_sized_shapes(act):
+    x, ids, w, w_up, w_gate, w_down = _experts_case(33, 32, 4, 128, 64, "gated", torch.float32)
+    ids[:5] = 7  # many tokens on one expert (more than one token block)
+    ids[:5, 1] = 3
+    got = torch.ops.lynx.experts_cpu(x, ids, w, w_up, None, w_down, act, True)
+    want = reference.experts_general_reference(x, ids, w, None, w_up, w_down, act, True)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def test_experts_bad_ids_empty_batches_and_other_dtypes():
+    x, ids, w, w_up, w_gate, w_down = _experts_case(3, 8, 2, 16, 8, "gated", torch.float32)
+    with pytest.raises(IndexError, match=r"expert ids must be in \[0, 8\)"):
+        torch.ops.lynx.experts_cpu(x, ids + 8, w, w_up, None, w_down, "silu", True)
+    empty = torch.ops.lynx.experts_cpu(x[:0], ids[:0], w[:0], w_up, None, w_down, "silu", True)
+    assert empty.shape == (0, 16)
+    # float16 is not a native dtype: the op falls back to the reference, still correct.
+    half = [t.half() for t in (x, w_up, w_down)]
+    got = torch.ops.lynx.experts_cpu(half[0], ids, w, half[1], None, half[2], "silu", True)
+    want = reference.experts_general_reference(
+        half[0], ids, w, None, half[1], half[2], "silu", True
+    )
+    torch.testing.assert_close(got, want)
