@@ -26,11 +26,19 @@ from torch._inductor.decomposition import register_decomposition
 
 @register_decomposition(torch.ops.lynx.route.default)
 def route_cpu(logits, top_k, policy, alpha, beta, k0, budget, weights, telemetry_site):
-    """lynx::route: the reference traced, its AffinityBinning step native on CPU."""
+    """lynx::route: the reference traced, its AffinityBinning step native on CPU (a graph
+    specialised to one token routes exactly: the reference's rule, no call needed)."""
     policy = reference.RoutingPolicy(policy, alpha, beta, k0, budget)
     native = _native(logits) and logits.dtype in cpu_native.ROUTE_DTYPES
     affinity = torch.ops.lynx.affinity_ids_cpu.default if native else None
     return reference.route_reference(logits, top_k, policy, weights, affinity=affinity)
+
+
+def _one_token(x) -> bool:
+    """A graph specialised to one token (Dynamo specialises size 1): per-slot work equals
+    per-expert work there, so the traced forms beat a kernel call. No guard is added."""
+    n = x.shape[0]
+    return type(n) is int and n == 1
 
 
 def _native(*tensors) -> bool:
@@ -40,7 +48,8 @@ def _native(*tensors) -> bool:
 
 def _native_experts(x, *weights) -> bool:
     return (
-        _native(x)
+        not _one_token(x)
+        and _native(x)
         and x.dtype in cpu_native.WEIGHT_DTYPES
         and all(w.dtype == x.dtype for w in weights)
     )

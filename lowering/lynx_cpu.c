@@ -41,6 +41,11 @@ static inline int64_t ipow(int64_t b, int64_t p) {
 int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t *exact_ids,
                           int64_t n, int64_t e, int64_t k, double alpha, double beta,
                           int64_t *ids, uint8_t *same) {
+  if (n == 1) { /* a batch of one token routes exactly: nothing to share */
+    memcpy(ids, exact_ids, sizeof(int64_t) * (size_t)k);
+    same[0] = 1;
+    return k;
+  }
   size_t words = (size_t)(2 * n * e + e), bytes = (size_t)(2 * e + n);
   int64_t *q = malloc(words * sizeof(int64_t) + bytes);
   if (!q) return -1;

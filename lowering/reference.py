@@ -161,7 +161,9 @@ def route_reference(
     exact_weights = exact_vals
     if weights == "renorm":
         exact_weights = exact_vals / exact_vals.sum(dim=1, keepdim=True)
-    if policy.name == "exact" or logits.shape[0] == 0:
+    # A batch of one token routes exactly (nothing to share); batch-aware code computes the
+    # same for a symbolic batch that is 1 at run time (_keep_exact_rows).
+    if policy.name == "exact" or logits.shape[0] == 0 or _static_one(logits):
         return exact_weights, exact_ids
 
     if policy.name == "affinity":
@@ -199,6 +201,12 @@ def affinity_ids(
     return _keep_exact_rows(ids, valid, exact_ids, logits.shape[1])
 
 
+def _static_one(x: torch.Tensor) -> bool:
+    """A batch that is one token when traced, not just at run time (adds no guard)."""
+    n = x.shape[0]
+    return type(n) is int and n == 1
+
+
 def _kept_union(kept_ids: torch.Tensor, valid: torch.Tensor, num_experts: int) -> torch.Tensor:
     """The batch's kept set K, union of the valid tokens' kept_ids: bool [N, E] (rows equal)."""
     kept = torch.zeros(kept_ids.shape[0], num_experts, dtype=torch.bool, device=kept_ids.device)
@@ -209,8 +217,10 @@ def _kept_union(kept_ids: torch.Tensor, valid: torch.Tensor, num_experts: int) -
 def _keep_exact_rows(
     ids: torch.Tensor, valid: torch.Tensor, exact_ids: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Invalid rows and rows whose expert set is unchanged take exact_ids: (ids, same [N, 1])."""
-    ids = torch.where(valid[:, None], ids, exact_ids)
+    """Invalid rows, rows whose expert set is unchanged and a batch of one token take
+    exact_ids: (ids, same [N, 1])."""
+    shared = torch.ones_like(valid, dtype=torch.int64).sum() > 1  # 0-d: another token exists
+    ids = torch.where((valid & shared)[:, None], ids, exact_ids)
     same = (_row_sets(ids, num_experts) == _row_sets(exact_ids, num_experts)).all(1, keepdim=True)
     return torch.where(same, exact_ids, ids), same
 
@@ -366,8 +376,8 @@ def route_scored_reference(
     if space not in SCORE_SPACES:
         raise ValueError(f"unknown score space {space!r}; valid: {', '.join(SCORE_SPACES)}")
     exact_vals, exact_ids = torch.topk(scores, top_k, dim=-1)
-    if policy.name == "exact" or scores.shape[0] == 0:
-        return exact_vals, exact_ids
+    if policy.name == "exact" or scores.shape[0] == 0 or _static_one(scores):
+        return exact_vals, exact_ids  # one token routes exactly, as in route_reference
 
     valid = _finite_rows(scores)  # [N]
     usable = torch.isfinite(scores)  # [N, E]: experts the model lets this token use
@@ -387,7 +397,8 @@ def route_scored_reference(
     kept = kept.scatter(1, kept_ids, valid[:, None].expand_as(kept_ids))
     kept = kept.any(dim=0, keepdim=True) & usable  # the batch's kept set, per token's mask
     ids = _stable_rank([kept.to(scores.dtype), scores])[:, :top_k]
-    ids = torch.where(valid[:, None], ids, exact_ids)
+    shared = torch.ones_like(valid, dtype=torch.int64).sum() > 1
+    ids = torch.where((valid & shared)[:, None], ids, exact_ids)
     # Tokens whose experts did not change keep torch.topk's order bit for bit.
     same = (_row_sets(ids, num_experts) == _row_sets(exact_ids, num_experts)).all(1, keepdim=True)
     ids = torch.where(same, exact_ids, ids)

@@ -269,6 +269,7 @@ def route_kernel(
         moved_w = moved_w.to(out_dtype).to(tl.float32)
         # same expert set (or an invalid row): keep the exact ids and weights bit for bit
         same = (tl.sum((final_set != exact_set).to(tl.int32), axis=1) == 0) | ~valid
+        same = same | (num_tokens == 1)  # a batch of one token routes exactly
         out_ids = tl.where(same[:, None], exact_ids, final_ids)
         out_w = tl.where(same[:, None], exact_w, moved_w)
     out_mask = in_row[:, None] & (slots < top_k)

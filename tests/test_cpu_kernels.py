@@ -73,3 +73,9 @@ def test_cpu_graph_calls_the_native_kernels_and_telemetry_keeps_the_route_op():
         assert "torch.ops.lynx.route.default" not in source
         assert "torch.ops.lynx.experts.default" not in source
     assert lynx_compile.report()["sites"]
+    # A graph specialised to one token traces everything: no kernel call to pay for.
+    torch._dynamo.reset()
+    model = torch.compile(block, backend="lynx")
+    with torch.no_grad():
+        _, code = run_and_get_code(model, x[:1])
+    assert "torch.ops.lynx" not in "\n".join(code)

@@ -144,3 +144,21 @@ def test_experts_bad_ids_empty_batches_and_other_dtypes():
         half[0], ids, w, None, half[1], half[2], "silu", True
     )
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("policy", ["affinity", "oea", "static"])
+def test_a_batch_of_one_token_routes_exactly_even_with_ties(policy):
+    """One token has nobody to share with: every policy returns the model's own top-k (ids
+    and weights), also where ties would let a stable ranking pick other experts. Checked
+    for the reference and the native kernel."""
+    logits = torch.zeros(1, 16)
+    logits[0, 9:] = 1.0  # 7 tied experts, top-4: torch.topk picks among the ties
+    pol = reference.RoutingPolicy(policy, k0=1, budget=4)
+    want_w, want_ids = reference.route_reference(logits, 4, reference.RoutingPolicy("exact"))
+    got_w, got_ids = reference.route_reference(logits, 4, pol)
+    assert torch.equal(got_ids, want_ids) and torch.equal(got_w, want_w)
+    probs = torch.softmax(logits, dim=-1)
+    exact_ids = torch.topk(probs, 4, dim=-1).indices
+    for fn in (reference.affinity_ids, torch.ops.lynx.affinity_ids_cpu):
+        ids, same = fn(logits, probs, exact_ids, 3.0, 2.0)
+        assert torch.equal(ids, exact_ids) and bool(same.all())

@@ -46,9 +46,12 @@ def router_logits(draw):
 
 
 def brute_force_affinity(logits: torch.Tensor, k: int, alpha: float, beta: float | None):
-    """The design page's steps 1-6, literally, per token, with exact fractions."""
+    """The design page's steps 1-6, literally, per token, with exact fractions (a batch of
+    one token routes exactly: docs/design/affinity_binning.md, edge cases)."""
     rows = logits.double().tolist()
     n, e = len(rows), len(rows[0])
+    if n == 1:
+        return torch.topk(torch.softmax(logits, dim=-1), k, dim=-1).indices.tolist()
     q = []
     for row in rows:
         top = max(row)
