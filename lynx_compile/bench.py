@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import gc
 import json
 import os
 import platform
@@ -52,6 +51,7 @@ from lynx_compile.demo import (
     decode_router_experts,
     heldout_prompts,
     load_demo_model,
+    paused_gc,
     pick_device,
     prefill,
     synchronize,
@@ -85,8 +85,8 @@ class BenchConfig:
     sweep_max: int = 64
     prompt_len: int = 32
     warmup: int = 3
-    rounds: int = 5  # timing rounds, each visiting every backend in turn
-    calls: int = 6  # timed calls per backend per round
+    rounds: int = 40  # timing rounds, each visiting every backend in turn (drift cancels)
+    calls: int = 2  # timed calls per backend per round
     profile: bool = False
 
     @classmethod
@@ -183,19 +183,13 @@ def time_calls(fn: Callable, args: tuple, device: torch.device, calls: int) -> l
     paused while timing, as servers pause or freeze it on the decode path: a collection
     would land on whichever backend happens to run when the allocation count trips it."""
     times = []
-    gc_was_on = gc.isenabled()
-    gc.disable()
-    try:
-        with torch.no_grad():
-            for _ in range(calls):
-                synchronize(device)
-                start = time.perf_counter()
-                fn(*args)
-                synchronize(device)
-                times.append(1e3 * (time.perf_counter() - start))
-    finally:
-        if gc_was_on:
-            gc.enable()
+    with paused_gc(), torch.no_grad():
+        for _ in range(calls):
+            synchronize(device)
+            start = time.perf_counter()
+            fn(*args)
+            synchronize(device)
+            times.append(1e3 * (time.perf_counter() - start))
     return times
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -138,6 +139,22 @@ def prefill(
     return cache, logits[:, -1:].argmax(-1)
 
 
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Collect once, then pause Python's cyclic GC (as servers do on the decode path): a
+    compile leaves many objects behind, and the collection they trigger would otherwise
+    land inside whichever backend's timed steps come next (tens of ms, seen as a 2x swing
+    in tokens/s between identical runs)."""
+    gc.collect()
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
 def clone_cache(cache):
     """A copy of a KV cache, so every backend decodes from the same prefilled state."""
     return [tuple(t.clone() for t in kv) for kv in cache]
@@ -153,46 +170,61 @@ class Generation:
     tokens_per_s: float
 
 
+class Decoder:
+    """One backend's greedy decode state: its step function, its own KV cache, the bytes so
+    far and the seconds its timed steps took."""
+
+    def __init__(self, label: str, step_fn: Callable, cache, first: torch.Tensor, start: int):
+        self.label, self.step_fn, self.cache, self.start = label, step_fn, cache, start
+        self.out = [first]
+        self.seconds = 0.0
+        self.timed_steps = 0
+        self.compile_s: float | None = None
+
+    def step(self, device: torch.device) -> None:
+        """Decode one byte per sequence (position start + bytes generated so far - 1)."""
+        position = torch.tensor(self.start + len(self.out) - 1, device=device)
+        logits = self.step_fn(self.out[-1], self.cache, position)
+        self.out.append(logits[:, -1:].argmax(-1))  # [B, 1]
+
+    def timed_step(self, device: torch.device) -> None:
+        synchronize(device)
+        begin = time.perf_counter()
+        self.step(device)
+        synchronize(device)
+        self.seconds += time.perf_counter() - begin
+        self.timed_steps += 1
+
+    def result(self) -> Generation:
+        batch = self.out[0].shape[0]
+        rate = batch * self.timed_steps / self.seconds if self.timed_steps else float("nan")
+        return Generation(self.label, torch.cat(self.out, dim=1).cpu(), self.compile_s, rate)
+
+
 @torch.no_grad()
-def generate(
-    step_fn: Callable,
-    cache,
-    first: torch.Tensor,
-    start: int,
-    steps: int,
-    device: torch.device,
-    label: str,
-    compiled: bool,
-) -> Generation:
-    """Greedy decode `steps` bytes from `first` [B, 1] at position `start` through `step_fn`.
+def generate(decoders: list[Decoder], steps: int, device: torch.device) -> None:
+    """Greedy decode every decoder up to `steps` bytes, in lockstep: each step runs every
+    backend once, in turn, so load from other work lands on all of them alike (timed one
+    after the other, one backend's run could meet a busy machine and the other a quiet one).
+    The GC is paused meanwhile (paused_gc)."""
+    remaining = steps - max(len(d.out) for d in decoders)
+    labels = "/".join(d.label for d in decoders)
+    with paused_gc():
+        for _ in tqdm(range(remaining), desc=f"generate {labels}", leave=False):
+            for decoder in decoders:
+                if len(decoder.out) < steps:
+                    decoder.timed_step(device)
 
-    With `compiled`, the first call compiles: it is timed on its own (compile_s) and left
-    out of tokens/s, which covers the remaining steps.
-    """
-    out, token = [first], first
 
-    def step(i: int) -> torch.Tensor:
-        logits = step_fn(token, cache, torch.tensor(start + i, device=device))
-        return logits[:, -1:].argmax(-1)  # [B, 1]
-
-    compile_s = None
-    if compiled:
-        with ticking(f"compile {label}"):
-            begin = time.perf_counter()
-            token = step(0)
-            synchronize(device)
-            compile_s = time.perf_counter() - begin
-        out.append(token)
-    timed = range(len(out) - 1, steps - 1)
-    synchronize(device)
-    begin = time.perf_counter()
-    for i in tqdm(timed, desc=f"generate {label}", leave=False):
-        token = step(i)
-        out.append(token)
-    synchronize(device)
-    elapsed = time.perf_counter() - begin
-    tokens_per_s = first.shape[0] * len(timed) / elapsed if len(timed) else float("nan")
-    return Generation(label, torch.cat(out, dim=1).cpu(), compile_s, tokens_per_s)
+@torch.no_grad()
+def compile_first_step(decoder: Decoder, device: torch.device) -> None:
+    """Run the decoder's first step, which compiles: its seconds become compile_s (the step
+    is left out of tokens/s)."""
+    with ticking(f"compile {decoder.label}"):
+        begin = time.perf_counter()
+        decoder.step(device)
+        synchronize(device)
+        decoder.compile_s = time.perf_counter() - begin
 
 
 def decode_router_experts() -> tuple[float, float]:
@@ -246,32 +278,26 @@ def run_demo(config: DemoConfig, log=print) -> dict:
     cache, first = prefill(model, prompts, max_len)
     warm_up_s = warm_up_compiler(device)
 
-    runs = {
-        "eager": generate(
-            model,
-            clone_cache(cache),
-            first,
-            config.prompt_len,
-            config.steps,
-            device,
-            "eager",
-            compiled=False,
-        )
-    }
-    for backend in ("inductor", "lynx"):
+    eager = Decoder("eager", model, clone_cache(cache), first, config.prompt_len)
+    generate([eager], config.steps, device)
+    compiled = []
+    with contextlib.ExitStack() as stack:
         torch._dynamo.reset()
-        with torch._inductor.utils.fresh_cache():
-            compiled = torch.compile(model, backend=backend)
-            runs[backend] = generate(
-                compiled,
+        for backend in ("inductor", "lynx"):
+            # A fresh Inductor cache per backend (cold compiles), kept open while both
+            # decode. No Dynamo reset in between: the two compiles coexist in its cache.
+            stack.enter_context(torch._inductor.utils.fresh_cache())
+            decoder = Decoder(
+                backend,
+                torch.compile(model, backend=backend),
                 clone_cache(cache),
                 first,
                 config.prompt_len,
-                config.steps,
-                device,
-                backend,
-                compiled=True,
             )
+            compile_first_step(decoder, device)
+            compiled.append(decoder)
+        generate(compiled, config.steps, device)
+    runs = {d.label: d.result() for d in (eager, *compiled)}
     with ticking("replay lynx with telemetry"):
         experts_exact, experts_lynx = replay_with_telemetry(
             model, clone_cache(cache), runs["lynx"].tokens.to(device), config.prompt_len, device
