@@ -280,8 +280,17 @@ static inline __attribute__((always_inline)) void matmul_rows_dt(
     const float *const *x, int64_t m, const void *w, int64_t rows, int64_t len, int dt,
     float *y) {
   float res[24];
+  const char *wb = (const char *)w;
+  size_t esz = dt == 0 ? sizeof(float) : sizeof(uint16_t), span = (size_t)(8 * len) * esz;
+  size_t end = (size_t)(rows * len) * esz;
+  for (size_t off = 0; off < 2 * span && off < end; off += 64) __builtin_prefetch(wb + off, 0, 3);
   for (int64_t r0 = 0; r0 < rows; r0 += 8) {
     int full = r0 + 8 <= rows;
+    /* Software prefetch two row blocks ahead: the hardware streamer stops at 4 KB pages,
+     * and at decode sizes the dot products of one block are too short to hide a miss. */
+    size_t ahead = (size_t)(r0 * len) * esz + 2 * span;
+    for (size_t off = 0; off < span && ahead + off < end; off += 64)
+      __builtin_prefetch(wb + ahead + off, 0, 3);
     for (int64_t t0 = 0; t0 < m; t0 += 3) {
       int64_t tb = m - t0 < 3 ? m - t0 : 3;
       const float *const *xt = x + t0;
