@@ -56,7 +56,12 @@ class GatherBmmMoE(nn.Module):
             y = y + self.bias[flat_ids]
         if self.variant not in ("weight_before_experts", "weight_inside_activation"):
             y = y * flat_w
-        return y.view(-1, self.top_k, d).sum(dim=1).view(b, t, d)
+        out = y.view(-1, self.top_k, d).sum(dim=1).view(b, t, d)
+        if self.variant == "returns_ids":  # routing also leaves the module (auxiliary loss)
+            return out, ids
+        if self.variant == "returns_hidden":  # a dispatch intermediate leaves the module
+            return out, h
+        return out
 
 
 def _run(module, batches=(1, 3, 13)):
@@ -72,7 +77,8 @@ def _run(module, batches=(1, 3, 13)):
 
 
 @pytest.mark.parametrize(
-    "variant,pattern", [("swiglu", "gated silu"), ("plain_gelu", "plain gelu")]
+    "variant,pattern",
+    [("swiglu", "gated silu"), ("plain_gelu", "plain gelu"), ("returns_ids", "gated silu")],
 )
 def test_gather_bmm_dispatch_is_fused(variant, pattern):
     torch.manual_seed(0)
@@ -86,6 +92,7 @@ def test_gather_bmm_dispatch_is_fused(variant, pattern):
         ("weight_before_experts", "reproduces"),  # same inputs, different math
         ("weight_inside_activation", "reproduces"),
         ("per_expert_bias", "hidden-state tensors"),  # an extra [E, d] input
+        ("returns_hidden", "no closed"),  # fusing would drop a value the caller reads
     ],
 )
 def test_dispatch_that_is_not_lynx_experts_is_kept_and_reported(variant, reason):
