@@ -6,8 +6,9 @@ all-experts einsums, gather + bmm, ...), the pass works on meaning:
 
 1. region:    the nodes downstream of the routing outputs, up to the first node O whose
               value is [tokens, d] and that closes the region (no region node other than O
-              is used outside it), grown backwards over side nodes used only inside it
-              (weight transposes, repeat_interleave of the tokens, aranges);
+              is used outside it; the routing outputs themselves may be: a module that
+              also returns its ids keeps them), grown backwards over side nodes used only
+              inside it (weight transposes, repeat_interleave of the tokens, aranges);
 2. inputs:    the region must read exactly: the routing weights and ids, one [tokens, d]
               hidden-states tensor, and two (gate_up, down) or three (gate, up, down) 3-D
               expert weights with leading dim E, plus sizes;
