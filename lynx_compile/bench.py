@@ -455,6 +455,7 @@ def run_experiment(config: BenchConfig) -> dict:
     if device.type == "cpu":
         with ticking("one-off build of the native CPU kernels"):
             meta["native_build_s"] = native_build_seconds()
+            cpu_native.available()  # and the cached build the compiles load (once per machine)
     with ticking("warm-up compile (imports, ISA probe)"):
         meta["warm_up_s"] = warm_up_compiler(device)
     tiny = tiny_moe_cases(config, device)
