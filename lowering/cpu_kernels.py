@@ -45,13 +45,8 @@ def experts_grouped(
     xs = x[token]  # [N*k, d]
     try:
         h = _grouped(xs, w_up, offsets)
-        if w_gate is not None:
-            h = act(_grouped(xs, w_gate, offsets)) * h
-        elif gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = act(gate) * up
-        else:
-            h = act(h)
+        gate = None if w_gate is None else _grouped(xs, w_gate, offsets)
+        h = reference.expert_activation(h, gate, act, gated)
         y = _grouped(h.contiguous(), w_down, offsets)
     except RuntimeError:  # a dtype/layout this build's CPU grouped_mm does not take
         return reference.experts_general_reference(
@@ -85,13 +80,8 @@ def experts_gathered(
     flat = ids.reshape(-1)  # [N*k]
     xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [N*k, d, 1]
     h = torch.bmm(w_up[flat].to(x.dtype), xs).squeeze(-1)  # [N*k, U]
-    if w_gate is not None:
-        h = act(torch.bmm(w_gate[flat].to(x.dtype), xs).squeeze(-1)) * h
-    elif gated:
-        gate, up = h.chunk(2, dim=-1)
-        h = act(gate) * up
-    else:
-        h = act(h)
+    gate = None if w_gate is None else torch.bmm(w_gate[flat].to(x.dtype), xs).squeeze(-1)
+    h = reference.expert_activation(h, gate, act, gated)
     y = torch.bmm(w_down[flat].to(x.dtype), h.unsqueeze(-1)).squeeze(-1)  # [N*k, d]
     y = y.to(torch.float32) * weights.reshape(-1, 1).to(torch.float32)
     return y.view(n, k, -1).sum(dim=1).to(x.dtype)

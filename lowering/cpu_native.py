@@ -159,12 +159,16 @@ def affinity_ids_cpu(logits, probs, exact_ids, alpha, beta):
     return ids, same
 
 
+def experts_dtypes_fit(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
+    """Whether the native experts kernel takes x's dtype, shared by every weight given."""
+    return x.dtype in WEIGHT_DTYPES and all(w is None or w.dtype == x.dtype for w in weights)
+
+
 def experts_cpu(x, ids, weights, w_up, w_gate, w_down, activation, gated):
     """reference.experts_general_reference on CPU tensors, one C call: [N, d] in x's dtype."""
     lib = _lib()
-    dt = WEIGHT_DTYPES.get(x.dtype)
-    same_dtype = all(w is None or w.dtype == x.dtype for w in (w_up, w_gate, w_down))
-    if lib is None or dt is None or not same_dtype or activation not in ACTIVATION_CODES:
+    fits = experts_dtypes_fit(x, w_up, w_gate, w_down) and activation in ACTIVATION_CODES
+    if lib is None or not fits:  # the reference also says what is wrong with an activation
         return reference.experts_general_reference(
             x, ids, weights, w_gate, w_up, w_down, activation, gated
         )
@@ -183,6 +187,7 @@ def experts_cpu(x, ids, weights, w_up, w_gate, w_down, activation, gated):
     idc = ids.contiguous()
     ws = [w if w is None else w.contiguous() for w in (w_up, w_gate, w_down)]
     out = torch.empty(n, d, dtype=torch.float32)
+    dt = WEIGHT_DTYPES[x.dtype]
     status = lib.lynx_experts(
         xs.data_ptr(), idc.data_ptr(), wts.data_ptr(), _ptr(ws[0]), _ptr(ws[1]), _ptr(ws[2]),
         n, ids.shape[1], e, d, u, i, int(gated), ACTIVATION_CODES[activation], dt, dt == 1,

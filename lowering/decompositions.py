@@ -34,24 +34,19 @@ def route_cpu(logits, top_k, policy, alpha, beta, k0, budget, weights, telemetry
     return reference.route_reference(logits, top_k, policy, weights, affinity=affinity)
 
 
-def _one_token(x) -> bool:
-    """A graph specialised to one token (Dynamo specialises size 1): per-slot work equals
-    per-expert work there, so the traced forms beat a kernel call. No guard is added."""
-    n = x.shape[0]
-    return type(n) is int and n == 1
-
-
 def _native(*tensors) -> bool:
     """Whether the native CPU kernels take these tensors (all on CPU, library built)."""
     return all(t.device.type == "cpu" for t in tensors) and cpu_native.available()
 
 
 def _native_experts(x, *weights) -> bool:
+    """The native experts kernel, except in a graph specialised to one token (Dynamo
+    specialises size 1): per-slot work equals per-expert work there, so the traced gathered
+    form beats a kernel call."""
     return (
-        not _one_token(x)
+        not reference.static_one_token(x)
         and _native(x)
-        and x.dtype in cpu_native.WEIGHT_DTYPES
-        and all(w.dtype == x.dtype for w in weights)
+        and cpu_native.experts_dtypes_fit(x, *weights)
     )
 
 

@@ -366,34 +366,28 @@ int lynx_experts(const float *x, const int64_t *ids, const float *weights, const
     const char *wu = (const char *)w_up + (size_t)(j * u * d) * esz;
     const char *wd = (const char *)w_down + (size_t)(j * d * i) * esz;
     for (int64_t t = 0; t < m; ++t) xrow[t] = x + (grp[t] / k) * d;
-    /* Up (and gate) projection: h [m, u], g [m, i]. */
+    /* Up (and gate) projection: h [m, u], gate [m, i] into a when split. */
     matmul_rows(xrow, m, wu, u, d, dt, h);
+    const float *gsrc = h, *usrc = gated ? h + i : NULL; /* fused [gate; up] halves */
+    int64_t gstride = u;
     if (w_gate) {
       const char *wg = (const char *)w_gate + (size_t)(j * i * d) * esz;
       matmul_rows(xrow, m, wg, i, d, dt, a);
-      for (int64_t z = 0; z < m * i; ++z) {
-        float g = a[z], up = h[z];
-        if (round_mid) g = round_bf16(g), up = round_bf16(up);
-        float v = act_fn(g, act);
-        if (round_mid) v = round_bf16(v);
-        a[z] = v * up;
-      }
-    } else {
-      for (int64_t t = 0; t < m; ++t)
-        for (int64_t r = 0; r < i; ++r) {
-          float g = h[t * u + r];
-          if (round_mid) g = round_bf16(g);
-          float v = act_fn(g, act);
-          if (gated) {
-            float up = h[t * u + i + r];
-            if (round_mid) v = round_bf16(v), up = round_bf16(up);
-            v *= up;
-          }
-          a[t * i + r] = v;
-        }
+      gsrc = a, gstride = i, usrc = h;
     }
-    if (round_mid)
-      for (int64_t z = 0; z < m * i; ++z) a[z] = round_bf16(a[z]);
+    /* Activation a [m, i] (in place over a split gate: each element is read first). */
+    for (int64_t t = 0; t < m; ++t)
+      for (int64_t r = 0; r < i; ++r) {
+        float g = gsrc[t * gstride + r];
+        if (round_mid) g = round_bf16(g);
+        float v = act_fn(g, act);
+        if (usrc) {
+          float up = usrc[t * u + r];
+          if (round_mid) v = round_bf16(v), up = round_bf16(up);
+          v *= up;
+        }
+        a[t * i + r] = round_mid ? round_bf16(v) : v;
+      }
     /* Down projection [m, d] into h, then the weighted combine, accumulated in float32. */
     for (int64_t t = 0; t < m; ++t) arow[t] = a + t * i;
     matmul_rows(arow, m, wd, d, i, dt, h);

@@ -163,7 +163,7 @@ def route_reference(
         exact_weights = exact_vals / exact_vals.sum(dim=1, keepdim=True)
     # A batch of one token routes exactly (nothing to share); batch-aware code computes the
     # same for a symbolic batch that is 1 at run time (_keep_exact_rows).
-    if policy.name == "exact" or logits.shape[0] == 0 or _static_one(logits):
+    if policy.name == "exact" or logits.shape[0] == 0 or static_one_token(logits):
         return exact_weights, exact_ids
 
     if policy.name == "affinity":
@@ -201,7 +201,7 @@ def affinity_ids(
     return _keep_exact_rows(ids, valid, exact_ids, logits.shape[1])
 
 
-def _static_one(x: torch.Tensor) -> bool:
+def static_one_token(x: torch.Tensor) -> bool:
     """A batch that is one token when traced, not just at run time (adds no guard)."""
     n = x.shape[0]
     return type(n) is int and n == 1
@@ -290,6 +290,18 @@ def experts_split_reference(
     return experts_general_reference(x, ids, weights, w_gate, w_up, w_down, activation, True)
 
 
+def expert_activation(h: torch.Tensor, gate: torch.Tensor | None, act, gated: bool):
+    """The expert's hidden activation from its up projection h [..., U]: act(gate) * h with
+    a separate gate projection [..., I]; act(h[..., :I]) * h[..., I:] when gated (U = 2I);
+    else act(h)."""
+    if gate is not None:
+        return act(gate) * h
+    if gated:
+        g, up = h.chunk(2, dim=-1)
+        return act(g) * up
+    return act(h)
+
+
 def experts_general_reference(x, ids, weights, w_gate, w_up, w_down, activation, gated):
     """Both expert forms: w_gate None -> experts_reference, else experts_split_reference."""
     if activation not in ACTIVATIONS:
@@ -301,14 +313,8 @@ def experts_general_reference(x, ids, weights, w_gate, w_up, w_down, activation,
         slot = (flat_ids == e).nonzero().squeeze(1)  # positions in [N * k]
         token = slot // ids.shape[1]
         h = x[token] @ w_up[e].to(x.dtype).t()
-        if w_gate is not None:
-            h = act(x[token] @ w_gate[e].to(x.dtype).t()) * h
-        elif gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = act(gate) * up
-        else:
-            h = act(h)
-        y = h @ w_down[e].to(x.dtype).t()
+        gate = None if w_gate is None else x[token] @ w_gate[e].to(x.dtype).t()
+        y = expert_activation(h, gate, act, gated) @ w_down[e].to(x.dtype).t()
         w = weights.reshape(-1)[slot].to(torch.float32)
         out.index_add_(0, token, y.to(torch.float32) * w[:, None])
     return out.to(x.dtype)
@@ -376,7 +382,7 @@ def route_scored_reference(
     if space not in SCORE_SPACES:
         raise ValueError(f"unknown score space {space!r}; valid: {', '.join(SCORE_SPACES)}")
     exact_vals, exact_ids = torch.topk(scores, top_k, dim=-1)
-    if policy.name == "exact" or scores.shape[0] == 0 or _static_one(scores):
+    if policy.name == "exact" or scores.shape[0] == 0 or static_one_token(scores):
         return exact_vals, exact_ids  # one token routes exactly, as in route_reference
 
     valid = _finite_rows(scores)  # [N]
@@ -393,13 +399,8 @@ def route_scored_reference(
         budget = min(max(policy.budget, top_k), num_experts)
         kept_ids = _stable_rank([totals[None, :]])[0, :budget].expand(scores.shape[0], budget)
 
-    kept = torch.zeros(scores.shape[0], num_experts, dtype=torch.bool, device=scores.device)
-    kept = kept.scatter(1, kept_ids, valid[:, None].expand_as(kept_ids))
-    kept = kept.any(dim=0, keepdim=True) & usable  # the batch's kept set, per token's mask
+    kept = _kept_union(kept_ids, valid, num_experts) & usable  # per token's mask
     ids = _stable_rank([kept.to(scores.dtype), scores])[:, :top_k]
-    shared = torch.ones_like(valid, dtype=torch.int64).sum() > 1
-    ids = torch.where((valid & shared)[:, None], ids, exact_ids)
     # Tokens whose experts did not change keep torch.topk's order bit for bit.
-    same = (_row_sets(ids, num_experts) == _row_sets(exact_ids, num_experts)).all(1, keepdim=True)
-    ids = torch.where(same, exact_ids, ids)
+    ids, _ = _keep_exact_rows(ids, valid, exact_ids, num_experts)
     return torch.gather(scores, 1, ids), ids

@@ -51,13 +51,8 @@ def _dense_experts(x, ids, weights, w_gate, w_up, w_down, activation, gated):
     w_down [E, d, I] -> [N, d] in x's dtype, the weighted sum in fp32 like the reference."""
     act = ACTIVATIONS[activation]
     h = torch.einsum("nd,eud->neu", x, w_up.to(x.dtype))  # [N, E, U]
-    if w_gate is not None:
-        h = act(torch.einsum("nd,eid->nei", x, w_gate.to(x.dtype))) * h  # [N, E, I]
-    elif gated:
-        gate, up = h.chunk(2, dim=-1)
-        h = act(gate) * up  # [N, E, I]
-    else:
-        h = act(h)
+    gate = None if w_gate is None else torch.einsum("nd,eid->nei", x, w_gate.to(x.dtype))
+    h = reference.expert_activation(h, gate, act, gated)  # [N, E, I]
     y = torch.einsum("nei,edi->ned", h, w_down.to(x.dtype))  # [N, E, d]
     combine = torch.zeros(x.shape[0], w_down.shape[0], dtype=torch.float32, device=x.device)
     combine = combine.scatter_add(1, ids, weights.to(torch.float32))  # [N, E]

@@ -8,23 +8,8 @@ import torch
 from lynx_compile.lowering.cpu_kernels import experts_gathered, experts_grouped
 from lynx_compile.lowering.reference import experts_general_reference
 
-# fp32: same products, different summation order. bf16: both paths round the gate/up
-# products and expert outputs to bf16 (eps 7.8e-3) at slightly different points.
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
-
-
-def _case(tokens, experts, k, d, inter, form, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, d, generator=gen)
-    ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
-    ids = ids.reshape(tokens, k)
-    w = torch.rand(tokens, k, generator=gen)
-    up_rows = inter if form == "plain" else 2 * inter
-    w_up = torch.randn(experts, up_rows if form != "split" else inter, d, generator=gen) / d**0.5
-    w_gate = torch.randn(experts, inter, d, generator=gen) / d**0.5 if form == "split" else None
-    w_down = torch.randn(experts, d, inter, generator=gen) / inter**0.5
-    cast = [t.to(dtype) if t is not None else None for t in (x, w_up, w_down, w_gate)]
-    return cast[0], ids, w, cast[1], cast[2], cast[3]
+from tests.conftest import EXPERTS_TOL as TOL
+from tests.conftest import experts_case as _case
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 13, 33])

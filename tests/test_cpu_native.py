@@ -9,10 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lynx_compile.lowering import cpu_native, reference
 
-# fp32: same products, other summation order (8-wide partial sums). bf16: both round the
-# gate/up products and expert outputs to bf16 (eps 7.8e-3); the reference's bf16 matmuls
-# accumulate in other orders, so allow a few bf16 ulps of the outputs.
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+from tests.conftest import EXPERTS_TOL as TOL
+from tests.conftest import experts_case as _case
 
 
 def test_the_library_builds_here():
@@ -95,25 +93,12 @@ def test_affinity_ids_empty_batch_and_float64_fall_back_to_the_reference():
     assert torch.equal(ids, want_ids) and torch.equal(same, want_same)
 
 
-def _experts_case(tokens, experts, k, d, inter, form, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, d, generator=gen)
-    ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
-    w = torch.rand(tokens, k, generator=gen)
-    up_rows = inter if form in ("plain", "split") else 2 * inter
-    w_up = torch.randn(experts, up_rows, d, generator=gen) / d**0.5
-    w_gate = torch.randn(experts, inter, d, generator=gen) / d**0.5 if form == "split" else None
-    w_down = torch.randn(experts, d, inter, generator=gen) / inter**0.5
-    cast = [t.to(dtype) if t is not None else None for t in (x, w_up, w_gate, w_down)]
-    return cast[0], ids.reshape(tokens, k), w, cast[1], cast[2], cast[3]
-
-
 @pytest.mark.parametrize("tokens", [1, 3, 13, 33])
 @pytest.mark.parametrize("form,act", [("gated", "silu"), ("plain", "gelu"), ("split", "silu")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_experts_match_the_reference(tokens, form, act, dtype):
     # d = 40 and inter = 20: vector bodies plus scalar tails, 8-row blocks plus leftover rows.
-    x, ids, w, w_up, w_gate, w_down = _experts_case(tokens, 8, 2, 40, 20, form, dtype)
+    x, ids, w, w_up, w_down, w_gate = _case(tokens, 8, 2, 40, 20, form, dtype)
     gated = form != "plain"
     got = torch.ops.lynx.experts_cpu(x, ids, w, w_up, w_gate, w_down, act, gated)
     want = reference.experts_general_reference(x, ids, w, w_gate, w_up, w_down, act, gated)
@@ -123,7 +108,7 @@ def test_experts_match_the_reference(tokens, form, act, dtype):
 
 @pytest.mark.parametrize("act", ["gelu_tanh", "relu", "silu", "gelu"])
 def test_experts_activations_and_model_sized_shapes(act):
-    x, ids, w, w_up, w_gate, w_down = _experts_case(33, 32, 4, 128, 64, "gated", torch.float32)
+    x, ids, w, w_up, w_down, w_gate = _case(33, 32, 4, 128, 64, "gated", torch.float32)
     ids[:5] = 7  # many tokens on one expert (more than one token block)
     ids[:5, 1] = 3
     got = torch.ops.lynx.experts_cpu(x, ids, w, w_up, None, w_down, act, True)
@@ -132,7 +117,7 @@ def test_experts_activations_and_model_sized_shapes(act):
 
 
 def test_experts_bad_ids_empty_batches_and_other_dtypes():
-    x, ids, w, w_up, w_gate, w_down = _experts_case(3, 8, 2, 16, 8, "gated", torch.float32)
+    x, ids, w, w_up, w_down, w_gate = _case(3, 8, 2, 16, 8, "gated", torch.float32)
     with pytest.raises(IndexError, match=r"expert ids must be in \[0, 8\)"):
         torch.ops.lynx.experts_cpu(x, ids + 8, w, w_up, None, w_down, "silu", True)
     empty = torch.ops.lynx.experts_cpu(x[:0], ids[:0], w[:0], w_up, None, w_down, "silu", True)
