@@ -274,28 +274,174 @@ static inline __attribute__((always_inline)) void block(const int TB, const int 
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+/* AVX-512 path: 16-float vectors, 32 registers (24 accumulators fit), masked loads for the
+ * vector tail (no scalar loop) and a 16-lane transpose-and-add tree. */
+#define LYNX_AVX512 1
+
+static inline __attribute__((always_inline)) __m512 load16(const void *w, int64_t off, int dt,
+                                                           __mmask16 m) {
+  if (dt == 0) return _mm512_maskz_loadu_ps(m, (const float *)w + off);
+  __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)w + off);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* The 8 lane sums of a0..a7 in order: 128-bit block shuffles twice, then within blocks,
+ * 16 shuffles and 8 adds for 8 dot products. */
+static inline __attribute__((always_inline)) __m256 reduce8z(__m512 a0, __m512 a1, __m512 a2,
+                                                             __m512 a3, __m512 a4, __m512 a5,
+                                                             __m512 a6, __m512 a7) {
+  /* [a(0+2), a(1+3), b(0+2), b(1+3)] in 128-bit blocks */
+#define PAIR(a, b) _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE))
+  __m512 t01 = PAIR(a0, a1), t23 = PAIR(a2, a3), t45 = PAIR(a4, a5), t67 = PAIR(a6, a7);
+#undef PAIR
+  /* one 4-lane partial per block: [a0, a1, a2, a3] and [a4, a5, a6, a7] */
+  __m512 u0 = _mm512_add_ps(_mm512_shuffle_f32x4(t01, t23, 0x88), _mm512_shuffle_f32x4(t01, t23, 0xDD));
+  __m512 u1 = _mm512_add_ps(_mm512_shuffle_f32x4(t45, t67, 0x88), _mm512_shuffle_f32x4(t45, t67, 0xDD));
+  /* block l: [a_l pair, a_l pair, a_{l+4} pair, a_{l+4} pair] */
+  __m512 v = _mm512_add_ps(_mm512_shuffle_ps(u0, u1, 0x44), _mm512_shuffle_ps(u0, u1, 0xEE));
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1)); /* block l: [a_l, a_l, a_l+4, a_l+4] */
+  const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, v));
+}
+
+/* res[t * RB + r] = dot(x[t], w[r0 + r]) for TB tokens and RB (8 or 1) rows of length len. */
+static inline __attribute__((always_inline)) void blockz(const int TB, const int RB,
+                                                         const float *const *x, const void *w,
+                                                         int64_t r0, int64_t len, int dt,
+                                                         float *res) {
+  __m512 acc[3][8];
+  const float *xp[3];
+  for (int t = 0; t < TB; ++t) {
+    xp[t] = x[t];
+    for (int r = 0; r < RB; ++r) acc[t][r] = _mm512_setzero_ps();
+  }
+  const __mmask16 all = 0xFFFF;
+  int64_t c = 0;
+  for (; c + 16 <= len; c += 16) {
+    __m512 xv[3];
+    for (int t = 0; t < TB; ++t) xv[t] = _mm512_loadu_ps(xp[t] + c);
+    for (int r = 0; r < RB; ++r) {
+      __m512 wv = load16(w, (r0 + r) * len + c, dt, all);
+      for (int t = 0; t < TB; ++t) acc[t][r] = _mm512_fmadd_ps(xv[t], wv, acc[t][r]);
+    }
+  }
+  if (c < len) {
+    __mmask16 m = (__mmask16)((1u << (len - c)) - 1u);
+    __m512 xv[3];
+    for (int t = 0; t < TB; ++t) xv[t] = _mm512_maskz_loadu_ps(m, xp[t] + c);
+    for (int r = 0; r < RB; ++r) {
+      __m512 wv = load16(w, (r0 + r) * len + c, dt, m);
+      for (int t = 0; t < TB; ++t) acc[t][r] = _mm512_fmadd_ps(xv[t], wv, acc[t][r]);
+    }
+  }
+  for (int t = 0; t < TB; ++t) {
+    if (RB == 8) {
+      __m512 *a = acc[t];
+      _mm256_storeu_ps(res + t * 8, reduce8z(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]));
+    } else {
+      res[t] = _mm512_reduce_add_ps(acc[t][0]);
+    }
+  }
+}
+
+/* exp(v) for 16 lanes: v = n ln2 + r with |r| <= ln2/2 (ln2 in two parts), a degree-6
+ * polynomial for exp(r) (relative error ~2e-7, as glibc's expf within float tolerance) and
+ * scalef for 2**n, which gives inf and 0 past float's range; NaN stays NaN. */
+static inline __m512 exp16(__m512 v) {
+  v = _mm512_max_ps(_mm512_min_ps(v, _mm512_set1_ps(100.0f)), _mm512_set1_ps(-110.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.3981999507e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+/* round to bf16 (nearest even) per lane, NaN kept: round_bf16 for 16 lanes */
+static inline __m512 round_bf16_16(__m512 f) {
+  __m512i u = _mm512_castps_si512(f);
+  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u));
+  __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+  return _mm512_mask_blend_ps(nan, _mm512_castsi512_ps(r), f);
+}
+
+/* act_fn for 16 lanes (silu, gelu_tanh, relu; erf's gelu returns 0: callers use scalars) */
+static inline __m512 act16(__m512 v, int act) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  switch (act) {
+    case ACT_SILU: return _mm512_div_ps(v, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+    case ACT_GELU_TANH: {
+      __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+      __m512 inner = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f),
+                                   _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), v3, v));
+      /* 1 + tanh(z) = 2 - 2 / (exp(2z) + 1) */
+      __m512 e2 = exp16(_mm512_add_ps(inner, inner));
+      __m512 t1 = _mm512_sub_ps(_mm512_set1_ps(2.0f),
+                                _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e2, one)));
+      return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), t1);
+    }
+    case ACT_RELU: return _mm512_max_ps(v, _mm512_setzero_ps());
+    default: return _mm512_setzero_ps();
+  }
+}
+#endif
+
+/* Software prefetch of the weights, PF_AHEAD bytes ahead of the kernel, over the touched
+ * experts' matrices in the order it reads them (the hardware streamer stops at each 4 KB
+ * page and at each matrix; at decode sizes one block's dot products are too short to hide
+ * a cache miss). */
+#define PF_AHEAD 8192
+typedef struct {
+  const char **ptr; /* segment starts */
+  size_t *len;      /* segment bytes */
+  int64_t nseg, seg;
+  size_t off;
+} pf_stream;
+
+static inline void pf_run(pf_stream *p, size_t bytes) {
+  while (bytes > 0 && p->seg < p->nseg) {
+    size_t left = p->len[p->seg] - p->off, take = left < bytes ? left : bytes;
+    const char *base = p->ptr[p->seg] + p->off;
+    for (size_t o = 0; o < take; o += 64) __builtin_prefetch(base + o, 0, 3);
+    p->off += take, bytes -= take;
+    if (p->off == p->len[p->seg]) p->seg++, p->off = 0;
+  }
+}
+
 /* y[t * rows + r] = dot(x[t], w[r]) for m tokens and all rows of w [rows, len]: the weight
  * matrix is streamed once (8 rows at a time, kept in L1 while every token uses them). */
 static inline __attribute__((always_inline)) void matmul_rows_dt(
     const float *const *x, int64_t m, const void *w, int64_t rows, int64_t len, int dt,
-    float *y) {
+    float *y, pf_stream *pf) {
   float res[24];
-  const char *wb = (const char *)w;
-  size_t esz = dt == 0 ? sizeof(float) : sizeof(uint16_t), span = (size_t)(8 * len) * esz;
-  size_t end = (size_t)(rows * len) * esz;
-  for (size_t off = 0; off < 2 * span && off < end; off += 64) __builtin_prefetch(wb + off, 0, 3);
+  size_t esz = dt == 0 ? sizeof(float) : sizeof(uint16_t);
   for (int64_t r0 = 0; r0 < rows; r0 += 8) {
     int full = r0 + 8 <= rows;
-    /* Software prefetch two row blocks ahead: the hardware streamer stops at 4 KB pages,
-     * and at decode sizes the dot products of one block are too short to hide a miss. */
-    size_t ahead = (size_t)(r0 * len) * esz + 2 * span;
-    for (size_t off = 0; off < span && ahead + off < end; off += 64)
-      __builtin_prefetch(wb + ahead + off, 0, 3);
+    pf_run(pf, (size_t)((full ? 8 : rows - r0) * len) * esz);
     for (int64_t t0 = 0; t0 < m; t0 += 3) {
       int64_t tb = m - t0 < 3 ? m - t0 : 3;
       const float *const *xt = x + t0;
       int rb = full ? 8 : 1;
       for (int64_t r = r0; r < (full ? r0 + 8 : rows); r += rb) {
+#ifdef LYNX_AVX512
+        switch (tb * 16 + rb) {
+          case 3 * 16 + 8: blockz(3, 8, xt, w, r, len, dt, res); break;
+          case 2 * 16 + 8: blockz(2, 8, xt, w, r, len, dt, res); break;
+          case 1 * 16 + 8: blockz(1, 8, xt, w, r, len, dt, res); break;
+          case 3 * 16 + 1: blockz(3, 1, xt, w, r, len, dt, res); break;
+          case 2 * 16 + 1: blockz(2, 1, xt, w, r, len, dt, res); break;
+          default: blockz(1, 1, xt, w, r, len, dt, res); break;
+        }
+#else
         switch (tb * 16 + rb) {
           case 3 * 16 + 8: block(3, 8, xt, w, r, len, dt, res); break;
           case 2 * 16 + 8: block(2, 8, xt, w, r, len, dt, res); break;
@@ -304,6 +450,7 @@ static inline __attribute__((always_inline)) void matmul_rows_dt(
           case 2 * 16 + 1: block(2, 1, xt, w, r, len, dt, res); break;
           default: block(1, 1, xt, w, r, len, dt, res); break;
         }
+#endif
         for (int64_t t = 0; t < tb; ++t)
           for (int rr = 0; rr < rb; ++rr) y[(t0 + t) * rows + r + rr] = res[t * rb + rr];
       }
@@ -313,9 +460,9 @@ static inline __attribute__((always_inline)) void matmul_rows_dt(
 
 /* matmul_rows_dt compiled once per weight dtype (dt a constant in each copy). */
 static void matmul_rows(const float *const *x, int64_t m, const void *w, int64_t rows,
-                        int64_t len, int dt, float *y) {
-  if (dt == 0) matmul_rows_dt(x, m, w, rows, len, 0, y);
-  else matmul_rows_dt(x, m, w, rows, len, 1, y);
+                        int64_t len, int dt, float *y, pf_stream *pf) {
+  if (dt == 0) matmul_rows_dt(x, m, w, rows, len, 0, y, pf);
+  else matmul_rows_dt(x, m, w, rows, len, 1, y, pf);
 }
 
 /* Sparse experts (reference.experts_general_reference) for n tokens of width d:
@@ -337,15 +484,18 @@ int lynx_experts(const float *x, const int64_t *ids, const float *weights, const
   memset(out, 0, sizeof(float) * (size_t)(n * d));
   if (slots == 0) return 0;
   /* One scratch block: counts [e + 1], fill [e], order [slots], row pointers [2 slots],
-   * h [slots, max(u, d)] (up projection, then down projection), a [slots, i]. */
+   * prefetch segments [3 e] and their lengths [3 e], h [slots, max(u, d)] (up projection,
+   * then down projection), a [slots, i]. */
   int64_t hw = u > d ? u : d;
-  size_t ints = (size_t)(2 * e + 1 + slots), ptrs = (size_t)(2 * slots);
+  size_t ints = (size_t)(2 * e + 1 + slots + 3 * e), ptrs = (size_t)(2 * slots + 3 * e);
   size_t floats = (size_t)(slots * hw + slots * i);
   char *scratch = malloc(ints * sizeof(int64_t) + ptrs * sizeof(float *) + floats * sizeof(float));
   if (!scratch) return -1;
   int64_t *count = (int64_t *)scratch, *fill = count + e + 1, *order = fill + e;
   const float **xrow = (const float **)(order + slots), **arow = xrow + slots;
-  float *h = (float *)(arow + slots), *a = h + slots * hw;
+  const char **seg = (const char **)(arow + slots);
+  size_t *seglen = (size_t *)(seg + 3 * e);
+  float *h = (float *)(seglen + 3 * e), *a = h + slots * hw;
   /* Counting sort of the slots by expert (stable: token order within an expert). */
   memset(count, 0, sizeof(int64_t) * (size_t)(e + 1));
   for (int64_t s = 0; s < slots; ++s) {
@@ -359,6 +509,20 @@ int lynx_experts(const float *x, const int64_t *ids, const float *weights, const
   memcpy(fill, count, sizeof(int64_t) * (size_t)e);
   for (int64_t s = 0; s < slots; ++s) order[fill[ids[s]]++] = s;
   size_t esz = dt == 0 ? sizeof(float) : sizeof(uint16_t);
+  /* The weights in the order they are read, prefetched PF_AHEAD bytes ahead. */
+  pf_stream pf = {seg, seglen, 0, 0, 0};
+  for (int64_t j = 0; j < e; ++j) {
+    if (count[j + 1] == count[j]) continue;
+    seg[pf.nseg] = (const char *)w_up + (size_t)(j * u * d) * esz;
+    seglen[pf.nseg++] = (size_t)(u * d) * esz;
+    if (w_gate) {
+      seg[pf.nseg] = (const char *)w_gate + (size_t)(j * i * d) * esz;
+      seglen[pf.nseg++] = (size_t)(i * d) * esz;
+    }
+    seg[pf.nseg] = (const char *)w_down + (size_t)(j * d * i) * esz;
+    seglen[pf.nseg++] = (size_t)(d * i) * esz;
+  }
+  pf_run(&pf, PF_AHEAD);
   for (int64_t j = 0; j < e; ++j) {
     int64_t lo = count[j], m = count[j + 1] - lo;
     if (m == 0) continue;
@@ -367,17 +531,34 @@ int lynx_experts(const float *x, const int64_t *ids, const float *weights, const
     const char *wd = (const char *)w_down + (size_t)(j * d * i) * esz;
     for (int64_t t = 0; t < m; ++t) xrow[t] = x + (grp[t] / k) * d;
     /* Up (and gate) projection: h [m, u], gate [m, i] into a when split. */
-    matmul_rows(xrow, m, wu, u, d, dt, h);
+    matmul_rows(xrow, m, wu, u, d, dt, h, &pf);
     const float *gsrc = h, *usrc = gated ? h + i : NULL; /* fused [gate; up] halves */
     int64_t gstride = u;
     if (w_gate) {
       const char *wg = (const char *)w_gate + (size_t)(j * i * d) * esz;
-      matmul_rows(xrow, m, wg, i, d, dt, a);
+      matmul_rows(xrow, m, wg, i, d, dt, a, &pf);
       gsrc = a, gstride = i, usrc = h;
     }
     /* Activation a [m, i] (in place over a split gate: each element is read first). */
-    for (int64_t t = 0; t < m; ++t)
-      for (int64_t r = 0; r < i; ++r) {
+    for (int64_t t = 0; t < m; ++t) {
+      int64_t r = 0;
+#ifdef LYNX_AVX512
+      if (act != ACT_GELU) /* erf has no vector form here: scalar loop below */
+        for (; r < i; r += 16) {
+          __mmask16 mk = i - r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (i - r)) - 1u);
+          __m512 g = _mm512_maskz_loadu_ps(mk, gsrc + t * gstride + r);
+          if (round_mid) g = round_bf16_16(g);
+          __m512 v = act16(g, act);
+          if (usrc) {
+            __m512 up = _mm512_maskz_loadu_ps(mk, usrc + t * u + r);
+            if (round_mid) v = round_bf16_16(v), up = round_bf16_16(up);
+            v = _mm512_mul_ps(v, up);
+          }
+          if (round_mid) v = round_bf16_16(v);
+          _mm512_mask_storeu_ps(a + t * i + r, mk, v);
+        }
+#endif
+      for (; r < i; ++r) {
         float g = gsrc[t * gstride + r];
         if (round_mid) g = round_bf16(g);
         float v = act_fn(g, act);
@@ -388,9 +569,10 @@ int lynx_experts(const float *x, const int64_t *ids, const float *weights, const
         }
         a[t * i + r] = round_mid ? round_bf16(v) : v;
       }
+    }
     /* Down projection [m, d] into h, then the weighted combine, accumulated in float32. */
     for (int64_t t = 0; t < m; ++t) arow[t] = a + t * i;
-    matmul_rows(arow, m, wd, d, i, dt, h);
+    matmul_rows(arow, m, wd, d, i, dt, h, &pf);
     for (int64_t t = 0; t < m; ++t) {
       float *o = out + (grp[t] / k) * d;
       float wt = weights[grp[t]];

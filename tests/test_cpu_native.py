@@ -116,6 +116,21 @@ def test_experts_activations_and_model_sized_shapes(act):
     torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("act", ["gelu_tanh", "relu", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_vector_activations_over_the_whole_range(act, dtype):
+    # Pre-activations up to about +-300 (x scaled by 60): the vector exp saturates to inf and
+    # 0 there, as expf does. inter = 40: two full 16-lane vectors and a masked tail.
+    x, ids, w, w_up, w_down, w_gate = _case(13, 8, 2, 48, 40, "gated", dtype)
+    x = x * 60
+    got = torch.ops.lynx.experts_cpu(x, ids, w, w_up, None, w_down, act, True)
+    want = reference.experts_general_reference(x, ids, w, None, w_up, w_down, act, True)
+    scale = want.abs().max().item()
+    assert scale > 1e3  # the case does reach large activations
+    tol = TOL[dtype]
+    torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
 def test_experts_bad_ids_empty_batches_and_other_dtypes():
     x, ids, w, w_up, w_down, w_gate = _case(3, 8, 2, 16, 8, "gated", torch.float32)
     with pytest.raises(IndexError, match=r"expert ids must be in \[0, 8\)"):
