@@ -3,7 +3,7 @@
 On CPU tensors:
 - lynx::route traces the model's softmax, top-k and weights into Inductor's C++ graph; the
   batch-aware part of AffinityBinning (ranking, kept set, remap) is one call of the native
-  kernel lynx::affinity_ids_cpu (lowering/cpu_native.py), which replaces ~20 small traced
+  kernel lynx::affinity_ids_cpu (lowering/cpu_native.py, C++), which replaces ~20 small traced
   kernels and four sorts per layer. oea and static are traced whole.
 - lynx::experts / lynx::experts_split become one call of lynx::experts_cpu, whose work and
   weight reads follow the experts touched (what AffinityBinning reduces).
@@ -39,12 +39,13 @@ def _native(*tensors) -> bool:
     return all(t.device.type == "cpu" for t in tensors) and cpu_native.available()
 
 
-def _native_experts(x, *weights) -> bool:
+def _native_experts(x, activation, *weights) -> bool:
     """The native experts kernel, except in a graph specialised to one token (Dynamo
     specialises size 1): per-slot work equals per-expert work there, so the traced gathered
     form beats a kernel call."""
     return (
         not reference.static_one_token(x)
+        and activation in cpu_native.ACTIVATIONS
         and _native(x)
         and cpu_native.experts_dtypes_fit(x, *weights)
     )
@@ -53,7 +54,7 @@ def _native_experts(x, *weights) -> bool:
 @register_decomposition(torch.ops.lynx.experts.default)
 def experts_cpu(x, ids, weights, w_up, w_down, activation, gated):
     """lynx::experts: the native kernel on CPU, else the static-shape gathered form, traced."""
-    if _native_experts(x, w_up, w_down):
+    if _native_experts(x, activation, w_up, w_down):
         return torch.ops.lynx.experts_cpu.default(
             x, ids, weights, w_up, None, w_down, activation, gated
         )
@@ -63,7 +64,7 @@ def experts_cpu(x, ids, weights, w_up, w_down, activation, gated):
 @register_decomposition(torch.ops.lynx.experts_split.default)
 def experts_split_cpu(x, ids, weights, w_gate, w_up, w_down, activation):
     """lynx::experts_split: the native kernel on CPU, else the gathered form, traced."""
-    if _native_experts(x, w_gate, w_up, w_down):
+    if _native_experts(x, activation, w_gate, w_up, w_down):
         return torch.ops.lynx.experts_cpu.default(
             x, ids, weights, w_up, w_gate, w_down, activation, True
         )

@@ -1,5 +1,6 @@
-"""The native CPU kernels (lowering/lynx_cpu.c via lowering/cpu_native.py) against the
-plain-PyTorch reference: AffinityBinning ids exactly, sparse experts within dtype tolerance."""
+"""The native CPU kernels (lowering/lynx_cpu.c, registered by lowering/lynx_ops.cpp) against
+the plain-PyTorch reference: AffinityBinning ids exactly, sparse experts within dtype
+tolerance, and clear errors for what they do not take."""
 
 from __future__ import annotations
 
@@ -13,9 +14,16 @@ from tests.conftest import EXPERTS_TOL as TOL
 from tests.conftest import experts_case as _case
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _loaded():
+    """The ops' CPU kernels exist once the library is loaded."""
+    cpu_native.available()
+
+
 def test_the_library_builds_here():
-    """CI has a C compiler: the kernels under test are the native ones, not the fallback."""
-    assert cpu_native.available(), "lowering/lynx_cpu.c did not build; see the logged warning"
+    """CI has C and C++ compilers: the kernels under test are the native ones, and the CPU
+    lowering emits them (not the traced fallback)."""
+    assert cpu_native.available(), "lowering/lynx_ops.cpp did not build; see the logged warning"
     assert cpu_native.build().exists()
 
 
@@ -86,11 +94,16 @@ def test_affinity_ids_property(tokens, experts, data, alpha, beta, step):
     assert torch.equal(ids, want_ids) and torch.equal(same, want_same)
 
 
-def test_affinity_ids_empty_batch_and_float64_fall_back_to_the_reference():
+def test_affinity_ids_empty_batch_and_what_it_does_not_take():
     (ids, same), _ = _both(torch.zeros(0, 8), 2, 3.0, 2.0)
     assert ids.shape == (0, 2) and same.shape == (0, 1)
-    (ids, same), (want_ids, want_same) = _both(_logits(5, 8, torch.float64, 0), 2, 3.0, 2.0)
-    assert torch.equal(ids, want_ids) and torch.equal(same, want_same)
+    # float64 scores would be ranked after rounding to float32: refused, not approximated
+    # (the CPU lowering traces the reference for them).
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16 scores; got Double"):
+        _both(_logits(5, 8, torch.float64, 0), 2, 3.0, 2.0)
+    logits = _logits(5, 8, torch.float32, 0)
+    with pytest.raises(RuntimeError, match=r"exact_ids must be \[N, k\] with N = 5"):
+        torch.ops.lynx.affinity_ids_cpu(logits, logits, torch.zeros(4, 2).long(), 3.0, None)
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 13, 33])
@@ -131,19 +144,26 @@ def test_experts_vector_activations_over_the_whole_range(act, dtype):
     torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=tol["atol"] * scale)
 
 
-def test_experts_bad_ids_empty_batches_and_other_dtypes():
+def test_experts_bad_ids_empty_batches_and_what_it_does_not_take():
     x, ids, w, w_up, w_down, w_gate = _case(3, 8, 2, 16, 8, "gated", torch.float32)
+    op = torch.ops.lynx.experts_cpu
     with pytest.raises(IndexError, match=r"expert ids must be in \[0, 8\)"):
-        torch.ops.lynx.experts_cpu(x, ids + 8, w, w_up, None, w_down, "silu", True)
-    empty = torch.ops.lynx.experts_cpu(x[:0], ids[:0], w[:0], w_up, None, w_down, "silu", True)
-    assert empty.shape == (0, 16)
-    # float16 is not a native dtype: the op falls back to the reference, still correct.
+        op(x, ids + 8, w, w_up, None, w_down, "silu", True)
+    with pytest.raises(IndexError, match=r"expert ids must be in \[0, 8\)"):
+        op(x, ids - 1, w, w_up, None, w_down, "silu", True)
+    empty = op(x[:0], ids[:0], w[:0], w_up, None, w_down, "silu", True)
+    assert empty.shape == (0, 16) and empty.dtype == x.dtype
+    # What the kernel does not compute is refused with what to do (the CPU lowering traces
+    # the gathered form for these).
     half = [t.half() for t in (x, w_up, w_down)]
-    got = torch.ops.lynx.experts_cpu(half[0], ids, w, half[1], None, half[2], "silu", True)
-    want = reference.experts_general_reference(
-        half[0], ids, w, None, half[1], half[2], "silu", True
-    )
-    torch.testing.assert_close(got, want)
+    with pytest.raises(TypeError, match="float32 or bfloat16; got Half"):
+        op(half[0], ids, w, half[1], None, half[2], "silu", True)
+    with pytest.raises(TypeError, match="weights must have x's dtype"):
+        op(x, ids, w, w_up.bfloat16(), None, w_down, "silu", True)
+    with pytest.raises(ValueError, match="unknown activation 'swish'; valid: silu"):
+        op(x, ids, w, w_up, None, w_down, "swish", True)
+    with pytest.raises(RuntimeError, match=r"inconsistent shapes .* want w_up \[E, 16, 16\]"):
+        op(x, ids, w, w_up[:, :12], None, w_down, "silu", True)
 
 
 @pytest.mark.parametrize("policy", ["affinity", "oea", "static"])

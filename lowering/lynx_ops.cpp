@@ -1,0 +1,123 @@
+// The CPU kernels of lynx::affinity_ids_cpu and lynx::experts_cpu, registered with the
+// dispatcher in C++ so that a compiled graph calls them without going through Python.
+//
+// The schemas (and the fake kernels used while tracing) are defined in
+// lowering/cpu_native.py; this file only adds the CPU implementations. The arithmetic is
+// the C code of lowering/lynx_cpu.c, linked into the same shared library. Built once per
+// machine against the installed torch's headers by cpu_native.build().
+//
+// Both ops take the dtypes the C kernels compute in and say what is wrong otherwise: the
+// CPU lowering only emits them for inputs that fit (cpu_native.experts_dtypes_fit,
+// cpu_native.ROUTE_DTYPES); everything else is traced from the reference.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+
+extern "C" {
+int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t *exact_ids,
+                          int64_t n, int64_t e, int64_t k, double alpha, double beta,
+                          int64_t *ids, uint8_t *same);
+int lynx_experts(const float *x, const int64_t *ids, const float *weights, const void *w_up,
+                 const void *w_gate, const void *w_down, int64_t n, int64_t k, int64_t e,
+                 int64_t d, int64_t u, int64_t i, int gated, int act, int dt, int round_mid,
+                 float *out);
+}
+
+namespace {
+
+bool route_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+std::tuple<at::Tensor, at::Tensor> affinity_ids_cpu(const at::Tensor &logits,
+                                                    const at::Tensor &probs,
+                                                    const at::Tensor &exact_ids, double alpha,
+                                                    std::optional<double> beta) {
+  TORCH_CHECK(logits.dim() == 2 && probs.sizes() == logits.sizes(),
+              "lynx::affinity_ids_cpu: logits and probs must both be [N, E]; got ",
+              logits.sizes(), " and ", probs.sizes());
+  TORCH_CHECK(exact_ids.dim() == 2 && exact_ids.size(0) == logits.size(0),
+              "lynx::affinity_ids_cpu: exact_ids must be [N, k] with N = ", logits.size(0),
+              "; got ", exact_ids.sizes());
+  TORCH_CHECK_TYPE(route_dtype(logits.scalar_type()) && route_dtype(probs.scalar_type()),
+                   "lynx::affinity_ids_cpu computes on float32, bfloat16 or float16 scores; "
+                   "got ", logits.scalar_type(), " (use reference.affinity_ids for others)");
+  TORCH_CHECK_TYPE(exact_ids.scalar_type() == at::kLong,
+                   "lynx::affinity_ids_cpu: exact_ids must be int64; got ",
+                   exact_ids.scalar_type());
+  const int64_t n = logits.size(0), e = logits.size(1), k = exact_ids.size(1);
+  at::Tensor ids = at::empty({n, k}, exact_ids.options());
+  at::Tensor same = at::empty({n, 1}, exact_ids.options().dtype(at::kBool));
+  if (n == 0) return {ids, same};
+  at::Tensor lg = logits.to(at::kFloat).contiguous(), pr = probs.to(at::kFloat).contiguous();
+  at::Tensor ex = exact_ids.contiguous();
+  const int64_t kept = lynx_affinity_ids(
+      lg.data_ptr<float>(), pr.data_ptr<float>(), ex.data_ptr<int64_t>(), n, e, k, alpha,
+      beta.has_value() ? *beta : -1.0, ids.data_ptr<int64_t>(),
+      reinterpret_cast<uint8_t *>(same.data_ptr<bool>()));
+  TORCH_CHECK(kept >= 0, "lynx::affinity_ids_cpu: out of memory for its scratch buffers");
+  return {ids, same};
+}
+
+int activation_code(c10::string_view activation) {
+  static const char *const names[] = {"silu", "gelu", "gelu_tanh", "relu"};  // lynx_cpu.c order
+  for (int c = 0; c < 4; ++c)
+    if (activation == names[c]) return c;
+  TORCH_CHECK_VALUE(false, "lynx::experts_cpu: unknown activation '", std::string(activation),
+                    "'; valid: silu, gelu, gelu_tanh, relu");
+  return -1;
+}
+
+at::Tensor experts_cpu(const at::Tensor &x, const at::Tensor &ids, const at::Tensor &weights,
+                       const at::Tensor &w_up, const std::optional<at::Tensor> &w_gate,
+                       const at::Tensor &w_down, c10::string_view activation, bool gated) {
+  const int act = activation_code(activation);
+  const at::ScalarType dt = x.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16,
+                   "lynx::experts_cpu computes on float32 or bfloat16; got ", dt);
+  const bool same_dtype = w_up.scalar_type() == dt && w_down.scalar_type() == dt &&
+                          (!w_gate || w_gate->scalar_type() == dt);
+  TORCH_CHECK_TYPE(same_dtype, "lynx::experts_cpu: the expert weights must have x's dtype ", dt);
+  TORCH_CHECK(x.dim() == 2 && w_up.dim() == 3 && w_down.dim() == 3 && ids.dim() == 2,
+              "lynx::experts_cpu: want x [N, d], ids [N, k], w_up [E, U, d], w_down [E, d, I]");
+  const int64_t n = x.size(0), d = x.size(1), e = w_up.size(0), u = w_up.size(1);
+  const int64_t i = w_down.size(2), k = ids.size(1);
+  const int64_t want_u = gated && !w_gate ? 2 * i : i;
+  const bool gate_fits =
+      !w_gate || (w_gate->dim() == 3 && w_gate->size(0) == e && w_gate->size(1) == i &&
+                  w_gate->size(2) == d);
+  TORCH_CHECK(u == want_u && w_up.size(2) == d && w_down.size(0) == e && w_down.size(1) == d &&
+                  gate_fits && ids.size(0) == n && weights.sizes() == ids.sizes(),
+              "lynx::experts_cpu: inconsistent shapes x ", x.sizes(), ", ids ", ids.sizes(),
+              ", weights ", weights.sizes(), ", w_up ", w_up.sizes(), ", w_down ",
+              w_down.sizes(), " (gated=", gated, ", split gate ", w_gate.has_value(),
+              "): want w_up [E, ", want_u, ", ", d, "] and w_down [E, ", d, ", I]");
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "lynx::experts_cpu: ids must be int64");
+  at::Tensor out = at::empty({n, d}, x.options().dtype(at::kFloat));
+  if (n > 0) {
+    at::Tensor xs = x.to(at::kFloat).contiguous(), wts = weights.to(at::kFloat).contiguous();
+    at::Tensor idc = ids.contiguous(), up = w_up.contiguous(), down = w_down.contiguous();
+    at::Tensor gate = w_gate ? w_gate->contiguous() : at::Tensor();
+    const int code = dt == at::kFloat ? 0 : 1;  // the C kernel's weight dtype
+    const int status = lynx_experts(
+        xs.data_ptr<float>(), idc.data_ptr<int64_t>(), wts.data_ptr<float>(), up.data_ptr(),
+        gate.defined() ? gate.data_ptr() : nullptr, down.data_ptr(), n, k, e, d, u, i,
+        gated ? 1 : 0, act, code, code, out.data_ptr<float>());
+    TORCH_CHECK_INDEX(status != -2, "lynx::experts_cpu: expert ids must be in [0, ", e, ")");
+    TORCH_CHECK(status == 0, "lynx::experts_cpu: out of memory for its scratch buffers");
+  }
+  return dt == at::kFloat ? out : out.to(dt);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lynx, CPU, m) {
+  m.impl("affinity_ids_cpu", &affinity_ids_cpu);
+  m.impl("experts_cpu", &experts_cpu);
+}
