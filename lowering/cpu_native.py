@@ -31,6 +31,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -105,12 +106,26 @@ def build(directory: Path | None = None) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         obj, out = Path(tmp) / "lynx_cpu.o", Path(tmp) / target.name
         _run([cc, *C_FLAGS, "-c", str(C_SOURCE), "-o", str(obj)])
         _run([cxx, *CPP_FLAGS, str(CPP_SOURCE), str(obj), "-o", str(out), *_torch_flags()])
+        _seconds_file(target).write_text(f"{time.perf_counter() - start:.2f}\n")
         os.replace(out, target)  # atomic: concurrent builders race harmlessly
     return target
+
+
+def _seconds_file(library: Path) -> Path:
+    return library.with_name(library.name + ".seconds")
+
+
+def build_seconds(library: Path) -> float | None:
+    """How long building `library` took (recorded by build()), None if not recorded."""
+    try:
+        return float(_seconds_file(library).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 @functools.cache

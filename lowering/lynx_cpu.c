@@ -1,16 +1,25 @@
 /* The CPU kernels of lynx_compile: AffinityBinning selection and the sparse experts.
  *
- * Plain C, built once per machine by lowering/cpu_native.py and called through ctypes.
- * Each function computes what its reference in lowering/reference.py computes (tests
+ * Plain C, linked into the op library that lowering/lynx_ops.cpp registers with torch's
+ * dispatcher (built once per machine by lowering/cpu_native.py). Each function computes what its reference in lowering/reference.py computes (tests
  * check equality of ids and closeness of outputs); see that file for the specification.
  *
  * Both are single-threaded: at decode sizes one layer's work is a few microseconds of
- * arithmetic over weights read once per touched expert.
+ * arithmetic over weights read once per touched expert, bound by how fast one core
+ * streams them from memory.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* AVX-512 code paths (F, BW, VL, DQ: every AVX-512 CPU since Skylake-SP) under
+ * -march=native; plain C elsewhere. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__)
+#include <immintrin.h>
+#define LYNX_AVX512 1
+#endif
 
 #define MIN_BIN (-(1LL << 30))
 
@@ -27,6 +36,57 @@ static inline int64_t ipow(int64_t b, int64_t p) {
   int64_t r = 1;
   while (p-- > 0) r *= b;
   return r;
+}
+
+/* The maximum of row[0..e) and whether the row may be remapped (no NaN, finite maximum). */
+static inline float row_max(const float *row, int64_t e, uint8_t *valid) {
+  float mx = -INFINITY;
+  int nan = 0;
+  int64_t j = 0;
+#ifdef LYNX_AVX512
+  __m512 vmx = _mm512_set1_ps(-INFINITY);
+  __mmask16 vnan = 0;
+  for (; j < e; j += 16) {
+    __mmask16 m = e - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (e - j)) - 1u);
+    __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), m, row + j);
+    vnan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    vmx = _mm512_max_ps(vmx, v);
+  }
+  mx = _mm512_reduce_max_ps(vmx);
+  nan = vnan != 0;
+#endif
+  for (; j < e; ++j) {
+    nan |= row[j] != row[j];
+    mx = row[j] > mx ? row[j] : mx;
+  }
+  *valid = !nan && isfinite(mx);
+  return mx;
+}
+
+/* Affinity bins q[j] = ceil(alpha * (row[j] - mx)) in double (NaN, from alpha 0 times -inf:
+ * 0), clamped to [floor_q, 0] (-inf: floor_q, at most MIN_BIN). */
+static inline void row_bins(const float *row, int64_t e, double alpha, double mx,
+                            double floor_q, int64_t *q) {
+  int64_t j = 0;
+#ifdef LYNX_AVX512
+  const __m512d va = _mm512_set1_pd(alpha), vm = _mm512_set1_pd(mx);
+  const __m512d lo = _mm512_set1_pd(floor_q), zero = _mm512_setzero_pd();
+  for (; j < e; j += 8) {
+    __mmask8 m = e - j >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (e - j)) - 1u);
+    __m512d c = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, row + j));
+    c = _mm512_roundscale_pd(_mm512_mul_pd(va, _mm512_sub_pd(c, vm)),
+                             _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+    c = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(c, c, _CMP_UNORD_Q), c, zero);
+    c = _mm512_min_pd(_mm512_max_pd(c, lo), zero);
+    _mm512_mask_storeu_epi64(q + j, m, _mm512_cvtpd_epi64(c));
+  }
+#endif
+  for (; j < e; ++j) {
+    double c = ceil(alpha * ((double)row[j] - mx));
+    c = c != c ? 0.0 : c;
+    c = c < floor_q ? floor_q : c;
+    q[j] = (int64_t)(c > 0.0 ? 0.0 : c);
+  }
 }
 
 /* Affinity routing for n tokens over e experts (reference.route_reference, policy
@@ -51,28 +111,17 @@ int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t
   if (!q) return -1;
   int64_t *pop = q + n * e, *total = pop + n * e;
   uint8_t *kept = (uint8_t *)(total + e), *taken = kept + e, *valid = taken + e;
-  int64_t floor_q = beta < 0 ? MIN_BIN : -(int64_t)floor(beta);
+  const double floor_q = beta < 0 ? (double)MIN_BIN : -floor(beta);
   for (int64_t t = 0; t < n; ++t) {
     const float *row = logits + t * e;
+    int64_t *qt = q + t * e;
     /* Rows that may be remapped: finite maximum, no NaN. */
-    float mx = -INFINITY;
-    int nan = 0;
-    for (int64_t j = 0; j < e; ++j) {
-      nan |= isnan(row[j]);
-      mx = row[j] > mx ? row[j] : mx;
+    float mx = row_max(row, e, &valid[t]);
+    if (!valid[t]) {
+      memset(qt, 0, sizeof(int64_t) * (size_t)e);
+      continue;
     }
-    valid[t] = !nan && isfinite(mx);
-    /* Affinity bins q = ceil(alpha * (L - max)) in double, floored at -floor(beta). */
-    for (int64_t j = 0; j < e; ++j) {
-      int64_t v = 0;
-      if (valid[t]) {
-        double c = ceil(alpha * ((double)row[j] - (double)mx));
-        c = c < (double)MIN_BIN ? (double)MIN_BIN : (c > 0.0 ? 0.0 : c); /* -inf: MIN_BIN */
-        v = (int64_t)c;
-        v = v < floor_q ? floor_q : v;
-      }
-      q[t * e + j] = v;
-    }
+    row_bins(row, e, alpha, (double)mx, floor_q, qt);
   }
   /* Popularity key (reference.popularity_key): the other tokens' votes as a base-B numeral,
    * one digit per bin: a vote in bin depth p is worth B**(bins-1-p), none below `bins`. */
@@ -82,45 +131,75 @@ int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t
     bins = bins < 1 ? 1 : bins;
   }
   if (beta >= 0 && bins > (int64_t)floor(beta) + 1) bins = (int64_t)floor(beta) + 1;
-  int64_t place[64];
+  int64_t place[64] = {0}; /* worth of a vote by depth, 0 from depth `bins` on */
   for (int64_t p = 0; p < bins && p < 64; ++p) place[p] = ipow(batch, bins - 1 - p);
   memset(total, 0, sizeof(int64_t) * (size_t)e);
   for (int64_t t = 0; t < n; ++t) {
-    if (!valid[t]) continue;
+    int64_t *own = pop + t * e;
+    const int64_t *qt = q + t * e;
+    if (!valid[t]) {
+      memset(own, 0, sizeof(int64_t) * (size_t)e);
+      continue;
+    }
     for (int64_t j = 0; j < e; ++j) {
-      int64_t depth = -q[t * e + j];
-      if (depth < bins) total[j] += place[depth];
+      int64_t depth = -qt[j];
+      own[j] = place[depth < 63 ? depth : 63];
+      total[j] += own[j];
     }
   }
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t j = 0; j < e; ++j) {
-      int64_t depth = -q[t * e + j];
-      int64_t own = valid[t] && depth < bins ? place[depth] : 0;
-      pop[t * e + j] = total[j] - own;
-    }
+  for (int64_t t = 0; t < n * e; t += e)
+    for (int64_t j = 0; j < e; ++j) pop[t + j] = total[j] - pop[t + j];
   /* Kept set: union over valid tokens of their top-k by (q, pop, prob, lower index). One
    * pass per token keeps its best k so far, best first (insertion: most experts fail the
-   * first comparison with the current k-th). */
+   * first comparison with the current k-th). With beta <= 3 the four keys pack into one
+   * 128-bit integer: (q + floor(beta)) in 2 bits above pop (< B**bins <= 2**62), then the
+   * probability's bits (non-negative floats order as integers) and the complemented index. */
+  const int packed = beta >= 0 && floor(beta) <= 3;
   memset(kept, 0, (size_t)e);
   for (int64_t t = 0; t < n; ++t) {
     if (!valid[t]) continue;
     const int64_t *qt = q + t * e, *pt = pop + t * e;
     const float *ft = probs + t * e;
     int64_t *top = ids + t * k, have = 0; /* the output row is free scratch until the remap */
-    for (int64_t j = 0; j < e; ++j) {
-      if (have == k) {
-        int64_t w = top[k - 1];
-        if (!better(qt[j], pt[j], ft[j], j, qt[w], pt[w], ft[w], w)) continue;
-        --have;
+    if (packed) {
+      unsigned __int128 best[64], *kb = k <= 64 ? best : NULL;
+      if (!kb) goto general;
+      for (int64_t j = 0; j < e; ++j) {
+        uint32_t fb;
+        memcpy(&fb, ft + j, sizeof fb);
+        uint64_t hi = ((uint64_t)(qt[j] - (int64_t)floor_q) << 62) | (uint64_t)pt[j];
+        uint64_t lo = ((uint64_t)fb << 32) | (uint32_t)~(uint32_t)j;
+        unsigned __int128 key = ((unsigned __int128)hi << 64) | lo;
+        if (have == k) {
+          if (key <= kb[k - 1]) continue;
+          --have;
+        }
+        int64_t pos = have++;
+        while (pos > 0 && key > kb[pos - 1]) {
+          kb[pos] = kb[pos - 1];
+          top[pos] = top[pos - 1];
+          --pos;
+        }
+        kb[pos] = key;
+        top[pos] = j;
       }
-      int64_t pos = have++;
-      while (pos > 0) {
-        int64_t w = top[pos - 1];
-        if (!better(qt[j], pt[j], ft[j], j, qt[w], pt[w], ft[w], w)) break;
-        top[pos] = w;
-        --pos;
+    } else {
+    general:
+      for (int64_t j = 0; j < e; ++j) {
+        if (have == k) {
+          int64_t w = top[k - 1];
+          if (!better(qt[j], pt[j], ft[j], j, qt[w], pt[w], ft[w], w)) continue;
+          --have;
+        }
+        int64_t pos = have++;
+        while (pos > 0) {
+          int64_t w = top[pos - 1];
+          if (!better(qt[j], pt[j], ft[j], j, qt[w], pt[w], ft[w], w)) break;
+          top[pos] = w;
+          --pos;
+        }
+        top[pos] = j;
       }
-      top[pos] = j;
     }
     for (int64_t s = 0; s < k; ++s) kept[top[s]] = 1;
   }
@@ -274,11 +353,9 @@ static inline __attribute__((always_inline)) void block(const int TB, const int 
   }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
+#ifdef LYNX_AVX512
 /* AVX-512 path: 16-float vectors, 32 registers (24 accumulators fit), masked loads for the
  * vector tail (no scalar loop) and a 16-lane transpose-and-add tree. */
-#define LYNX_AVX512 1
 
 static inline __attribute__((always_inline)) __m512 load16(const void *w, int64_t off, int dt,
                                                            __mmask16 m) {

@@ -76,6 +76,16 @@ def test_affinity_ids_remap_for_real_and_keep_non_finite_rows_exact():
     assert torch.unique(ids).numel() < torch.unique(torch.topk(logits, 8).indices).numel()
 
 
+def test_affinity_ids_alpha_zero_with_masked_experts():
+    # alpha 0 times -inf is NaN in the bin formula: the reference counts it as bin 0, and so
+    # must the kernel's vector and scalar paths (65 experts: 8 full vectors and a tail).
+    logits = _logits(9, 65, torch.float32, 3)
+    logits[:, ::5] = float("-inf")
+    for beta in (None, 2.0):
+        (ids, same), (want_ids, want_same) = _both(logits, 4, 0.0, beta)
+        assert torch.equal(ids, want_ids) and torch.equal(same, want_same)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     tokens=st.integers(1, 40),
