@@ -11,3 +11,6 @@ if ! .venv/bin/python -c "import lynx_compile, torch, triton, pytest" 2>/dev/nul
   .venv/bin/pip install --quiet "torch==2.13.0"
   .venv/bin/pip install --quiet -e ".[test]"
 fi
+# The native CPU kernels: built once per machine into ~/.cache/lynx_compile (~12 s), so that
+# no demo, benchmark or compile pays it; a machine without compilers gets the traced ops.
+.venv/bin/python -c "from lynx_compile.lowering import cpu_native as c; c.available() and print('lynx: native CPU kernels ready:', c.build())"
