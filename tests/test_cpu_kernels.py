@@ -64,3 +64,26 @@ def test_cpu_graph_calls_the_native_kernels_and_telemetry_keeps_the_route_op():
     with torch.no_grad():
         _, code = run_and_get_code(model, x[:1])
     assert "torch.ops.lynx" not in "\n".join(code)
+
+
+def test_without_the_native_library_the_cpu_graph_traces_the_same_function(monkeypatch):
+    """A machine without compilers (or LYNX_NATIVE_CPU=0) compiles the traced reference forms:
+    no lynx op in the generated code, the same outputs as the native kernels."""
+    from lynx_compile.lowering import cpu_native
+    from torch._inductor.utils import run_and_get_code
+
+    from lynx_compile.models import hf_tiny
+
+    block = hf_tiny.build_block("qwen3_moe", "grouped_mm")
+    x = torch.randn(5, 1, 32)
+    outputs = {}
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(cpu_native, "available", lambda: False)
+        assert cpu_native.available() == native  # True: built and loaded here
+        torch._dynamo.reset()
+        with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+            outputs[native], code = run_and_get_code(torch.compile(block, backend="lynx"), x)
+        assert ("torch.ops.lynx.experts_cpu" in "\n".join(code)) == native
+    # fp32 tolerance: the two forms sum the k expert outputs in different orders.
+    torch.testing.assert_close(outputs[False], outputs[True], rtol=1e-5, atol=1e-5)
