@@ -18,7 +18,9 @@ CPU anyway) against the installed torch's headers, into a cache directory
 ($LYNX_CACHE_DIR, else $XDG_CACHE_HOME/lynx_compile, else ~/.cache/lynx_compile), keyed by
 the sources, flags, compilers, torch and CPU; the build takes ~12 s. When it cannot be
 built (or with LYNX_NATIVE_CPU=0), `available()` is False and the CPU lowering traces the
-reference forms instead, with the same results.
+reference forms instead, with the same results. $LYNX_NATIVE_CFLAGS replaces the C code's
+optimisation flags (default "-O3 -march=native"; the tests build the portable vector path
+with "-mno-avx512f").
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ log = logging.getLogger("lynx_compile")
 HERE = Path(__file__).resolve().parent
 C_SOURCE = HERE / "lynx_cpu.c"
 CPP_SOURCE = HERE / "lynx_ops.cpp"
-C_FLAGS = ("-O3", "-march=native", "-fPIC")
 CPP_FLAGS = ("-O2", "-std=c++20", "-fPIC", "-shared")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")  # what lynx_ops.cpp accepts
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)  # the experts kernel's compute dtypes
@@ -99,7 +100,8 @@ def build(directory: Path | None = None) -> Path:
         raise RuntimeError("no C and C++ compilers found (set CC and CXX, or install g++)")
     versions = [subprocess.run([c, "--version"], capture_output=True, text=True).stdout
                 for c in (cc, cxx)]  # fmt: skip
-    key_parts = [C_SOURCE.read_text(), CPP_SOURCE.read_text(), " ".join(C_FLAGS + CPP_FLAGS)]
+    c_flags = (*os.environ.get("LYNX_NATIVE_CFLAGS", "-O3 -march=native").split(), "-fPIC")
+    key_parts = [C_SOURCE.read_text(), CPP_SOURCE.read_text(), " ".join(c_flags + CPP_FLAGS)]
     key_parts += [cc, cxx, *versions, torch.__version__, _cpu_signature()]
     key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:20]
     target = (directory or cache_dir()) / f"lynx_ops_{key}.so"
@@ -109,7 +111,7 @@ def build(directory: Path | None = None) -> Path:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         obj, out = Path(tmp) / "lynx_cpu.o", Path(tmp) / target.name
-        _run([cc, *C_FLAGS, "-c", str(C_SOURCE), "-o", str(obj)])
+        _run([cc, *c_flags, "-c", str(C_SOURCE), "-o", str(obj)])
         _run([cxx, *CPP_FLAGS, str(CPP_SOURCE), str(obj), "-o", str(out), *_torch_flags()])
         _seconds_file(target).write_text(f"{time.perf_counter() - start:.2f}\n")
         os.replace(out, target)  # atomic: concurrent builders race harmlessly

@@ -472,6 +472,12 @@ static inline __m512 act16(__m512 v, int act) {
 }
 #endif
 
+#ifdef LYNX_AVX512
+#define BLOCK blockz
+#else
+#define BLOCK block
+#endif
+
 /* Software prefetch of the weights, PF_AHEAD bytes ahead of the kernel, over the touched
  * experts' matrices in the order it reads them (the hardware streamer stops at each 4 KB
  * page and at each matrix; at decode sizes one block's dot products are too short to hide
@@ -509,25 +515,14 @@ static inline __attribute__((always_inline)) void matmul_rows_dt(
       const float *const *xt = x + t0;
       int rb = full ? 8 : 1;
       for (int64_t r = r0; r < (full ? r0 + 8 : rows); r += rb) {
-#ifdef LYNX_AVX512
-        switch (tb * 16 + rb) {
-          case 3 * 16 + 8: blockz(3, 8, xt, w, r, len, dt, res); break;
-          case 2 * 16 + 8: blockz(2, 8, xt, w, r, len, dt, res); break;
-          case 1 * 16 + 8: blockz(1, 8, xt, w, r, len, dt, res); break;
-          case 3 * 16 + 1: blockz(3, 1, xt, w, r, len, dt, res); break;
-          case 2 * 16 + 1: blockz(2, 1, xt, w, r, len, dt, res); break;
-          default: blockz(1, 1, xt, w, r, len, dt, res); break;
+        switch (tb * 16 + rb) { /* constant block shapes, so accumulators stay in registers */
+          case 3 * 16 + 8: BLOCK(3, 8, xt, w, r, len, dt, res); break;
+          case 2 * 16 + 8: BLOCK(2, 8, xt, w, r, len, dt, res); break;
+          case 1 * 16 + 8: BLOCK(1, 8, xt, w, r, len, dt, res); break;
+          case 3 * 16 + 1: BLOCK(3, 1, xt, w, r, len, dt, res); break;
+          case 2 * 16 + 1: BLOCK(2, 1, xt, w, r, len, dt, res); break;
+          default: BLOCK(1, 1, xt, w, r, len, dt, res); break;
         }
-#else
-        switch (tb * 16 + rb) {
-          case 3 * 16 + 8: block(3, 8, xt, w, r, len, dt, res); break;
-          case 2 * 16 + 8: block(2, 8, xt, w, r, len, dt, res); break;
-          case 1 * 16 + 8: block(1, 8, xt, w, r, len, dt, res); break;
-          case 3 * 16 + 1: block(3, 1, xt, w, r, len, dt, res); break;
-          case 2 * 16 + 1: block(2, 1, xt, w, r, len, dt, res); break;
-          default: block(1, 1, xt, w, r, len, dt, res); break;
-        }
-#endif
         for (int64_t t = 0; t < tb; ++t)
           for (int rr = 0; rr < rb; ++rr) y[(t0 + t) * rows + r + rr] = res[t * rb + rr];
       }

@@ -192,3 +192,50 @@ def test_a_batch_of_one_token_routes_exactly_even_with_ties(policy):
     for fn in (reference.affinity_ids, torch.ops.lynx.affinity_ids_cpu):
         ids, same = fn(logits, probs, exact_ids, 3.0, 2.0)
         assert torch.equal(ids, exact_ids) and bool(same.all())
+
+
+PORTABLE_CHECK = """
+import torch
+from lynx_compile.lowering import cpu_native, reference
+from tests.conftest import EXPERTS_TOL, experts_case
+
+assert cpu_native.available()
+for tokens, form, act, dtype in [(13, "gated", "silu", torch.float32),
+                                 (33, "split", "gelu_tanh", torch.float32),
+                                 (3, "plain", "relu", torch.bfloat16)]:
+    x, ids, w, w_up, w_down, w_gate = experts_case(tokens, 8, 2, 40, 20, form, dtype)
+    gated = form != "plain"
+    got = torch.ops.lynx.experts_cpu(x, ids, w, w_up, w_gate, w_down, act, gated)
+    want = reference.experts_general_reference(x, ids, w, w_gate, w_up, w_down, act, gated)
+    torch.testing.assert_close(got, want, **EXPERTS_TOL[dtype])
+for beta in (2.0, None):
+    logits = torch.randn(13, 37) * 2
+    logits[2, 5] = float("nan")
+    probs = torch.softmax(logits, dim=-1)
+    exact = torch.topk(probs, 4, dim=-1).indices
+    got = torch.ops.lynx.affinity_ids_cpu(logits, probs, exact, 3.0, beta)
+    want = reference.affinity_ids(logits, probs, exact, 3.0, beta)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+print("portable path ok")
+"""
+
+
+def test_the_portable_c_path_matches_the_reference(tmp_path):
+    """CPUs without AVX-512 (and other architectures) run the C code's portable vector path,
+    which this machine's -march=native build skips: built here without AVX-512, in a fresh
+    process (one process holds one registration of the ops) and cache directory."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    flags = "-O3 -march=native" + (" -mno-avx512f" if platform.machine() == "x86_64" else "")
+    env = {**os.environ, "LYNX_NATIVE_CFLAGS": flags, "LYNX_CACHE_DIR": str(tmp_path)}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", PORTABLE_CHECK], env=env, cwd=root, capture_output=True,
+        text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "portable path ok" in proc.stdout, proc.stderr[-3000:]
+    assert list(tmp_path.glob("lynx_ops_*.so")), "the portable build did not land in its cache"
