@@ -96,11 +96,15 @@ static inline void row_bins(const float *row, int64_t e, double alpha, double mx
  *   ids (out)      [n, k] int64, final experts (exact_ids where the set is unchanged)
  *   same (out)     [n] uint8, 1 where the token keeps its exact experts
  *   beta < 0 means no floor on the bins.
- * Returns the number of experts in the batch's kept set, or -1 when out of memory.
+ * Returns the number of experts in the batch's kept set, -1 when out of memory, -2 when an
+ * exact id is outside [0, e), -3 unless 1 <= k <= e.
  */
 int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t *exact_ids,
                           int64_t n, int64_t e, int64_t k, double alpha, double beta,
                           int64_t *ids, uint8_t *same) {
+  if (k < 1 || k > e) return -3;
+  for (int64_t s = 0; s < n * k; ++s)
+    if (exact_ids[s] < 0 || exact_ids[s] >= e) return -2;
   if (n == 1) { /* a batch of one token routes exactly: nothing to share */
     memcpy(ids, exact_ids, sizeof(int64_t) * (size_t)k);
     same[0] = 1;
@@ -215,6 +219,27 @@ int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t
       continue;
     }
     const float *ft = probs + t * e;
+    /* The common case first: the model's own top-k is all kept and no other kept expert
+     * ranks above its weakest member w by (prob, lower index); then it is the answer. */
+    memset(taken, 0, (size_t)e);
+    int all_kept = 1;
+    int64_t w = ex[0];
+    for (int64_t s = 0; s < k; ++s) {
+      int64_t j = ex[s];
+      taken[j] = 1, all_kept &= kept[j];
+      w = ft[j] < ft[w] || (ft[j] == ft[w] && j > w) ? j : w;
+    }
+    if (all_kept) {
+      const float pw = ft[w];
+      int beaten = 0;
+      for (int64_t j = 0; j < e; ++j)
+        beaten |= kept[j] & !taken[j] & ((ft[j] > pw) | ((ft[j] == pw) & (j < w)));
+      if (!beaten) {
+        memcpy(out, ex, sizeof(int64_t) * (size_t)k);
+        same[t] = 1;
+        continue;
+      }
+    }
     int64_t have = 0; /* top-k by (prob, lower index) among the kept experts, by insertion */
     for (int64_t j = 0; j < e; ++j) {
       if (!kept[j]) continue;

@@ -61,6 +61,8 @@ std::tuple<at::Tensor, at::Tensor> affinity_ids_cpu(const at::Tensor &logits,
       lg.data_ptr<float>(), pr.data_ptr<float>(), ex.data_ptr<int64_t>(), n, e, k, alpha,
       beta.has_value() ? *beta : -1.0, ids.data_ptr<int64_t>(),
       reinterpret_cast<uint8_t *>(same.data_ptr<bool>()));
+  TORCH_CHECK_INDEX(kept != -2, "lynx::affinity_ids_cpu: exact_ids must be in [0, ", e, ")");
+  TORCH_CHECK(kept != -3, "lynx::affinity_ids_cpu: want 1 <= k <= E; got k = ", k, ", E = ", e);
   TORCH_CHECK(kept >= 0, "lynx::affinity_ids_cpu: out of memory for its scratch buffers");
   return {ids, same};
 }

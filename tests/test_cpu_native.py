@@ -114,6 +114,10 @@ def test_affinity_ids_empty_batch_and_what_it_does_not_take():
     logits = _logits(5, 8, torch.float32, 0)
     with pytest.raises(RuntimeError, match=r"exact_ids must be \[N, k\] with N = 5"):
         torch.ops.lynx.affinity_ids_cpu(logits, logits, torch.zeros(4, 2).long(), 3.0, None)
+    with pytest.raises(IndexError, match=r"exact_ids must be in \[0, 8\)"):
+        torch.ops.lynx.affinity_ids_cpu(logits, logits, torch.full((5, 2), 8), 3.0, None)
+    with pytest.raises(RuntimeError, match="want 1 <= k <= E; got k = 9, E = 8"):
+        torch.ops.lynx.affinity_ids_cpu(logits, logits, torch.zeros(5, 9).long(), 3.0, None)
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 13, 33])
