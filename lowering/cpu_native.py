@@ -44,7 +44,7 @@ log = logging.getLogger("lynx_compile")
 HERE = Path(__file__).resolve().parent
 C_SOURCE = HERE / "lynx_cpu.c"
 CPP_SOURCE = HERE / "lynx_ops.cpp"
-CPP_FLAGS = ("-O2", "-std=c++20", "-fPIC", "-shared")
+CPP_FLAGS = ("-O2", "-std=c++20", "-fPIC", "-shared", "-fopenmp")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")  # what lynx_ops.cpp accepts
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)  # the experts kernel's compute dtypes
 ROUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # exact in float32

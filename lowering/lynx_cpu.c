@@ -4,9 +4,10 @@
  * dispatcher (built once per machine by lowering/cpu_native.py). Each function computes what its reference in lowering/reference.py computes (tests
  * check equality of ids and closeness of outputs); see that file for the specification.
  *
- * Both are single-threaded: at decode sizes one layer's work is a few microseconds of
- * arithmetic over weights read once per touched expert, bound by how fast one core
- * streams them from memory.
+ * Each call is single-threaded: at decode sizes one layer's work is a few microseconds of
+ * arithmetic over weights read once per touched expert, bound by how fast a core streams
+ * them from memory. lynx_ops.cpp splits the experts over torch's intra-op threads
+ * (lynx_experts' part/parts), so each thread streams its own experts.
  */
 #include <math.h>
 #include <stdint.h>
@@ -568,6 +569,8 @@ static void matmul_rows(const float *const *x, int64_t m, const void *w, int64_t
  *   w_up     [e, u, d]; w_gate [e, i, d] or NULL; w_down [e, d, i]; dtype dt (0 f32, 1 bf16)
  *   gated    1: h = act(gate) * up with gate/up the halves of x @ w_up[e].T (u = 2i), or
  *            gate = x @ w_gate[e].T when w_gate is given (u = i); 0: h = act(x @ w_up[e].T)
+ *   part, parts  computes only the touched experts whose rank among them is part mod parts
+ *            (parts callers, each on its own thread and output, then sum the outputs)
  *   out      [n, d] float32, overwritten: sum over slots of weight * (h @ w_down[e].T)
  * Work and weight reads follow the experts touched: each one's weights are read once for
  * all of its tokens. round_mid rounds intermediates to bf16 as a bf16 model does.
@@ -576,7 +579,7 @@ static void matmul_rows(const float *const *x, int64_t m, const void *w, int64_t
 int lynx_experts(const float *x, const int64_t *ids, const float *weights, const void *w_up,
                  const void *w_gate, const void *w_down, int64_t n, int64_t k, int64_t e,
                  int64_t d, int64_t u, int64_t i, int gated, int act, int dt, int round_mid,
-                 float *out) {
+                 int64_t part, int64_t parts, float *out) {
   int64_t slots = n * k;
   memset(out, 0, sizeof(float) * (size_t)(n * d));
   if (slots == 0) return 0;
@@ -608,8 +611,8 @@ int lynx_experts(const float *x, const int64_t *ids, const float *weights, const
   size_t esz = dt == 0 ? sizeof(float) : sizeof(uint16_t);
   /* The weights in the order they are read, prefetched PF_AHEAD bytes ahead. */
   pf_stream pf = {seg, seglen, 0, 0, 0};
-  for (int64_t j = 0; j < e; ++j) {
-    if (count[j + 1] == count[j]) continue;
+  for (int64_t j = 0, rank = 0; j < e; ++j) {
+    if (count[j + 1] == count[j] || rank++ % parts != part) continue;
     seg[pf.nseg] = (const char *)w_up + (size_t)(j * u * d) * esz;
     seglen[pf.nseg++] = (size_t)(u * d) * esz;
     if (w_gate) {
@@ -620,9 +623,9 @@ int lynx_experts(const float *x, const int64_t *ids, const float *weights, const
     seglen[pf.nseg++] = (size_t)(d * i) * esz;
   }
   pf_run(&pf, PF_AHEAD);
-  for (int64_t j = 0; j < e; ++j) {
+  for (int64_t j = 0, rank = 0; j < e; ++j) {
     int64_t lo = count[j], m = count[j + 1] - lo;
-    if (m == 0) continue;
+    if (m == 0 || rank++ % parts != part) continue;
     const int64_t *grp = order + lo;
     const char *wu = (const char *)w_up + (size_t)(j * u * d) * esz;
     const char *wd = (const char *)w_down + (size_t)(j * d * i) * esz;

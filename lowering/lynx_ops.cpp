@@ -10,14 +10,18 @@
 // CPU lowering only emits them for inputs that fit (cpu_native.experts_dtypes_fit,
 // cpu_native.ROUTE_DTYPES); everything else is traced from the reference.
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 extern "C" {
 int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t *exact_ids,
@@ -26,7 +30,7 @@ int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t
 int lynx_experts(const float *x, const int64_t *ids, const float *weights, const void *w_up,
                  const void *w_gate, const void *w_down, int64_t n, int64_t k, int64_t e,
                  int64_t d, int64_t u, int64_t i, int gated, int act, int dt, int round_mid,
-                 float *out);
+                 int64_t part, int64_t parts, float *out);
 }
 
 namespace {
@@ -107,12 +111,31 @@ at::Tensor experts_cpu(const at::Tensor &x, const at::Tensor &ids, const at::Ten
     at::Tensor idc = ids.contiguous(), up = w_up.contiguous(), down = w_down.contiguous();
     at::Tensor gate = w_gate ? w_gate->contiguous() : at::Tensor();
     const int code = dt == at::kFloat ? 0 : 1;  // the C kernel's weight dtype
-    const int status = lynx_experts(
-        xs.data_ptr<float>(), idc.data_ptr<int64_t>(), wts.data_ptr<float>(), up.data_ptr(),
-        gate.defined() ? gate.data_ptr() : nullptr, down.data_ptr(), n, k, e, d, u, i,
-        gated ? 1 : 0, act, code, code, out.data_ptr<float>());
-    TORCH_CHECK_INDEX(status != -2, "lynx::experts_cpu: expert ids must be in [0, ", e, ")");
-    TORCH_CHECK(status == 0, "lynx::experts_cpu: out of memory for its scratch buffers");
+    // With torch's intra-op threads, the touched experts are dealt out to the threads (each
+    // reads its experts' weights once, into its own output), then the outputs are summed;
+    // at least 4 token-expert slots per thread (one token's experts stay on one thread).
+    const int64_t parts =
+        std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n * k / 4));
+    at::Tensor partial = parts == 1 ? out : at::empty({parts, n, d}, out.options());
+    std::vector<int> status(parts, 0);
+    auto run = [&](int64_t part) {
+      status[part] = lynx_experts(
+          xs.data_ptr<float>(), idc.data_ptr<int64_t>(), wts.data_ptr<float>(), up.data_ptr(),
+          gate.defined() ? gate.data_ptr() : nullptr, down.data_ptr(), n, k, e, d, u, i,
+          gated ? 1 : 0, act, code, code, part, parts, partial.data_ptr<float>() + part * n * d);
+    };
+    if (parts == 1) {
+      run(0);
+    } else {
+      at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t part = lo; part < hi; ++part) run(part);
+      });
+      at::sum_out(out, partial, 0);
+    }
+    for (int st : status) {
+      TORCH_CHECK_INDEX(st != -2, "lynx::experts_cpu: expert ids must be in [0, ", e, ")");
+      TORCH_CHECK(st == 0, "lynx::experts_cpu: out of memory for its scratch buffers");
+    }
   }
   return dt == at::kFloat ? out : out.to(dt);
 }
