@@ -427,6 +427,9 @@ static inline __attribute__((always_inline)) void blockz(const int TB, const int
     for (int t = 0; t < TB; ++t) xv[t] = _mm512_loadu_ps(xp[t] + c);
     for (int r = 0; r < RB; ++r) {
       __m512 wv = load16(w, (r0 + r) * len + c, dt, all);
+      /* Keep the weight vector in a register for the TB FMAs: left alone, GCC folds the
+       * load into every FMA (TB loads of it; 11-22% slower at 1-8 tokens per expert). */
+      __asm__("" : "+v"(wv));
       for (int t = 0; t < TB; ++t) acc[t][r] = _mm512_fmadd_ps(xv[t], wv, acc[t][r]);
     }
   }
