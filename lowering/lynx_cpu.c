@@ -1,8 +1,9 @@
 /* The CPU kernels of lynx_compile: AffinityBinning selection and the sparse experts.
  *
  * Plain C, linked into the op library that lowering/lynx_ops.cpp registers with torch's
- * dispatcher (built once per machine by lowering/cpu_native.py). Each function computes what its reference in lowering/reference.py computes (tests
- * check equality of ids and closeness of outputs); see that file for the specification.
+ * dispatcher (built once per machine by lowering/cpu_native.py). Each function computes
+ * what its reference in lowering/reference.py computes (tests check equality of ids and
+ * closeness of outputs); see that file for the specification.
  *
  * Each call is single-threaded: at decode sizes one layer's work is a few microseconds of
  * arithmetic over weights read once per touched expert, bound by how fast a core streams
@@ -159,7 +160,7 @@ int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t
    * first comparison with the current k-th). With beta <= 3 the four keys pack into one
    * 128-bit integer: (q + floor(beta)) in 2 bits above pop (< B**bins <= 2**62), then the
    * probability's bits (non-negative floats order as integers) and the complemented index. */
-  const int packed = beta >= 0 && floor(beta) <= 3;
+  const int packed = beta >= 0 && floor(beta) <= 3 && k <= 64;
   memset(kept, 0, (size_t)e);
   for (int64_t t = 0; t < n; ++t) {
     if (!valid[t]) continue;
@@ -167,8 +168,7 @@ int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t
     const float *ft = probs + t * e;
     int64_t *top = ids + t * k, have = 0; /* the output row is free scratch until the remap */
     if (packed) {
-      unsigned __int128 best[64], *kb = k <= 64 ? best : NULL;
-      if (!kb) goto general;
+      unsigned __int128 kb[64]; /* the keys of top[0..have) */
       for (int64_t j = 0; j < e; ++j) {
         uint32_t fb;
         memcpy(&fb, ft + j, sizeof fb);
@@ -189,7 +189,6 @@ int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t
         top[pos] = j;
       }
     } else {
-    general:
       for (int64_t j = 0; j < e; ++j) {
         if (have == k) {
           int64_t w = top[k - 1];
@@ -255,11 +254,10 @@ int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t
       }
       out[pos] = j;
     }
-    /* Same expert set as the model's top-k: keep its ids (and order) bit for bit. */
-    memset(taken, 0, (size_t)e);
-    for (int64_t s = 0; s < k; ++s) taken[out[s]] = 1;
+    /* Same expert set as the model's top-k (marked in `taken` above): keep its ids (and
+     * order) bit for bit. */
     int is_same = 1;
-    for (int64_t s = 0; s < k; ++s) is_same &= taken[ex[s]];
+    for (int64_t s = 0; s < k; ++s) is_same &= taken[out[s]];
     same[t] = (uint8_t)is_same;
     if (is_same) memcpy(out, ex, sizeof(int64_t) * (size_t)k);
   }
@@ -626,19 +624,18 @@ int lynx_experts(const float *x, const int64_t *ids, const float *weights, const
     seglen[pf.nseg++] = (size_t)(d * i) * esz;
   }
   pf_run(&pf, PF_AHEAD);
+  const char *const *next = seg; /* this part's matrices, in the order listed above */
   for (int64_t j = 0, rank = 0; j < e; ++j) {
     int64_t lo = count[j], m = count[j + 1] - lo;
     if (m == 0 || rank++ % parts != part) continue;
     const int64_t *grp = order + lo;
-    const char *wu = (const char *)w_up + (size_t)(j * u * d) * esz;
-    const char *wd = (const char *)w_down + (size_t)(j * d * i) * esz;
+    const char *wu = *next++, *wg = w_gate ? *next++ : NULL, *wd = *next++;
     for (int64_t t = 0; t < m; ++t) xrow[t] = x + (grp[t] / k) * d;
     /* Up (and gate) projection: h [m, u], gate [m, i] into a when split. */
     matmul_rows(xrow, m, wu, u, d, dt, h, &pf);
     const float *gsrc = h, *usrc = gated ? h + i : NULL; /* fused [gate; up] halves */
     int64_t gstride = u;
-    if (w_gate) {
-      const char *wg = (const char *)w_gate + (size_t)(j * i * d) * esz;
+    if (wg) {
       matmul_rows(xrow, m, wg, i, d, dt, a, &pf);
       gsrc = a, gstride = i, usrc = h;
     }
