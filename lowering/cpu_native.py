@@ -1,12 +1,14 @@
 """The native CPU kernels (lowering/lynx_cpu.c, registered by lowering/lynx_ops.cpp).
 
-On CPU, per-op overhead bounds a decode step: the traced AffinityBinning route is ~20
-small kernels and four sorts per layer, and the traced sparse experts gather one weight
+On CPU, per-op overhead bounds a decode step: the traced AffinityBinning route is a top-k,
+~20 small kernels and four sorts per layer, and the traced sparse experts gather one weight
 copy per (token, slot), so their work follows the N*k assignments, not the experts
 touched. The C kernels do each in one call:
 
-- `lynx::affinity_ids_cpu(logits, probs, exact_ids, alpha, beta) -> (ids, same)`:
-  reference.affinity_ids (AffinityBinning's ranking, kept set and remap).
+- `lynx::route_affinity_cpu(logits, probs, top_k, alpha, beta, renorm) -> (weights, ids)`:
+  reference.route_reference with the affinity policy after the softmax (probs): the model's
+  top-k (equal probabilities: lower index first, as the Triton route kernel orders them),
+  AffinityBinning's ranking, kept set and remap, and the weights ("renorm" or "mass").
 - `lynx::experts_cpu(x, ids, weights, w_up, w_gate, w_down, activation, gated) -> out`:
   reference.experts_general_reference; each touched expert's weights are read once.
 
@@ -157,8 +159,8 @@ def experts_dtypes_fit(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
 
 _LIB = torch.library.Library("lynx", "FRAGMENT")
 _LIB.define(
-    "affinity_ids_cpu(Tensor logits, Tensor probs, Tensor exact_ids, float alpha, float? beta)"
-    " -> (Tensor, Tensor)"
+    "route_affinity_cpu(Tensor logits, Tensor probs, int top_k, float alpha, float? beta,"
+    " bool renorm) -> (Tensor, Tensor)"
 )
 _LIB.define(
     "experts_cpu(Tensor x, Tensor ids, Tensor weights, Tensor w_up, Tensor? w_gate,"
@@ -166,10 +168,10 @@ _LIB.define(
 )
 
 
-@torch.library.register_fake("lynx::affinity_ids_cpu", lib=_LIB)
-def _affinity_ids_fake(logits, probs, exact_ids, alpha, beta):
-    same = exact_ids.new_empty((exact_ids.shape[0], 1), dtype=torch.bool)
-    return torch.empty_like(exact_ids), same
+@torch.library.register_fake("lynx::route_affinity_cpu", lib=_LIB)
+def _route_affinity_fake(logits, probs, top_k, alpha, beta, renorm):
+    weights = probs.new_empty((logits.shape[0], top_k))
+    return weights, weights.new_empty(weights.shape, dtype=torch.int64)
 
 
 @torch.library.register_fake("lynx::experts_cpu", lib=_LIB)

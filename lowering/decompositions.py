@@ -1,10 +1,11 @@
 """Inductor decompositions of the lynx ops: the CPU path.
 
 On CPU tensors:
-- lynx::route traces the model's softmax, top-k and weights into Inductor's C++ graph; the
-  batch-aware part of AffinityBinning (ranking, kept set, remap) is one call of the native
-  kernel lynx::affinity_ids_cpu (lowering/cpu_native.py, C++), which replaces ~20 small traced
-  kernels and four sorts per layer. oea and static are traced whole.
+- lynx::route with the affinity policy traces the model's softmax into Inductor's C++ graph;
+  the rest (the model's top-k, AffinityBinning's ranking, kept set and remap, the weights) is
+  one call of the native kernel lynx::route_affinity_cpu (lowering/cpu_native.py, C++), which
+  replaces a top-k, ~20 small traced kernels and four sorts per layer. exact, oea and static
+  are traced whole.
 - lynx::experts / lynx::experts_split become one call of lynx::experts_cpu, whose work and
   weight reads follow the experts touched (what AffinityBinning reduces).
 Where the native library cannot be built, or for dtypes it does not take, everything is
@@ -26,12 +27,22 @@ from torch._inductor.decomposition import register_decomposition
 
 @register_decomposition(torch.ops.lynx.route.default)
 def route_cpu(logits, top_k, policy, alpha, beta, k0, budget, weights, telemetry_site):
-    """lynx::route: the reference traced, its AffinityBinning step native on CPU (a graph
-    specialised to one token routes exactly: the reference's rule, no call needed)."""
+    """lynx::route: the model's softmax traced, then (affinity policy) one native call for
+    the rest; the reference traced otherwise (oea, static, or a graph specialised to one
+    token, which routes exactly: the reference's rule, no call needed)."""
+    if (
+        policy == "affinity"
+        and _native(logits)
+        and logits.dtype in cpu_native.ROUTE_DTYPES
+        and not reference.static_one_token(logits)
+    ):
+        reference.check_route(logits, top_k, policy, weights)
+        probs = torch.softmax(logits, dim=-1)
+        return torch.ops.lynx.route_affinity_cpu.default(
+            logits, probs, top_k, alpha, beta, weights == "renorm"
+        )
     policy = reference.RoutingPolicy(policy, alpha, beta, k0, budget)
-    native = _native(logits) and logits.dtype in cpu_native.ROUTE_DTYPES
-    affinity = torch.ops.lynx.affinity_ids_cpu.default if native else None
-    return reference.route_reference(logits, top_k, policy, weights, affinity=affinity)
+    return reference.route_reference(logits, top_k, policy, weights)
 
 
 def _native(*tensors) -> bool:

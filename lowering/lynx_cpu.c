@@ -91,6 +91,37 @@ static inline void row_bins(const float *row, int64_t e, double alpha, double mx
   }
 }
 
+/* Each row's top-k of probs [n, e] into ids [n, k], best first: higher probability, then
+ * lower index; NaN ranks above every number (only rows that keep their exact routing hold
+ * NaN). The order torch.topk leaves unspecified, fixed as the Triton route kernel fixes it.
+ * Returns 0, or -3 unless 1 <= k <= e. */
+int64_t lynx_topk_rows(const float *probs, int64_t n, int64_t e, int64_t k, int64_t *ids) {
+  if (k < 1 || k > e) return -3;
+  float top[64], *vals = k <= 64 ? top : malloc(sizeof(float) * (size_t)k);
+  if (!vals) return -1;
+  for (int64_t t = 0; t < n; ++t) {
+    const float *row = probs + t * e;
+    int64_t *out = ids + t * k, have = 0;
+    for (int64_t j = 0; j < e; ++j) {
+      const float v = row[j] != row[j] ? INFINITY : row[j];
+      if (have == k) {
+        if (!(v > vals[k - 1])) continue; /* ties keep the lower index already held */
+        --have;
+      }
+      int64_t pos = have++;
+      while (pos > 0 && v > vals[pos - 1]) {
+        vals[pos] = vals[pos - 1];
+        out[pos] = out[pos - 1];
+        --pos;
+      }
+      vals[pos] = v;
+      out[pos] = j;
+    }
+  }
+  if (vals != top) free(vals);
+  return 0;
+}
+
 /* Affinity routing for n tokens over e experts (reference.route_reference, policy
  * "affinity", everything after the softmax and the model's top-k):
  *   logits, probs  [n, e] float32 (exact conversions of the model's dtype)

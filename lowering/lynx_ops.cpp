@@ -1,4 +1,4 @@
-// The CPU kernels of lynx::affinity_ids_cpu and lynx::experts_cpu, registered with the
+// The CPU kernels of lynx::route_affinity_cpu and lynx::experts_cpu, registered with the
 // dispatcher in C++ so that a compiled graph calls them without going through Python.
 //
 // The schemas (and the fake kernels used while tracing) are defined in
@@ -24,6 +24,7 @@
 #include <vector>
 
 extern "C" {
+int64_t lynx_topk_rows(const float *probs, int64_t n, int64_t e, int64_t k, int64_t *ids);
 int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t *exact_ids,
                           int64_t n, int64_t e, int64_t k, double alpha, double beta,
                           int64_t *ids, uint8_t *same);
@@ -39,36 +40,81 @@ bool route_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
-std::tuple<at::Tensor, at::Tensor> affinity_ids_cpu(const at::Tensor &logits,
-                                                    const at::Tensor &probs,
-                                                    const at::Tensor &exact_ids, double alpha,
-                                                    std::optional<double> beta) {
+// A float rounded to the scores' dtype T and back (T = float: unchanged).
+template <typename T>
+inline float in_dtype(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+// reference.route_reference's weights in the scores' dtype T, computed as the model computes
+// them in T (each sum and quotient rounded to T): rows marked `same` keep the exact top-k's
+// weights, the others get their final experts' probabilities renormalised ("renorm") or
+// rescaled to the exact top-k's mass ("mass").
+template <typename T>
+void route_weights(const float *probs, const int64_t *exact, const int64_t *ids,
+                   const uint8_t *same, int64_t n, int64_t e, int64_t k, bool renorm, T *out) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float *p = probs + t * e;
+    const int64_t *ex = exact + t * k, *fin = ids + t * k;
+    float exact_mass = 0.0f, final_mass = 0.0f;
+    for (int64_t s = 0; s < k; ++s) exact_mass += p[ex[s]], final_mass += p[fin[s]];
+    exact_mass = in_dtype<T>(exact_mass), final_mass = in_dtype<T>(final_mass);
+    T *w = out + t * k;
+    if (same[t]) {
+      for (int64_t s = 0; s < k; ++s) w[s] = static_cast<T>(renorm ? p[ex[s]] / exact_mass : p[ex[s]]);
+    } else if (renorm) {
+      for (int64_t s = 0; s < k; ++s) w[s] = static_cast<T>(p[fin[s]] / final_mass);
+    } else {
+      const float scale = in_dtype<T>(exact_mass / final_mass);
+      for (int64_t s = 0; s < k; ++s) w[s] = static_cast<T>(p[fin[s]] * scale);
+    }
+  }
+}
+
+// lynx::route with the affinity policy, after the softmax: the model's top-k (ties to the
+// lower index), AffinityBinning's ranking, kept set and remap, and the weights, in one call.
+std::tuple<at::Tensor, at::Tensor> route_affinity_cpu(const at::Tensor &logits,
+                                                      const at::Tensor &probs, int64_t top_k,
+                                                      double alpha, std::optional<double> beta,
+                                                      bool renorm) {
   TORCH_CHECK(logits.dim() == 2 && probs.sizes() == logits.sizes(),
-              "lynx::affinity_ids_cpu: logits and probs must both be [N, E]; got ",
+              "lynx::route_affinity_cpu: logits and probs must both be [N, E]; got ",
               logits.sizes(), " and ", probs.sizes());
-  TORCH_CHECK(exact_ids.dim() == 2 && exact_ids.size(0) == logits.size(0),
-              "lynx::affinity_ids_cpu: exact_ids must be [N, k] with N = ", logits.size(0),
-              "; got ", exact_ids.sizes());
-  TORCH_CHECK_TYPE(route_dtype(logits.scalar_type()) && route_dtype(probs.scalar_type()),
-                   "lynx::affinity_ids_cpu computes on float32, bfloat16 or float16 scores; "
-                   "got ", logits.scalar_type(), " (use reference.affinity_ids for others)");
-  TORCH_CHECK_TYPE(exact_ids.scalar_type() == at::kLong,
-                   "lynx::affinity_ids_cpu: exact_ids must be int64; got ",
-                   exact_ids.scalar_type());
-  const int64_t n = logits.size(0), e = logits.size(1), k = exact_ids.size(1);
-  at::Tensor ids = at::empty({n, k}, exact_ids.options());
-  at::Tensor same = at::empty({n, 1}, exact_ids.options().dtype(at::kBool));
-  if (n == 0) return {ids, same};
+  TORCH_CHECK_TYPE(route_dtype(logits.scalar_type()) && probs.scalar_type() == logits.scalar_type(),
+                   "lynx::route_affinity_cpu computes on float32, bfloat16 or float16 scores, "
+                   "probs in the logits' dtype; got ", logits.scalar_type(), " and ",
+                   probs.scalar_type(), " (use reference.route_reference for others)");
+  const int64_t n = logits.size(0), e = logits.size(1), k = top_k;
+  TORCH_CHECK_VALUE(1 <= k && k <= e, "lynx::route_affinity_cpu: want 1 <= top_k <= E; got top_k = ",
+                    k, ", E = ", e);
+  at::Tensor ids = at::empty({n, k}, logits.options().dtype(at::kLong));
+  at::Tensor weights = at::empty({n, k}, probs.options());
+  if (n == 0) return {weights, ids};
   at::Tensor lg = logits.to(at::kFloat).contiguous(), pr = probs.to(at::kFloat).contiguous();
-  at::Tensor ex = exact_ids.contiguous();
-  const int64_t kept = lynx_affinity_ids(
-      lg.data_ptr<float>(), pr.data_ptr<float>(), ex.data_ptr<int64_t>(), n, e, k, alpha,
-      beta.has_value() ? *beta : -1.0, ids.data_ptr<int64_t>(),
-      reinterpret_cast<uint8_t *>(same.data_ptr<bool>()));
-  TORCH_CHECK_INDEX(kept != -2, "lynx::affinity_ids_cpu: exact_ids must be in [0, ", e, ")");
-  TORCH_CHECK(kept != -3, "lynx::affinity_ids_cpu: want 1 <= k <= E; got k = ", k, ", E = ", e);
-  TORCH_CHECK(kept >= 0, "lynx::affinity_ids_cpu: out of memory for its scratch buffers");
-  return {ids, same};
+  std::vector<int64_t> exact(static_cast<size_t>(n * k));
+  std::vector<uint8_t> same(static_cast<size_t>(n));
+  const float *pp = pr.data_ptr<float>();
+  int64_t status = lynx_topk_rows(pp, n, e, k, exact.data());
+  if (status >= 0)
+    status = lynx_affinity_ids(lg.data_ptr<float>(), pp, exact.data(), n, e, k, alpha,
+                               beta.has_value() ? *beta : -1.0, ids.data_ptr<int64_t>(),
+                               same.data());
+  TORCH_CHECK(status >= 0, "lynx::route_affinity_cpu: out of memory for its scratch buffers");
+  const int64_t *fin = ids.data_ptr<int64_t>();
+  switch (probs.scalar_type()) {
+    case at::kFloat:
+      route_weights(pp, exact.data(), fin, same.data(), n, e, k, renorm,
+                    weights.data_ptr<float>());
+      break;
+    case at::kBFloat16:
+      route_weights(pp, exact.data(), fin, same.data(), n, e, k, renorm,
+                    weights.data_ptr<at::BFloat16>());
+      break;
+    default:
+      route_weights(pp, exact.data(), fin, same.data(), n, e, k, renorm,
+                    weights.data_ptr<at::Half>());
+  }
+  return {weights, ids};
 }
 
 int activation_code(c10::string_view activation) {
@@ -143,6 +189,6 @@ at::Tensor experts_cpu(const at::Tensor &x, const at::Tensor &ids, const at::Ten
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lynx, CPU, m) {
-  m.impl("affinity_ids_cpu", &affinity_ids_cpu);
+  m.impl("route_affinity_cpu", &route_affinity_cpu);
   m.impl("experts_cpu", &experts_cpu);
 }

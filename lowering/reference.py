@@ -42,7 +42,7 @@ class RoutingPolicy:
     budget: int = 16
 
 
-def _check_logits(logits: torch.Tensor, top_k: int) -> None:
+def check_logits(logits: torch.Tensor, top_k: int) -> None:
     if logits.dim() != 2:
         raise ValueError(
             f"router logits must be 2-D [tokens, experts], got shape {tuple(logits.shape)}; "
@@ -53,6 +53,15 @@ def _check_logits(logits: torch.Tensor, top_k: int) -> None:
     num_experts = logits.shape[1]
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}] (the expert count), got {top_k}")
+
+
+def check_route(logits: torch.Tensor, top_k: int, policy: str, weights: str) -> None:
+    """route_reference's argument checks (ValueError naming what is wrong)."""
+    check_logits(logits, top_k)
+    if policy not in POLICIES:
+        raise ValueError(f"unknown routing policy {policy!r}; valid: {', '.join(POLICIES)}")
+    if weights not in WEIGHT_CONVENTIONS:
+        raise ValueError(f"unknown weight convention {weights!r}; valid: {WEIGHT_CONVENTIONS}")
 
 
 def _stable_rank(keys: list[torch.Tensor]) -> torch.Tensor:
@@ -142,22 +151,27 @@ def route_reference(
     top_k: int,
     policy: RoutingPolicy = RoutingPolicy(),
     weights: str = "renorm",
-    affinity=None,
+    ties: str = "topk",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route N tokens: logits [N, E] -> (weights [N, k] in logits' dtype, ids int64 [N, k]).
 
     The scores are softmax(logits) computed in logits' dtype, as the model computes them.
     Rows with NaN or an infinite maximum keep the exact routing (the model's own result,
-    however non-finite) and do not vote in batch-aware policies. `affinity` replaces
-    affinity_ids (same signature and results; the CPU lowering passes its native kernel).
+    however non-finite) and do not vote in batch-aware policies.
+
+    ties: how the model's top-k orders equal probabilities. "topk" leaves it to torch.topk
+    (unspecified), as the model does; "lower_index" puts the lower index first (NaN above
+    every number), the order the native CPU and Triton route kernels fix.
     """
-    _check_logits(logits, top_k)
-    if policy.name not in POLICIES:
-        raise ValueError(f"unknown routing policy {policy.name!r}; valid: {', '.join(POLICIES)}")
-    if weights not in WEIGHT_CONVENTIONS:
-        raise ValueError(f"unknown weight convention {weights!r}; valid: {WEIGHT_CONVENTIONS}")
+    check_route(logits, top_k, policy.name, weights)
     probs = torch.softmax(logits, dim=-1)
-    exact_vals, exact_ids = torch.topk(probs, top_k, dim=-1)
+    if ties == "lower_index":  # torch.sort puts NaN above every number
+        exact_ids = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :top_k]
+        exact_vals = torch.gather(probs, 1, exact_ids)
+    elif ties == "topk":
+        exact_vals, exact_ids = torch.topk(probs, top_k, dim=-1)
+    else:
+        raise ValueError(f"unknown tie order {ties!r}; valid: 'topk', 'lower_index'")
     exact_weights = exact_vals
     if weights == "renorm":
         exact_weights = exact_vals / exact_vals.sum(dim=1, keepdim=True)
@@ -167,7 +181,7 @@ def route_reference(
         return exact_weights, exact_ids
 
     if policy.name == "affinity":
-        ids, same = (affinity or affinity_ids)(logits, probs, exact_ids, policy.alpha, policy.beta)
+        ids, same = affinity_ids(logits, probs, exact_ids, policy.alpha, policy.beta)
     else:
         ids, same = _kept_set_ids(logits, probs, exact_ids, policy)
     # Tokens whose experts did not change keep the model's weights bit for bit.
@@ -376,7 +390,7 @@ def route_scored_reference(
     score among the experts the token may use (finite score). Rows with NaN or a non-finite
     maximum keep the exact routing and do not vote.
     """
-    _check_logits(scores, top_k)
+    check_logits(scores, top_k)
     if policy.name not in POLICIES:
         raise ValueError(f"unknown routing policy {policy.name!r}; valid: {', '.join(POLICIES)}")
     if space not in SCORE_SPACES:

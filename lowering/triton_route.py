@@ -299,7 +299,7 @@ def _size_hint(n) -> int:
 
 def check_route_args(logits: torch.Tensor, top_k: int, policy: str, weights: str) -> None:
     """Raise ValueError (what was wrong, what to do) for inputs the kernel does not take."""
-    reference._check_logits(logits, top_k)
+    reference.check_logits(logits, top_k)
     if policy not in POLICY_CODES:
         raise ValueError(f"unknown routing policy {policy!r}; valid: {', '.join(POLICY_CODES)}")
     if weights not in reference.WEIGHT_CONVENTIONS:

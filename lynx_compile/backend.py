@@ -21,6 +21,7 @@ import lynx_compile.passes as passes_pkg
 from lynx_compile import graph_dump
 from lynx_compile.config import LynxConfig, parse_options
 from lynx_compile.lowering import (  # noqa: F401  (register torch.ops.lynx.* and lowerings)
+    cpu_native,
     decompositions,
     ops,
     triton_ops,
@@ -84,8 +85,8 @@ class LynxCacheSalt(CustomGraphPass):
     graph cache keys on it, so a cached graph never outlives a change to the lynx ops'
     lowerings (decompositions, kernels) or to the options it was compiled with."""
 
-    def __init__(self, config: LynxConfig):
-        self.key = config.cache_key()
+    def __init__(self, config: LynxConfig, native_cpu: bool):
+        self.key = f"{config.cache_key()}-native{int(native_cpu)}"
 
     def __call__(self, graph: fx.Graph) -> None:
         return None
@@ -97,12 +98,21 @@ class LynxCacheSalt(CustomGraphPass):
 @functools.cache
 def _source_hash() -> str:
     roots = [Path(lowering_pkg.__file__).parent, Path(passes_pkg.__file__).parent]
-    files = sorted(str(f) for root in roots for pat in ("*.py", "*.c") for f in root.glob(pat))
+    patterns = ("*.py", "*.c", "*.cpp")
+    files = sorted(str(f) for root in roots for pat in patterns for f in root.glob(pat))
     return get_hash_for_files(tuple(files)).hex()
 
 
-def _inductor_patches(config: LynxConfig) -> dict:
-    patches = {"post_grad_custom_post_pass": LynxCacheSalt(config)}
+def _native_cpu(example_inputs) -> bool:
+    """Whether the CPU lowering may call the native kernels: loaded here, before compiling,
+    for any graph with CPU tensors. A graph served from Inductor's cache calls them without
+    the decompositions having run (and loaded them) in this process."""
+    on_cpu = any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in example_inputs)
+    return on_cpu and cpu_native.available()
+
+
+def _inductor_patches(config: LynxConfig, native_cpu: bool) -> dict:
+    patches = {"post_grad_custom_post_pass": LynxCacheSalt(config, native_cpu)}
     if config.mode is not None:
         patches.update(torch._inductor.list_mode_options(config.mode))
     patches.update(config.inductor)
@@ -115,4 +125,5 @@ def lynx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
 
     config = parse_options(options, mode)
     gm = apply_lynx_passes(gm, example_inputs, config)
-    return compile_fx(gm, example_inputs, config_patches=_inductor_patches(config))
+    patches = _inductor_patches(config, _native_cpu(example_inputs))
+    return compile_fx(gm, example_inputs, config_patches=patches)

@@ -45,6 +45,14 @@ def route_scored_decomposed(scores, top_k, space, policy, alpha, beta, k0, budge
     return reference.route_scored_reference(scores, top_k, space, pol)
 
 
+def route_affinity_cpu_decomposed(logits, probs, top_k, alpha, beta, renorm):
+    """lynx::route_affinity_cpu: lynx::route with the affinity policy (probs are the
+    logits' softmax), its top-k ties to the lower index as the kernel orders them."""
+    policy = RoutingPolicy("affinity", alpha, beta)
+    weights = "renorm" if renorm else "mass"
+    return route_reference(logits, top_k, policy, weights, ties="lower_index")
+
+
 def _dense_experts(x, ids, weights, w_gate, w_up, w_down, activation, gated):
     """Every expert on every token, combined by routing weight: x [N, d], ids/weights [N, k],
     w_up [E, U, d] (U = 2I when gated without w_gate), w_gate [E, I, d] or None,
@@ -90,7 +98,7 @@ DECOMPOSITIONS = {
     "experts_split": experts_split_decomposed,
     # Emitted by the CPU lowering inside Inductor, so never seen by export; here so that
     # graphs captured after lowering (or written by hand) still convert.
-    "affinity_ids_cpu": reference.affinity_ids,
+    "route_affinity_cpu": route_affinity_cpu_decomposed,
     "experts_cpu": experts_cpu_decomposed,
 }
 DECOMPOSITIONS.update({fast: DECOMPOSITIONS[neutral] for fast, neutral in DEVICE_NEUTRAL.items()})

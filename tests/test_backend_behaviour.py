@@ -56,13 +56,16 @@ def test_bad_option_through_torch_compile_names_the_problem():
 def test_valid_options_and_mode_reach_the_config_and_inductor():
     config = parse_options({"policy": "oea", "k0": 3, "beta": None}, mode="max-autotune")
     assert (config.policy, config.k0, config.beta, config.mode) == ("oea", 3, None, "max-autotune")
-    patches = _inductor_patches(config)
+    patches = _inductor_patches(config, native_cpu=True)
     for key, value in torch._inductor.list_mode_options("max-autotune").items():
         assert patches[key] == value
     # The cache salt: a changed option is a different FX-graph-cache entry.
     salt = patches["post_grad_custom_post_pass"].uuid()
-    other = _inductor_patches(parse_options({"policy": "oea", "k0": 2}))
+    other = _inductor_patches(parse_options({"policy": "oea", "k0": 2}), native_cpu=True)
     assert salt != other["post_grad_custom_post_pass"].uuid()
+    # ... and so is a graph lowered without the native CPU kernels
+    traced = _inductor_patches(config, native_cpu=False)
+    assert salt != traced["post_grad_custom_post_pass"].uuid()
     assert parse_options(None).policy == "affinity"
 
 

@@ -37,8 +37,8 @@ def test_grouped_kernel_takes_transposed_weight_views_and_empty_batches():
 
 
 def test_cpu_graph_calls_the_native_kernels_and_telemetry_keeps_the_route_op():
-    """On CPU the compiled graph traces softmax/top-k and calls the two native kernels
-    (lynx::affinity_ids_cpu, lynx::experts_cpu); telemetry keeps the opaque routing op."""
+    """On CPU the compiled graph traces the softmax and calls the two native kernels
+    (lynx::route_affinity_cpu, lynx::experts_cpu); telemetry keeps the opaque routing op."""
     from torch._inductor.utils import run_and_get_code
 
     import lynx_compile
@@ -53,7 +53,8 @@ def test_cpu_graph_calls_the_native_kernels_and_telemetry_keeps_the_route_op():
             _, code = run_and_get_code(model, x)
         source = "\n".join(code)
         assert ("torch.ops.lynx.route_recorded.default" in source) == telemetry
-        assert ("torch.ops.lynx.affinity_ids_cpu.default" in source) != telemetry
+        assert ("torch.ops.lynx.route_affinity_cpu.default" in source) != telemetry
+        assert "aten.topk" not in source, "the native route replaces the model's top-k"
         assert "torch.ops.lynx.experts_cpu.default" in source
         assert "torch.ops.lynx.route.default" not in source
         assert "torch.ops.lynx.experts.default" not in source
@@ -87,3 +88,42 @@ def test_without_the_native_library_the_cpu_graph_traces_the_same_function(monke
         assert ("torch.ops.lynx.experts_cpu" in "\n".join(code)) == native
     # fp32 tolerance: the two forms sum the k expert outputs in different orders.
     torch.testing.assert_close(outputs[False], outputs[True], rtol=1e-5, atol=1e-5)
+
+
+CACHED_RUN = """
+import sys, torch
+from torch._dynamo.utils import counters
+from lynx_compile.models import hf_tiny
+torch.manual_seed(0)
+block = hf_tiny.build_block("qwen3_moe", "grouped_mm")
+x = torch.randn(5, 1, 32)
+with torch.no_grad():
+    out = torch.compile(block, backend="lynx", options={"policy": "exact"})(x)
+    torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-5)  # fp32, summation order
+print("hits", counters["inductor"]["fxgraph_cache_hit"])
+"""
+
+
+def test_a_graph_from_inductors_cache_finds_the_native_kernels(tmp_path):
+    """A fresh process served the compiled graph from Inductor's FX graph cache runs it
+    (the backend loads the native kernels; no decomposition runs to do it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    root = Path(__file__).resolve().parents[1]
+    hits = []
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-c", CACHED_RUN],
+            env=env,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        hits.append(int(proc.stdout.split("hits")[-1]))
+    assert hits[0] == 0 and hits[1] >= 1, hits

@@ -35,55 +35,71 @@ def _logits(tokens, experts, dtype, seed, scale=2.0, step=None):
     return logits.to(dtype)
 
 
-def _both(logits, k, alpha, beta):
+# Route weights: both sides sum and divide in float32 and round each result to the scores'
+# dtype; only the summation order may differ. fp32: a few ulps at 1.0; bf16 / fp16: one ulp
+# at 1.0 (2**-7, 2**-10), where a sum lands on a rounding boundary.
+ROUTE_ATOL = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+
+
+def _both(logits, k, alpha, beta, weights="renorm"):
+    """(native, reference) routes (weights, ids) with the affinity policy. The reference
+    orders the model's tied probabilities as the kernel does (lower index first)."""
     probs = torch.softmax(logits, dim=-1)
-    exact_ids = torch.topk(probs, k, dim=-1).indices
-    want = reference.affinity_ids(logits, probs, exact_ids, alpha, beta)
-    got = torch.ops.lynx.affinity_ids_cpu(logits, probs, exact_ids, alpha, beta)
+    got = torch.ops.lynx.route_affinity_cpu(logits, probs, k, alpha, beta, weights == "renorm")
+    policy = reference.RoutingPolicy("affinity", alpha, beta)
+    want = reference.route_reference(logits, k, policy, weights, ties="lower_index")
     return got, want
+
+
+def _assert_same_route(got, want):
+    (weights, ids), (want_weights, want_ids) = got, want
+    assert ids.dtype == torch.int64 and weights.dtype == want_weights.dtype
+    assert torch.equal(ids, want_ids), f"ids differ:\n{ids}\nreference:\n{want_ids}"
+    atol = ROUTE_ATOL[weights.dtype]
+    torch.testing.assert_close(weights, want_weights, rtol=0, atol=atol, equal_nan=True)
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 13, 33])
 @pytest.mark.parametrize(
-    "experts,k,dtype,alpha,beta",
+    "experts,k,dtype,alpha,beta,weights",
     [
-        (8, 2, torch.float32, 3.0, 2.0),
-        (60, 8, torch.bfloat16, 3.0, 2.0),
-        (128, 8, torch.float16, 0.7, None),
-        (32, 4, torch.float32, 1.0, 2.5),
-        (60, 1, torch.float32, 3.0, None),
+        (8, 2, torch.float32, 3.0, 2.0, "renorm"),
+        (60, 8, torch.bfloat16, 3.0, 2.0, "mass"),
+        (128, 8, torch.float16, 0.7, None, "renorm"),
+        (32, 4, torch.float32, 1.0, 2.5, "mass"),
+        (60, 1, torch.float32, 3.0, None, "renorm"),
     ],
 )
-def test_affinity_ids_equal_the_reference(tokens, experts, k, dtype, alpha, beta):
+def test_route_affinity_equals_the_reference(tokens, experts, k, dtype, alpha, beta, weights):
+    # step 0.5: coarse logits, so probabilities, bins and popularity tie a lot
     for seed, step in ((0, None), (1, 0.5)):
-        (ids, same), (want_ids, want_same) = _both(
-            _logits(tokens, experts, dtype, seed, step=step), k, alpha, beta
-        )
-        assert torch.equal(ids, want_ids), (seed, step)
-        assert torch.equal(same, want_same), (seed, step)
+        logits = _logits(tokens, experts, dtype, seed, step=step)
+        _assert_same_route(*_both(logits, k, alpha, beta, weights))
 
 
-def test_affinity_ids_remap_for_real_and_keep_non_finite_rows_exact():
+def test_route_affinity_remaps_for_real_and_keeps_non_finite_rows_exact():
     logits = _logits(33, 60, torch.float32, 3, scale=1.0)
     logits[4] = float("nan")
     logits[5, :7] = float("-inf")  # masked experts: a valid row
     logits[6, 2] = float("inf")  # infinite maximum: kept exact
     logits[7] = float("-inf")
-    (ids, same), (want_ids, want_same) = _both(logits, 8, 3.0, 2.0)
-    assert torch.equal(ids, want_ids) and torch.equal(same, want_same)
-    assert not same.all(), "this batch should remap some tokens"
-    assert same[4] and same[6] and same[7]
-    assert torch.unique(ids).numel() < torch.unique(torch.topk(logits, 8).indices).numel()
+    for weights in ("renorm", "mass"):
+        got, want = _both(logits, 8, 3.0, 2.0, weights)
+        _assert_same_route(got, want)
+        exact_ids = reference.route_reference(logits, 8, ties="lower_index")[1]
+        moved = (got[1] != exact_ids).any(dim=1)
+        assert moved.any(), "this batch should remap some tokens"
+        assert not moved[[4, 6, 7]].any() and torch.isnan(got[0][[4, 6, 7]]).all()
+        assert torch.unique(got[1]).numel() < torch.unique(exact_ids).numel()
 
 
-def test_affinity_ids_alpha_zero_with_masked_experts():
+def test_route_affinity_alpha_zero_with_masked_experts():
     # alpha 0 times -inf is NaN in the bin formula: the reference counts it as bin 0, and so
     # must the kernel's vector and scalar paths (65 experts: 8 full vectors and a tail).
     logits = _logits(9, 65, torch.float32, 3)
     logits[:, ::5] = float("-inf")
     for beta in (None, 2.0):
-        (ids, same), (want_ids, want_same) = _both(logits, 4, 0.0, beta)
-        assert torch.equal(ids, want_ids) and torch.equal(same, want_same)
+        _assert_same_route(*_both(logits, 4, 0.0, beta))
 
 
 @settings(max_examples=60, deadline=None)
@@ -95,29 +111,29 @@ def test_affinity_ids_alpha_zero_with_masked_experts():
     beta=st.sampled_from([None, 0.0, 1.0, 2.0, 4.5]),
     step=st.sampled_from([None, 0.25, 1.0]),
 )
-def test_affinity_ids_property(tokens, experts, data, alpha, beta, step):
+def test_route_affinity_property(tokens, experts, data, alpha, beta, step):
     k = data.draw(st.integers(1, min(experts, 9)))
     seed = data.draw(st.integers(0, 2**16))
-    (ids, same), (want_ids, want_same) = _both(
-        _logits(tokens, experts, torch.float32, seed, step=step), k, alpha, beta
-    )
-    assert torch.equal(ids, want_ids) and torch.equal(same, want_same)
+    weights = data.draw(st.sampled_from(["renorm", "mass"]))
+    logits = _logits(tokens, experts, torch.float32, seed, step=step)
+    _assert_same_route(*_both(logits, k, alpha, beta, weights))
 
 
-def test_affinity_ids_empty_batch_and_what_it_does_not_take():
-    (ids, same), _ = _both(torch.zeros(0, 8), 2, 3.0, 2.0)
-    assert ids.shape == (0, 2) and same.shape == (0, 1)
+def test_route_affinity_empty_batch_and_what_it_does_not_take():
+    (weights, ids), _ = _both(torch.zeros(0, 8), 2, 3.0, 2.0)
+    assert ids.shape == (0, 2) and weights.shape == (0, 2)
     # float64 scores would be ranked after rounding to float32: refused, not approximated
     # (the CPU lowering traces the reference for them).
-    with pytest.raises(TypeError, match="float32, bfloat16 or float16 scores; got Double"):
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16 scores.*got Double"):
         _both(_logits(5, 8, torch.float64, 0), 2, 3.0, 2.0)
     logits = _logits(5, 8, torch.float32, 0)
-    with pytest.raises(RuntimeError, match=r"exact_ids must be \[N, k\] with N = 5"):
-        torch.ops.lynx.affinity_ids_cpu(logits, logits, torch.zeros(4, 2).long(), 3.0, None)
-    with pytest.raises(IndexError, match=r"exact_ids must be in \[0, 8\)"):
-        torch.ops.lynx.affinity_ids_cpu(logits, logits, torch.full((5, 2), 8), 3.0, None)
-    with pytest.raises(RuntimeError, match="want 1 <= k <= E; got k = 9, E = 8"):
-        torch.ops.lynx.affinity_ids_cpu(logits, logits, torch.zeros(5, 9).long(), 3.0, None)
+    op = torch.ops.lynx.route_affinity_cpu
+    with pytest.raises(RuntimeError, match=r"logits and probs must both be \[N, E\]"):
+        op(logits, logits[:4], 2, 3.0, None, True)
+    with pytest.raises(TypeError, match="probs in the logits' dtype; got Float and BFloat16"):
+        op(logits, logits.bfloat16(), 2, 3.0, None, True)
+    with pytest.raises(ValueError, match="want 1 <= top_k <= E; got top_k = 9, E = 8"):
+        op(logits, logits, 9, 3.0, None, True)
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 13, 33])
@@ -211,9 +227,12 @@ def test_a_batch_of_one_token_routes_exactly_even_with_ties(policy):
     assert torch.equal(got_ids, want_ids) and torch.equal(got_w, want_w)
     probs = torch.softmax(logits, dim=-1)
     exact_ids = torch.topk(probs, 4, dim=-1).indices
-    for fn in (reference.affinity_ids, torch.ops.lynx.affinity_ids_cpu):
-        ids, same = fn(logits, probs, exact_ids, 3.0, 2.0)
-        assert torch.equal(ids, exact_ids) and bool(same.all())
+    ids, same = reference.affinity_ids(logits, probs, exact_ids, 3.0, 2.0)
+    assert torch.equal(ids, exact_ids) and bool(same.all())
+    # the native route orders the tie lower index first: the model's top-k under that order
+    got_w, got_ids = torch.ops.lynx.route_affinity_cpu(logits, probs, 4, 3.0, 2.0, True)
+    want_w, want_ids = reference.route_reference(logits, 4, ties="lower_index")
+    assert torch.equal(got_ids, want_ids) and torch.equal(got_w, want_w)
 
 
 PORTABLE_CHECK = """
@@ -234,10 +253,11 @@ for beta in (2.0, None):
     logits = torch.randn(13, 37) * 2
     logits[2, 5] = float("nan")
     probs = torch.softmax(logits, dim=-1)
-    exact = torch.topk(probs, 4, dim=-1).indices
-    got = torch.ops.lynx.affinity_ids_cpu(logits, probs, exact, 3.0, beta)
-    want = reference.affinity_ids(logits, probs, exact, 3.0, beta)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    got = torch.ops.lynx.route_affinity_cpu(logits, probs, 4, 3.0, beta, True)
+    pol = reference.RoutingPolicy("affinity", 3.0, beta)
+    want = reference.route_reference(logits, 4, pol, "renorm", ties="lower_index")
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6, equal_nan=True)
 print("portable path ok")
 """
 
