@@ -16,7 +16,10 @@ Three suites, each a list of rows {suite, case, backend, device, metric, value, 
              graph) and sweep_s.
   runtime    eager, inductor, lynx-exact (options {"policy": "exact"}) and lynx (default
              policy), compiled side by side and timed in interleaved rounds, one synchronised
-             call at a time: ms (median) and ms_min; experts, distinct experts per MoE layer
+             call at a time: ms (median) and ms_min; paired_vs_inductor (and, for lynx,
+             paired_vs_exact), the median over rounds of the ratio of the two backends'
+             medians within each round, which cancels load that drifts between rounds;
+             experts, distinct experts per MoE layer
              per call (lynx's telemetry, from a separate compile: telemetry syncs and routes
              through an opaque op, so it stays out of the timed graphs); on CUDA floor_ms and
              floor_fraction, the bandwidth floor (experts touched x bytes of one expert /
@@ -85,8 +88,8 @@ class BenchConfig:
     sweep_max: int = 64
     prompt_len: int = 32
     warmup: int = 3
-    rounds: int = 10  # timing rounds, each visiting every backend in turn
-    calls: int = 8  # timed calls per backend per round
+    rounds: int = 20  # timing rounds, each visiting every backend in turn
+    calls: int = 4  # timed calls per backend per round
     compile_repeats: int = 3  # cold compiles per backend and case (the fastest is kept)
     profile: bool = False
 
@@ -212,6 +215,16 @@ def time_interleaved(
         for label, fn in fns.items():
             samples[label] += time_calls(fn, args, device, calls)
     return samples
+
+
+def paired_ratio(samples: list[float], ref: list[float], calls: int) -> float:
+    """Median over rounds of median(samples' round) / median(ref's round): both lists hold
+    `calls` consecutive calls per round, from time_interleaved. Each round's backends run
+    within milliseconds of each other, so load that drifts between rounds cancels."""
+    rounds = [slice(i, i + calls) for i in range(0, len(ref), calls)]
+    return statistics.median(
+        statistics.median(samples[r]) / statistics.median(ref[r]) for r in rounds
+    )
 
 
 def compiled_call(case: Case, backend: str, options: dict | None, batch: int, reset: bool = True):
@@ -363,6 +376,10 @@ def run_runtime_suite(cases: list[Case], config: BenchConfig, rows: Rows) -> Non
             for label, ms in samples.items():
                 rows.add("runtime", name, label, "ms", timings[label], "ms")
                 rows.add("runtime", name, label, "ms_min", min(ms), "ms")
+                paired = paired_ratio(samples[label], samples["inductor"], config.calls)
+                rows.add("runtime", name, label, "paired_vs_inductor", paired, "x")
+            paired = paired_ratio(samples["lynx"], samples["lynx-exact"], config.calls)
+            rows.add("runtime", name, "lynx", "paired_vs_exact", paired, "x")
             with ticking(f"experts {name}"):
                 compiled_call(case, "lynx", {"telemetry": True}, batch)
                 exact, chosen = decode_router_experts()
@@ -535,12 +552,14 @@ def format_tables(result: dict) -> str:
     cuda = meta["device"].startswith("cuda")
     out += [
         "",
-        "### Runtime per call (median and minimum ms, backends timed in interleaved rounds) "
-        "and distinct experts per MoE layer",
+        "### Runtime per call (median and minimum ms, backends timed in interleaved rounds; "
+        "paired: median over rounds of the within-round ratio) and distinct experts per MoE "
+        "layer",
         "",
     ]
-    header = "| case | backend | ms | min ms | vs inductor | experts |" + (
-        " floor ms | floor/ms |" if cuda else ""
+    header = (
+        "| case | backend | ms | min ms | vs inductor | paired vs inductor | paired vs exact "
+        "| experts |" + (" floor ms | floor/ms |" if cuda else "")
     )
     out += [header, "| --- " * (header.count("|") - 1) + "|"]
     for case in _cases(rows, "runtime"):
@@ -554,9 +573,12 @@ def format_tables(result: dict) -> str:
 
             ms = get("ms")
             ratio = ms / ref if ms and ref else None
+            vs_exact = get("paired_vs_exact")
             line = (
                 f"| {case} | {backend} | {_fmt(ms)} | {_fmt(get('ms_min'))} "
-                f"| {_fmt(ratio, '.2f')}x | {_fmt(get('experts'), '.2f')} |"
+                f"| {_fmt(ratio, '.2f')}x | {_fmt(get('paired_vs_inductor'), '.2f')}x "
+                f"| {_fmt(vs_exact, '.2f') + 'x' if vs_exact else ''} "
+                f"| {_fmt(get('experts'), '.2f')} |"
             )
             if cuda:
                 line += f" {_fmt(get('floor_ms'))} | {_fmt(get('floor_fraction'), '.2f')} |"

@@ -58,7 +58,21 @@ def test_bench_quick_writes_schema_and_compile_rows(tmp_path):
     assert all(row["value"] > 0 and row["unit"] == "s" for row in compile_rows)
     runtime = {(r["backend"], r["metric"]) for r in rows if r["suite"] == "runtime"}
     for backend in ("eager", "inductor", "lynx-exact", "lynx"):
-        assert {(backend, "ms"), (backend, "experts")} <= runtime, backend
+        assert {(backend, "ms"), (backend, "experts"), (backend, "paired_vs_inductor")} <= runtime
+    assert ("lynx", "paired_vs_exact") in runtime
     assert "| case |" in (out_dir / "results.md").read_text()
     for png in ("compile.png", "runtime.png", "recompile.png"):
         assert (out_dir / png).stat().st_size > 0
+
+
+def test_paired_ratio_cancels_load_that_drifts_between_rounds():
+    from lynx_compile.bench import paired_ratio
+
+    # 3 rounds of 2 calls; the machine slows 3x in round 2 and 10x in round 3 for both
+    ref = [1.0, 1.2, 3.0, 3.6, 10.0, 12.0]
+    fast = [0.8, 0.96, 2.4, 2.88, 8.0, 9.6]
+    assert abs(paired_ratio(fast, ref, calls=2) - 0.8) < 1e-12
+    assert abs(paired_ratio(ref, fast, calls=2) - 1.25) < 1e-12
+    # whereas the ratio of overall medians depends on where the slow rounds fall
+    skewed = [0.8, 0.96, 2.4, 2.88, 80.0, 96.0]  # a 10x spike only in this backend's turn
+    assert abs(paired_ratio(skewed, ref, calls=2) - 0.8) < 1e-12
