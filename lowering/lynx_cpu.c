@@ -565,10 +565,15 @@ static inline __attribute__((always_inline)) void matmul_rows_dt(
     float *y, pf_stream *pf) {
   float res[24];
   size_t esz = dt == 0 ? sizeof(float) : sizeof(uint16_t);
+  const int64_t blocks = (m + 2) / 3; /* token blocks per row group */
   for (int64_t r0 = 0; r0 < rows; r0 += 8) {
     int full = r0 + 8 <= rows;
-    pf_run(pf, (size_t)((full ? 8 : rows - r0) * len) * esz);
+    /* This group's bytes, prefetched in one share per token block: one burst per group
+     * filled the line-fill buffers and stalled the core (~10% slower at 8 tokens). */
+    const size_t group = (size_t)((full ? 8 : rows - r0) * len) * esz;
+    const size_t share = group / (size_t)blocks;
     for (int64_t t0 = 0; t0 < m; t0 += 3) {
+      pf_run(pf, t0 + 3 < m ? share : group - share * (size_t)(blocks - 1));
       int64_t tb = m - t0 < 3 ? m - t0 : 3;
       const float *const *xt = x + t0;
       int rb = full ? 8 : 1;
