@@ -375,13 +375,13 @@ static inline float hsum(vf v) {
   return s;
 }
 
-/* res[t * RB + r] = dot(x[t], w[r0 + r]) for TB tokens and RB (8 or 1) weight rows of
+/* out[t * ostride + r] = dot(x[t], w[r0 + r]) for TB tokens and RB (8 or 1) weight rows of
  * length len: each weight vector is loaded once for all TB tokens, with TB*RB vector
  * accumulators. Always inlined with constant TB and RB so they stay in registers. */
 static inline __attribute__((always_inline)) void block(const int TB, const int RB,
                                                         const float *const *x, const void *w,
                                                         int64_t r0, int64_t len, int dt,
-                                                        float *res) {
+                                                        float *out, int64_t ostride) {
   vf acc[3][8];
   for (int t = 0; t < TB; ++t)
     for (int r = 0; r < RB; ++r) acc[t][r] = (vf){0};
@@ -398,13 +398,13 @@ static inline __attribute__((always_inline)) void block(const int TB, const int 
     if (RB == 8) {
       vf *a = acc[t];
       vf sums = reduce8(a[0], a[2], a[1], a[3], a[4], a[6], a[5], a[7]);
-      memcpy(res + t * RB, &sums, sizeof sums);
+      memcpy(out + t * ostride, &sums, sizeof sums);
     } else {
-      for (int r = 0; r < RB; ++r) res[t * RB + r] = hsum(acc[t][r]);
+      for (int r = 0; r < RB; ++r) out[t * ostride + r] = hsum(acc[t][r]);
     }
     for (int r = 0; r < RB; ++r)
       for (int64_t cc = c; cc < len; ++cc)
-        res[t * RB + r] += x[t][cc] * load_w1(w, (r0 + r) * len + cc, dt);
+        out[t * ostride + r] += x[t][cc] * load_w1(w, (r0 + r) * len + cc, dt);
   }
 }
 
@@ -438,11 +438,12 @@ static inline __attribute__((always_inline)) __m256 reduce8z(__m512 a0, __m512 a
   return _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, v));
 }
 
-/* res[t * RB + r] = dot(x[t], w[r0 + r]) for TB tokens and RB (8 or 1) rows of length len. */
+/* out[t * ostride + r] = dot(x[t], w[r0 + r]) for TB tokens and RB (8 or 1) rows of length
+ * len, stored straight into the caller's output rows. */
 static inline __attribute__((always_inline)) void blockz(const int TB, const int RB,
                                                          const float *const *x, const void *w,
                                                          int64_t r0, int64_t len, int dt,
-                                                         float *res) {
+                                                         float *out, int64_t ostride) {
   __m512 acc[3][8];
   const float *xp[3];
   for (int t = 0; t < TB; ++t) {
@@ -474,9 +475,10 @@ static inline __attribute__((always_inline)) void blockz(const int TB, const int
   for (int t = 0; t < TB; ++t) {
     if (RB == 8) {
       __m512 *a = acc[t];
-      _mm256_storeu_ps(res + t * 8, reduce8z(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]));
+      __m256 sums = reduce8z(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
+      _mm256_storeu_ps(out + t * ostride, sums);
     } else {
-      res[t] = _mm512_reduce_add_ps(acc[t][0]);
+      out[t * ostride] = _mm512_reduce_add_ps(acc[t][0]);
     }
   }
 }
@@ -563,7 +565,6 @@ static inline void pf_run(pf_stream *p, size_t bytes) {
 static inline __attribute__((always_inline)) void matmul_rows_dt(
     const float *const *x, int64_t m, const void *w, int64_t rows, int64_t len, int dt,
     float *y, pf_stream *pf) {
-  float res[24];
   size_t esz = dt == 0 ? sizeof(float) : sizeof(uint16_t);
   const int64_t blocks = (m + 2) / 3; /* token blocks per row group */
   for (int64_t r0 = 0; r0 < rows; r0 += 8) {
@@ -578,16 +579,15 @@ static inline __attribute__((always_inline)) void matmul_rows_dt(
       const float *const *xt = x + t0;
       int rb = full ? 8 : 1;
       for (int64_t r = r0; r < (full ? r0 + 8 : rows); r += rb) {
+        float *o = y + t0 * rows + r;
         switch (tb * 16 + rb) { /* constant block shapes, so accumulators stay in registers */
-          case 3 * 16 + 8: BLOCK(3, 8, xt, w, r, len, dt, res); break;
-          case 2 * 16 + 8: BLOCK(2, 8, xt, w, r, len, dt, res); break;
-          case 1 * 16 + 8: BLOCK(1, 8, xt, w, r, len, dt, res); break;
-          case 3 * 16 + 1: BLOCK(3, 1, xt, w, r, len, dt, res); break;
-          case 2 * 16 + 1: BLOCK(2, 1, xt, w, r, len, dt, res); break;
-          default: BLOCK(1, 1, xt, w, r, len, dt, res); break;
+          case 3 * 16 + 8: BLOCK(3, 8, xt, w, r, len, dt, o, rows); break;
+          case 2 * 16 + 8: BLOCK(2, 8, xt, w, r, len, dt, o, rows); break;
+          case 1 * 16 + 8: BLOCK(1, 8, xt, w, r, len, dt, o, rows); break;
+          case 3 * 16 + 1: BLOCK(3, 1, xt, w, r, len, dt, o, rows); break;
+          case 2 * 16 + 1: BLOCK(2, 1, xt, w, r, len, dt, o, rows); break;
+          default: BLOCK(1, 1, xt, w, r, len, dt, o, rows); break;
         }
-        for (int64_t t = 0; t < tb; ++t)
-          for (int rr = 0; rr < rb; ++rr) y[(t0 + t) * rows + r + rr] = res[t * rb + rr];
       }
     }
   }
