@@ -61,7 +61,8 @@ void route_weights(const float *probs, const int64_t *exact, const int64_t *ids,
     exact_mass = in_dtype<T>(exact_mass), final_mass = in_dtype<T>(final_mass);
     T *w = out + t * k;
     if (same[t]) {
-      for (int64_t s = 0; s < k; ++s) w[s] = static_cast<T>(renorm ? p[ex[s]] / exact_mass : p[ex[s]]);
+      for (int64_t s = 0; s < k; ++s)
+        w[s] = static_cast<T>(renorm ? p[ex[s]] / exact_mass : p[ex[s]]);
     } else if (renorm) {
       for (int64_t s = 0; s < k; ++s) w[s] = static_cast<T>(p[fin[s]] / final_mass);
     } else {
@@ -80,13 +81,15 @@ std::tuple<at::Tensor, at::Tensor> route_affinity_cpu(const at::Tensor &logits,
   TORCH_CHECK(logits.dim() == 2 && probs.sizes() == logits.sizes(),
               "lynx::route_affinity_cpu: logits and probs must both be [N, E]; got ",
               logits.sizes(), " and ", probs.sizes());
-  TORCH_CHECK_TYPE(route_dtype(logits.scalar_type()) && probs.scalar_type() == logits.scalar_type(),
+  const bool dtypes_fit =
+      route_dtype(logits.scalar_type()) && probs.scalar_type() == logits.scalar_type();
+  TORCH_CHECK_TYPE(dtypes_fit,
                    "lynx::route_affinity_cpu computes on float32, bfloat16 or float16 scores, "
                    "probs in the logits' dtype; got ", logits.scalar_type(), " and ",
                    probs.scalar_type(), " (use reference.route_reference for others)");
   const int64_t n = logits.size(0), e = logits.size(1), k = top_k;
-  TORCH_CHECK_VALUE(1 <= k && k <= e, "lynx::route_affinity_cpu: want 1 <= top_k <= E; got top_k = ",
-                    k, ", E = ", e);
+  TORCH_CHECK_VALUE(1 <= k && k <= e,
+                    "lynx::route_affinity_cpu: want 1 <= top_k <= E; got top_k = ", k, ", E = ", e);
   at::Tensor ids = at::empty({n, k}, logits.options().dtype(at::kLong));
   at::Tensor weights = at::empty({n, k}, probs.options());
   if (n == 0) return {weights, ids};
