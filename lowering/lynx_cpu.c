@@ -94,9 +94,8 @@ static inline void row_bins(const float *row, int64_t e, double alpha, double mx
 /* Each row's top-k of probs [n, e] into ids [n, k], best first: higher probability, then
  * lower index; NaN ranks above every number (only rows that keep their exact routing hold
  * NaN). The order torch.topk leaves unspecified, fixed as the Triton route kernel fixes it.
- * Returns 0, or -3 unless 1 <= k <= e. */
+ * Callers keep 1 <= k <= e. Returns 0, or -1 when out of memory. */
 int64_t lynx_topk_rows(const float *probs, int64_t n, int64_t e, int64_t k, int64_t *ids) {
-  if (k < 1 || k > e) return -3;
   float top[64], *vals = k <= 64 ? top : malloc(sizeof(float) * (size_t)k);
   if (!vals) return -1;
   for (int64_t t = 0; t < n; ++t) {
@@ -129,15 +128,12 @@ int64_t lynx_topk_rows(const float *probs, int64_t n, int64_t e, int64_t k, int6
  *   ids (out)      [n, k] int64, final experts (exact_ids where the set is unchanged)
  *   same (out)     [n] uint8, 1 where the token keeps its exact experts
  *   beta < 0 means no floor on the bins.
- * Returns the number of experts in the batch's kept set, -1 when out of memory, -2 when an
- * exact id is outside [0, e), -3 unless 1 <= k <= e.
+ * Callers keep 1 <= k <= e and exact_ids in [0, e) (lynx_topk_rows' output). Returns the
+ * number of experts in the batch's kept set, or -1 when out of memory.
  */
 int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t *exact_ids,
                           int64_t n, int64_t e, int64_t k, double alpha, double beta,
                           int64_t *ids, uint8_t *same) {
-  if (k < 1 || k > e) return -3;
-  for (int64_t s = 0; s < n * k; ++s)
-    if (exact_ids[s] < 0 || exact_ids[s] >= e) return -2;
   if (n == 1) { /* a batch of one token routes exactly: nothing to share */
     memcpy(ids, exact_ids, sizeof(int64_t) * (size_t)k);
     same[0] = 1;
