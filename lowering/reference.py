@@ -55,11 +55,16 @@ def check_logits(logits: torch.Tensor, top_k: int) -> None:
         raise ValueError(f"top_k must be in [1, {num_experts}] (the expert count), got {top_k}")
 
 
+def check_policy(policy: str) -> None:
+    """ValueError naming the valid policies unless `policy` is one."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown routing policy {policy!r}; valid: {', '.join(POLICIES)}")
+
+
 def check_route(logits: torch.Tensor, top_k: int, policy: str, weights: str) -> None:
     """route_reference's argument checks (ValueError naming what is wrong)."""
     check_logits(logits, top_k)
-    if policy not in POLICIES:
-        raise ValueError(f"unknown routing policy {policy!r}; valid: {', '.join(POLICIES)}")
+    check_policy(policy)
     if weights not in WEIGHT_CONVENTIONS:
         raise ValueError(f"unknown weight convention {weights!r}; valid: {WEIGHT_CONVENTIONS}")
 
@@ -391,8 +396,7 @@ def route_scored_reference(
     maximum keep the exact routing and do not vote.
     """
     check_logits(scores, top_k)
-    if policy.name not in POLICIES:
-        raise ValueError(f"unknown routing policy {policy.name!r}; valid: {', '.join(POLICIES)}")
+    check_policy(policy.name)
     if space not in SCORE_SPACES:
         raise ValueError(f"unknown score space {space!r}; valid: {', '.join(SCORE_SPACES)}")
     exact_vals, exact_ids = torch.topk(scores, top_k, dim=-1)

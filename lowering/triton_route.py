@@ -299,13 +299,7 @@ def _size_hint(n) -> int:
 
 def check_route_args(logits: torch.Tensor, top_k: int, policy: str, weights: str) -> None:
     """Raise ValueError (what was wrong, what to do) for inputs the kernel does not take."""
-    reference.check_logits(logits, top_k)
-    if policy not in POLICY_CODES:
-        raise ValueError(f"unknown routing policy {policy!r}; valid: {', '.join(POLICY_CODES)}")
-    if weights not in reference.WEIGHT_CONVENTIONS:
-        raise ValueError(
-            f"unknown weight convention {weights!r}; valid: {reference.WEIGHT_CONVENTIONS}"
-        )
+    reference.check_route(logits, top_k, policy, weights)
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"the Triton router takes fp32/fp16/bf16 logits, got {logits.dtype}")
     if logits.shape[1] > MAX_EXPERTS or top_k > MAX_TOP_K:
