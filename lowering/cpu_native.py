@@ -1,4 +1,4 @@
-"""The native CPU kernels (lowering/lynx_cpu.c, registered by lowering/lynx_ops.cpp).
+"""The native CPU kernels (lowering/lynx_cpu.c, registered by lowering/lynx_ops.cpp): build, load.
 
 On CPU, per-op overhead bounds a decode step: the traced AffinityBinning route is a top-k,
 ~20 small kernels and four sorts per layer, and the traced sparse experts gather one weight
@@ -9,14 +9,14 @@ touched. The C kernels do each in one call:
   reference.route_reference with the affinity policy after the softmax (probs): the model's
   top-k (equal probabilities: lower index first, as the Triton route kernel orders them),
   AffinityBinning's ranking, kept set and remap, and the weights ("renorm" or "mass").
-- `lynx::experts_cpu(x, ids, weights, w_up, w_gate, w_down, activation, gated) -> out`:
+- `lynx::experts(x, ids, weights, w_up, w_gate, w_down, activation, gated) -> out`:
   reference.experts_general_reference; each touched expert's weights are read once.
 
-The schemas and fake kernels are defined here; the CPU kernels are C++ (lynx_ops.cpp, which
-links the C code) registered with the dispatcher, so a compiled graph calls them without
-entering Python (~11 us per call against ~22 us through a Python kernel and ctypes). The
-library is built once per machine with the system compilers (the C++ one Inductor needs on
-CPU anyway) against the installed torch's headers, into a cache directory
+The schemas and fake kernels are declared in ops.py; the CPU kernels are C++ (lynx_ops.cpp,
+which links the C code) registered under the ops' CPU dispatch key, so a compiled graph
+calls them without entering Python (~11 us per call against ~22 us through a Python kernel
+and ctypes). The library is built once per machine with the system compilers (the C++ one
+Inductor needs on CPU anyway) against the installed torch's headers, into a cache directory
 ($LYNX_CACHE_DIR, else $XDG_CACHE_HOME/lynx_compile, else ~/.cache/lynx_compile), keyed by
 the sources, flags, compilers, torch and CPU; the build takes ~12 s. When it cannot be
 built (or with LYNX_NATIVE_CPU=0), `available()` is False and the CPU lowering traces the
@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 import torch.utils.cpp_extension
+from lynx_compile.lowering import ops  # noqa: F401  (the schemas the library implements)
+from lynx_compile.lowering.constants import NATIVE_EXPERTS_DTYPES
 
 log = logging.getLogger("lynx_compile")
 
@@ -47,9 +49,6 @@ HERE = Path(__file__).resolve().parent
 C_SOURCE = HERE / "lynx_cpu.c"
 CPP_SOURCE = HERE / "lynx_ops.cpp"
 CPP_FLAGS = ("-O2", "-std=c++20", "-fPIC", "-shared")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")  # what lynx_ops.cpp accepts
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16)  # the experts kernel's compute dtypes
-ROUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # exact in float32
 
 
 def cache_dir() -> Path:
@@ -152,28 +151,6 @@ def available() -> bool:
 
 def experts_dtypes_fit(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
     """Whether the native experts kernel takes x's dtype, shared by every weight given."""
-    return x.dtype in WEIGHT_DTYPES and all(w is None or w.dtype == x.dtype for w in weights)
-
-
-# ------------------------------------------------------- the ops (kernels: lynx_ops.cpp)
-
-_LIB = torch.library.Library("lynx", "FRAGMENT")
-_LIB.define(
-    "route_affinity_cpu(Tensor logits, Tensor probs, int top_k, float alpha, float? beta,"
-    " bool renorm) -> (Tensor, Tensor)"
-)
-_LIB.define(
-    "experts_cpu(Tensor x, Tensor ids, Tensor weights, Tensor w_up, Tensor? w_gate,"
-    " Tensor w_down, str activation, bool gated) -> Tensor"
-)
-
-
-@torch.library.register_fake("lynx::route_affinity_cpu", lib=_LIB)
-def _route_affinity_fake(logits, probs, top_k, alpha, beta, renorm):
-    weights = probs.new_empty((logits.shape[0], top_k))
-    return weights, weights.new_empty(weights.shape, dtype=torch.int64)
-
-
-@torch.library.register_fake("lynx::experts_cpu", lib=_LIB)
-def _experts_fake(x, ids, weights, w_up, w_gate, w_down, activation, gated):
-    return torch.empty_like(x)
+    return x.dtype in NATIVE_EXPERTS_DTYPES and all(
+        w is None or w.dtype == x.dtype for w in weights
+    )

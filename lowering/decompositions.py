@@ -1,28 +1,32 @@
-"""Inductor decompositions of the lynx ops: the CPU path.
+"""Inductor decompositions of the lynx ops: the CPU path, and every path without a kernel.
 
 On CPU tensors:
 - lynx::route with the affinity policy traces the model's softmax into Inductor's C++ graph;
   the rest (the model's top-k, AffinityBinning's ranking, kept set and remap, the weights) is
-  one call of the native kernel lynx::route_affinity_cpu (lowering/cpu_native.py, C++), which
+  one call of the native kernel lynx::route_affinity_cpu (lowering/lynx_ops.cpp), which
   replaces a top-k, ~20 small traced kernels and four sorts per layer. exact, oea and static
   are traced whole.
-- lynx::experts / lynx::experts_split become one call of lynx::experts_cpu, whose work and
-  weight reads follow the experts touched (what AffinityBinning reduces).
+- lynx::experts is kept whole (the decomposition declines): Inductor calls the op, whose CPU
+  kernel is the native one (lynx_ops.cpp); its work and weight reads follow the experts
+  touched (what AffinityBinning reduces).
 Where the native library cannot be built, or for dtypes it does not take, everything is
 traced (route: the reference; experts: the static-shape gathered form). Each decomposition
 computes what the op's reference computes (tests check it).
 
-On CUDA the passes emit the Triton ops (lynx::route_triton, lynx::experts_triton), which
-have no decomposition; where no Triton kernel fits, these decompositions trace the plain
-forms there too (static shapes, so still CUDA-graph safe). Routing with telemetry emits
-lynx::route_recorded, which stays opaque so its Python kernel can record.
+On CUDA the Triton kernels are traced into the graph before these decompositions are
+consulted (triton_ops.py); where no Triton kernel fits, these decompositions trace the plain
+forms there too (static shapes, so still CUDA-graph safe). Routing with telemetry is
+lynx::route_recorded, which has no decomposition: it stays opaque so its kernel can record.
 """
 
 from __future__ import annotations
 
 import torch
-from lynx_compile.lowering import cpu_kernels, cpu_native, ops, reference  # noqa: F401
+from lynx_compile.lowering import cpu_kernels, cpu_native, reference
+from lynx_compile.lowering.constants import ACTIVATION_NAMES, NATIVE_ROUTE_DTYPES
 from torch._inductor.decomposition import register_decomposition
+from torch._inductor.lowering import make_fallback, tag_to_layout_constraint
+from torch._library.utils import get_layout_constraint_tag
 
 
 @register_decomposition(torch.ops.lynx.route.default)
@@ -33,7 +37,7 @@ def route_cpu(logits, top_k, policy, alpha, beta, k0, budget, weights, telemetry
     if (
         policy == "affinity"
         and _native(logits)
-        and logits.dtype in cpu_native.ROUTE_DTYPES
+        and logits.dtype in NATIVE_ROUTE_DTYPES
         and not reference.static_one_token(logits)
     ):
         reference.check_route(logits, top_k, policy, weights)
@@ -56,27 +60,25 @@ def _native_experts(x, activation, *weights) -> bool:
     form beats a kernel call."""
     return (
         not reference.static_one_token(x)
-        and activation in cpu_native.ACTIVATIONS
+        and activation in ACTIVATION_NAMES
         and _native(x)
         and cpu_native.experts_dtypes_fit(x, *weights)
     )
 
 
+# Where the decomposition declines, Inductor calls the op itself (its CPU kernel is the native
+# one), with the layout rule it gives every custom op.
+make_fallback(
+    torch.ops.lynx.experts.default,
+    tag_to_layout_constraint(get_layout_constraint_tag(torch.ops.lynx.experts.default, with_default=True)),
+    override_decomp=True,
+)
+
+
 @register_decomposition(torch.ops.lynx.experts.default)
-def experts_cpu(x, ids, weights, w_up, w_down, activation, gated):
-    """lynx::experts: the native kernel on CPU, else the static-shape gathered form, traced."""
-    if _native_experts(x, activation, w_up, w_down):
-        return torch.ops.lynx.experts_cpu.default(
-            x, ids, weights, w_up, None, w_down, activation, gated
-        )
-    return cpu_kernels.experts_gathered(x, ids, weights, w_up, w_down, activation, gated)
-
-
-@register_decomposition(torch.ops.lynx.experts_split.default)
-def experts_split_cpu(x, ids, weights, w_gate, w_up, w_down, activation):
-    """lynx::experts_split: the native kernel on CPU, else the gathered form, traced."""
-    if _native_experts(x, activation, w_gate, w_up, w_down):
-        return torch.ops.lynx.experts_cpu.default(
-            x, ids, weights, w_up, w_gate, w_down, activation, True
-        )
-    return cpu_kernels.experts_gathered(x, ids, weights, w_up, w_down, activation, True, w_gate)
+def experts_cpu(x, ids, weights, w_up, w_gate, w_down, activation, gated):
+    """lynx::experts: kept for its native CPU kernel (NotImplemented declines the
+    decomposition), else the static-shape gathered form, traced."""
+    if _native_experts(x, activation, w_up, w_gate, w_down):
+        return NotImplemented
+    return cpu_kernels.experts_gathered(x, ids, weights, w_up, w_down, activation, gated, w_gate)

@@ -1,23 +1,28 @@
-// The CPU kernels of lynx::route_affinity_cpu and lynx::experts_cpu, registered with the
+// The CPU kernels of lynx::route_affinity_cpu and lynx::experts, registered with the
 // dispatcher in C++ so that a compiled graph calls them without going through Python.
 //
-// The schemas (and the fake kernels used while tracing) are defined in
-// lowering/cpu_native.py; this file only adds the CPU implementations. The arithmetic is
-// the C code of lowering/lynx_cpu.c, linked into the same shared library. Built once per
-// machine against the installed torch's headers by cpu_native.build().
+// The schemas (and the fake kernels used while tracing) are declared in lowering/ops.py;
+// this file only adds the CPU implementations. The arithmetic is the C code of
+// lowering/lynx_cpu.c, linked into the same shared library. Built once per machine against
+// the installed torch's headers by cpu_native.build().
 //
-// Both ops take the dtypes the C kernels compute in and say what is wrong otherwise: the
-// CPU lowering only emits them for inputs that fit (cpu_native.experts_dtypes_fit,
-// cpu_native.ROUTE_DTYPES); everything else is traced from the reference.
+// lynx::route_affinity_cpu takes the score dtypes the C kernel computes in and says what is
+// wrong otherwise (the CPU lowering emits it only for constants.NATIVE_ROUTE_DTYPES).
+// lynx::experts computes float32 and bfloat16 in the C kernel; every other dtype (and
+// weights in another dtype than x) runs reference.experts_general_reference's loop in ATen.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/silu.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -120,27 +125,71 @@ std::tuple<at::Tensor, at::Tensor> route_affinity_cpu(const at::Tensor &logits,
   return {weights, ids};
 }
 
+// Activation codes: constants.ACTIVATION_NAMES' order, which lynx_cpu.c switches on.
+enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
+
 int activation_code(c10::string_view activation) {
-  static const char *const names[] = {"silu", "gelu", "gelu_tanh", "relu"};  // lynx_cpu.c order
+  static const char *const names[] = {"silu", "gelu", "gelu_tanh", "relu"};
   for (int c = 0; c < 4; ++c)
     if (activation == names[c]) return c;
-  TORCH_CHECK_VALUE(false, "lynx::experts_cpu: unknown activation '", std::string(activation),
+  TORCH_CHECK_VALUE(false, "lynx::experts: unknown activation '", std::string(activation),
                     "'; valid: silu, gelu, gelu_tanh, relu");
   return -1;
 }
 
-at::Tensor experts_cpu(const at::Tensor &x, const at::Tensor &ids, const at::Tensor &weights,
-                       const at::Tensor &w_up, const std::optional<at::Tensor> &w_gate,
-                       const at::Tensor &w_down, c10::string_view activation, bool gated) {
+at::Tensor activate(const at::Tensor &h, int act) {
+  switch (act) {
+    case kSilu: return at::silu(h);
+    case kGelu: return at::gelu(h);
+    case kGeluTanh: return at::gelu(h, "tanh");
+    default: return h.relu();
+  }
+}
+
+// reference.experts_general_reference in ATen, for the dtypes the C kernel does not compute
+// on: per touched expert, its tokens' rows through its matrices (read in place; cast to x's
+// dtype only where they differ, as the reference does), the weighted sum in float32.
+at::Tensor experts_aten(const at::Tensor &x, const at::Tensor &ids, const at::Tensor &weights,
+                        const at::Tensor &w_up, const std::optional<at::Tensor> &w_gate,
+                        const at::Tensor &w_down, int act, bool gated) {
+  const int64_t n = x.size(0), k = ids.size(1), e = w_up.size(0), i = w_down.size(2);
+  const at::ScalarType dt = x.scalar_type();
+  at::Tensor out = at::zeros({n, x.size(1)}, x.options().dtype(at::kFloat));
+  at::Tensor idc = ids.contiguous();
+  const int64_t *id = idc.data_ptr<int64_t>();
+  std::map<int64_t, std::vector<int64_t>> slots;  // expert -> its (token, slot) positions
+  for (int64_t s = 0; s < n * k; ++s) {
+    TORCH_CHECK_INDEX(0 <= id[s] && id[s] < e, "lynx::experts: expert ids must be in [0, ", e,
+                      ")");
+    slots[id[s]].push_back(s);
+  }
+  const at::Tensor flat_w = weights.reshape({-1});
+  for (const auto &[expert, pos] : slots) {
+    at::Tensor slot = at::empty({static_cast<int64_t>(pos.size())}, idc.options());
+    std::copy(pos.begin(), pos.end(), slot.data_ptr<int64_t>());
+    const at::Tensor token = slot.div(k, "floor");
+    const at::Tensor xt = x.index_select(0, token);
+    at::Tensor h = xt.matmul(w_up[expert].to(dt).t());
+    if (w_gate) {
+      h = activate(xt.matmul((*w_gate)[expert].to(dt).t()), act).mul(h);
+    } else if (gated) {
+      h = activate(h.narrow(-1, 0, i), act).mul(h.narrow(-1, i, i));
+    } else {
+      h = activate(h, act);
+    }
+    const at::Tensor y = h.matmul(w_down[expert].to(dt).t()).to(at::kFloat);
+    out.index_add_(0, token, y.mul(flat_w.index_select(0, slot).to(at::kFloat).unsqueeze(1)));
+  }
+  return out.to(dt);
+}
+
+at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor &weights,
+                   const at::Tensor &w_up, const std::optional<at::Tensor> &w_gate,
+                   const at::Tensor &w_down, c10::string_view activation, bool gated) {
   const int act = activation_code(activation);
   const at::ScalarType dt = x.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16,
-                   "lynx::experts_cpu computes on float32 or bfloat16; got ", dt);
-  const bool same_dtype = w_up.scalar_type() == dt && w_down.scalar_type() == dt &&
-                          (!w_gate || w_gate->scalar_type() == dt);
-  TORCH_CHECK_TYPE(same_dtype, "lynx::experts_cpu: the expert weights must have x's dtype ", dt);
   TORCH_CHECK(x.dim() == 2 && w_up.dim() == 3 && w_down.dim() == 3 && ids.dim() == 2,
-              "lynx::experts_cpu: want x [N, d], ids [N, k], w_up [E, U, d], w_down [E, d, I]");
+              "lynx::experts: want x [N, d], ids [N, k], w_up [E, U, d], w_down [E, d, I]");
   const int64_t n = x.size(0), d = x.size(1), e = w_up.size(0), u = w_up.size(1);
   const int64_t i = w_down.size(2), k = ids.size(1);
   const int64_t want_u = gated && !w_gate ? 2 * i : i;
@@ -149,11 +198,14 @@ at::Tensor experts_cpu(const at::Tensor &x, const at::Tensor &ids, const at::Ten
                   w_gate->size(2) == d);
   TORCH_CHECK(u == want_u && w_up.size(2) == d && w_down.size(0) == e && w_down.size(1) == d &&
                   gate_fits && ids.size(0) == n && weights.sizes() == ids.sizes(),
-              "lynx::experts_cpu: inconsistent shapes x ", x.sizes(), ", ids ", ids.sizes(),
+              "lynx::experts: inconsistent shapes x ", x.sizes(), ", ids ", ids.sizes(),
               ", weights ", weights.sizes(), ", w_up ", w_up.sizes(), ", w_down ",
               w_down.sizes(), " (gated=", gated, ", split gate ", w_gate.has_value(),
               "): want w_up [E, ", want_u, ", ", d, "] and w_down [E, ", d, ", I]");
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "lynx::experts_cpu: ids must be int64");
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "lynx::experts: ids must be int64");
+  const bool native = (dt == at::kFloat || dt == at::kBFloat16) && w_up.scalar_type() == dt &&
+                      w_down.scalar_type() == dt && (!w_gate || w_gate->scalar_type() == dt);
+  if (!native) return experts_aten(x, ids, weights, w_up, w_gate, w_down, act, gated);
   at::Tensor out = at::empty({n, d}, x.options().dtype(at::kFloat));
   if (n > 0) {
     at::Tensor xs = x.to(at::kFloat).contiguous(), wts = weights.to(at::kFloat).contiguous();
@@ -182,8 +234,8 @@ at::Tensor experts_cpu(const at::Tensor &x, const at::Tensor &ids, const at::Ten
       at::sum_out(out, partial, 0);
     }
     for (int st : status) {
-      TORCH_CHECK_INDEX(st != -2, "lynx::experts_cpu: expert ids must be in [0, ", e, ")");
-      TORCH_CHECK(st == 0, "lynx::experts_cpu: out of memory for its scratch buffers");
+      TORCH_CHECK_INDEX(st != -2, "lynx::experts: expert ids must be in [0, ", e, ")");
+      TORCH_CHECK(st == 0, "lynx::experts: out of memory for its scratch buffers");
     }
   }
   return dt == at::kFloat ? out : out.to(dt);
@@ -193,5 +245,5 @@ at::Tensor experts_cpu(const at::Tensor &x, const at::Tensor &ids, const at::Ten
 
 TORCH_LIBRARY_IMPL(lynx, CPU, m) {
   m.impl("route_affinity_cpu", &route_affinity_cpu);
-  m.impl("experts_cpu", &experts_cpu);
+  m.impl("experts", &experts);
 }

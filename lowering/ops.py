@@ -1,19 +1,133 @@
-"""torch.library ops of the `lynx` namespace: routing and sparse experts.
+"""The op registry: every `lynx::` op's schema, fake kernel and composite kernel, declared once.
 
-Every op has a fake implementation whose output shapes depend only on input shapes
-(symbolic token counts work). Routing runs the reference; the sparse experts run the
-grouped-GEMM CPU kernel (lowering/cpu_kernels.py, tested against the reference). CUDA
-tensors take the Triton kernels that lynx_compile.lowering.triton_ops registers.
+    route(logits, top_k, policy, alpha, beta, k0, budget, weights, telemetry_site)
+        -> (weights [N, k], ids int64 [N, k])   softmax routers; traced into compiled graphs
+    route_recorded(... as route ...)            route plus telemetry, opaque in compiled graphs
+    route_scored(scores, top_k, space, policy, alpha, beta, k0, budget, telemetry_site)
+        -> (scores at ids [N, k], ids int64)    routers ranked by any score (sigmoid, bias, ...)
+    route_affinity_cpu(logits, probs, top_k, alpha, beta, renorm) -> (weights, ids)
+                                                route's affinity policy after the softmax: the
+                                                CPU lowering's entry to the native kernel
+    experts(x, ids, weights, w_up, w_gate?, w_down, activation, gated) -> [N, d]
+                                                the sparse experts: fused gate/up (w_up
+                                                [E, 2I, d], gated), plain (w_up [E, I, d]) or
+                                                split gate (w_gate and w_up [E, I, d])
+
+The body of each op is its composite kernel (every device, from the plain-PyTorch forms in
+reference.py and cpu_kernels.py). Per-device kernels are registered from their own modules
+under their dispatch keys: CUDA from triton_ops.py (Triton), CPU from the C++ library
+lynx_ops.cpp (loaded by cpu_native.py). Inductor lowerings live in decompositions.py (CPU)
+and triton_ops.py (CUDA). The passes emit ops only through the selector at the bottom.
+
+Fake kernels check their inputs with torch._check* (ValueError / TypeError messages that say
+what is wrong) and derive output shapes from input shapes only, so symbolic token counts work.
 """
 
 from __future__ import annotations
 
 import torch
 from lynx_compile.lowering import cpu_kernels, reference
+from lynx_compile.lowering.constants import (
+    ACTIVATION_NAMES,
+    POLICIES,
+    SCORE_SPACES,
+    WEIGHT_CONVENTIONS,
+)
 from lynx_compile.lowering.telemetry import record_route
 
+# --------------------------------------------------------------------- input checks (fakes)
 
-@torch.library.custom_op("lynx::route", mutates_args=(), device_types=None)
+
+def _check_scores(scores: torch.Tensor, top_k: int, what: str) -> None:
+    """[N, E] floating-point scores and 1 <= top_k <= E."""
+    torch._check_value(
+        scores.dim() == 2,
+        lambda: (
+            f"lynx: {what} must be 2-D [tokens, experts], got shape {tuple(scores.shape)}; "
+            "flatten the batch and sequence dimensions first"
+        ),
+    )
+    torch._check_type(
+        scores.is_floating_point(),
+        lambda: f"lynx: {what} must be floating point, got {scores.dtype}",
+    )
+    torch._check_value(
+        1 <= top_k <= scores.shape[1],
+        lambda: f"lynx: top_k must be in [1, {scores.shape[1]}] (the expert count), got {top_k}",
+    )
+
+
+def _check_choice(value: str, valid: tuple[str, ...], what: str) -> None:
+    torch._check_value(
+        value in valid, lambda: f"lynx: unknown {what} {value!r}; valid: {', '.join(valid)}"
+    )
+
+
+def _route_outputs(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = scores.shape[0]
+    return scores.new_empty((n, top_k)), scores.new_empty((n, top_k), dtype=torch.int64)
+
+
+def _route_fake(logits, top_k, policy, alpha, beta, k0, budget, weights, telemetry_site):
+    _check_scores(logits, top_k, "router logits")
+    _check_choice(policy, POLICIES, "routing policy")
+    _check_choice(weights, WEIGHT_CONVENTIONS, "weight convention")
+    return _route_outputs(logits, top_k)
+
+
+def _check_experts(x, ids, weights, w_up, w_gate, w_down, activation, gated) -> None:
+    """x [N, d], ids int64 / weights [N, k], w_up [E, U, d], w_gate [E, I, d] or None,
+    w_down [E, d, I]; U = 2I for a fused gated w_up, else I."""
+    _check_choice(activation, ACTIVATION_NAMES, "activation")
+    dims = (x.dim(), ids.dim(), weights.dim(), w_up.dim(), w_down.dim())
+    torch._check_value(
+        dims == (2, 2, 2, 3, 3) and (w_gate is None or w_gate.dim() == 3),
+        lambda: (
+            "lynx::experts wants x [N, d], ids and weights [N, k], w_up [E, U, d], "
+            f"w_gate [E, I, d] or None, w_down [E, d, I]; got ranks {dims}"
+        ),
+    )
+    torch._check_type(
+        ids.dtype == torch.int64, lambda: f"lynx::experts: ids must be int64, got {ids.dtype}"
+    )
+    torch._check_type(
+        x.is_floating_point() and weights.is_floating_point(),
+        lambda: (
+            f"lynx::experts: x and weights must be floating point, got {x.dtype}, {weights.dtype}"
+        ),
+    )
+    n, d = x.shape
+    e, u, d_up = w_up.shape
+    inter = w_down.shape[2]
+    split = w_gate is not None
+    torch._check(ids.shape[0] == n and weights.shape == ids.shape, lambda: (
+        f"lynx::experts: ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must both be "
+        f"[N={n}, k]"
+    ))  # fmt: skip
+    want_u = 2 * inter if gated and not split else inter
+    torch._check(
+        d_up == d and u == want_u and w_down.shape[0] == e and w_down.shape[1] == d,
+        lambda: (
+            f"lynx::experts: want w_up [E, {'2I' if gated and not split else 'I'}, d={d}] and "
+            f"w_down [E, d={d}, I]; got w_up {tuple(w_up.shape)}, w_down {tuple(w_down.shape)} "
+            f"(gated={gated}, split gate {split})"
+        ),
+    )
+    if split:
+        torch._check_value(gated, lambda: "lynx::experts: a split gate (w_gate) needs gated=True")
+        torch._check(
+            tuple(w_gate.shape) == (e, inter, d),
+            lambda: (
+                f"lynx::experts: w_gate must be [E={e}, I={inter}, d={d}] like w_up, "
+                f"got {tuple(w_gate.shape)}"
+            ),
+        )
+
+
+# ------------------------------------------------------------------------------ routing
+
+
+@torch.library.custom_op("lynx::route", mutates_args=())
 def route(
     logits: torch.Tensor,
     top_k: int,
@@ -36,16 +150,10 @@ def route(
     return out_w, out_ids
 
 
-@route.register_fake
-def _route_fake(logits, top_k, policy, alpha, beta, k0, budget, weights, telemetry_site):
-    n = logits.shape[0]
-    return (
-        logits.new_empty((n, top_k)),
-        logits.new_empty((n, top_k), dtype=torch.int64),
-    )
+route.register_fake(_route_fake)
 
 
-@torch.library.custom_op("lynx::route_recorded", mutates_args=(), device_types=None)
+@torch.library.custom_op("lynx::route_recorded", mutates_args=())
 def route_recorded(
     logits: torch.Tensor,
     top_k: int,
@@ -69,45 +177,7 @@ def route_recorded(
 route_recorded.register_fake(_route_fake)
 
 
-@torch.library.custom_op("lynx::experts", mutates_args=(), device_types=None)
-def experts(
-    x: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    activation: str,
-    gated: bool,
-) -> torch.Tensor:
-    """Sparse experts: x [N, d], ids/weights [N, k], w_up [E, U, d], w_down [E, d, I] -> [N, d]."""
-    return cpu_kernels.experts_grouped(x, ids, weights, w_up, w_down, activation, gated)
-
-
-@experts.register_fake
-def _experts_fake(x, ids, weights, w_up, w_down, activation, gated):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("lynx::experts_split", mutates_args=(), device_types=None)
-def experts_split(
-    x: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    activation: str,
-) -> torch.Tensor:
-    """Sparse gated experts with separate gate/up weights [E, I, d]; w_down [E, d, I] -> [N, d]."""
-    return cpu_kernels.experts_grouped(x, ids, weights, w_up, w_down, activation, True, w_gate)
-
-
-@experts_split.register_fake
-def _experts_split_fake(x, ids, weights, w_gate, w_up, w_down, activation):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("lynx::route_scored", mutates_args=(), device_types=None)
+@torch.library.custom_op("lynx::route_scored", mutates_args=())
 def route_scored(
     scores: torch.Tensor,
     top_k: int,
@@ -133,8 +203,86 @@ def route_scored(
 
 @route_scored.register_fake
 def _route_scored_fake(scores, top_k, space, policy, alpha, beta, k0, budget, telemetry_site):
-    n = scores.shape[0]
-    return (
-        scores.new_empty((n, top_k)),
-        scores.new_empty((n, top_k), dtype=torch.int64),
+    _check_scores(scores, top_k, "router scores")
+    _check_choice(space, SCORE_SPACES, "score space")
+    _check_choice(policy, POLICIES, "routing policy")
+    return _route_outputs(scores, top_k)
+
+
+@torch.library.custom_op("lynx::route_affinity_cpu", mutates_args=())
+def route_affinity_cpu(
+    logits: torch.Tensor,
+    probs: torch.Tensor,
+    top_k: int,
+    alpha: float,
+    beta: float | None,
+    renorm: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """lynx::route's affinity policy from the model's softmax probs [N, E] (logits [N, E]):
+    (weights [N, k] in probs' dtype, ids int64 [N, k]); equal probabilities rank the lower
+    index first. The CPU kernel is native (lynx_ops.cpp); this body is the reference."""
+    pol = reference.RoutingPolicy("affinity", alpha, beta)
+    weights = "renorm" if renorm else "mass"
+    return reference.route_reference(logits, top_k, pol, weights, "lower_index", probs=probs)
+
+
+@route_affinity_cpu.register_fake
+def _route_affinity_fake(logits, probs, top_k, alpha, beta, renorm):
+    _check_scores(logits, top_k, "router logits")
+    torch._check_value(
+        probs.shape == logits.shape,
+        lambda: (
+            f"lynx::route_affinity_cpu: probs {tuple(probs.shape)} must have the logits' "
+            f"shape {tuple(logits.shape)}"
+        ),
     )
+    return _route_outputs(probs, top_k)
+
+
+# ------------------------------------------------------------------------------ experts
+
+
+@torch.library.custom_op("lynx::experts", mutates_args=())
+def experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w_up: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    w_down: torch.Tensor,
+    activation: str,
+    gated: bool,
+) -> torch.Tensor:
+    """Sparse experts: x [N, d], ids/weights [N, k], w_up [E, U, d], w_gate [E, I, d] or
+    None, w_down [E, d, I] -> [N, d] in x's dtype (reference.experts_general_reference)."""
+    return cpu_kernels.experts_grouped(x, ids, weights, w_up, w_down, activation, gated, w_gate)
+
+
+@experts.register_fake
+def _experts_fake(x, ids, weights, w_up, w_gate, w_down, activation, gated):
+    _check_experts(x, ids, weights, w_up, w_gate, w_down, activation, gated)
+    return torch.empty_like(x)
+
+
+ALL_OPS = (route, route_recorded, route_scored, route_affinity_cpu, experts)
+
+# ------------------------------------------------------------------ the passes' op selector
+# Device-neutral: the passes emit these ops whatever the device; how each runs on a device
+# (Triton, native C++, traced reference) is the lowering's choice, made when Inductor
+# compiles the graph (decompositions.py, triton_ops.py).
+
+
+def route_op(telemetry: bool) -> torch._ops.OpOverload:
+    """The softmax-router op to emit: lynx::route_recorded when telemetry is asked (opaque,
+    records each call), else lynx::route (compiled into the graph)."""
+    return torch.ops.lynx.route_recorded.default if telemetry else torch.ops.lynx.route.default
+
+
+def route_scored_op() -> torch._ops.OpOverload:
+    """The scored-router op to emit (it records telemetry itself when given a site)."""
+    return torch.ops.lynx.route_scored.default
+
+
+def experts_op() -> torch._ops.OpOverload:
+    """The sparse-experts op to emit, for every expert form (fused gate/up, plain, split)."""
+    return torch.ops.lynx.experts.default

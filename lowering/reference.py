@@ -23,12 +23,17 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-POLICIES = ("exact", "affinity", "oea", "static")
-WEIGHT_CONVENTIONS = ("renorm", "mass")
-
-# Most negative affinity bin kept as an integer; -inf logits (masked experts) land here.
-_MIN_BIN = -(2**30)
+from lynx_compile.lowering.constants import (
+    ACTIVATION_NAMES,
+    DEFAULT_ALPHA,
+    DEFAULT_BETA,
+    DEFAULT_BUDGET,
+    DEFAULT_K0,
+    POLICIES,
+    SCORE_SPACES,
+    WEIGHT_CONVENTIONS,
+)
+from lynx_compile.lowering.constants import MIN_BIN as _MIN_BIN
 
 
 @dataclass(frozen=True)
@@ -36,10 +41,10 @@ class RoutingPolicy:
     """One routing policy and its parameters (validated by lynx_compile.config)."""
 
     name: str = "exact"
-    alpha: float = 3.0
-    beta: float | None = 2.0
-    k0: int = 2
-    budget: int = 16
+    alpha: float = DEFAULT_ALPHA
+    beta: float | None = DEFAULT_BETA
+    k0: int = DEFAULT_K0
+    budget: int = DEFAULT_BUDGET
 
 
 def check_logits(logits: torch.Tensor, top_k: int) -> None:
@@ -157,6 +162,7 @@ def route_reference(
     policy: RoutingPolicy = RoutingPolicy(),
     weights: str = "renorm",
     ties: str = "topk",
+    probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route N tokens: logits [N, E] -> (weights [N, k] in logits' dtype, ids int64 [N, k]).
 
@@ -167,9 +173,11 @@ def route_reference(
     ties: how the model's top-k orders equal probabilities. "topk" leaves it to torch.topk
     (unspecified), as the model does; "lower_index" puts the lower index first (NaN above
     every number), the order the native CPU and Triton route kernels fix.
+    probs: the model's softmax of logits when it was computed already (None: computed here).
     """
     check_route(logits, top_k, policy.name, weights)
-    probs = torch.softmax(logits, dim=-1)
+    if probs is None:
+        probs = torch.softmax(logits, dim=-1)
     if ties == "lower_index":  # torch.sort puts NaN above every number
         exact_ids = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :top_k]
         exact_vals = torch.gather(probs, 1, exact_ids)
@@ -269,12 +277,13 @@ def distinct_experts(ids: torch.Tensor) -> int:
     return int(torch.unique(ids).numel())
 
 
-ACTIVATIONS = {
-    "silu": torch.nn.functional.silu,
-    "gelu": torch.nn.functional.gelu,
-    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
-    "relu": torch.relu,
-}
+_ACTIVATION_FNS = (
+    torch.nn.functional.silu,
+    torch.nn.functional.gelu,
+    lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    torch.relu,
+)
+ACTIVATIONS = dict(zip(ACTIVATION_NAMES, _ACTIVATION_FNS, strict=True))
 
 
 def experts_reference(
@@ -343,8 +352,6 @@ def experts_general_reference(x, ids, weights, w_gate, w_up, w_down, activation,
 # Routers that are not softmax -> top-k (sigmoid + bias + group limit, top-k on logits,
 # softmax + bias, ...) are rewritten at their top-k only: lynx chooses the ids, and the
 # model's own code turns them into weights. See docs/design/affinity_binning_routers.md.
-
-SCORE_SPACES = ("logit", "prob", "score")
 
 # One bin of a "score" ranking is 1/(4 alpha) wide: sigmoid and softmax have slope at most
 # 1/4 per logit, so scores within one bin include every expert within 1/alpha logits.

@@ -27,13 +27,12 @@ import torch
 import triton
 import triton.language as tl
 from lynx_compile.lowering import reference
+from lynx_compile.lowering.constants import ACTIVATION_CODES, TRITON_DTYPES
 from lynx_compile.lowering.launch_configs import ExpertsConfig, experts_config
 
-ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
-
-_SILU = tl.constexpr(0)
-_GELU = tl.constexpr(1)
-_GELU_TANH = tl.constexpr(2)
+_SILU = tl.constexpr(ACTIVATION_CODES["silu"])
+_GELU = tl.constexpr(ACTIVATION_CODES["gelu"])
+_GELU_TANH = tl.constexpr(ACTIVATION_CODES["gelu_tanh"])
 
 
 @triton.jit
@@ -284,7 +283,7 @@ def check_experts_args(
     """Raise ValueError (what was wrong, what to do) for inputs the kernels do not take."""
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"unknown activation {activation!r}; valid: {sorted(ACTIVATION_CODES)}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if x.dtype not in TRITON_DTYPES:
         raise ValueError(f"the Triton experts take fp32/fp16/bf16 activations, got {x.dtype}")
     if x.dim() != 2 or ids.dim() != 2 or ids.shape != weights.shape or ids.shape[0] != x.shape[0]:
         raise ValueError(
@@ -318,7 +317,8 @@ def experts(
     """x [N, d], ids/weights [N, k], w_up [E, U, d], w_down [E, d, I] -> out [N, d] (x dtype).
 
     `config` overrides the stored/default launch config (the tuner passes candidates);
-    `wrap` turns each kernel into what launches it (wrap_triton inside a triton_op).
+    `wrap` turns each kernel into what launches it (wrap_triton while a compiled graph
+    is traced, see triton_ops.py).
     """
     check_experts_args(x, ids, weights, w_up, w_down, activation, gated)
     num_tokens, hidden = x.shape

@@ -1,17 +1,19 @@
-"""The Triton kernels as ops, and which op the FX pass should emit on which device.
+"""The CUDA kernels of lynx::route and lynx::experts: the Triton kernels, registered here.
 
-- `lynx::route_triton` / `lynx::experts_triton`: torch.library.triton_op + wrap_triton,
-  same signatures as lynx::route / lynx::experts, so Inductor sees (and schedules) the
-  Triton launches inside compiled graphs. CUDA tensors only: a triton_op under
-  torch.compile on CPU fails (no CPU Triton driver).
-- Eager lynx::route / lynx::experts on CUDA tensors run the same Triton wrappers
-  (registered here as their CUDA kernels); telemetry keeps working there.
-- `route_op_for(device)` / `experts_op_for(device)`: the OpOverload to emit.
+Two registrations per op, for the two ways an op runs:
+- eagerly: the op's CUDA kernel (`register_kernel("cuda")`) calls the Triton wrapper, which
+  launches the kernels directly;
+- in a compiled graph: a FunctionalTensorMode rule (what torch.library.triton_op installs
+  for its own ops) traces the same wrapper with `wrap_triton`, so AOTAutograd records the
+  Triton launches themselves and Inductor schedules them as user-defined Triton kernels.
+  The rule applies to CUDA inputs the kernels take; every other call (CPU tensors, a router
+  larger than the route kernel holds, a split gate) falls through to the op's Inductor
+  decomposition (decompositions.py), which traces the plain PyTorch forms (static shapes,
+  so still CUDA-graph safe). torch.export keeps the ops whole, as it does for triton_op.
 
-Importing this module needs neither CUDA nor Triton: without Triton nothing is
-registered and every device gets the reference ops. The kernel modules are imported on
-first use, so importing lynx_compile never compiles or decorates a kernel (that also
-lets tests set TRITON_INTERPRET before the kernels are defined).
+Without Triton installed nothing is registered and CUDA tensors take the composite kernels.
+The kernel modules are imported on first use, so importing lynx_compile never compiles or
+decorates a kernel (that also lets tests set TRITON_INTERPRET before the kernels exist).
 """
 
 from __future__ import annotations
@@ -19,15 +21,11 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-from lynx_compile.lowering import ops, reference
+from lynx_compile.lowering import cpu_kernels, ops, reference
+from lynx_compile.lowering.constants import TRITON_DTYPES, route_fits_triton
 from lynx_compile.lowering.telemetry import record_route
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
-
-# Kernel limits of the routing kernel (lowering/triton_route.py: MAX_EXPERTS, MAX_TOP_K);
-# repeated here so choosing an op never imports Triton.
-ROUTE_MAX_EXPERTS = 512
-ROUTE_MAX_TOP_K = 16
 
 
 def _kernels():
@@ -37,93 +35,92 @@ def _kernels():
     return triton_route, triton_experts
 
 
-def route_fits(num_experts: int, top_k: int) -> bool:
-    """Whether the Triton routing kernel takes this router shape."""
-    return num_experts <= ROUTE_MAX_EXPERTS and top_k <= ROUTE_MAX_TOP_K
+def route_takes(logits: torch.Tensor, top_k: int) -> bool:
+    """Whether the Triton routing kernel takes these CUDA logits [N, E] and top_k."""
+    return (
+        logits.device.type == "cuda"
+        and logits.dtype in TRITON_DTYPES
+        and route_fits_triton(logits.shape[1], top_k)
+    )
 
 
-if HAVE_TRITON:
-    from torch.library import triton_op, wrap_triton
+def experts_take(x: torch.Tensor, w_gate: torch.Tensor | None) -> bool:
+    """Whether the Triton experts kernels take these CUDA inputs (fused or plain w_up)."""
+    return x.device.type == "cuda" and x.dtype in TRITON_DTYPES and w_gate is None
 
-    @triton_op("lynx::route_triton", mutates_args=())
-    def route_triton(
-        logits: torch.Tensor,
-        top_k: int,
-        policy: str,
-        alpha: float,
-        beta: float | None,
-        k0: int,
-        budget: int,
-        weights: str,
-        telemetry_site: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [N, E] -> (weights [N, k] in logits' dtype, ids int64 [N, k]), one launch.
 
-        telemetry_site is accepted for signature parity and not recorded: recording reads
-        ids back to the host, which a compiled graph cannot do; route_op_for(...,
-        telemetry=True) hands out lynx::route_recorded, which records.
-        """
+def _route_cuda(logits, top_k, policy, alpha, beta, k0, budget, weights, telemetry_site):
+    """Eager lynx::route on CUDA: the Triton kernel where it fits, else the reference."""
+    if route_takes(logits, top_k):
+        triton_route, _ = _kernels()
+        out_w, out_ids = triton_route.route(logits, top_k, policy, alpha, beta, k0, budget, weights)
+    else:
+        pol = reference.RoutingPolicy(policy, alpha, beta, k0, budget)
+        out_w, out_ids = reference.route_reference(logits, top_k, pol, weights)
+    if telemetry_site >= 0:
+        record_route(telemetry_site, logits, top_k, out_ids)
+    return out_w, out_ids
+
+
+def _experts_cuda(x, ids, weights, w_up, w_gate, w_down, activation, gated):
+    """Eager lynx::experts on CUDA: the Triton kernels where they fit, else the composite."""
+    if experts_take(x, w_gate):
+        _, triton_experts = _kernels()
+        return triton_experts.experts(x, ids, weights, w_up, w_down, activation, gated)
+    return cpu_kernels.experts_grouped(x, ids, weights, w_up, w_down, activation, gated, w_gate)
+
+
+def _traced_in_graph(mode, op, types, args, kwargs, takes, launch):
+    """A FunctionalTensorMode rule: trace `launch(*args)` (the Triton wrapper with
+    wrap_triton) when `takes(*args)`, else let the mode handle the op as usual."""
+    from torch._subclasses import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+    plain = (torch.Tensor, FunctionalTensor)
+    known = all(issubclass(t, FakeTensor) or t in plain for t in types)
+    if custom_triton_ops_decomposition_disabled() or not known or not takes(*args, **kwargs):
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+    with mode:
+        return launch(*args, **kwargs)
+
+
+def _route_in_graph(mode, op, types, args, kwargs):
+    def takes(logits, top_k, *rest):
+        return route_takes(logits, top_k)
+
+    def launch(logits, top_k, policy, alpha, beta, k0, budget, weights, telemetry_site):
+        # telemetry_site is not recorded here: recording reads ids back to the host, which a
+        # compiled graph cannot do; the passes emit lynx::route_recorded for telemetry.
+        from torch.library import wrap_triton
+
         triton_route, _ = _kernels()
         return triton_route.route(
             logits, top_k, policy, alpha, beta, k0, budget, weights, wrap=wrap_triton
         )
 
-    @triton_op("lynx::experts_triton", mutates_args=())
-    def experts_triton(
-        x: torch.Tensor,
-        ids: torch.Tensor,
-        weights: torch.Tensor,
-        w_up: torch.Tensor,
-        w_down: torch.Tensor,
-        activation: str,
-        gated: bool,
-    ) -> torch.Tensor:
-        """x [N, d], ids/weights [N, k], w_up [E, U, d], w_down [E, d, I] -> [N, d]."""
+    return _traced_in_graph(mode, op, types, args, kwargs, takes, launch)
+
+
+def _experts_in_graph(mode, op, types, args, kwargs):
+    def takes(x, ids, weights, w_up, w_gate, *rest):
+        return experts_take(x, w_gate)
+
+    def launch(x, ids, weights, w_up, w_gate, w_down, activation, gated):
+        from torch.library import wrap_triton
+
         _, triton_experts = _kernels()
         return triton_experts.experts(
             x, ids, weights, w_up, w_down, activation, gated, wrap=wrap_triton
         )
 
-    @ops.route.register_kernel("cuda")
-    def _route_cuda(logits, top_k, policy, alpha, beta, k0, budget, weights, telemetry_site):
-        """Eager lynx::route on CUDA: the Triton kernel where it fits, else the reference."""
-        if route_fits(logits.shape[1], top_k):
-            triton_route, _ = _kernels()
-            out_w, out_ids = triton_route.route(
-                logits, top_k, policy, alpha, beta, k0, budget, weights
-            )
-        else:
-            pol = reference.RoutingPolicy(policy, alpha, beta, k0, budget)
-            out_w, out_ids = reference.route_reference(logits, top_k, pol, weights)
-        if telemetry_site >= 0:
-            record_route(telemetry_site, logits, top_k, out_ids)
-        return out_w, out_ids
-
-    @ops.experts.register_kernel("cuda")
-    def _experts_cuda(x, ids, weights, w_up, w_down, activation, gated):
-        """Eager lynx::experts on CUDA: the Triton kernels."""
-        _, triton_experts = _kernels()
-        return triton_experts.experts(x, ids, weights, w_up, w_down, activation, gated)
+    return _traced_in_graph(mode, op, types, args, kwargs, takes, launch)
 
 
-def route_op_for(
-    device: torch.device,
-    num_experts: int = 0,
-    top_k: int = 1,
-    telemetry: bool = False,
-) -> torch._ops.OpOverload:
-    """The routing op to emit for tensors on `device`: lynx::route_recorded when telemetry
-    is asked (opaque, records each call; Triton inside on CUDA), else lynx::route_triton on
-    CUDA when the kernel takes the shape, else lynx::route (traced by Inductor)."""
-    if telemetry:
-        return torch.ops.lynx.route_recorded.default
-    if HAVE_TRITON and torch.device(device).type == "cuda" and route_fits(num_experts, top_k):
-        return torch.ops.lynx.route_triton.default
-    return torch.ops.lynx.route.default
+if HAVE_TRITON:
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
 
-
-def experts_op_for(device: torch.device) -> torch._ops.OpOverload:
-    """The sparse-experts op to emit for tensors on `device`: Triton on CUDA."""
-    if HAVE_TRITON and torch.device(device).type == "cuda":
-        return torch.ops.lynx.experts_triton.default
-    return torch.ops.lynx.experts.default
+    ops.route.register_kernel("cuda")(_route_cuda)
+    ops.experts.register_kernel("cuda")(_experts_cuda)
+    ops.route.register_torch_dispatch(FunctionalTensorMode, _route_in_graph)
+    ops.experts.register_torch_dispatch(FunctionalTensorMode, _experts_in_graph)

@@ -35,17 +35,24 @@ import torch
 import triton
 import triton.language as tl
 from lynx_compile.lowering import reference
+from lynx_compile.lowering.constants import (
+    DEFAULT_ALPHA,
+    DEFAULT_BETA,
+    DEFAULT_BUDGET,
+    DEFAULT_K0,
+    MIN_BIN,
+    POLICY_CODES,
+    TRITON_DTYPES,
+)
+from lynx_compile.lowering.constants import ROUTE_MAX_EXPERTS as MAX_EXPERTS
+from lynx_compile.lowering.constants import ROUTE_MAX_TOP_K as MAX_TOP_K
 from triton.language.extra import libdevice
 
-MAX_EXPERTS = 512
-MAX_TOP_K = 16
-POLICY_CODES = {"exact": 0, "affinity": 1, "oea": 2, "static": 3}
-
-_EXACT = tl.constexpr(0)
-_AFFINITY = tl.constexpr(1)
-_OEA = tl.constexpr(2)
-_STATIC = tl.constexpr(3)
-_MIN_BIN = tl.constexpr(-(2**30))  # reference._MIN_BIN: the bin of a -inf logit
+_EXACT = tl.constexpr(POLICY_CODES["exact"])
+_AFFINITY = tl.constexpr(POLICY_CODES["affinity"])
+_OEA = tl.constexpr(POLICY_CODES["oea"])
+_STATIC = tl.constexpr(POLICY_CODES["static"])
+_MIN_BIN = tl.constexpr(MIN_BIN)  # the bin of a -inf logit
 _INT_FLOOR = tl.constexpr(-(2**62))  # below every int64 ranking key used here
 _KEY_LIMIT = tl.constexpr(2**62)  # the popularity numeral must stay below this
 
@@ -300,7 +307,7 @@ def _size_hint(n) -> int:
 def check_route_args(logits: torch.Tensor, top_k: int, policy: str, weights: str) -> None:
     """Raise ValueError (what was wrong, what to do) for inputs the kernel does not take."""
     reference.check_route(logits, top_k, policy, weights)
-    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if logits.dtype not in TRITON_DTYPES:
         raise ValueError(f"the Triton router takes fp32/fp16/bf16 logits, got {logits.dtype}")
     if logits.shape[1] > MAX_EXPERTS or top_k > MAX_TOP_K:
         raise ValueError(
@@ -313,17 +320,17 @@ def route(
     logits: torch.Tensor,
     top_k: int,
     policy: str = "exact",
-    alpha: float = 3.0,
-    beta: float | None = 2.0,
-    k0: int = 2,
-    budget: int = 16,
+    alpha: float = DEFAULT_ALPHA,
+    beta: float | None = DEFAULT_BETA,
+    k0: int = DEFAULT_K0,
+    budget: int = DEFAULT_BUDGET,
     weights: str = "renorm",
     wrap=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, E] -> (weights [N, k] in logits' dtype, ids int64 [N, k]), one launch.
 
-    `wrap` turns the kernel into what launches it (torch.library.wrap_triton inside a
-    triton_op); None launches it directly.
+    `wrap` turns the kernel into what launches it (torch.library.wrap_triton while a
+    compiled graph is traced, see triton_ops.py); None launches it directly.
     """
     check_route_args(logits, top_k, policy, weights)
     if policy == "affinity" and not alpha > 0:

@@ -20,20 +20,14 @@ import lynx_compile.lowering as lowering_pkg
 import lynx_compile.passes as passes_pkg
 from lynx_compile import graph_dump
 from lynx_compile.config import LynxConfig, parse_options
-from lynx_compile.lowering import (  # noqa: F401  (register torch.ops.lynx.* and lowerings)
+from lynx_compile.lowering import (  # noqa: F401  (the ops, their kernels and lowerings)
     cpu_native,
     decompositions,
     ops,
     triton_ops,
 )
 from lynx_compile.passes import report as report_mod
-from lynx_compile.passes.dispatch import rewrite_dispatch
-from lynx_compile.passes.router import (
-    find_router_sites,
-    report_skipped_router,
-    rewrite_router,
-)
-from lynx_compile.passes.router_families import find_scored_router_sites, rewrite_scored_router
+from lynx_compile.passes.pipeline import run_passes
 
 log = logging.getLogger("lynx_compile")
 
@@ -41,39 +35,13 @@ log = logging.getLogger("lynx_compile")
 pass_seconds: list[float] = []
 
 
-def _grad_needed(example_inputs) -> bool:
-    return torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
-    )
-
-
 def apply_lynx_passes(gm: fx.GraphModule, example_inputs, config: LynxConfig) -> fx.GraphModule:
-    """Rewrite every router site (and the dispatch consuming it) of one Dynamo graph in place."""
+    """Run the lynx passes (passes/pipeline.py) over one Dynamo graph in place."""
     start = time.perf_counter()
     graph_id = report_mod.new_graph_id()
     dump_dir = graph_dump.active_dump_dir()
     before = gm.print_readable(print_output=False) if dump_dir else None
-    sites = find_router_sites(gm, graph_id)
-    scored = find_scored_router_sites(gm, graph_id, claimed={site.topk for site in sites})
-    if (sites or scored) and _grad_needed(example_inputs):
-        for site in sites + scored:
-            report_skipped_router(
-                site.topk,
-                "autograd is on: lynx rewrites inference graphs; run under "
-                "torch.no_grad() or torch.inference_mode()",
-                graph_id,
-                site.num_experts,
-                site.top_k,
-            )
-        sites, scored = [], []
-    routed = [rewrite_router(gm, site, config, graph_id) for site in sites]
-    routed += [rewrite_scored_router(gm, site, config, graph_id) for site in scored]
-    if config.fuse_experts:
-        for weights, ids, entry in routed:
-            rewrite_dispatch(gm, weights.args[0], weights, ids, entry, example_inputs, graph_id)
-    if sites or scored:
-        gm.graph.lint()
-        gm.recompile()
+    run_passes(gm, example_inputs, config, graph_id)
     pass_seconds.append(time.perf_counter() - start)
     if dump_dir:
         graph_dump.write_graph_dump(dump_dir, graph_id, before, gm)

@@ -7,19 +7,22 @@ import hashlib
 import json
 from typing import Any
 
-from lynx_compile.lowering.reference import POLICIES, RoutingPolicy
-
-# Defaults: the accuracy harness (docs/results/accuracy.md) picks the default policy.
-DEFAULT_POLICY = "affinity"
-DEFAULT_ALPHA = 3.0
-DEFAULT_BETA = 2.0
+from lynx_compile.lowering.constants import (
+    DEFAULT_ALPHA,
+    DEFAULT_BETA,
+    DEFAULT_BUDGET,
+    DEFAULT_K0,
+    DEFAULT_POLICY,
+    POLICIES,
+)
+from lynx_compile.lowering.reference import RoutingPolicy
 
 _OPTION_HELP = {
     "policy": f"one of {', '.join(POLICIES)} (default {DEFAULT_POLICY})",
-    "alpha": "bin width parameter of affinity, a float > 0 (default 3.0)",
-    "beta": "floor of affinity bins, a number > 0 or None for no floor (default 2.0)",
-    "k0": "experts each token keeps under oea, an int >= 1 (default 2)",
-    "budget": "experts a batch keeps under static, an int >= 1 (default 16)",
+    "alpha": f"bin width parameter of affinity, a float > 0 (default {DEFAULT_ALPHA})",
+    "beta": f"floor of affinity bins, a number > 0 or None for no floor (default {DEFAULT_BETA})",
+    "k0": f"experts each token keeps under oea, an int >= 1 (default {DEFAULT_K0})",
+    "budget": f"experts a batch keeps under static, an int >= 1 (default {DEFAULT_BUDGET})",
     "decode_only": "apply approximate policies only to decode steps, a bool (default True)",
     "telemetry": "record distinct experts per call per site, a bool (default False)",
     "fuse_experts": "rewrite the expert dispatch into lynx::experts where found (default True)",
@@ -36,8 +39,8 @@ class LynxConfig:
     policy: str = DEFAULT_POLICY
     alpha: float = DEFAULT_ALPHA
     beta: float | None = DEFAULT_BETA
-    k0: int = 2
-    budget: int = 16
+    k0: int = DEFAULT_K0
+    budget: int = DEFAULT_BUDGET
     decode_only: bool = True
     telemetry: bool = False
     fuse_experts: bool = True

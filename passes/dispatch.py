@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from lynx_compile.lowering.triton_ops import experts_op_for
+from lynx_compile.lowering.ops import experts_op
 from lynx_compile.passes import report as report_mod
 from lynx_compile.passes.fx_utils import canonical_op, example_value
 from lynx_compile.passes.router import router_hidden_dim
@@ -243,11 +243,9 @@ def _weight_args(plan: ExpertsPlan, values: dict[fx.Node, object]):
 
 
 def call_experts(plan: ExpertsPlan, x, ids, weights, values) -> torch.Tensor:
-    """Run lynx::experts (or lynx::experts_split) for a plan, eagerly."""
+    """Run lynx::experts for a plan, eagerly."""
     up, down, gate = _weight_args(plan, values)
-    if gate is not None:
-        return torch.ops.lynx.experts_split(x, ids, weights, gate, up, down, plan.activation)
-    return torch.ops.lynx.experts(x, ids, weights, up, down, plan.activation, plan.gated)
+    return experts_op()(x, ids, weights, up, gate, down, plan.activation, plan.gated)
 
 
 def _random_inputs(inputs, weights, ids, num_experts, real: dict, tokens: int):
@@ -380,17 +378,10 @@ def _replace(gm, region, out, plan: ExpertsPlan, weights, ids) -> None:
 
         up = layout(plan.w_up, plan.up_transposed)
         down = layout(plan.w_down, plan.down_transposed)
-        if plan.w_gate is not None:
-            gate = layout(plan.w_gate, plan.up_transposed)
-            fused = graph.call_function(
-                torch.ops.lynx.experts_split.default,
-                (plan.x, ids, weights, gate, up, down, plan.activation),
-            )
-        else:
-            op = experts_op_for(example_value(plan.x).device)
-            fused = graph.call_function(
-                op, (plan.x, ids, weights, up, down, plan.activation, plan.gated)
-            )
+        gate = None if plan.w_gate is None else layout(plan.w_gate, plan.up_transposed)
+        fused = graph.call_function(
+            experts_op(), (plan.x, ids, weights, up, gate, down, plan.activation, plan.gated)
+        )
         out_val = example_value(out)
         result = fused
         if out_val is not None and out_val.dtype != example_value(plan.x).dtype:

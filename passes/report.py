@@ -4,15 +4,23 @@ Each site is a dict with at least: kind ("router" | "dispatch"), status ("rewrit
 "skipped"), reason (the pattern name when rewritten, why not when skipped), num_experts,
 top_k. Router sites also carry the policy applied, whether the graph is a decode step,
 and (with telemetry on) the runtime distinct-expert counts.
+
+Every site recorded also bumps `torch._dynamo.utils.counters["lynx"]`, as Inductor's
+passes count into counters["inductor"]: `<kind>_<status>` (e.g. "router_rewritten") and
+`<kind>_<status>:<what>`, where <what> is the pattern rewritten ("softmax_topk_renorm",
+"sparse_experts(gated silu)") or the skip reason up to its first detail (the part before
+a ":", ";" or "(").
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import re
 import threading
 
 from lynx_compile.lowering import telemetry
+from torch._dynamo.utils import counters
 
 _lock = threading.Lock()
 _sites: list[dict] = []
@@ -32,7 +40,22 @@ def add_site(**fields) -> dict:
         site.setdefault(key, None)
     with _lock:
         _sites.append(site)
+    count_site(site["kind"], site["status"], site["reason"])
     return site
+
+
+def counter_key(kind: str, status: str, reason: str | None) -> str:
+    """counters["lynx"] key of one site: `<kind>_<status>:<pattern or skip reason>`."""
+    what = (
+        re.split(r"[:;(]", reason or "", maxsplit=1)[0].strip() if status == "skipped" else reason
+    )
+    return f"{kind}_{status}:{what}"
+
+
+def count_site(kind: str, status: str, reason: str | None) -> None:
+    """Bump counters["lynx"] for one recorded site."""
+    counters["lynx"][f"{kind}_{status}"] += 1
+    counters["lynx"][counter_key(kind, status, reason)] += 1
 
 
 def report() -> dict:

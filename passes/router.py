@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from lynx_compile.lowering.triton_ops import route_op_for
+from lynx_compile.lowering.ops import route_op
 from lynx_compile.passes import report as report_mod
 from lynx_compile.passes.fx_utils import arg, canonical_op, example_value, last_dim
 
@@ -183,11 +183,6 @@ def router_hidden_dim(logits: fx.Node) -> int | None:
     return None
 
 
-def _device_of(node: fx.Node) -> torch.device:
-    val = example_value(node)
-    return torch.device("cpu") if val is None else val.device
-
-
 def find_router_sites(gm: fx.GraphModule, graph_id: int) -> list[RouterSite]:
     """Every softmax -> top-k router in the graph (others are reported as skipped)."""
     sites = []
@@ -242,7 +237,7 @@ def rewrite_router(
         if site.softmax_dtype is not None:
             logits = graph.call_method("to", (logits, site.softmax_dtype))
         route = graph.call_function(
-            route_op_for(_device_of(site.logits), site.num_experts, site.top_k, config.telemetry),
+            route_op(config.telemetry),
             (
                 logits,
                 site.top_k,

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+from lynx_compile.lowering.ops import route_scored_op
 from lynx_compile.passes.fx_utils import arg, canonical_op, example_value, last_dim
 from lynx_compile.passes.router import report_rewritten_router, report_skipped_router
 
@@ -344,7 +345,7 @@ def rewrite_scored_router(
     with graph.inserting_before(site.topk):
         scores = _unusable_as_minus_inf(graph, site)
         route = graph.call_function(
-            torch.ops.lynx.route_scored.default,
+            route_scored_op(),
             (
                 scores,
                 site.top_k,

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from lynx_compile.lowering import launch_configs, reference, triton_experts, triton_ops, tuner
+from lynx_compile.lowering import launch_configs, ops, reference, triton_experts, triton_ops, tuner
 from lynx_compile.lowering.launch_configs import ExpertsConfig, GemmConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on NaN poison
@@ -98,13 +98,15 @@ def test_several_tiles_per_expert_and_strided_weights(monkeypatch):
     assert_close_to_reference(got, want, torch.float16)
 
 
-def test_routed_by_the_router_and_through_the_triton_op():
-    """ids and weights straight from affinity routing; torch.ops.lynx.experts_triton."""
+def test_routed_by_the_router_and_through_the_cuda_kernel(monkeypatch):
+    """ids and weights straight from affinity routing, through lynx::experts' CUDA kernel
+    (told the interpreted CPU tensors fit, it runs the Triton kernels)."""
     x, _, _, w_up, w_down = make_inputs(13, 60, 8, 32, 24, torch.float32, True, seed=2)
     logits = 2 * torch.randn(13, 60, generator=torch.Generator().manual_seed(3))
     weights, ids = reference.route_reference(logits, 8, reference.RoutingPolicy("affinity"))
     want = reference.experts_reference(x, ids, weights, w_up, w_down, "silu", True)
-    got = torch.ops.lynx.experts_triton(x, ids, weights, w_up, w_down, "silu", True)
+    monkeypatch.setattr(triton_ops, "experts_take", lambda x, w_gate: w_gate is None)
+    got = triton_ops._experts_cuda(x, ids, weights, w_up, None, w_down, "silu", True)
     assert_close_to_reference(got, want, torch.float32)
 
 
@@ -131,10 +133,19 @@ def test_rejects_bad_arguments():
         triton_experts.experts(x, ids[:, :1], weights, w_up, w_down, "silu", True)
 
 
-def test_op_choice_per_device():
-    assert triton_ops.experts_op_for(torch.device("cpu")) is torch.ops.lynx.experts.default
-    cuda = torch.device("cuda")
-    assert triton_ops.experts_op_for(cuda) is torch.ops.lynx.experts_triton.default
+def test_one_op_for_every_device_and_what_the_triton_kernels_take():
+    """The passes emit lynx::experts whatever the device; on CUDA the Triton kernels take
+    fused or plain w_up in fp32/fp16/bf16, a split gate falls back (composite / traced)."""
+    from torch._subclasses import FakeTensorMode
+
+    assert ops.experts_op() is torch.ops.lynx.experts.default
+    with FakeTensorMode():
+        cuda_x, gate = torch.empty(4, 32, device="cuda"), torch.empty(8, 16, 32, device="cuda")
+        cuda_f64 = torch.empty(4, 32, device="cuda", dtype=torch.float64)
+    assert triton_ops.experts_take(cuda_x, None)
+    assert not triton_ops.experts_take(cuda_x, gate)
+    assert not triton_ops.experts_take(cuda_f64, None)
+    assert not triton_ops.experts_take(torch.empty(4, 32), None)
 
 
 def test_launch_configs_round_trip_and_fallback(tmp_path, monkeypatch, caplog):

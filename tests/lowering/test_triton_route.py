@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lynx_compile.lowering import reference, triton_ops, triton_route
+from lynx_compile.lowering import ops, reference, triton_ops, triton_route
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on NaN/-inf pads
 
@@ -133,22 +133,34 @@ def test_non_finite_rows_keep_exact_routing_and_do_not_vote(monkeypatch, policy)
     assert all(len(set(row.tolist())) == 8 for row in got_ids[bad])
 
 
-def test_triton_op_matches_wrapper():
-    """torch.ops.lynx.route_triton (the triton_op) runs the same kernel eagerly."""
+def test_cuda_kernel_matches_wrapper(monkeypatch):
+    """lynx::route's CUDA kernel runs the same Triton kernel (told the interpreted CPU
+    tensors fit), and the reference where the kernel does not fit."""
     logits = spaced_logits(13, 60, torch.float32, seed=11)
-    got = torch.ops.lynx.route_triton(logits, 2, "oea", 3.0, 2.0, 1, 16, "renorm", -1)
     want = reference.route_reference(logits, 2, reference.RoutingPolicy("oea", k0=1), "renorm")
-    assert_routes_match(got, want, torch.float32)
+    for fits in (True, False):
+        monkeypatch.setattr(triton_ops, "route_takes", lambda logits, top_k, fits=fits: fits)
+        got = triton_ops._route_cuda(logits, 2, "oea", 3.0, 2.0, 1, 16, "renorm", -1)
+        assert_routes_match(got, want, torch.float32)
 
 
-def test_op_choice_per_device():
-    assert triton_ops.route_op_for(torch.device("cpu")) is torch.ops.lynx.route.default
-    cuda = torch.device("cuda")
-    assert triton_ops.route_op_for(cuda, 128, 8) is torch.ops.lynx.route_triton.default
-    assert triton_ops.route_op_for(cuda, 1024, 8) is torch.ops.lynx.route.default
+def test_op_choice_is_device_neutral_and_what_the_triton_kernel_takes():
+    from torch._subclasses import FakeTensorMode
+
+    assert ops.route_op(telemetry=False) is torch.ops.lynx.route.default
     recorded = torch.ops.lynx.route_recorded.default  # telemetry stays an opaque call
-    assert triton_ops.route_op_for(cuda, 128, 8, telemetry=True) is recorded
-    assert triton_ops.route_op_for(torch.device("cpu"), telemetry=True) is recorded
+    assert ops.route_op(telemetry=True) is recorded
+    with FakeTensorMode():
+        cuda_128, cuda_1024 = (
+            torch.empty(2, 128, device="cuda"),
+            torch.empty(2, 1024, device="cuda"),
+        )
+        cuda_f64 = torch.empty(2, 128, device="cuda", dtype=torch.float64)
+    assert triton_ops.route_takes(cuda_128, 8)
+    assert not triton_ops.route_takes(cuda_128, 17)  # top_k beyond the kernel's registers
+    assert not triton_ops.route_takes(cuda_1024, 8)  # experts beyond the kernel
+    assert not triton_ops.route_takes(cuda_f64, 8)
+    assert not triton_ops.route_takes(torch.empty(2, 128), 8)  # CPU: the CPU lowering
 
 
 def test_poisoning_catches_unwritten_rows():

@@ -1,0 +1,49 @@
+"""Every constant the lynx ops, kernels, passes and options share, in one Triton-free module.
+
+Names and codes here are part of the ops' contract: the C kernels (lynx_cpu.c) and the
+Triton kernels index their activation and policy switches by these codes, and the options
+(lynx_compile/config.py) take their defaults from here. Importing this module needs only
+torch (for the dtype tuples).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# ------------------------------------------------------------------------ routing policies
+POLICIES = ("exact", "affinity", "oea", "static")
+POLICY_CODES = {name: code for code, name in enumerate(POLICIES)}  # the Triton route kernel's
+WEIGHT_CONVENTIONS = ("renorm", "mass")  # how the model normalises its top-k weights
+SCORE_SPACES = ("logit", "prob", "score")  # what a scored router's ranking score is
+
+# Defaults: the accuracy harness (docs/results/accuracy.md) picks the default policy.
+DEFAULT_POLICY = "affinity"
+DEFAULT_ALPHA = 3.0  # affinity bins of 1/alpha logits
+DEFAULT_BETA = 2.0  # affinity bins floored at -beta (None: no floor)
+DEFAULT_K0 = 2  # experts each token keeps under oea
+DEFAULT_BUDGET = 16  # experts a batch keeps under static
+
+# Most negative affinity bin kept as an integer; -inf logits (masked experts) land here.
+MIN_BIN = -(2**30)
+
+# ------------------------------------------------------------------------- expert compute
+# Activation names in code order: lynx_cpu.c and triton_experts.py switch on these codes.
+ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh", "relu")
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATION_NAMES)}
+
+# --------------------------------------------------------------------------- kernel limits
+# The Triton routing kernel holds one token's experts and its top-k in registers.
+ROUTE_MAX_EXPERTS = 512
+ROUTE_MAX_TOP_K = 16
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # both Triton kernels' inputs
+
+# The native CPU kernels: routing computes in float32 from these score dtypes (exact);
+# the experts kernel computes on float32 or bfloat16 weights, the other dtypes run its
+# ATen path (lynx_ops.cpp).
+NATIVE_ROUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+NATIVE_EXPERTS_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def route_fits_triton(num_experts: int, top_k: int) -> bool:
+    """Whether the Triton routing kernel takes this router shape."""
+    return num_experts <= ROUTE_MAX_EXPERTS and top_k <= ROUTE_MAX_TOP_K

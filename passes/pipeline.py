@@ -1,0 +1,176 @@
+"""The lynx passes, in order, each a named rewrite run through Inductor's GraphTransformObserver.
+
+    lynx_softmax_routers   softmax -> top-k (-> renorm) routers      -> lynx::route
+    lynx_scored_routers    every other top-k router (sigmoid, bias,  -> lynx::route_scored
+                           group limit, top-k on logits, ...)
+    lynx_expert_dispatch   the expert computation consuming a        -> lynx::experts
+                           rewritten router, where shown equivalent  (option fuse_experts)
+
+Each pass runs through `GraphTransformObserver(gm, name, subsystem="lynx")`, as Inductor's
+own passes do: provenance tracking (`from_node`) sees lynx's rewrites, the pass is timed in
+dynamo_timed, `torch._inductor.config.disabled_passes` can turn it off by name, and with
+INDUCTOR_LOG_URL_FOR_GRAPH_XFORM set it draws the graph before and after. Beside that, every
+pass leaves the graph before and after it:
+- as tlparse artifacts (`lynx_<graph>_<pass>_before` / `_after`, with TORCH_TRACE set);
+- with TORCH_COMPILE_DEBUG=1, as readable FX code in the debug folder:
+  `<debug dir>/lynx/graph_<graph>/<i>_<pass>.before.py` and `.after.py`.
+Every match and skip is counted in `torch._dynamo.utils.counters["lynx"]` (passes/report.py).
+
+Router passes claim the top-k nodes they match, so a later pass never takes them again; a
+graph that needs gradients has its routers reported (skipped) and left as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from lynx_compile.passes.dispatch import rewrite_dispatch
+from lynx_compile.passes.router import find_router_sites, report_skipped_router, rewrite_router
+from lynx_compile.passes.router_families import find_scored_router_sites, rewrite_scored_router
+from torch.fx.passes.graph_transform_observer import GraphTransformObserver
+
+from lynx_compile.config import LynxConfig
+
+log = logging.getLogger("lynx_compile")
+
+GRAD_SKIP_REASON = (
+    "autograd is on: lynx rewrites inference graphs; run under torch.no_grad() or "
+    "torch.inference_mode()"
+)
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What the passes over one Dynamo graph share."""
+
+    gm: fx.GraphModule
+    example_inputs: list
+    config: LynxConfig
+    graph_id: int
+    grad_needed: bool
+    claimed: set[fx.Node] = dataclasses.field(default_factory=set)  # top-k nodes taken
+    routed: list[tuple[fx.Node, fx.Node, dict]] = dataclasses.field(default_factory=list)
+    changed: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LynxPass:
+    """One named pass: `run(ctx)` rewrites ctx.gm in place and returns its rewrite count."""
+
+    name: str
+    run: Callable[[PassContext], int]
+    enabled: Callable[[LynxConfig], bool] = lambda config: True
+
+
+def _report_grad_skips(sites, ctx: PassContext) -> None:
+    for site in sites:
+        report_skipped_router(
+            site.topk, GRAD_SKIP_REASON, ctx.graph_id, site.num_experts, site.top_k
+        )
+
+
+def softmax_routers(ctx: PassContext) -> int:
+    """Rewrite every softmax -> top-k router into lynx::route."""
+    sites = find_router_sites(ctx.gm, ctx.graph_id)
+    ctx.claimed |= {site.topk for site in sites}
+    if ctx.grad_needed:
+        _report_grad_skips(sites, ctx)
+        return 0
+    ctx.routed += [rewrite_router(ctx.gm, site, ctx.config, ctx.graph_id) for site in sites]
+    return len(sites)
+
+
+def scored_routers(ctx: PassContext) -> int:
+    """Rewrite every other top-k router (ranked by a score) into lynx::route_scored."""
+    sites = find_scored_router_sites(ctx.gm, ctx.graph_id, claimed=ctx.claimed)
+    ctx.claimed |= {site.topk for site in sites}
+    if ctx.grad_needed:
+        _report_grad_skips(sites, ctx)
+        return 0
+    ctx.routed += [rewrite_scored_router(ctx.gm, s, ctx.config, ctx.graph_id) for s in sites]
+    return len(sites)
+
+
+def expert_dispatch(ctx: PassContext) -> int:
+    """Fuse the expert computation behind each rewritten router into lynx::experts."""
+    fused = 0
+    for weights, ids, entry in ctx.routed:
+        route = weights.args[0]
+        fused += rewrite_dispatch(
+            ctx.gm, route, weights, ids, entry, ctx.example_inputs, ctx.graph_id
+        )
+    return fused
+
+
+LYNX_PASSES: tuple[LynxPass, ...] = (
+    LynxPass("lynx_softmax_routers", softmax_routers),
+    LynxPass("lynx_scored_routers", scored_routers),
+    LynxPass("lynx_expert_dispatch", expert_dispatch, lambda config: config.fuse_experts),
+)
+
+
+def _grad_needed(example_inputs) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
+    )
+
+
+def _debug_dir() -> Path | None:
+    """Where TORCH_COMPILE_DEBUG=1 puts lynx's per-pass graphs, None when it is off."""
+    if not torch._inductor.config.trace.enabled:
+        return None
+    from torch._dynamo.utils import get_debug_dir
+
+    return Path(get_debug_dir()) / "lynx"
+
+
+def _leave_graph(ctx: PassContext, index: int, name: str, when: str) -> None:
+    """The graph before/after one pass, for tlparse and TORCH_COMPILE_DEBUG."""
+    code = ctx.gm.print_readable(print_output=False, include_stride=True, include_device=True)
+    torch._logging.trace_structured(
+        "artifact",
+        metadata_fn=lambda: {
+            "name": f"lynx_{ctx.graph_id}_{name}_{when}",
+            "encoding": "string",
+        },
+        payload_fn=lambda: code,
+    )
+    folder = _debug_dir()
+    if folder is not None:
+        folder = folder / f"graph_{ctx.graph_id}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{index}_{name}.{when}.py").write_text(code)
+
+
+def _observed(ctx: PassContext) -> bool:
+    """Whether anyone looks at per-pass graphs (printing a graph costs a few ms)."""
+    from torch._logging._internal import trace_log
+
+    return _debug_dir() is not None or bool(trace_log.handlers)
+
+
+def run_passes(gm: fx.GraphModule, example_inputs, config: LynxConfig, graph_id: int) -> bool:
+    """Run LYNX_PASSES over one Dynamo graph in place; whether any pass rewrote it."""
+    ctx = PassContext(gm, list(example_inputs), config, graph_id, _grad_needed(example_inputs))
+    observed = _observed(ctx)
+    for index, lynx_pass in enumerate(LYNX_PASSES):
+        if not lynx_pass.enabled(config):
+            continue
+        if observed:
+            _leave_graph(ctx, index, lynx_pass.name, "before")
+        observer = GraphTransformObserver(gm, lynx_pass.name, subsystem="lynx")
+        count = observer.apply_gm_pass(lambda _gm, p=lynx_pass: p.run(ctx))
+        if count is None:  # disabled through torch._inductor.config.disabled_passes
+            log.info("lynx: pass %s disabled by Inductor's disabled_passes", lynx_pass.name)
+        ctx.changed |= bool(count)
+        if observed:
+            _leave_graph(ctx, index, lynx_pass.name, "after")
+    if ctx.changed:
+        gm.graph.lint()
+        gm.recompile()
+    return ctx.changed

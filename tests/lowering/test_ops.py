@@ -1,0 +1,122 @@
+"""The op registry: torch.library.opcheck over every lynx:: op, and the fakes' input checks.
+
+opcheck runs each op's schema check (no hidden mutation or aliasing), its autograd
+registration, its fake kernel against the real one, and AOTDispatcher with dynamic shapes.
+Every op the dispatcher knows in the lynx namespace must have samples here, so a new op
+cannot land without its opcheck.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lynx_compile.lowering import cpu_native, ops
+from torch._subclasses import FakeTensorMode
+
+from tests.conftest import experts_case
+
+
+def _logits(n: int, e: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    return (2 * torch.randn(n, e, generator=torch.Generator().manual_seed(seed))).to(dtype)
+
+
+def _route_samples():
+    for policy in ("exact", "affinity", "oea", "static"):
+        for n in (1, 13):
+            yield (_logits(n, 8), 2, policy, 3.0, 2.0, 1, 3, "renorm", -1)
+    yield (_logits(5, 8, torch.bfloat16), 3, "affinity", 1.0, None, 2, 4, "mass", -1)
+
+
+def _route_scored_samples():
+    for space in ("logit", "prob", "score"):
+        scores = torch.sigmoid(_logits(13, 8)) if space != "logit" else _logits(13, 8)
+        yield (scores, 2, space, "affinity", 3.0, 2.0, 2, 4, -1)
+    yield (torch.sigmoid(_logits(3, 8)), 4, "score", "static", 3.0, None, 2, 4, -1)
+
+
+def _route_affinity_samples():
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = _logits(13, 8, dtype)
+        yield (logits, torch.softmax(logits, -1), 2, 3.0, 2.0, True)
+    logits = _logits(3, 8)
+    yield (logits, torch.softmax(logits, -1), 4, 1.0, None, False)
+
+
+def _experts_samples():
+    for form in ("gated", "plain", "split"):
+        for dtype in (torch.float32, torch.bfloat16):
+            x, ids, w, w_up, w_down, w_gate = experts_case(13, 6, 2, 16, 8, form, dtype)
+            yield (x, ids, w, w_up, w_gate, w_down, "silu", form != "plain")
+    x, ids, w, w_up, w_down, w_gate = experts_case(3, 6, 2, 16, 8, "gated", torch.float16)
+    yield (x, ids, w, w_up, None, w_down, "gelu_tanh", True)  # the native op's ATen path
+
+
+SAMPLES = {
+    "route": _route_samples,
+    "route_recorded": _route_samples,
+    "route_scored": _route_scored_samples,
+    "route_affinity_cpu": _route_affinity_samples,
+    "experts": _experts_samples,
+}
+
+
+def test_every_lynx_op_is_declared_in_the_registry_and_has_samples():
+    names = {
+        name.split("::")[1].split(".")[0]
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("lynx::")
+    }
+    declared = {op._name for op in ops.ALL_OPS if op._namespace == "lynx"}
+    assert names == declared == set(SAMPLES), (names, declared)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_opcheck(name):
+    """On CPU with the native library loaded: lynx_ops.cpp's kernels for experts and
+    route_affinity_cpu, the registry's reference bodies for the routing ops."""
+    assert cpu_native.available()
+    op = getattr(torch.ops.lynx, name).default
+    for args in SAMPLES[name]():
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (lambda f: ops.route(f(13), 2, "greedy", 3.0, 2.0, 2, 4, "renorm", -1),
+         ValueError, "unknown routing policy 'greedy'"),
+        (lambda f: ops.route(f(13), 9, "exact", 3.0, 2.0, 2, 4, "renorm", -1),
+         ValueError, r"top_k must be in \[1, 8\]"),
+        (lambda f: ops.route(f(13)[None], 2, "exact", 3.0, 2.0, 2, 4, "renorm", -1),
+         ValueError, "must be 2-D"),
+        (lambda f: ops.route(f(13), 2, "exact", 3.0, 2.0, 2, 4, "softmax", -1),
+         ValueError, "unknown weight convention"),
+        (lambda f: ops.route_scored(f(13), 2, "logits", "exact", 3.0, 2.0, 2, 4, -1),
+         ValueError, "unknown score space 'logits'"),
+        (lambda f: ops.route_affinity_cpu(f(13), f(3), 2, 3.0, 2.0, True),
+         ValueError, "must have the logits' shape"),
+    ],
+)  # fmt: skip
+def test_route_fakes_say_what_is_wrong(call, error, message):
+    with FakeTensorMode(), pytest.raises(error, match=message):
+        call(lambda n: torch.empty(n, 8))
+
+
+def test_experts_fake_says_what_is_wrong():
+    with FakeTensorMode():
+        x, ids, w = torch.empty(5, 16), torch.zeros(5, 2, dtype=torch.int64), torch.empty(5, 2)
+        w_up, w_down = torch.empty(6, 16, 16), torch.empty(6, 16, 8)
+        assert ops.experts(x, ids, w, w_up, None, w_down, "silu", True).shape == (5, 16)
+        with pytest.raises(ValueError, match="unknown activation 'swish'"):
+            ops.experts(x, ids, w, w_up, None, w_down, "swish", True)
+        with pytest.raises(TypeError, match="ids must be int64"):
+            ops.experts(x, ids.int(), w, w_up, None, w_down, "silu", True)
+        with pytest.raises(RuntimeError, match=r"want w_up \[E, 2I, d=16\]"):
+            ops.experts(x, ids, w, w_up[:, :12], None, w_down, "silu", True)
+        with pytest.raises(RuntimeError, match=r"w_gate must be \[E=6, I=8, d=16\]"):
+            gate, up = torch.empty(6, 8, 16), torch.empty(6, 8, 16)
+            ops.experts(x, ids, w, up, gate[:, :4], w_down, "silu", True)
+        with pytest.raises(ValueError, match="split gate .* needs gated=True"):
+            ops.experts(x, ids, w, up, gate, w_down, "silu", False)
+        with pytest.raises(RuntimeError, match=r"must both be \[N=5, k\]"):
+            ops.experts(x, ids[:3], w, w_up, None, w_down, "silu", True)

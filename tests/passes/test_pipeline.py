@@ -1,0 +1,191 @@
+"""The named lynx passes on small Dynamo graphs: what each matches and skips, through
+counters["lynx"], beside the graph it leaves; and what TORCH_COMPILE_DEBUG=1 writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lynx_compile.examples.moe_modules import DenseMoE, LoopMoE
+from lynx_compile.passes.pipeline import LYNX_PASSES, run_passes
+from torch import nn
+from torch._dynamo.utils import counters
+
+from lynx_compile.config import parse_options
+
+PASS_NAMES = [p.name for p in LYNX_PASSES]
+
+
+def dynamo_graph(module: nn.Module, x: torch.Tensor):
+    """(gm, example_inputs) of the first graph Dynamo captures for module(x)."""
+    captured = []
+
+    def capture(gm, example_inputs):
+        captured.append((gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(module, backend=capture)(x)
+    return captured[0]
+
+
+def lynx_targets(gm) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes if str(n.target).startswith("lynx.")]
+
+
+def run(module, x, **options):
+    """Run the lynx passes on module's graph with fresh counters: (gm, counters, changed)."""
+    gm, inputs = dynamo_graph(module, x)
+    counters["lynx"].clear()
+    changed = run_passes(gm, inputs, parse_options(options), graph_id=0)
+    return gm, dict(counters["lynx"]), changed
+
+
+class SigmoidTopK(nn.Module):
+    """A sigmoid router without a bias (scored: ranked by the sigmoid), dense experts."""
+
+    def __init__(self, dim=16, experts=6):
+        super().__init__()
+        self.gate = nn.Linear(dim, experts, bias=False)
+
+    def forward(self, x):
+        scores = torch.sigmoid(self.gate(x.reshape(-1, x.shape[-1])))
+        values, ids = torch.topk(scores, 2, dim=-1)
+        return values, ids
+
+
+class SoftmaxOverTokens(nn.Module):
+    """Must not match: the softmax normalises over tokens, not experts."""
+
+    def __init__(self, dim=16, experts=6):
+        super().__init__()
+        self.gate = nn.Linear(dim, experts, bias=False)
+
+    def forward(self, x):
+        probs = F.softmax(self.gate(x.reshape(-1, x.shape[-1])), dim=0)
+        return torch.topk(probs, 2, dim=-1)
+
+
+class NoMoE(nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return torch.relu(self.proj(x))
+
+
+X = torch.randn(3, 1, 32)  # a decode step of 3 sequences
+
+
+@torch.no_grad()
+def test_softmax_router_and_dense_dispatch_are_counted_and_rewritten():
+    gm, got, changed = run(DenseMoE().eval(), X, policy="exact")
+    assert changed
+    assert got == {
+        "router_rewritten": 1,
+        "router_rewritten:softmax_topk_renorm": 1,
+        "dispatch_rewritten": 1,
+        "dispatch_rewritten:sparse_experts(split-gate silu)": 1,
+    }
+    assert lynx_targets(gm).count("lynx.route.default") == 1
+    assert lynx_targets(gm).count("lynx.experts.default") == 1
+
+
+@torch.no_grad()
+def test_a_loop_dispatch_outside_the_graph_is_a_counted_skip():
+    gm, got, _ = run(LoopMoE().eval(), X)
+    assert got["router_rewritten:softmax_topk_renorm"] == 1
+    assert got["dispatch_skipped"] == 1
+    reason = "dispatch_skipped:no closed [tokens, d] expert computation consumes the routing"
+    assert any(key.startswith(reason) for key in got), got
+    assert "lynx.experts.default" not in lynx_targets(gm)
+
+
+@torch.no_grad()
+def test_scored_router_goes_to_its_own_pass():
+    gm, got, _ = run(SigmoidTopK().eval(), torch.randn(5, 1, 16))
+    assert got["router_rewritten"] == 1
+    assert [k for k in got if k.startswith("router_rewritten:")] == [
+        "router_rewritten:sigmoid_topk"
+    ]
+    assert lynx_targets(gm) == ["lynx.route_scored.default"]
+
+
+@torch.no_grad()
+def test_must_not_match_softmax_over_tokens_is_a_counted_skip_and_graph_untouched():
+    gm, inputs = dynamo_graph(SoftmaxOverTokens().eval(), torch.randn(5, 1, 16))
+    before = gm.print_readable(print_output=False)
+    counters["lynx"].clear()
+    assert not run_passes(gm, inputs, parse_options({}), graph_id=0)
+    got = dict(counters["lynx"])
+    assert got.get("router_skipped:softmax is not over the expert dim") == 1, got
+    assert "router_rewritten" not in got
+    assert gm.print_readable(print_output=False) == before
+
+
+@torch.no_grad()
+def test_a_model_without_moe_counts_nothing():
+    gm, got, changed = run(NoMoE().eval(), torch.randn(4, 16))
+    assert (got, changed, lynx_targets(gm)) == ({}, False, [])
+
+
+def test_graphs_needing_gradients_count_a_skip_per_router():
+    module = DenseMoE()  # parameters require grad; grad mode on
+    gm, got, changed = run(module, X)
+    assert not changed and lynx_targets(gm) == []
+    assert got == {"router_skipped": 1, "router_skipped:autograd is on": 1}
+
+
+@torch.no_grad()
+def test_inductors_disabled_passes_turn_a_lynx_pass_off():
+    with torch._inductor.config.patch(disabled_passes="lynx_expert_dispatch"):
+        gm, got, _ = run(DenseMoE().eval(), X)
+    assert got["router_rewritten"] == 1 and "dispatch_rewritten" not in got
+    assert "lynx.experts.default" not in lynx_targets(gm)
+
+
+@torch.no_grad()
+def test_fuse_experts_off_leaves_the_dispatch_pass_out():
+    _, got, _ = run(DenseMoE().eval(), X, fuse_experts=False)
+    assert not any(k.startswith("dispatch") for k in got)
+
+
+DEBUG_RUN = """
+import torch, lynx_compile
+from lynx_compile.tools.tiny_moe import load_default_model
+model = load_default_model()
+tokens = torch.randint(0, 256, (2, 1))
+with torch.no_grad():
+    torch.compile(model, backend="lynx")(tokens)
+"""
+
+
+def test_torch_compile_debug_writes_each_pass_before_and_after(tmp_path):
+    """TORCH_COMPILE_DEBUG=1 on the embedded model: for each graph with MoE, one before and
+    one after file per lynx pass, and the after file of the router pass shows its op."""
+    env = {**os.environ, "TORCH_COMPILE_DEBUG": "1", "TORCH_COMPILE_DEBUG_DIR": str(tmp_path)}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor_cache")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", DEBUG_RUN], env=env, cwd=root, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    graphs = sorted(tmp_path.rglob("lynx/graph_*"))
+    assert graphs, sorted(str(p) for p in tmp_path.rglob("*"))[:20]
+    for folder in graphs:
+        names = sorted(p.name for p in folder.iterdir())
+        want = sorted(
+            f"{i}_{name}.{when}.py"
+            for i, name in enumerate(PASS_NAMES)
+            for when in ("before", "after")
+        )
+        assert names == want, (folder, names)
+    routed = [g for g in graphs if "lynx.route" in (g / f"0_{PASS_NAMES[0]}.after.py").read_text()]
+    assert routed, "the softmax router pass rewrote no graph of the embedded model"
+    assert all("lynx.route" not in (g / f"0_{PASS_NAMES[0]}.before.py").read_text() for g in graphs)
