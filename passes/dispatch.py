@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from lynx_compile.lowering.constants import ACTIVATION_NAMES
 from lynx_compile.lowering.ops import experts_op
 from lynx_compile.passes import report as report_mod
 from lynx_compile.passes.fx_utils import canonical_op, example_value
@@ -173,7 +174,7 @@ def _plan_candidates(
     if len(experts) not in (2, 3):
         return f"dispatch reads {len(experts)} expert weight tensors, expected 2 or 3"
     plans = []
-    for activation in ("silu", "gelu", "gelu_tanh", "relu"):
+    for activation in ACTIVATION_NAMES:
         for up_t, down_t in itertools.product((False, True), repeat=2):
             if len(experts) == 2:
                 for gated in (True, False):
