@@ -11,16 +11,16 @@ import importlib.metadata
 import importlib.util
 from pathlib import Path
 
-# A source checkout that was not pip-installed (the GPU image reaches no registry): map
-# passes/, lowering/ and examples/ into this package as pyproject's package-dir does.
-if importlib.util.find_spec("lynx_compile.lowering") is None:
+# A source checkout that was not pip-installed (the GPU image reaches no registry), or was
+# installed editable before tools/ existed: map passes/, lowering/, examples/ and tools/
+# into this package as pyproject's package-dir does.
+if any(importlib.util.find_spec(f"lynx_compile.{name}") is None for name in ("lowering", "tools")):
     __path__.append(str(Path(__file__).resolve().parent.parent))
 
 from lynx_compile.backend import lynx_backend  # noqa: E402
 from lynx_compile.config import LynxConfig, parse_options  # noqa: E402
 from lynx_compile.export import export  # noqa: E402
 from lynx_compile.lowering.reference import RoutingPolicy, route_reference  # noqa: E402
-from lynx_compile.onnx_export import to_onnx  # noqa: E402
 from lynx_compile.passes.report import clear_report, report  # noqa: E402
 
 
@@ -35,6 +35,17 @@ def _register_without_entry_point() -> None:
 
 
 _register_without_entry_point()
+
+
+def __getattr__(name: str):
+    """`lynx_compile.to_onnx` is imported on first use: the ONNX stack is the [onnx] extra."""
+    if name == "to_onnx":
+        from lynx_compile.onnx_export import to_onnx
+
+        globals()["to_onnx"] = to_onnx
+        return to_onnx
+    raise AttributeError(f"module 'lynx_compile' has no attribute {name!r}")
+
 
 __all__ = [
     "LynxConfig",

@@ -1,8 +1,8 @@
 """`lynx-compile dump TARGET --out DIR`: see what the lynx pass did to each graph, and why.
 
-TARGET is `tiny` (the embedded model; a built-in small MoE until
-lynx_compile.models.tiny_moe provides load_default_model), `hf:<family>` (a tiny random
-transformers MoE block, see lynx_compile.models.hf_tiny.FAMILIES) or `file.py:factory`
+TARGET is `tiny` (the embedded TinyMoE of lynx_compile.tools.tiny_moe; a built-in small
+MoE when its checkpoint or safetensors is missing), `hf:<family>` (a tiny random
+transformers MoE block, see lynx_compile.tools.hf_tiny.FAMILIES) or `file.py:factory`
 (a function returning (model, example_inputs)). The model runs once under torch.compile
 with a backend that applies exactly the lynx passes and then runs the graph eagerly
 (Inductor's codegen changes nothing the dump shows and costs minutes on CPU).
@@ -28,6 +28,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from lynx_compile import graph_dump
+from lynx_compile._extras import MissingExtraError, require
 from lynx_compile.backend import apply_lynx_passes
 from lynx_compile.config import parse_options
 from lynx_compile.export import ExportError, describe_error
@@ -86,14 +87,11 @@ def _builtin_tiny(batch: int, seq: int):
 def _tiny(batch: int, seq: int):
     """The embedded trained model with byte ids [batch, seq] when its checkpoint is
     installed, else the built-in small MoE (with a note on stderr)."""
-    if importlib.util.find_spec("lynx_compile.models.tiny_moe") is None:
-        return _builtin_tiny(batch, seq)
-    tiny_moe = importlib.import_module("lynx_compile.models.tiny_moe")
-    if not hasattr(tiny_moe, "load_default_model"):
-        return _builtin_tiny(batch, seq)
+    from lynx_compile.tools import tiny_moe
+
     try:
         model = tiny_moe.load_default_model().eval()
-    except FileNotFoundError as err:
+    except (FileNotFoundError, MissingExtraError) as err:
         print(f"lynx-compile dump: note: {err}; `tiny` uses the built-in DenseMoE", file=sys.stderr)
         return _builtin_tiny(batch, seq)
     vocab = model.config.vocab_size
@@ -103,7 +101,8 @@ def _tiny(batch: int, seq: int):
 
 def _hf(family: str, batch: int, seq: int, impl: str):
     """A tiny random transformers MoE block of `family` and hidden states [batch, seq, d]."""
-    from lynx_compile.models import hf_tiny
+    require("transformers", "dump", f"lynx-compile dump hf:{family}")
+    from lynx_compile.tools import hf_tiny
 
     try:
         model = hf_tiny.build_block(family, impl)

@@ -20,12 +20,15 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import torch
 import torch.fx as fx
 
 from lynx_compile.passes import report as report_mod
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 # Hops kept around each focus node in the picture: enough to show the router's linear and
 # the dispatch that consumes the routing, small enough to stay readable.
@@ -176,6 +179,10 @@ def region_graph(gm: fx.GraphModule, sites: list[dict]) -> nx.DiGraph:
     """The rewritten region of `gm` as a networkx DiGraph: lynx op nodes and skipped sites'
     nodes (kind "lynx" / "skipped"), plus REGION_HOPS producers and consumers around them.
     Empty when the graph has neither."""
+    # networkx is a dependency of torch (torch.compile's partitioner imports it), so it
+    # needs no extra; imported here so that `import lynx_compile` does not load it.
+    import networkx as nx
+
     full = nx.DiGraph()
     for node in gm.graph.nodes:
         full.add_node(node.name, label=_label(node), kind="context")

@@ -18,14 +18,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from lynx_compile._extras import require
 from lynx_compile.export import ExportError, capture_rewritten, describe_error, export_graph
 from lynx_compile.lowering import reference
 from lynx_compile.lowering.reference import ACTIVATIONS, RoutingPolicy, route_reference
+
+# The ONNX stack is the [onnx] extra; torch.onnx.export(dynamo=True) runs on onnxscript.
+np = require("numpy", "onnx", "lynx_compile.to_onnx")
+onnx = require("onnx", "onnx", "lynx_compile.to_onnx")
+require("onnxscript", "onnx", "lynx_compile.to_onnx")
 
 ONNX_OPSET = 18
 
@@ -169,7 +174,6 @@ def _attribute_kind(arg_type: torch._C.JitType):
 def _register_domain_schema(op: torch._ops.OpOverload) -> None:
     """Declare lynx op `op` to onnx as <LYNX_DOMAIN>.<OpType> version 1 (the exporter checks
     every node against a schema): tensor arguments are inputs, the others attributes."""
-    import onnx
     from onnx.defs import OpSchema
 
     op_type = _onnx_op_type(lynx_op_name(op))
@@ -319,7 +323,7 @@ def to_onnx(
 def onnxruntime_error(export: OnnxExport) -> float:
     """Run the exported model in onnxruntime on inputs.npz; the largest relative error
     against expected.npz over all outputs: max |ort - torch| / max(max |torch|, tiny)."""
-    import onnxruntime as ort
+    ort = require("onnxruntime", "onnx", "lynx_compile.onnx_export.onnxruntime_error")
 
     session = ort.InferenceSession(str(export.path), providers=["CPUExecutionProvider"])
     with np.load(export.inputs_path) as inputs, np.load(export.expected_path) as expected:

@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from lynx_compile.tools import hf_tiny
 from torch import nn
 
 import lynx_compile
 from lynx_compile.backend import _inductor_patches
 from lynx_compile.config import VALID_KEYS, parse_options
-from lynx_compile.models import hf_tiny
 from tests.conftest import sites_of
 
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)  # Inductor reorders fp32 reductions

@@ -15,9 +15,9 @@ import pytest
 import torch
 from lynx_compile.examples.moe_modules import DenseMoE, LoopMoE
 from lynx_compile.lowering.reference import RoutingPolicy, route_reference
+from lynx_compile.tools import hf_tiny
 
 import lynx_compile
-from lynx_compile.models import hf_tiny
 from tests.conftest import sites_of
 
 DECODE_BATCHES = (1, 3, 13, 33)

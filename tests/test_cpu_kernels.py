@@ -39,10 +39,10 @@ def test_grouped_kernel_takes_transposed_weight_views_and_empty_batches():
 def test_cpu_graph_calls_the_native_kernels_and_telemetry_keeps_the_route_op():
     """On CPU the compiled graph traces the softmax and calls the two native kernels
     (lynx::route_affinity_cpu, lynx::experts_cpu); telemetry keeps the opaque routing op."""
+    from lynx_compile.tools import hf_tiny
     from torch._inductor.utils import run_and_get_code
 
     import lynx_compile
-    from lynx_compile.models import hf_tiny
 
     block = hf_tiny.build_block("qwen3_moe", "grouped_mm")
     x = torch.randn(5, 1, 32)
@@ -71,9 +71,8 @@ def test_without_the_native_library_the_cpu_graph_traces_the_same_function(monke
     """A machine without compilers (or LYNX_NATIVE_CPU=0) compiles the traced reference forms:
     no lynx op in the generated code, the same outputs as the native kernels."""
     from lynx_compile.lowering import cpu_native
+    from lynx_compile.tools import hf_tiny
     from torch._inductor.utils import run_and_get_code
-
-    from lynx_compile.models import hf_tiny
 
     block = hf_tiny.build_block("qwen3_moe", "grouped_mm")
     x = torch.randn(5, 1, 32)
@@ -93,7 +92,7 @@ def test_without_the_native_library_the_cpu_graph_traces_the_same_function(monke
 CACHED_RUN = """
 import sys, torch
 from torch._dynamo.utils import counters
-from lynx_compile.models import hf_tiny
+from lynx_compile.tools import hf_tiny
 torch.manual_seed(0)
 block = hf_tiny.build_block("qwen3_moe", "grouped_mm")
 x = torch.randn(5, 1, 32)

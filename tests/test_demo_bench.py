@@ -66,7 +66,7 @@ def test_bench_quick_writes_schema_and_compile_rows(tmp_path):
 
 
 def test_paired_ratio_cancels_load_that_drifts_between_rounds():
-    from lynx_compile.bench import paired_ratio
+    from lynx_compile.tools.bench import paired_ratio
 
     # 3 rounds of 2 calls; the machine slows 3x in round 2 and 10x in round 3 for both
     ref = [1.0, 1.2, 3.0, 3.6, 10.0, 12.0]

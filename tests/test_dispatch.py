@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from lynx_compile.tools import hf_tiny
 from torch import nn
 
 import lynx_compile
-from lynx_compile.models import hf_tiny
 from tests.conftest import sites_of
 
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)  # reordered fp32 sums only

@@ -49,9 +49,9 @@ from unittest import mock
 import pytest
 import torch
 from lynx_compile.lowering import reference
+from lynx_compile.tools import hf_tiny
 
 import lynx_compile
-from lynx_compile.models import hf_tiny
 from tests.conftest import sites_of
 
 DECODE_BATCHES = (3, 13)

@@ -8,10 +8,7 @@ import socket
 
 import pytest
 import torch
-
-import lynx_compile
-from lynx_compile.cli import main as cli_main
-from lynx_compile.models.tiny_moe import (
+from lynx_compile.tools.tiny_moe import (
     DEFAULT_CHECKPOINT,
     NOLB_CHECKPOINT,
     TinyMoE,
@@ -19,6 +16,9 @@ from lynx_compile.models.tiny_moe import (
     load_default_model,
     load_model,
 )
+
+import lynx_compile
+from lynx_compile.cli import main as cli_main
 
 # A small random model keeps the pure-PyTorch checks fast; the shapes keep E > B*k.
 SMALL = TinyMoEConfig(dim=64, num_layers=2, num_heads=4, num_experts=32, top_k=4, expert_hidden=32)
@@ -73,7 +73,7 @@ def test_checkpoints_load_offline(monkeypatch):
 
 
 def test_load_missing_checkpoint_says_how_to_make_one(tmp_path):
-    with pytest.raises(FileNotFoundError, match="lynx_compile.models.train"):
+    with pytest.raises(FileNotFoundError, match="lynx_compile.tools.train"):
         load_model(tmp_path / "absent.safetensors")
 
 

@@ -27,7 +27,7 @@ Three suites, each a list of rows {suite, case, backend, device, metric, value, 
 
 Cases: the embedded TinyMoE's decode step (whole model, one byte per sequence through the
 KV cache) and one of its MoE layers, on held-out prompts; tiny transformers MoE blocks
-(lynx_compile.models.hf_tiny, grouped_mm experts) for the compile suite. Writes
+(lynx_compile.tools.hf_tiny, grouped_mm experts) for the compile suite. Writes
 OUT/results.json, OUT/results.md and OUT/*.png.
 """
 
@@ -45,11 +45,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-
-import lynx_compile
-from lynx_compile import backend as lynx_backend_mod
-from lynx_compile.demo import (
+from lynx_compile.lowering import cpu_native
+from lynx_compile.tools import hf_tiny
+from lynx_compile.tools.demo import (
     checkpoint_label,
     decode_router_experts,
     heldout_prompts,
@@ -61,9 +59,16 @@ from lynx_compile.demo import (
     ticking,
     warm_up_compiler,
 )
-from lynx_compile.lowering import cpu_native
-from lynx_compile.models import hf_tiny
-from lynx_compile.models.tiny_moe import DEFAULT_CHECKPOINT
+from lynx_compile.tools.tiny_moe import DEFAULT_CHECKPOINT
+
+import lynx_compile
+from lynx_compile import backend as lynx_backend_mod
+from lynx_compile._extras import require
+
+# Checked before any work: the hf cases need transformers, the plots matplotlib.
+tqdm = require("tqdm", "bench", "lynx-compile bench").tqdm
+require("transformers", "bench", "lynx-compile bench")
+require("matplotlib", "bench", "lynx-compile bench")
 
 COMPILE_BACKENDS = {"inductor": ("inductor", None), "lynx": ("lynx", {})}
 RUNTIME_BACKENDS = {
@@ -588,10 +593,9 @@ def format_tables(result: dict) -> str:
 
 def plot(result: dict, out: Path) -> list[Path]:
     """compile.png (cold/warm per case), runtime.png (ms per backend), recompile.png."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "bench", "lynx-compile bench")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "bench", "lynx-compile bench")
 
     rows, paths = result["rows"], []
     cases = _cases(rows, "compile")

@@ -30,11 +30,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from lynx_compile.tools.tiny_moe import DEFAULT_CHECKPOINT, TinyMoE, load_model
+from lynx_compile.tools.train import load_bytes, split_files
 
 import lynx_compile
-from lynx_compile.models.tiny_moe import DEFAULT_CHECKPOINT, TinyMoE, load_model
-from lynx_compile.models.train import load_bytes, split_files
+from lynx_compile._extras import require
+
+tqdm = require("tqdm", "demo", "lynx-compile demo").tqdm
+require("safetensors", "demo", "lynx-compile demo")  # the checkpoint; fail before any work
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +68,7 @@ def load_demo_model(checkpoint: Path, device: torch.device, log=print) -> TinyMo
         return load_model(checkpoint).to(device)
     log(
         f"warning: checkpoint {checkpoint} not found; using a randomly initialised TinyMoE "
-        "(train one with `python -m lynx_compile.models.train`)"
+        "(train one with `lynx-compile train`)"
     )
     torch.manual_seed(0)
     return TinyMoE().eval().to(device)

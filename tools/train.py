@@ -1,13 +1,14 @@
 """Train TinyMoE on the Python standard library's own .py sources (present on every machine).
 
-    python -m lynx_compile.models.train --out lynx_compile/data/tiny_moe.safetensors
+    lynx-compile train --out tools/data/tiny_moe.safetensors
+    python -m lynx_compile.tools.train --out tools/data/tiny_moe.safetensors   (the same)
 
 The corpus is every .py file under sysconfig's stdlib path (site-packages excluded), split
 by FILE into train / held-out by a hash of the file's relative path, so the split is the
 same on every machine with the same Python version. The loss is next-byte cross-entropy
 plus `--lb-coef` times the Switch-style load-balancing loss (0 trains without it). The
 checkpoint is written as fp16 safetensors with its config JSON; the log (every line also
-printed) records the exact command, the corpus, and losses.
+printed) records the command with every flag spelled out, the corpus, and losses.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from lynx_compile.tools.tiny_moe import DEFAULT_CHECKPOINT, TinyMoE, TinyMoEConfig, save_checkpoint
 
-from lynx_compile.models.tiny_moe import DEFAULT_CHECKPOINT, TinyMoE, TinyMoEConfig, save_checkpoint
+from lynx_compile._extras import require
 
 HELDOUT_PERCENT = 10
 
@@ -92,9 +93,8 @@ def heldout_loss(model: TinyMoE, batches: list[tuple[torch.Tensor, torch.Tensor]
     return nll / count, 100.0 * correct / count
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The training CLI; its defaults are the committed checkpoint's command."""
-    p = argparse.ArgumentParser(description="Train TinyMoE on the Python stdlib sources.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The training flags; their defaults are the committed checkpoint's command."""
     p.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint path")
     p.add_argument("--log", type=Path, default=None, help="log file (default: <out>_train.log)")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
@@ -123,13 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(TinyMoEConfig(), field)
         flag = "--" + field.replace("_", "-")
         p.add_argument(flag, type=int, default=default, help=f"model {field}")
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def command_line(args: argparse.Namespace) -> str:
+    """`lynx-compile train` with every flag spelled out, defaults included (for the log)."""
+    flags = []
+    for name, value in vars(args).items():
+        if name not in ("command", "_module") and value is not None:
+            flags += ["--" + name.replace("_", "-"), str(value)]
+    return "lynx-compile train " + shlex.join(flags)
+
+
+def run(args: argparse.Namespace) -> int:
     """Train, log, save; returns a process exit code."""
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    tqdm = require("tqdm", "demo", "lynx-compile train").tqdm
     log_path = args.log or args.out.with_name(args.out.stem + "_train.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_file = log_path.open("w")
@@ -141,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    command = "python -m lynx_compile.models.train " + shlex.join(argv)
-    log(f"command: {command}")
+    log(f"command: {command_line(args)}")
     log(f"python {sys.version.split()[0]}, torch {torch.__version__}, threads {args.threads}")
     train_files, held_files = split_files("train"), split_files("heldout")
     train_data, held_data = load_bytes(train_files), load_bytes(held_files)
@@ -197,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     log(f"saved {args.out} ({size_mb:.1f} MB) after {time.time() - start:.0f}s")
     log_file.close()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lynx_compile.tools.train`: the same as `lynx-compile train`."""
+    parser = argparse.ArgumentParser(description="Train TinyMoE on the Python stdlib sources.")
+    add_arguments(parser)
+    return run(parser.parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lynx_compile._extras import require
+
+FEATURE = "the tiny transformers MoE blocks (lynx_compile.tools.hf_tiny)"
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
 
@@ -62,6 +65,7 @@ def _classes(family: str):
     if family not in FAMILIES:
         raise ValueError(f"unknown MoE family {family!r}; known: {', '.join(sorted(FAMILIES))}")
     spec = FAMILIES[family]
+    require("transformers", "bench", FEATURE)
     mod = importlib.import_module(f"transformers.models.{spec.module}.modeling_{spec.module}")
     cfg_mod = importlib.import_module(
         f"transformers.models.{spec.module}.configuration_{spec.module}"
@@ -100,8 +104,7 @@ def build_block(family: str, implementation: str = "grouped_mm", seed: int = 0, 
 
 def build_causal_lm(family: str, implementation: str = "grouped_mm", seed: int = 0, **overrides):
     """A tiny random *ForCausalLM of `family` (eval mode, fp32)."""
-    import transformers
-
+    transformers = require("transformers", "bench", FEATURE)
     config = tiny_config(family, implementation, **overrides)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     _randomize(model, seed)

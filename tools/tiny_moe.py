@@ -1,7 +1,7 @@
 """A tiny decoder-only byte-level MoE language model, written plainly, and its checkpoint loader.
 
 The model lynx_compile ships as its embedded default (trained on the Python standard library's
-own sources by lynx_compile.models.train). It is written the way a server-side MoE model is:
+own sources by lynx_compile.tools.train). It is written the way a server-side MoE model is:
 
 - byte tokens (vocab 256), RMSNorm, multi-head attention with rotary position embeddings;
 - every layer's feed-forward is a mixture of gated (SwiGLU) experts stored as 3-D weights laid
@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+from lynx_compile._extras import require
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_CHECKPOINT = DATA_DIR / "tiny_moe.safetensors"
 NOLB_CHECKPOINT = DATA_DIR / "tiny_moe_nolb.safetensors"
 
@@ -314,8 +316,7 @@ def config_path(checkpoint: Path) -> Path:
 
 def save_checkpoint(model: TinyMoE, path: Path, dtype: torch.dtype = torch.float16) -> None:
     """Write the weights (cast to `dtype` for size) as safetensors and the config as JSON."""
-    from safetensors.torch import save_file
-
+    save_file = require("safetensors.torch", "demo", "saving a TinyMoE checkpoint").save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
@@ -325,13 +326,12 @@ def save_checkpoint(model: TinyMoE, path: Path, dtype: torch.dtype = torch.float
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> TinyMoE:
     """Load a TinyMoE checkpoint (safetensors + JSON config) from local files, in eval mode."""
-    from safetensors.torch import load_file
-
+    load_file = require("safetensors.torch", "demo", "loading a TinyMoE checkpoint").load_file
     path = Path(path)
     if not path.is_file() or not config_path(path).is_file():
         raise FileNotFoundError(
             f"TinyMoE checkpoint {path} or its config {config_path(path)} is missing; "
-            "train one with `python -m lynx_compile.models.train --out <path>`"
+            "train one with `python -m lynx_compile.tools.train --out <path>`"
         )
     config = TinyMoEConfig(**json.loads(config_path(path).read_text()))
     model = TinyMoE(config)

@@ -26,11 +26,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from lynx_compile.tools.tiny_moe import DEFAULT_CHECKPOINT, TinyMoE, load_model
+from lynx_compile.tools.train import load_bytes, split_files
 
 import lynx_compile
 from lynx_compile import config as lynx_config
-from lynx_compile.models.tiny_moe import DEFAULT_CHECKPOINT, TinyMoE, load_model
-from lynx_compile.models.train import load_bytes, split_files
+from lynx_compile._extras import require
+
+# Checked before any work: the run ends with a plot.
+require("matplotlib", "bench", "lynx-compile accuracy")
+require("safetensors", "bench", "lynx-compile accuracy")
 
 
 @dataclass(frozen=True)
@@ -261,10 +266,9 @@ def format_row(row: dict) -> str:
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Accuracy change (points) against experts_ratio, one colour per policy family."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "bench", "lynx-compile accuracy")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "bench", "lynx-compile accuracy")
 
     colours = {"exact": "black", "affinity": "tab:blue", "oea": "tab:orange", "static": "tab:green"}
     markers = ["o", "s", "^", "D", "v", "P"]
