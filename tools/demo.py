@@ -36,8 +36,13 @@ from lynx_compile.tools.train import load_bytes, split_files
 import lynx_compile
 from lynx_compile._extras import require
 
-tqdm = require("tqdm", "demo", "lynx-compile demo").tqdm
-require("safetensors", "demo", "lynx-compile demo")  # the checkpoint; fail before any work
+FEATURE = "lynx-compile demo"
+
+
+def _tqdm():
+    """tqdm, the [demo] extra; imported on use, so that bench can import this module and
+    name its own extra."""
+    return require("tqdm", "demo", FEATURE).tqdm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +108,7 @@ def synchronize(device: torch.device) -> None:
 @contextlib.contextmanager
 def ticking(desc: str) -> Iterator[None]:
     """A progress line showing elapsed seconds while a blocking call (a compile) runs."""
-    bar = tqdm(total=1, desc=desc, bar_format="{desc}: {elapsed}", leave=True)
+    bar = _tqdm()(total=1, desc=desc, bar_format="{desc}: {elapsed}", leave=True)
     stop = threading.Event()
 
     def refresh() -> None:
@@ -213,7 +218,7 @@ def generate(decoders: list[Decoder], steps: int, device: torch.device) -> None:
     remaining = steps - max(len(d.out) for d in decoders)
     labels = "/".join(d.label for d in decoders)
     with paused_gc():
-        for _ in tqdm(range(remaining), desc=f"generate {labels}", leave=False):
+        for _ in _tqdm()(range(remaining), desc=f"generate {labels}", leave=False):
             for decoder in decoders:
                 if len(decoder.out) < steps:
                     decoder.timed_step(device)
@@ -414,6 +419,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo and print its table; returns 0."""
     if args.batch < 1 or args.steps < 3 or args.prompt_len < 1:
         raise SystemExit("demo needs --batch >= 1, --steps >= 3 and --prompt-len >= 1")
+    tqdm = _tqdm()
+    require("safetensors", "demo", FEATURE)  # the checkpoint: fail before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     config = DemoConfig(

@@ -2,14 +2,17 @@
 load none of the tools' or exporters' libraries, and still work with them uninstalled;
 a tool whose library is missing exits with one line naming the extra to install.
 
-networkx is a dependency of torch (torch.compile's partitioner imports it), so it counts as
-optional for `import lynx_compile` only."""
+networkx is a dependency of torch: Inductor's lowering, which lowering/ registers into, loads
+torch's partitioner, which imports it. It is checked against that baseline, and the source
+check below makes sure no lynx_compile module imports it (or any optional library) itself."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 OPTIONAL = ("transformers", "matplotlib", "safetensors", "onnx", "tqdm", "networkx")
 UNINSTALLABLE = tuple(m for m in OPTIONAL if m != "networkx")  # torch.compile needs networkx
@@ -42,7 +45,8 @@ COMPILE_PLAIN_MOE = """
 import json, sys
 import torch
 OPTIONAL = {optional!r}
-preloaded = {{m for m in OPTIONAL if m in sys.modules}}  # torch's own (torch.hub: tqdm)
+import torch._inductor.lowering  # torch's own imports: networkx (partitioner), tqdm (torch.hub)
+preloaded = {{m for m in OPTIONAL if m in sys.modules}}
 import lynx_compile
 after_import = [m for m in OPTIONAL if m in sys.modules and m not in preloaded]
 import torch._inductor.compile_fx  # what every torch.compile loads (networkx, for one)
@@ -136,3 +140,52 @@ def test_require_names_the_extra_and_keeps_other_import_errors():
     with pytest.raises(ModuleNotFoundError) as info:
         require("json.no_such_submodule", "demo", "feature X")
     assert not isinstance(info.value, MissingExtraError)
+
+
+REPO = Path(__file__).resolve().parents[2]
+# The runtime: what `import lynx_compile` and a compile load (dump.py, cli.py and
+# onnx_export.py are features that import their libraries through lynx_compile._extras).
+RUNTIME_SOURCES = [
+    *(REPO / "lynx_compile" / name for name in ("__init__.py", "backend.py", "config.py")),
+    *(REPO / "lynx_compile" / name for name in ("export.py", "graph_dump.py", "_extras.py")),
+    *sorted((REPO / "passes").glob("*.py")),
+    *sorted((REPO / "lowering").glob("*.py")),
+]
+
+
+def _module_level_imports(tree: ast.Module) -> list[str]:
+    """Modules imported when the file is imported: statements outside functions, including
+    class bodies and if/try blocks, except `if TYPE_CHECKING:` blocks."""
+    found, todo = [], list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.append(node.module)
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo += node.orelse
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            todo += [n for n in ast.iter_child_nodes(node) if isinstance(n, ast.stmt)]
+    return found
+
+
+def test_runtime_sources_import_no_optional_library_and_no_tool():
+    """No runtime module imports an optional library when loaded, nor the tools at all."""
+    offending = []
+    for path in RUNTIME_SOURCES:
+        tree = ast.parse(path.read_text(), str(path))
+        for name in _module_level_imports(tree):
+            if name.partition(".")[0] in OPTIONAL:
+                offending.append(f"{path.relative_to(REPO)}: import {name}")
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if isinstance(node, ast.ImportFrom) and node.module == "lynx_compile":
+                names += [f"lynx_compile.{a.name}" for a in node.names]
+            offending += [
+                f"{path.relative_to(REPO)}: import {n}"
+                for n in names
+                if n.startswith("lynx_compile.tools")
+            ]
+    assert RUNTIME_SOURCES and not offending, offending
