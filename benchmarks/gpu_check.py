@@ -364,6 +364,9 @@ def time_blocks(torch, check: Check, device, bandwidth_gbs: float | None) -> Non
         if shape.name not in blocks:
             continue
         block = blocks[shape.name]
+        check.attempt(
+            f"compiled kernels {shape.name}", check_compiled_kernels, torch, check, block, shape
+        )
         runs = {}
         for policy in ("exact", "affinity"):
             options = {"policy": policy, "alpha": shape.alpha, "beta": shape.beta}
@@ -373,6 +376,34 @@ def time_blocks(torch, check: Check, device, bandwidth_gbs: float | None) -> Non
                 with_exact_ids(torch, fn, block, shape) if policy == "exact" else without_ids(fn)
             )
         time_runs(torch, check, shape, block, runs, bandwidth_gbs)
+
+
+def check_compiled_kernels(torch, check: Check, block, shape: Shape) -> None:
+    """The lynx-compiled block's generated code launches lynx's Triton kernels (traced into
+    the graph by the ops' FunctionalTensorMode rule) and matches the block under exact."""
+    from torch._inductor.utils import run_and_get_code
+
+    x = torch.randn(16, 1, shape.hidden, device=next(block.parameters()).device)
+    x = x.to(next(block.parameters()).dtype)
+    torch._dynamo.reset()
+    fn = torch.compile(block, backend="lynx", options={"policy": "exact"})
+    with torch.no_grad():
+        out, code = run_and_get_code(fn, x)
+        want = block(x)
+    source = "\n".join(code)
+    out = out[0] if isinstance(out, tuple) else out
+    want = want[0] if isinstance(want, tuple) else want
+    err = float((out.float() - want.float()).abs().max() / want.float().abs().max())
+    on_gpu = not check.dry_run
+    found = {name: name in source for name in ("route_kernel", "up_kernel", "down_kernel")}
+    ok = err <= (1e-2 if out.dtype == torch.bfloat16 else 1e-5) and (
+        all(found.values()) or not on_gpu
+    )
+    check.result["correctness"].append(
+        {"kernel": "compiled_block", "shape": shape.name, "kernels_in_code": found,
+         "rel_err_vs_eager": err, "ok": ok}
+    )  # fmt: skip
+    check.say(f"compiled lynx block {shape.name}: kernels {found}, rel err {err:.2e}, ok={ok}")
 
 
 def with_exact_ids(torch, fn, block, shape: Shape):

@@ -21,12 +21,12 @@ lynx::route_recorded, which has no decomposition: it stays opaque so its kernel 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from lynx_compile.lowering import cpu_kernels, cpu_native, reference
 from lynx_compile.lowering.constants import ACTIVATION_NAMES, NATIVE_ROUTE_DTYPES
 from torch._inductor.decomposition import register_decomposition
-from torch._inductor.lowering import make_fallback, tag_to_layout_constraint
-from torch._library.utils import get_layout_constraint_tag
 
 
 @register_decomposition(torch.ops.lynx.route.default)
@@ -66,13 +66,18 @@ def _native_experts(x, activation, *weights) -> bool:
     )
 
 
-# Where the decomposition declines, Inductor calls the op itself (its CPU kernel is the native
-# one), with the layout rule it gives every custom op.
-make_fallback(
-    torch.ops.lynx.experts.default,
-    tag_to_layout_constraint(get_layout_constraint_tag(torch.ops.lynx.experts.default, with_default=True)),
-    override_decomp=True,
-)
+@functools.cache
+def register_fallbacks() -> None:
+    """Where the experts decomposition declines, Inductor calls the op itself (its CPU kernel
+    is the native one), with the layout rule it gives every custom op. Called by the backend
+    before its first compile: torch._inductor.lowering is a heavy import (the partitioner,
+    networkx) that `import lynx_compile` need not pay."""
+    from torch._inductor.lowering import make_fallback, tag_to_layout_constraint
+    from torch._library.utils import get_layout_constraint_tag
+
+    op = torch.ops.lynx.experts.default
+    constraint = tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+    make_fallback(op, constraint, override_decomp=True)
 
 
 @register_decomposition(torch.ops.lynx.experts.default)

@@ -92,6 +92,7 @@ def lynx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
     from torch._inductor.compile_fx import compile_fx
 
     config = parse_options(options, mode)
+    decompositions.register_fallbacks()
     gm = apply_lynx_passes(gm, example_inputs, config)
     patches = _inductor_patches(config, _native_cpu(example_inputs))
     return compile_fx(gm, example_inputs, config_patches=patches)
