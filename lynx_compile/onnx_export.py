@@ -2,14 +2,14 @@
 
 The lynx ops have no ONNX counterpart, so before export each routing op node (lynx::route,
 lynx::route_scored) is swapped for the routing reference itself (plain PyTorch: softmax,
-top-k, stable sorts, gathers, integer keys) and each experts op node (lynx::experts,
-lynx::experts_split) for a dense all-experts equivalent (the reference loops over the
+top-k, stable sorts, gathers, integer keys) and each experts op node (lynx::experts) for
+a dense all-experts equivalent (the reference loops over the
 experts a batch touches, a data-dependent shape ONNX cannot express). The exporter then
 emits standard operators, except for one gap filled here: stable sort, which becomes ONNX
 TopK over the whole axis (TopK breaks ties by lower index, exactly what a stable sort keeps).
 
 With lynx_domain=True the lynx ops are instead written as custom-domain nodes (domain
-"lynx", version 1: lynx::route -> lynx.Route, lynx::experts_split -> lynx.ExpertsSplit),
+"lynx", version 1: lynx::route -> lynx.Route, lynx::route_scored -> lynx.RouteScored),
 tensor arguments as inputs and the others as attributes, for runtimes that implement them.
 """
 
@@ -55,7 +55,7 @@ def route_affinity_cpu_decomposed(logits, probs, top_k, alpha, beta, renorm):
     logits' softmax), its top-k ties to the lower index as the kernel orders them."""
     policy = RoutingPolicy("affinity", alpha, beta)
     weights = "renorm" if renorm else "mass"
-    return route_reference(logits, top_k, policy, weights, ties="lower_index")
+    return route_reference(logits, top_k, policy, weights, ties="lower_index", probs=probs)
 
 
 def _dense_experts(x, ids, weights, w_gate, w_up, w_down, activation, gated):
@@ -72,39 +72,25 @@ def _dense_experts(x, ids, weights, w_gate, w_up, w_down, activation, gated):
     return torch.einsum("ned,ne->nd", y.to(torch.float32), combine).to(x.dtype)
 
 
-def experts_decomposed(x, ids, weights, w_up, w_down, activation, gated):
+def experts_decomposed(x, ids, weights, w_up, w_gate, w_down, activation, gated):
     """lynx::experts without data-dependent shapes: x [N, d], ids/weights [N, k],
-    w_up [E, U, d], w_down [E, d, I] -> [N, d]. Equals experts_reference up to summation
-    order (the reference loops over the experts the batch touches)."""
-    return _dense_experts(x, ids, weights, None, w_up, w_down, activation, gated)
-
-
-def experts_split_decomposed(x, ids, weights, w_gate, w_up, w_down, activation):
-    """lynx::experts_split without data-dependent shapes: w_gate/w_up [E, I, d],
-    w_down [E, d, I] -> [N, d]. Equals experts_split_reference up to summation order."""
-    return _dense_experts(x, ids, weights, w_gate, w_up, w_down, activation, True)
-
-
-def experts_cpu_decomposed(x, ids, weights, w_up, w_gate, w_down, activation, gated):
-    """lynx::experts_cpu (what the CPU lowering calls in place of lynx::experts and
-    lynx::experts_split; w_gate None or [E, I, d]) without data-dependent shapes."""
+    w_up [E, U, d], w_gate [E, I, d] or None, w_down [E, d, I] -> [N, d]. Equals
+    experts_general_reference up to summation order (the reference loops over the experts
+    the batch touches)."""
     return _dense_experts(x, ids, weights, w_gate, w_up, w_down, activation, gated)
 
 
-# The ops the pass emits for CUDA tensors: same signatures and results as their
-# device-neutral op, so an export (which runs anywhere) writes the neutral one.
-DEVICE_NEUTRAL = {"route_triton": "route", "route_recorded": "route", "experts_triton": "experts"}
+# Ops with another op's schema and results, so an export writes that one.
+DEVICE_NEUTRAL = {"route_recorded": "route"}
 
 # Keyed by op name (torch.ops.lynx.<name>): a new lynx op needs an entry here to export.
 DECOMPOSITIONS = {
     "route": route_decomposed,
     "route_scored": route_scored_decomposed,
     "experts": experts_decomposed,
-    "experts_split": experts_split_decomposed,
     # Emitted by the CPU lowering inside Inductor, so never seen by export; here so that
     # graphs captured after lowering (or written by hand) still convert.
     "route_affinity_cpu": route_affinity_cpu_decomposed,
-    "experts_cpu": experts_cpu_decomposed,
 }
 DECOMPOSITIONS.update({fast: DECOMPOSITIONS[neutral] for fast, neutral in DEVICE_NEUTRAL.items()})
 
@@ -171,9 +157,17 @@ def _attribute_kind(arg_type: torch._C.JitType):
     return kinds[type(base)], not optional
 
 
+def _is_tensor(arg_type: torch._C.JitType) -> bool:
+    """Whether an op argument is a tensor (Tensor or Tensor?)."""
+    if isinstance(arg_type, torch._C.OptionalType):
+        arg_type = arg_type.getElementType()
+    return isinstance(arg_type, torch._C.TensorType)
+
+
 def _register_domain_schema(op: torch._ops.OpOverload) -> None:
     """Declare lynx op `op` to onnx as <LYNX_DOMAIN>.<OpType> version 1 (the exporter checks
-    every node against a schema): tensor arguments are inputs, the others attributes."""
+    every node against a schema): tensor arguments are inputs (optional ones, like
+    lynx::experts' w_gate, optional inputs), the others attributes."""
     from onnx.defs import OpSchema
 
     op_type = _onnx_op_type(lynx_op_name(op))
@@ -181,8 +175,11 @@ def _register_domain_schema(op: torch._ops.OpOverload) -> None:
         return
     inputs, attributes, constraints = [], [], []
     for arg in op._schema.arguments:
-        if isinstance(arg.type, torch._C.TensorType):
-            inputs.append(OpSchema.FormalParameter(arg.name, f"T_{arg.name}"))
+        if _is_tensor(arg.type):
+            option = OpSchema.FormalParameterOption
+            optional = option.Optional if isinstance(arg.type, torch._C.OptionalType) else None
+            extra = {} if optional is None else {"param_option": optional}
+            inputs.append(OpSchema.FormalParameter(arg.name, f"T_{arg.name}", "", **extra))
             constraints.append((f"T_{arg.name}", _TENSOR_TYPES, ""))
         else:
             kind, required = _attribute_kind(arg.type)
@@ -215,8 +212,8 @@ def _domain_translation(op: torch._ops.OpOverload):
     def translate(*args):
         inputs, attrs = [], {}
         for arg, value in zip(arguments, args, strict=False):
-            if isinstance(arg.type, torch._C.TensorType):
-                inputs.append(value)
+            if _is_tensor(arg.type):
+                inputs.append(value)  # None: an optional input left out
             elif value is not None:
                 attrs[arg.name] = int(value) if isinstance(value, bool) else value
         return node_op(*inputs, **attrs)

@@ -26,7 +26,6 @@ from lynx_compile.onnx_export import (
     DECOMPOSITIONS,
     DEVICE_NEUTRAL,
     experts_decomposed,
-    experts_split_decomposed,
     onnxruntime_error,
 )
 
@@ -230,21 +229,17 @@ def test_dense_experts_match_the_reference(activation, split, gated):
     w_down = torch.randn(e, d, inner, generator=gen)
     if split:
         w_gate, w_up = torch.randn(2, e, inner, d, generator=gen)
-        args = (x, ids, weights, w_gate, w_up, w_down, activation)
-        got, want = experts_split_decomposed(*args), reference.experts_split_reference(*args)
+        want = reference.experts_split_reference(x, ids, weights, w_gate, w_up, w_down, activation)
     else:
-        w_up = torch.randn(e, 2 * inner if gated else inner, d, generator=gen)
-        args = (x, ids, weights, w_up, w_down, activation, gated)
-        got, want = experts_decomposed(*args), experts_reference(*args)
+        w_gate, w_up = None, torch.randn(e, 2 * inner if gated else inner, d, generator=gen)
+        want = experts_reference(x, ids, weights, w_up, w_down, activation, gated)
+    got = experts_decomposed(x, ids, weights, w_up, w_gate, w_down, activation, gated)
     # Same fp32 math, different summation order: a few ulps apart.
     torch.testing.assert_close(got, want)
 
 
-def test_cuda_ops_export_as_their_device_neutral_op():
-    from lynx_compile.lowering import triton_ops
-
-    if not triton_ops.HAVE_TRITON:
-        pytest.skip("the Triton ops are registered only where triton is installed")
+def test_ops_sharing_a_schema_export_as_one_op():
+    assert DEVICE_NEUTRAL
     for fast, neutral in DEVICE_NEUTRAL.items():
         fast_args = getattr(torch.ops.lynx, fast).default._schema.arguments
         neutral_args = getattr(torch.ops.lynx, neutral).default._schema.arguments
@@ -252,3 +247,25 @@ def test_cuda_ops_export_as_their_device_neutral_op():
             (a.name, str(a.type)) for a in neutral_args
         ]
         assert DECOMPOSITIONS[fast] is DECOMPOSITIONS[neutral]
+
+
+def test_onnx_lynx_domain_experts_with_and_without_a_split_gate(dense, tmp_path):
+    """lynx.Experts keeps w_gate as an optional input: present for a split-gate model
+    (DenseMoE), left out ("") for fused gate/up weights (a transformers grouped_mm block)."""
+    from lynx_compile.tools import hf_tiny
+
+    fused = hf_tiny.build_block("qwen3_moe", "grouped_mm")
+    for model, x, gate_given in ((dense[0], dense[1], True), (fused, torch.randn(3, 1, 32), False)):
+        torch._dynamo.reset()
+        written = lynx_compile.to_onnx(
+            model,
+            (x,),
+            tmp_path / f"m{int(gate_given)}.onnx",
+            {"policy": "exact"},
+            lynx_domain=True,
+        )
+        proto = onnx.load(written.path)
+        experts = [n for n in proto.graph.node if n.domain == "lynx" and n.op_type == "Experts"]
+        assert len(experts) == 1, [n.op_type for n in proto.graph.node]
+        # inputs: x, ids, weights, w_up, w_gate, w_down
+        assert len(experts[0].input) == 6 and (experts[0].input[4] != "") == gate_given
