@@ -13,7 +13,7 @@ import torch
 from lynx_compile.lowering import cpu_native, ops
 from torch._subclasses import FakeTensorMode
 
-from tests.conftest import experts_case
+from tests.helpers import experts_case
 
 
 def _logits(n: int, e: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:

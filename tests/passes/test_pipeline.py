@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,21 +15,9 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from lynx_compile.config import parse_options
+from tests.helpers import REPO_ROOT, dynamo_graph
 
 PASS_NAMES = [p.name for p in LYNX_PASSES]
-
-
-def dynamo_graph(module: nn.Module, x: torch.Tensor):
-    """(gm, example_inputs) of the first graph Dynamo captures for module(x)."""
-    captured = []
-
-    def capture(gm, example_inputs):
-        captured.append((gm, example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(module, backend=capture)(x)
-    return captured[0]
 
 
 def lynx_targets(gm) -> list[str]:
@@ -170,9 +157,8 @@ def test_torch_compile_debug_writes_each_pass_before_and_after(tmp_path):
     one after file per lynx pass, and the after file of the router pass shows its op."""
     env = {**os.environ, "TORCH_COMPILE_DEBUG": "1", "TORCH_COMPILE_DEBUG_DIR": str(tmp_path)}
     env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor_cache")
-    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
-        [sys.executable, "-c", DEBUG_RUN], env=env, cwd=root, capture_output=True, text=True,
+        [sys.executable, "-c", DEBUG_RUN], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
         timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

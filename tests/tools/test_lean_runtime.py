@@ -12,7 +12,8 @@ import ast
 import json
 import subprocess
 import sys
-from pathlib import Path
+
+from tests.helpers import REPO_ROOT as REPO
 
 OPTIONAL = ("transformers", "matplotlib", "safetensors", "onnx", "tqdm", "networkx")
 UNINSTALLABLE = tuple(m for m in OPTIONAL if m != "networkx")  # torch.compile needs networkx
@@ -142,7 +143,6 @@ def test_require_names_the_extra_and_keeps_other_import_errors():
     assert not isinstance(info.value, MissingExtraError)
 
 
-REPO = Path(__file__).resolve().parents[2]
 # The runtime: what `import lynx_compile` and a compile load (dump.py, cli.py and
 # onnx_export.py are features that import their libraries through lynx_compile._extras).
 RUNTIME_SOURCES = [

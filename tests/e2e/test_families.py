@@ -52,7 +52,7 @@ from lynx_compile.lowering import reference
 from lynx_compile.tools import hf_tiny
 
 import lynx_compile
-from tests.conftest import sites_of
+from tests.helpers import sites_of
 
 DECODE_BATCHES = (3, 13)
 # fp32: the compiled graph reorders reductions (Inductor fusion) but routes identically.

@@ -13,7 +13,7 @@ from lynx_compile.tools import hf_tiny
 from torch import nn
 
 import lynx_compile
-from tests.conftest import sites_of
+from tests.helpers import sites_of
 
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)  # reordered fp32 sums only
 # bf16 has 8 mantissa bits (eps 7.8e-3); fused and unfused paths round intermediates

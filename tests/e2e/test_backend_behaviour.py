@@ -15,7 +15,7 @@ from torch import nn
 import lynx_compile
 from lynx_compile.backend import _inductor_patches
 from lynx_compile.config import VALID_KEYS, parse_options
-from tests.conftest import sites_of
+from tests.helpers import sites_of
 
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)  # Inductor reorders fp32 reductions
 

@@ -8,8 +8,9 @@ import torch
 from lynx_compile.lowering.cpu_kernels import experts_gathered, experts_grouped
 from lynx_compile.lowering.reference import experts_general_reference
 
-from tests.conftest import EXPERTS_TOL as TOL
-from tests.conftest import experts_case as _case
+from tests.helpers import EXPERTS_TOL as TOL
+from tests.helpers import REPO_ROOT
+from tests.helpers import experts_case as _case
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 13, 33])
@@ -110,16 +111,14 @@ def test_a_graph_from_inductors_cache_finds_the_native_kernels(tmp_path):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
-    root = Path(__file__).resolve().parents[1]
     hits = []
     for _ in range(2):
         proc = subprocess.run(
             [sys.executable, "-c", CACHED_RUN],
             env=env,
-            cwd=root,
+            cwd=REPO_ROOT,
             capture_output=True,
             text=True,
             timeout=600,

@@ -14,23 +14,14 @@ import pytest
 import torch
 from lynx_compile.lowering import ops, reference, triton_ops, triton_route
 
+from tests.helpers import poisoned_empty
+
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on NaN/-inf pads
 
 # Weight tolerances: both sides compute softmax in fp32, round to the logits dtype, and
 # normalise with the same operations; only summation order and exp differ, a few ulps.
 # fp32: ~8 ulps at 1.0. fp16: 2 ulps at 1.0 (weights lie in [0, 1]).
 WEIGHT_ATOL = {torch.float32: 1e-6, torch.float16: 2e-3}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def interpreted_kernels():
-    """The kernels must have been decorated under TRITON_INTERPRET=1 (see conftest.py)."""
-    if "Interpreted" not in type(triton_route.route_kernel).__name__:
-        pytest.fail(
-            "lowering/triton_route.py was imported before TRITON_INTERPRET=1 was set; "
-            "run the kernel tests on their own or import the kernel module only after "
-            "tests/lowering/conftest.py"
-        )
 
 
 def spaced_logits(tokens: int, experts: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -43,12 +34,7 @@ def spaced_logits(tokens: int, experts: int, dtype: torch.dtype, seed: int) -> t
 
 def poison(monkeypatch) -> None:
     """Every buffer the wrapper allocates starts as NaN (floats) or -1 (ints)."""
-
-    def poisoned(shape, dtype, device):
-        fill = float("nan") if dtype.is_floating_point else -1
-        return torch.full(shape, fill, dtype=dtype, device=device)
-
-    monkeypatch.setattr(triton_route, "_empty", poisoned)
+    monkeypatch.setattr(triton_route, "_empty", poisoned_empty)
 
 
 def assert_routes_match(got, want, dtype) -> None:

@@ -12,6 +12,8 @@ import torch
 from lynx_compile.lowering import launch_configs, ops, reference, triton_experts, triton_ops, tuner
 from lynx_compile.lowering.launch_configs import ExpertsConfig, GemmConfig
 
+from tests.helpers import poisoned_empty
+
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on NaN poison
 
 # Error relative to the output's largest magnitude. fp32: the kernel's fp32 dot and the
@@ -21,25 +23,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on Na
 REL_TOL = {torch.float32: 1e-5, torch.float16: 4e-3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def interpreted_kernels():
-    """The kernels must have been decorated under TRITON_INTERPRET=1 (see conftest.py)."""
-    if "Interpreted" not in type(triton_experts.up_kernel).__name__:
-        pytest.fail(
-            "lowering/triton_experts.py was imported before TRITON_INTERPRET=1 was set; "
-            "run the kernel tests on their own or import the kernel module only after "
-            "tests/lowering/conftest.py"
-        )
-
-
 def poison(monkeypatch) -> None:
     """Every buffer the wrapper allocates (outputs and scratch) starts as NaN or -1."""
-
-    def poisoned(shape, dtype, device):
-        fill = float("nan") if dtype.is_floating_point else -1
-        return torch.full(shape, fill, dtype=dtype, device=device)
-
-    monkeypatch.setattr(triton_experts, "_empty", poisoned)
+    monkeypatch.setattr(triton_experts, "_empty", poisoned_empty)
 
 
 def make_inputs(tokens, experts, k, hidden, inter, dtype, gated, seed):

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lynx_compile.lowering import cpu_native, reference
 
-from tests.conftest import EXPERTS_TOL as TOL
-from tests.conftest import experts_case as _case
+from tests.helpers import EXPERTS_TOL as TOL
+from tests.helpers import REPO_ROOT
+from tests.helpers import experts_case as _case
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -248,7 +249,7 @@ def test_a_batch_of_one_token_routes_exactly_even_with_ties(policy):
 PORTABLE_CHECK = """
 import torch
 from lynx_compile.lowering import cpu_native, reference
-from tests.conftest import EXPERTS_TOL, experts_case
+from tests.helpers import EXPERTS_TOL, experts_case
 
 assert cpu_native.available()
 for tokens, form, act, dtype in [(13, "gated", "silu", torch.float32),
@@ -280,13 +281,11 @@ def test_the_portable_c_path_matches_the_reference(tmp_path):
     import platform
     import subprocess
     import sys
-    from pathlib import Path
 
     flags = "-O3 -march=native" + (" -mno-avx512f" if platform.machine() == "x86_64" else "")
     env = {**os.environ, "LYNX_NATIVE_CFLAGS": flags, "LYNX_CACHE_DIR": str(tmp_path)}
-    root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, "-c", PORTABLE_CHECK], env=env, cwd=root, capture_output=True,
+        [sys.executable, "-c", PORTABLE_CHECK], env=env, cwd=REPO_ROOT, capture_output=True,
         text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0 and "portable path ok" in proc.stdout, proc.stderr[-3000:]

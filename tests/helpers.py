@@ -1,0 +1,64 @@
+"""Helpers shared by the test modules (fixtures live in tests/conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def sites_of(report: dict, graph_ids=None, kind: str = "router") -> list[dict]:
+    """Sites of one kind in a report, optionally limited to some graphs."""
+    return [
+        s
+        for s in report["sites"]
+        if s["kind"] == kind and (graph_ids is None or s.get("graph") in graph_ids)
+    ]
+
+
+# Sparse-experts kernels against experts_general_reference. fp32: same products, other
+# summation order. bf16: both sides round the gate/up products and expert outputs to bf16
+# (eps 7.8e-3), at slightly different points.
+EXPERTS_TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
+
+
+def experts_case(tokens, experts, k, d, inter, form, dtype, seed=0):
+    """Random sparse-experts inputs: (x, ids, weights, w_up, w_down, w_gate); form "gated"
+    (w_up [E, 2I, d]), "plain" ([E, I, d]) or "split" (w_gate and w_up [E, I, d])."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d, generator=gen)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+    ids = ids.reshape(tokens, k)
+    w = torch.rand(tokens, k, generator=gen)
+    up_rows = inter if form == "plain" else 2 * inter
+    w_up = torch.randn(experts, up_rows if form != "split" else inter, d, generator=gen) / d**0.5
+    w_gate = torch.randn(experts, inter, d, generator=gen) / d**0.5 if form == "split" else None
+    w_down = torch.randn(experts, d, inter, generator=gen) / inter**0.5
+    cast = [t.to(dtype) if t is not None else None for t in (x, w_up, w_down, w_gate)]
+    return cast[0], ids, w, cast[1], cast[2], cast[3]
+
+
+def poisoned_empty(shape, dtype, device) -> torch.Tensor:
+    """A stand-in for a kernel wrapper's buffer allocator: NaN (floats) or -1 (ints), so a
+    row the kernel never writes shows up in the output."""
+    fill = float("nan") if dtype.is_floating_point else -1
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def dynamo_graph(module: nn.Module, x: torch.Tensor):
+    """(gm, example_inputs) of the first graph Dynamo captures for module(x)."""
+    captured = []
+
+    def capture(gm, example_inputs):
+        captured.append((gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(module, backend=capture)(x)
+    return captured[0]
