@@ -67,33 +67,29 @@ class LynxPass:
     enabled: Callable[[LynxConfig], bool] = lambda config: True
 
 
-def _report_grad_skips(sites, ctx: PassContext) -> None:
-    for site in sites:
-        report_skipped_router(
-            site.topk, GRAD_SKIP_REASON, ctx.graph_id, site.num_experts, site.top_k
-        )
+def _rewrite_routers(ctx: PassContext, sites: list, rewrite) -> int:
+    """Claim the matched sites' top-k nodes, then rewrite each (or, when the graph needs
+    gradients, report each as skipped); returns the rewrite count."""
+    ctx.claimed |= {site.topk for site in sites}
+    if ctx.grad_needed:
+        for site in sites:
+            report_skipped_router(
+                site.topk, GRAD_SKIP_REASON, ctx.graph_id, site.num_experts, site.top_k
+            )
+        return 0
+    ctx.routed += [rewrite(ctx.gm, site, ctx.config, ctx.graph_id) for site in sites]
+    return len(sites)
 
 
 def softmax_routers(ctx: PassContext) -> int:
     """Rewrite every softmax -> top-k router into lynx::route."""
-    sites = find_router_sites(ctx.gm, ctx.graph_id)
-    ctx.claimed |= {site.topk for site in sites}
-    if ctx.grad_needed:
-        _report_grad_skips(sites, ctx)
-        return 0
-    ctx.routed += [rewrite_router(ctx.gm, site, ctx.config, ctx.graph_id) for site in sites]
-    return len(sites)
+    return _rewrite_routers(ctx, find_router_sites(ctx.gm, ctx.graph_id), rewrite_router)
 
 
 def scored_routers(ctx: PassContext) -> int:
     """Rewrite every other top-k router (ranked by a score) into lynx::route_scored."""
     sites = find_scored_router_sites(ctx.gm, ctx.graph_id, claimed=ctx.claimed)
-    ctx.claimed |= {site.topk for site in sites}
-    if ctx.grad_needed:
-        _report_grad_skips(sites, ctx)
-        return 0
-    ctx.routed += [rewrite_scored_router(ctx.gm, s, ctx.config, ctx.graph_id) for s in sites]
-    return len(sites)
+    return _rewrite_routers(ctx, sites, rewrite_scored_router)
 
 
 def expert_dispatch(ctx: PassContext) -> int:
