@@ -91,3 +91,26 @@ class DenseMoE(nn.Module):
         h = h * torch.einsum("nd,ehd->neh", tokens, self.w_up)
         y = torch.einsum("neh,edh->ned", h, self.w_down)  # [N, E, d]
         return torch.einsum("ned,ne->nd", y, routing).view(b, t, d)
+
+
+class BatchedRouterMoE(nn.Module):
+    """DenseMoE without flattening: the router scores [B, T, E] (top-k over the last dim),
+    a scatter-built [B, T, E] gate matrix and einsums over [B, T, ...]."""
+
+    def __init__(self, dim: int = 32, hidden: int = 48, num_experts: int = 8, top_k: int = 2):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.w_gate = nn.Parameter(torch.randn(num_experts, hidden, dim) / dim**0.5)
+        self.w_up = nn.Parameter(torch.randn(num_experts, hidden, dim) / dim**0.5)
+        self.w_down = nn.Parameter(torch.randn(num_experts, dim, hidden) / hidden**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # [B, T, E]
+        topv, topi = torch.topk(probs, self.top_k, dim=-1)  # [B, T, k]
+        topv = topv / topv.sum(dim=-1, keepdim=True)
+        routing = torch.zeros_like(probs).scatter(-1, topi, topv).to(x.dtype)  # [B, T, E]
+        h = F.silu(torch.einsum("btd,ehd->bteh", x, self.w_gate))
+        h = h * torch.einsum("btd,ehd->bteh", x, self.w_up)
+        y = torch.einsum("bteh,edh->bted", h, self.w_down)  # [B, T, E, d]
+        return torch.einsum("bted,bte->btd", y, routing)

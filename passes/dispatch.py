@@ -126,19 +126,20 @@ def find_region(
     gm: fx.GraphModule, weights: fx.Node, ids: fx.Node, route: fx.Node, hidden_dim
 ) -> tuple[fx.Node, set[fx.Node], list[fx.Node]] | None:
     """(output node, region, external inputs) of the dispatch consuming weights/ids: its
-    output is the first [tokens, hidden_dim] node that closes the region; None if none."""
+    output is the first [*tokens, hidden_dim] node (tokens: the ids' leading dims, [N] or
+    e.g. [B, T]) that closes the region; None if none."""
     ids_val = example_value(ids)
     if ids_val is None:
         return None
-    tokens = ids_val.shape[0]
+    tokens = ids_val.shape[:-1]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     slice_ = _forward_slice([weights, ids])
     protected = _ancestors(route) | {route, weights, ids}
     for out in sorted(slice_, key=order.__getitem__):
         val = example_value(out)
-        if val is None or val.dim() != 2 or not _same_size(val.shape[0], tokens):
+        if val is None or val.dim() != len(tokens) + 1:
             continue
-        if not _same_size(val.shape[1], hidden_dim):
+        if not all(map(_same_size, val.shape, (*tokens, hidden_dim))):
             continue
         region = {n for n in slice_ if order[n] <= order[out]}
         # The dispatch reads both routing outputs; they may have other users too (a module
@@ -162,14 +163,20 @@ def _plan_candidates(
         for n in inputs
         if n not in (weights, ids) and example_value(n) is not None and not _shape_only(n, region)
     ]
-    experts = [n for n in tensors if example_value(n).dim() == 3]
-    others = [n for n in tensors if example_value(n).dim() != 3]
+    tokens = example_value(ids).shape[:-1]  # [N], or e.g. [B, T] for [B, T, k] routing
+
+    def is_hidden(n: fx.Node) -> bool:  # [*tokens, d]: hidden states, never expert weights
+        lead = example_value(n).shape[:-1]
+        return len(lead) == len(tokens) and all(map(_same_size, lead, tokens))
+
+    experts = [n for n in tensors if example_value(n).dim() == 3 and not is_hidden(n)]
+    others = [n for n in tensors if n not in experts]
     if any(_hint(example_value(n).shape[0]) != num_experts for n in experts):
         return "a 3-D input of the dispatch is not indexed by expert"
-    if len(others) != 1 or example_value(others[0]).dim() != 2:
+    if len(others) != 1 or not is_hidden(others[0]):
         return f"dispatch reads {len(others)} hidden-state tensors, expected one [tokens, d]"
     x = others[0]
-    d = _hint(example_value(x).shape[1])
+    d = _hint(example_value(x).shape[-1])
     experts.sort(key=lambda n: min(order[u] for u in n.users))  # first used = first matmul
     if len(experts) not in (2, 3):
         return f"dispatch reads {len(experts)} expert weight tensors, expected 2 or 3"
@@ -244,12 +251,21 @@ def _weight_args(plan: ExpertsPlan, values: dict[fx.Node, object]):
 
 
 def call_experts(plan: ExpertsPlan, x, ids, weights, values) -> torch.Tensor:
-    """Run lynx::experts for a plan, eagerly."""
+    """Run lynx::experts for a plan, eagerly; x [*tokens, d], ids/weights [*tokens, k]."""
     up, down, gate = _weight_args(plan, values)
-    return experts_op()(x, ids, weights, up, gate, down, plan.activation, plan.gated)
+    flat_x, flat_ids = x.reshape(-1, x.shape[-1]), ids.reshape(-1, ids.shape[-1])
+    flat_w = weights.reshape(flat_ids.shape)
+    out = experts_op()(flat_x, flat_ids, flat_w, up, gate, down, plan.activation, plan.gated)
+    return out.reshape(x.shape)
 
 
-def _random_inputs(inputs, weights, ids, num_experts, real: dict, tokens: int):
+def _routing_shape(val: torch.Tensor) -> list[int]:
+    """Concrete [*tokens, k] for random routing: each token dim at least 1 (an empty batch
+    still shows the computation's form)."""
+    return [max(_hint(s), 1) for s in val.shape[:-1]] + [_hint(val.shape[-1])]
+
+
+def _random_inputs(inputs, weights, ids, num_experts, real: dict):
     """Random hidden states and a random exact routing; real tensors for placeholders."""
     gen = torch.Generator().manual_seed(0)
     values = {}
@@ -258,11 +274,11 @@ def _random_inputs(inputs, weights, ids, num_experts, real: dict, tokens: int):
         if node in real:
             values[node] = real[node]
         elif node is ids:
-            k = _hint(val.shape[1])
-            logits = torch.randn(tokens, num_experts, generator=gen)
-            values[node] = torch.topk(logits, k, dim=-1).indices.to(val.device)
+            shape = _routing_shape(val)
+            logits = torch.randn(*shape[:-1], num_experts, generator=gen)
+            values[node] = torch.topk(logits, shape[-1], dim=-1).indices.to(val.device)
         elif node is weights:
-            w = torch.rand(tokens, _hint(val.shape[1]), generator=gen) + 0.1
+            w = torch.rand(_routing_shape(val), generator=gen) + 0.1
             values[node] = (w / w.sum(-1, keepdim=True)).to(val.dtype).to(val.device)
         elif val is not None:
             shape = [_hint(s) for s in val.shape]
@@ -356,8 +372,7 @@ def rewrite_dispatch(
 def _verified_plan(gm, region, inputs, out, plans, weights, ids, example_inputs):
     real = _placeholder_values(gm, example_inputs)
     num_experts = _hint(example_value(plans[0].w_up).shape[0])
-    tokens = _hint(example_value(ids).shape[0])
-    values = _random_inputs(inputs, weights, ids, num_experts, real, max(tokens, 1))
+    values = _random_inputs(inputs, weights, ids, num_experts, real)
     if values is None:
         return None
     original = _extract(gm, region, inputs, out)
@@ -380,9 +395,17 @@ def _replace(gm, region, out, plan: ExpertsPlan, weights, ids) -> None:
         up = layout(plan.w_up, plan.up_transposed)
         down = layout(plan.w_down, plan.down_transposed)
         gate = None if plan.w_gate is None else layout(plan.w_gate, plan.up_transposed)
+        x, flat_ids, flat_weights = plan.x, ids, weights
+        leading = example_value(ids).dim() > 2  # e.g. [B, T, k]: the op takes [B*T, ...]
+        if leading:
+            x = graph.call_method("reshape", (plan.x, -1, example_value(plan.x).shape[-1]))
+            flat_ids = graph.call_method("reshape", (ids, -1, example_value(ids).shape[-1]))
+            flat_weights = graph.call_method("reshape_as", (weights, flat_ids))
         fused = graph.call_function(
-            experts_op(), (plan.x, ids, weights, up, gate, down, plan.activation, plan.gated)
+            experts_op(), (x, flat_ids, flat_weights, up, gate, down, plan.activation, plan.gated)
         )
+        if leading:
+            fused = graph.call_method("reshape_as", (fused, plan.x))
         out_val = example_value(out)
         result = fused
         if out_val is not None and out_val.dtype != example_value(plan.x).dtype:

@@ -54,7 +54,8 @@ class PassContext:
     graph_id: int
     grad_needed: bool
     claimed: set[fx.Node] = dataclasses.field(default_factory=set)  # top-k nodes taken
-    routed: list[tuple[fx.Node, fx.Node, dict]] = dataclasses.field(default_factory=list)
+    # (route, weights, ids, report entry) of each rewritten router
+    routed: list[tuple[fx.Node, fx.Node, fx.Node, dict]] = dataclasses.field(default_factory=list)
     changed: bool = False
 
 
@@ -95,8 +96,7 @@ def scored_routers(ctx: PassContext) -> int:
 def expert_dispatch(ctx: PassContext) -> int:
     """Fuse the expert computation behind each rewritten router into lynx::experts."""
     fused = 0
-    for weights, ids, entry in ctx.routed:
-        route = weights.args[0]
+    for route, weights, ids, entry in ctx.routed:
         fused += rewrite_dispatch(
             ctx.gm, route, weights, ids, entry, ctx.example_inputs, ctx.graph_id
         )

@@ -43,6 +43,7 @@ class RouterSite:
     num_experts: int
     top_k: int
     pattern: str
+    ndim: int = 2  # scores' rank: [tokens, E], or [*leading, E] (e.g. [B, T, E])
 
 
 def _topk_outputs(topk: fx.Node) -> tuple[fx.Node | None, fx.Node | None, bool]:
@@ -58,14 +59,14 @@ def _topk_outputs(topk: fx.Node) -> tuple[fx.Node | None, fx.Node | None, bool]:
     return values, ids, True
 
 
-def _renorm_of(values: fx.Node) -> fx.Node | None:
+def _renorm_of(values: fx.Node, ndim: int) -> fx.Node | None:
     """The node dividing `values` by its own sum over the last dim, if that is all values feeds."""
     sums = [
         u
         for u in values.users
         if canonical_op(u) == "sum"
         and u.args[0] is values
-        and last_dim(arg(u, 1, "dim"), 2)
+        and last_dim(arg(u, 1, "dim"), ndim)
         and arg(u, 2, "keepdim", False)
     ]
     if len(sums) != 1:
@@ -106,17 +107,29 @@ def match_router(topk: fx.Node, graph_id: int) -> RouterSite | None:
     if not isinstance(k, int):
         report_skipped_router(topk, f"top-k count is not a constant int ({k!r})", graph_id, e)
         return None
-    if src_val.dim() != 2:
+    ndim = src_val.dim()
+    if ndim < 2:
         report_skipped_router(
-            topk, f"router scores are {src_val.dim()}-D, expected [tokens, experts]", graph_id, e, k
+            topk, f"router scores are {ndim}-D, expected [..., tokens, experts]", graph_id, e, k
         )
         return None
-    if not last_dim(arg(topk, 2, "dim", -1), 2) or not arg(topk, 3, "largest", True):
+    logits = src.args[0] if src.args else src.kwargs["input"]
+    if ndim > 2 and not _is_linear_projection(logits):
+        report_skipped_router(
+            topk,
+            f"{ndim}-D softmax scores not computed by a linear layer: leading dims are routed "
+            "only for a router linear applied to [..., tokens, d]",
+            graph_id,
+            e,
+            k,
+        )
+        return None
+    if not last_dim(arg(topk, 2, "dim", -1), ndim) or not arg(topk, 3, "largest", True):
         report_skipped_router(
             topk, "top-k is not the largest-k over the expert dim", graph_id, e, k
         )
         return None
-    if not last_dim(arg(src, 1, "dim"), 2):
+    if not last_dim(arg(src, 1, "dim"), ndim):
         report_skipped_router(topk, "softmax is not over the expert dim", graph_id, e, k)
         return None
     values, ids, ok = _topk_outputs(topk)
@@ -124,13 +137,12 @@ def match_router(topk: fx.Node, graph_id: int) -> RouterSite | None:
         report_skipped_router(topk, "top-k result used other than as (values, ids)", graph_id, e, k)
         return None
     weights_out, convention = values, "mass"
-    if values is not None and (div := _renorm_of(values)) is not None:
+    if values is not None and (div := _renorm_of(values, ndim)) is not None:
         weights_out, convention = div, "renorm"
     elif values is not None and any(canonical_op(u) == "div" for u in values.users):
         # Normalised other than by the sum (DBRX's p-norm): passes/router_families.py
         # rewrites the top-k alone and keeps the model's own weight code.
         return None
-    logits = src.args[0] if src.args else src.kwargs["input"]
     softmax_dtype = arg(src, 2, "dtype") if src.op == "call_function" else src.kwargs.get("dtype")
     return RouterSite(
         topk=topk,
@@ -144,7 +156,23 @@ def match_router(topk: fx.Node, graph_id: int) -> RouterSite | None:
         num_experts=e,
         top_k=k,
         pattern=f"softmax_topk_{convention}",
+        ndim=ndim,
     )
+
+
+def _is_linear_projection(logits: fx.Node) -> bool:
+    """Whether the scores are a linear layer's output (through casts and views): a router
+    projection, not, say, an attention score matrix whose softmax another top-k reads."""
+    node = logits
+    for _ in range(6):
+        op = canonical_op(node)
+        if op == "linear":
+            return True
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if op not in ("view", "cast") or not tensors:
+            return False
+        node = tensors[0]
+    return False
 
 
 def is_decode_step(logits: fx.Node) -> bool | None:
@@ -219,8 +247,11 @@ def report_rewritten_router(site, config: LynxConfig, graph_id: int, **extra):
 
 def rewrite_router(
     gm: fx.GraphModule, site: RouterSite, config: LynxConfig, graph_id: int
-) -> tuple[fx.Node, fx.Node, dict]:
-    """Replace one router site by lynx::route; returns (weights, ids, report entry)."""
+) -> tuple[fx.Node, fx.Node, fx.Node, dict]:
+    """Replace one router site by lynx::route; returns (route, weights, ids, report entry).
+
+    Scores with leading dims ([B, T, E]) are routed flattened to [B*T, E] (the batch the
+    policy sees is every token of the call) and the outputs shaped back to [B, T, k]."""
     hidden_dim = router_hidden_dim(site.logits)
     policy, entry = report_rewritten_router(
         site,
@@ -236,10 +267,13 @@ def rewrite_router(
         logits = site.logits
         if site.softmax_dtype is not None:
             logits = graph.call_method("to", (logits, site.softmax_dtype))
+        flat = logits
+        if site.ndim > 2:
+            flat = graph.call_method("reshape", (logits, -1, site.num_experts))
         route = graph.call_function(
             route_op(config.telemetry),
             (
-                logits,
+                flat,
                 site.top_k,
                 policy.name,
                 float(policy.alpha),
@@ -252,7 +286,16 @@ def rewrite_router(
         )
         weights = graph.call_function(operator.getitem, (route, 0))
         ids = graph.call_function(operator.getitem, (route, 1))
-    _copy_meta(site, weights, ids, route)
+        if site.ndim > 2:  # [N, k] -> [*leading, k], the leading sizes read from the logits
+            leading = graph.call_function(
+                operator.getitem, (graph.call_method("size", (logits,)), slice(None, -1))
+            )
+            shape = graph.call_function(operator.add, (leading, (site.top_k,)))
+            flat_outputs = (weights, ids)
+            weights = graph.call_method("reshape", (weights, shape))
+            ids = graph.call_method("reshape", (ids, shape))
+    _copy_meta(site, weights, ids)
+    _copy_flat_meta(route, *((flat_outputs if site.ndim > 2 else ()) + (weights, ids)))
     if site.weights_out is not None:
         site.weights_out.replace_all_uses_with(weights)
     site.ids.replace_all_uses_with(ids)
@@ -260,19 +303,31 @@ def rewrite_router(
     _erase_dead(
         graph, [site.weights_out, renorm_sum, site.values, site.ids, site.topk, site.softmax]
     )
-    return weights, ids, entry
+    return route, weights, ids, entry
 
 
-def _copy_meta(site: RouterSite, weights: fx.Node, ids: fx.Node, route: fx.Node) -> None:
+def _copy_meta(site: RouterSite, weights: fx.Node, ids: fx.Node) -> None:
     """Give new nodes the example values of the nodes they replace (later passes read them)."""
     w_src = site.weights_out if site.weights_out is not None else site.values
     for new, old in ((weights, w_src), (ids, site.ids)):
         val = example_value(old)
         if val is not None:
             new.meta["example_value"] = val
+
+
+def _copy_flat_meta(route: fx.Node, *nodes: fx.Node) -> None:
+    """The route node's example value ([N, k] pair), from the outputs' (flattened when they
+    have leading dims); with leading dims, `nodes` is (flat w, flat ids, w, ids)."""
+    weights, ids = nodes[-2:]
     vals = (example_value(weights), example_value(ids))
-    if all(v is not None for v in vals):
-        route.meta["example_value"] = vals
+    if any(v is None for v in vals):
+        return
+    if vals[0].dim() > 2:
+        with vals[0].fake_mode:
+            vals = tuple(v.reshape(-1, v.shape[-1]) for v in vals)
+        for node, val in zip(nodes[:2], vals, strict=True):
+            node.meta["example_value"] = val
+    route.meta["example_value"] = vals
 
 
 def _erase_dead(graph: fx.Graph, nodes: list[fx.Node | None]) -> None:

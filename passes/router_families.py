@@ -336,8 +336,8 @@ def find_scored_router_sites(
 
 def rewrite_scored_router(
     gm: fx.GraphModule, site: ScoredRouterSite, config: LynxConfig, graph_id: int
-) -> tuple[fx.Node, fx.Node, dict]:
-    """Replace one top-k by lynx::route_scored; returns (values, ids, report entry)."""
+) -> tuple[fx.Node, fx.Node, fx.Node, dict]:
+    """Replace one top-k by lynx::route_scored; returns (route, values, ids, report entry)."""
     policy, entry = report_rewritten_router(
         site, config, graph_id, weights="model", score_space=site.space
     )
@@ -366,7 +366,7 @@ def rewrite_scored_router(
             old.replace_all_uses_with(new)
             graph.erase_node(old)
     graph.erase_node(site.topk)
-    return values, ids, entry
+    return route, values, ids, entry
 
 
 def _unusable_as_minus_inf(graph: fx.Graph, site: ScoredRouterSite) -> fx.Node:

@@ -57,6 +57,15 @@ class SoftmaxOverTokens(nn.Module):
         return torch.topk(probs, 2, dim=-1)
 
 
+class AttentionTopK(nn.Module):
+    """Must not match: softmax over attention scores [B, T, S] (q @ k^T, no router linear),
+    then a top-k of the keys: leading dims, but not a router."""
+
+    def forward(self, x):
+        probs = F.softmax(x @ x.transpose(1, 2), dim=-1)  # [B, T, T]
+        return torch.topk(probs, 2, dim=-1)
+
+
 class NoMoE(nn.Module):
     def __init__(self, dim=16):
         super().__init__()
@@ -113,6 +122,14 @@ def test_must_not_match_softmax_over_tokens_is_a_counted_skip_and_graph_untouche
     assert got.get("router_skipped:softmax is not over the expert dim") == 1, got
     assert "router_rewritten" not in got
     assert gm.print_readable(print_output=False) == before
+
+
+@torch.no_grad()
+def test_must_not_match_3d_softmax_top_k_without_a_router_linear():
+    gm, got, changed = run(AttentionTopK().eval(), torch.randn(2, 5, 16))
+    assert not changed and lynx_targets(gm) == []
+    key = "router_skipped:3-D softmax scores not computed by a linear layer"
+    assert got == {"router_skipped": 1, key: 1}, got
 
 
 @torch.no_grad()
