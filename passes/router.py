@@ -114,7 +114,7 @@ def match_router(topk: fx.Node, graph_id: int) -> RouterSite | None:
         )
         return None
     logits = src.args[0] if src.args else src.kwargs["input"]
-    if ndim > 2 and not _is_linear_projection(logits):
+    if ndim > 2 and not is_linear_projection(logits):
         report_skipped_router(
             topk,
             f"{ndim}-D softmax scores not computed by a linear layer: leading dims are routed "
@@ -160,7 +160,7 @@ def match_router(topk: fx.Node, graph_id: int) -> RouterSite | None:
     )
 
 
-def _is_linear_projection(logits: fx.Node) -> bool:
+def is_linear_projection(logits: fx.Node) -> bool:
     """Whether the scores are a linear layer's output (through casts and views): a router
     projection, not, say, an attention score matrix whose softmax another top-k reads."""
     node = logits
@@ -286,16 +286,11 @@ def rewrite_router(
         )
         weights = graph.call_function(operator.getitem, (route, 0))
         ids = graph.call_function(operator.getitem, (route, 1))
-        if site.ndim > 2:  # [N, k] -> [*leading, k], the leading sizes read from the logits
-            leading = graph.call_function(
-                operator.getitem, (graph.call_method("size", (logits,)), slice(None, -1))
-            )
-            shape = graph.call_function(operator.add, (leading, (site.top_k,)))
-            flat_outputs = (weights, ids)
-            weights = graph.call_method("reshape", (weights, shape))
-            ids = graph.call_method("reshape", (ids, shape))
+        flat_outputs = (weights, ids)
+        if site.ndim > 2:
+            weights, ids = unflatten_routing(graph, logits, flat_outputs, site.top_k)
     _copy_meta(site, weights, ids)
-    _copy_flat_meta(route, *((flat_outputs if site.ndim > 2 else ()) + (weights, ids)))
+    copy_flat_meta(route, *(flat_outputs if site.ndim > 2 else ()), weights, ids)
     if site.weights_out is not None:
         site.weights_out.replace_all_uses_with(weights)
     site.ids.replace_all_uses_with(ids)
@@ -315,7 +310,17 @@ def _copy_meta(site: RouterSite, weights: fx.Node, ids: fx.Node) -> None:
             new.meta["example_value"] = val
 
 
-def _copy_flat_meta(route: fx.Node, *nodes: fx.Node) -> None:
+def unflatten_routing(graph: fx.Graph, scores: fx.Node, outputs, top_k: int):
+    """Routing outputs [N, k] shaped back to the scores' [*leading, k] (sizes read from the
+    scores node at run time, so symbolic sizes stay symbolic)."""
+    leading = graph.call_function(
+        operator.getitem, (graph.call_method("size", (scores,)), slice(None, -1))
+    )
+    shape = graph.call_function(operator.add, (leading, (top_k,)))
+    return tuple(graph.call_method("reshape", (out, shape)) for out in outputs)
+
+
+def copy_flat_meta(route: fx.Node, *nodes: fx.Node) -> None:
     """The route node's example value ([N, k] pair), from the outputs' (flattened when they
     have leading dims); with leading dims, `nodes` is (flat w, flat ids, w, ids)."""
     weights, ids = nodes[-2:]

@@ -35,7 +35,13 @@ import torch
 import torch.fx as fx
 from lynx_compile.lowering.ops import route_scored_op
 from lynx_compile.passes.fx_utils import arg, canonical_op, example_value, last_dim
-from lynx_compile.passes.router import report_rewritten_router, report_skipped_router
+from lynx_compile.passes.router import (
+    copy_flat_meta,
+    is_linear_projection,
+    report_rewritten_router,
+    report_skipped_router,
+    unflatten_routing,
+)
 
 from lynx_compile.config import LynxConfig
 
@@ -60,6 +66,7 @@ class ScoredRouterSite:
     top_k: int
     masked_fill: fx.Node | None = None  # group mask applied right before the top-k
     inner_topks: set[fx.Node] = field(default_factory=set)  # per-group top-k nodes
+    ndim: int = 2  # scores' rank: [tokens, E], or [*leading, E] (e.g. [B, T, E])
 
 
 @dataclass
@@ -110,7 +117,7 @@ def _positive_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
-def _trace_scores(scores: fx.Node, num_experts: int) -> _Trace | str:
+def _trace_scores(scores: fx.Node, num_experts: int, ndim: int) -> _Trace | str:
     """Walk from a top-k input to the router's linear; returns a _Trace or why it is not one.
 
     Accepted on the way: views and casts, + a per-expert bias, * a positive constant,
@@ -122,7 +129,7 @@ def _trace_scores(scores: fx.Node, num_experts: int) -> _Trace | str:
         if op in ("linear", "matmul"):
             return _Trace(node, source, bias, mask)
         if op in ("sigmoid", "softmax") and source == "logits":
-            if op == "softmax" and not last_dim(arg(node, 1, "dim"), 2):
+            if op == "softmax" and not last_dim(arg(node, 1, "dim"), ndim):
                 return "softmax is not over the expert dim"
             source = op
             node = _tensor_input(node)
@@ -167,9 +174,9 @@ def _topk_problem(topk: fx.Node, scores_val: torch.Tensor, k) -> str | None:
     """Why a top-k cannot be a router's expert choice, or None if its form is fine."""
     if not isinstance(k, int):
         return f"top-k count is not a constant int ({k!r})"
-    if scores_val.dim() != 2:
-        return f"router scores are {scores_val.dim()}-D, expected [tokens, experts]"
-    if not last_dim(arg(topk, 2, "dim", -1), 2) or not arg(topk, 3, "largest", True):
+    if scores_val.dim() < 2:
+        return f"router scores are {scores_val.dim()}-D, expected [..., tokens, experts]"
+    if not last_dim(arg(topk, 2, "dim", -1), scores_val.dim()) or not arg(topk, 3, "largest", True):
         return "top-k is not the largest-k over the expert dim"
     for user in topk.users:
         if canonical_op(user) != "getitem" or user.args[1] not in (0, 1):
@@ -205,7 +212,10 @@ def _declined_softmax_router(topk: fx.Node, softmax: fx.Node, problem: str | Non
     """Whether passes/router.py left a softmax -> top-k to this module without reporting it:
     a well-formed top-k whose values the model normalises other than by their sum."""
     has_ids = any(u.args[1] == 1 for u in topk.users)
-    return problem is None and has_ids and last_dim(arg(softmax, 1, "dim"), 2)
+    ndim = example_value(softmax).dim()
+    if ndim > 2 and not is_linear_projection(_tensor_input(softmax)):
+        return False  # passes/router.py reported it: N-D scores without a router linear
+    return problem is None and has_ids and last_dim(arg(softmax, 1, "dim"), ndim)
 
 
 def _pattern_and_space(trace: _Trace, grouped: bool) -> tuple[str, str]:
@@ -237,10 +247,21 @@ def match_scored_router(topk: fx.Node, graph_id: int) -> ScoredRouterSite | None
         if _derives_from_linear(scores):
             report_skipped_router(topk, problem, graph_id, e, k if isinstance(k, int) else None)
         return None
-    trace = _trace_scores(scores, e)
+    ndim = scores_val.dim()
+    trace = _trace_scores(scores, e, ndim)
     if isinstance(trace, str):
         if _derives_from_linear(scores):
             report_skipped_router(topk, trace, graph_id, e, k)
+        return None
+    if ndim > 2 and (trace.mask is not None or canonical_op(trace.logits) != "linear"):
+        report_skipped_router(
+            topk,
+            f"{ndim}-D router scores are routed only without a group mask and from a linear "
+            "layer; flatten the tokens to [N, E] for this router",
+            graph_id,
+            e,
+            k,
+        )
         return None
     inner = _group_topks(trace.mask, trace.logits) if trace.mask is not None else set()
     pattern, space = _pattern_and_space(trace, grouped=bool(inner))
@@ -267,6 +288,7 @@ def match_scored_router(topk: fx.Node, graph_id: int) -> ScoredRouterSite | None
         top_k=k,
         masked_fill=trace.mask if trace.mask is scores else None,
         inner_topks=inner,
+        ndim=ndim,
     )
 
 
@@ -344,6 +366,8 @@ def rewrite_scored_router(
     graph = gm.graph
     with graph.inserting_before(site.topk):
         scores = _unusable_as_minus_inf(graph, site)
+        if site.ndim > 2:  # routed as [B*T, E], outputs shaped back below
+            scores = graph.call_method("reshape", (scores, -1, site.num_experts))
         route = graph.call_function(
             route_scored_op(),
             (
@@ -360,7 +384,11 @@ def rewrite_scored_router(
         )
         values = graph.call_function(operator.getitem, (route, 0))
         ids = graph.call_function(operator.getitem, (route, 1))
-    _copy_meta(site, route, values, ids)
+        flat_outputs = (values, ids)
+        if site.ndim > 2:
+            values, ids = unflatten_routing(graph, site.scores, flat_outputs, site.top_k)
+    _copy_meta(site, values, ids)
+    copy_flat_meta(route, *(flat_outputs if site.ndim > 2 else ()), values, ids)
     for old, new in ((site.values, values), (site.ids, ids)):
         if old is not None:
             old.replace_all_uses_with(new)
@@ -386,10 +414,9 @@ def _unusable_as_minus_inf(graph: fx.Graph, site: ScoredRouterSite) -> fx.Node:
     return refilled
 
 
-def _copy_meta(site: ScoredRouterSite, route: fx.Node, values: fx.Node, ids: fx.Node) -> None:
+def _copy_meta(site: ScoredRouterSite, values: fx.Node, ids: fx.Node) -> None:
     """Give new nodes the example values of the nodes they replace (later passes read them)."""
     vals = site.topk.meta.get("example_value", site.topk.meta.get("val"))
     if not isinstance(vals, tuple) or len(vals) != 2:
         return
-    route.meta["example_value"] = tuple(vals)
     values.meta["example_value"], ids.meta["example_value"] = vals

@@ -45,6 +45,22 @@ class SigmoidTopK(nn.Module):
         return values, ids
 
 
+class BiasedSigmoid3D(nn.Module):
+    """A sigmoid + expert-bias router applied to [B, T, d] (scores [B, T, E]), weights
+    gathered from the unbiased scores and renormalised (the LFM2 / DeepSeek form, no groups)."""
+
+    def __init__(self, dim=16, experts=8):
+        super().__init__()
+        self.gate = nn.Linear(dim, experts, bias=False)
+        self.bias = nn.Parameter(torch.linspace(-0.1, 0.1, experts))
+
+    def forward(self, x):
+        scores = torch.sigmoid(self.gate(x))
+        _, ids = torch.topk(scores + self.bias, 3, dim=-1)
+        weights = scores.gather(-1, ids)
+        return weights / weights.sum(-1, keepdim=True), ids
+
+
 class SoftmaxOverTokens(nn.Module):
     """Must not match: the softmax normalises over tokens, not experts."""
 
@@ -110,6 +126,23 @@ def test_scored_router_goes_to_its_own_pass():
         "router_rewritten:sigmoid_topk"
     ]
     assert lynx_targets(gm) == ["lynx.route_scored.default"]
+
+
+@torch.no_grad()
+def test_scored_router_with_leading_dims_is_routed_flattened():
+    torch.manual_seed(0)
+    module = BiasedSigmoid3D().eval()
+    gm, got, _ = run(module, torch.randn(5, 1, 16))
+    routers = {k: v for k, v in got.items() if k.startswith("router")}
+    assert routers == {"router_rewritten": 1, "router_rewritten:sigmoid_bias_topk": 1}, got
+    assert lynx_targets(gm) == ["lynx.route_scored.default"]
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend="lynx", options={"policy": "exact"})
+    for shape in ((1, 1, 16), (13, 1, 16), (2, 3, 16)):
+        x = torch.randn(*shape)
+        (got_w, got_ids), (want_w, want_ids) = compiled(x), module(x)
+        assert got_ids.shape == (*shape[:-1], 3) and torch.equal(got_ids, want_ids)
+        torch.testing.assert_close(got_w, want_w, rtol=0, atol=0)  # the model's own ops
 
 
 @torch.no_grad()
