@@ -160,19 +160,25 @@ def match_router(topk: fx.Node, graph_id: int) -> RouterSite | None:
     )
 
 
-def is_linear_projection(logits: fx.Node) -> bool:
-    """Whether the scores are a linear layer's output (through casts and views): a router
-    projection, not, say, an attention score matrix whose softmax another top-k reads."""
+def _projection_of(logits: fx.Node) -> fx.Node | None:
+    """The linear/matmul node the scores come from through casts and views, or None."""
     node = logits
     for _ in range(6):
         op = canonical_op(node)
-        if op == "linear":
-            return True
         tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if op in ("linear", "matmul") and tensors:
+            return node
         if op not in ("view", "cast") or not tensors:
-            return False
+            return None
         node = tensors[0]
-    return False
+    return None
+
+
+def is_linear_projection(logits: fx.Node) -> bool:
+    """Whether the scores are a linear layer's output (through casts and views): a router
+    projection, not, say, an attention score matrix whose softmax another top-k reads."""
+    projection = _projection_of(logits)
+    return projection is not None and canonical_op(projection) == "linear"
 
 
 def is_decode_step(logits: fx.Node) -> bool | None:
@@ -198,17 +204,11 @@ def is_decode_step(logits: fx.Node) -> bool | None:
 
 def router_hidden_dim(logits: fx.Node) -> int | None:
     """The hidden size d the router projects from: the last dim of the linear's input."""
-    node = logits
-    for _ in range(6):
-        op = canonical_op(node)
-        tensors = [a for a in node.args if isinstance(a, fx.Node)]
-        if op in ("linear", "matmul") and tensors:
-            val = example_value(tensors[0])
-            return None if val is None else val.shape[-1]
-        if op not in ("view", "cast") or not tensors:
-            return None
-        node = tensors[0]
-    return None
+    projection = _projection_of(logits)
+    if projection is None:
+        return None
+    val = example_value(next(a for a in projection.args if isinstance(a, fx.Node)))
+    return None if val is None else val.shape[-1]
 
 
 def find_router_sites(gm: fx.GraphModule, graph_id: int) -> list[RouterSite]:
