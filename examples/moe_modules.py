@@ -93,17 +93,9 @@ class DenseMoE(nn.Module):
         return torch.einsum("ned,ne->nd", y, routing).view(b, t, d)
 
 
-class BatchedRouterMoE(nn.Module):
+class BatchedRouterMoE(DenseMoE):
     """DenseMoE without flattening: the router scores [B, T, E] (top-k over the last dim),
     a scatter-built [B, T, E] gate matrix and einsums over [B, T, ...]."""
-
-    def __init__(self, dim: int = 32, hidden: int = 48, num_experts: int = 8, top_k: int = 2):
-        super().__init__()
-        self.top_k = top_k
-        self.gate = nn.Linear(dim, num_experts, bias=False)
-        self.w_gate = nn.Parameter(torch.randn(num_experts, hidden, dim) / dim**0.5)
-        self.w_up = nn.Parameter(torch.randn(num_experts, hidden, dim) / dim**0.5)
-        self.w_down = nn.Parameter(torch.randn(num_experts, dim, hidden) / hidden**0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # [B, T, E]
