@@ -11,7 +11,7 @@ own passes do: provenance tracking (`from_node`) sees lynx's rewrites, the pass 
 dynamo_timed, `torch._inductor.config.disabled_passes` can turn it off by name, and with
 INDUCTOR_LOG_URL_FOR_GRAPH_XFORM set it draws the graph before and after. Beside that, every
 pass leaves the graph before and after it:
-- as tlparse artifacts (`lynx_<graph>_<pass>_before` / `_after`, with TORCH_TRACE set);
+- as tlparse artifacts (`<pass>_graph<n>_before` / `_after`, with TORCH_TRACE set);
 - with TORCH_COMPILE_DEBUG=1, as readable FX code in the debug folder:
   `<debug dir>/lynx/graph_<graph>/<i>_<pass>.before.py` and `.after.py`.
 Every match and skip is counted in `torch._dynamo.utils.counters["lynx"]` (passes/report.py).
@@ -131,7 +131,7 @@ def _leave_graph(ctx: PassContext, index: int, name: str, when: str) -> None:
     torch._logging.trace_structured(
         "artifact",
         metadata_fn=lambda: {
-            "name": f"lynx_{ctx.graph_id}_{name}_{when}",
+            "name": f"{name}_graph{ctx.graph_id}_{when}",
             "encoding": "string",
         },
         payload_fn=lambda: code,

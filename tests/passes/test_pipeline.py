@@ -4,6 +4,7 @@ counters["lynx"], beside the graph it leaves; and what TORCH_COMPILE_DEBUG=1 wri
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -204,9 +205,11 @@ with torch.no_grad():
 
 def test_torch_compile_debug_writes_each_pass_before_and_after(tmp_path):
     """TORCH_COMPILE_DEBUG=1 on the embedded model: for each graph with MoE, one before and
-    one after file per lynx pass, and the after file of the router pass shows its op."""
+    one after file per lynx pass, and the after file of the router pass shows its op; with
+    TORCH_TRACE the same graphs are tlparse artifacts, one pair per pass and graph."""
     env = {**os.environ, "TORCH_COMPILE_DEBUG": "1", "TORCH_COMPILE_DEBUG_DIR": str(tmp_path)}
     env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor_cache")
+    env["TORCH_TRACE"] = str(tmp_path / "trace")
     proc = subprocess.run(
         [sys.executable, "-c", DEBUG_RUN], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
         timeout=600,
@@ -225,3 +228,6 @@ def test_torch_compile_debug_writes_each_pass_before_and_after(tmp_path):
     routed = [g for g in graphs if "lynx.route" in (g / f"0_{PASS_NAMES[0]}.after.py").read_text()]
     assert routed, "the softmax router pass rewrote no graph of the embedded model"
     assert all("lynx.route" not in (g / f"0_{PASS_NAMES[0]}.before.py").read_text() for g in graphs)
+    trace = "".join(f.read_text() for f in (tmp_path / "trace").iterdir())
+    artifacts = set(re.findall(r'"name": "(lynx_[a-z_]+_graph\d+_(?:before|after))"', trace))
+    assert len(artifacts) == 2 * len(PASS_NAMES) * len(graphs), sorted(artifacts)
