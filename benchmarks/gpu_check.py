@@ -23,6 +23,7 @@ Every step records its error in the JSON and the script continues.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -148,21 +149,26 @@ def spaced_logits(torch, tokens, experts, dtype, device, gen):
     return (ranks * (4.0 / experts) + noise).to(dtype)
 
 
-def poisoned(torch):
-    """An allocation hook filling every wrapper buffer with NaN / -1."""
+@contextlib.contextmanager
+def poisoned(torch, module):
+    """Inside the block, every buffer `module`'s wrapper allocates starts as NaN / -1 (so an
+    unwritten row shows); restored after, so no timed call pays the fills."""
 
     def empty(shape, dtype, device):
         fill = float("nan") if dtype.is_floating_point else -1
         return torch.full(shape, fill, dtype=dtype, device=device)
 
-    return empty
+    original, module._empty = module._empty, empty
+    try:
+        yield
+    finally:
+        module._empty = original
 
 
 def check_route(torch, check: Check, device, gen) -> None:
     """Every policy and convention, fp32/bf16/fp16: ids exact, weights close, nothing unwritten."""
-    from lynx_compile.lowering import reference, triton_route
+    from lynx_compile.lowering import triton_route
 
-    triton_route._empty = poisoned(torch)
     # (dtype, tokens, experts, k, policy, weights): each distinct (dtype, E, k, policy,
     # weights) compiles a kernel (seconds each), so the list is chosen, not a product
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
@@ -181,6 +187,18 @@ def check_route(torch, check: Check, device, gen) -> None:
     if check.dry_run:
         cases = [(f32, 3, 8, 2, "affinity", "renorm"), (f16, 13, 60, 8, "static", "mass")]
     tol = {f32: 1e-5, bf16: 1e-2, f16: 2e-3}
+    with poisoned(torch, triton_route):
+        _route_cases(torch, check, device, gen, cases, tol)
+    bad = [c for c in check.result["correctness"] if c["kernel"] == "route" and not c["ok"]]
+    total = sum(c["kernel"] == "route" for c in check.result["correctness"])
+    check.say(f"route correctness: {total - len(bad)}/{total} cases ok")
+    for c in bad[:10]:
+        check.say(f"  FAIL {c}")
+
+
+def _route_cases(torch, check: Check, device, gen, cases, tol) -> None:
+    from lynx_compile.lowering import reference, triton_route
+
     for dtype, tokens, experts, k, policy, conv in cases:
         for _ in range(2):  # two fresh inputs per compiled kernel
             logits = spaced_logits(torch, tokens, experts, dtype, device, gen)
@@ -205,18 +223,12 @@ def check_route(torch, check: Check, device, gen) -> None:
                     "ok": ids_ok and err <= tol[dtype] and not unwritten,
                 }
             )
-    bad = [c for c in check.result["correctness"] if c["kernel"] == "route" and not c["ok"]]
-    total = sum(c["kernel"] == "route" for c in check.result["correctness"])
-    check.say(f"route correctness: {total - len(bad)}/{total} cases ok")
-    for c in bad[:10]:
-        check.say(f"  FAIL {c}")
 
 
 def check_experts(torch, check: Check, device, gen) -> None:
     """bf16/fp16/fp32 against the reference (bf16 relative error < 1e-2), poisoned buffers."""
     from lynx_compile.lowering import reference, triton_experts
 
-    triton_experts._empty = poisoned(torch)
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     cases = [
         # dtype, tokens, experts, k, hidden, inter, activation, gated
@@ -230,37 +242,38 @@ def check_experts(torch, check: Check, device, gen) -> None:
     if check.dry_run:  # the interpreter cannot run bf16 tl.dot
         cases = [(f16, 3, 8, 2, 32, 24, "silu", True), (f32, 3, 8, 2, 32, 24, "gelu", False)]
     tol = {f32: 1e-4, bf16: 1e-2, f16: 4e-3}
-    for dtype, tokens, experts, k, hidden, inter, activation, gated in cases:
-        x = torch.randn(tokens, hidden, generator=gen, device=device).to(dtype)
-        logits = torch.randn(tokens, experts, generator=gen, device=device)
-        weights, ids = torch.topk(torch.softmax(logits, -1), k, dim=-1)
-        up_rows = 2 * inter if gated else inter
-        w_up = torch.randn(experts, up_rows, hidden, generator=gen, device=device)
-        w_down = torch.randn(experts, hidden, inter, generator=gen, device=device)
-        w_up = (w_up / hidden**0.5).to(dtype)
-        w_down = (w_down / inter**0.5).to(dtype)
-        args = (x, ids, weights, w_up, w_down, activation, gated)
-        want = reference.experts_reference(*args)
-        got = triton_experts.experts(*args)
-        unwritten = bool(torch.isnan(got).any())
-        scale = want.float().abs().max().clamp(min=1e-6)
-        rel = float((got.float() - want.float()).abs().max() / scale)
-        check.result["correctness"].append(
-            {
-                "kernel": "experts",
-                "dtype": str(dtype).removeprefix("torch."),
-                "tokens": tokens,
-                "experts": experts,
-                "top_k": k,
-                "hidden": hidden,
-                "inter": inter,
-                "activation": activation,
-                "gated": gated,
-                "rel_err": rel,
-                "unwritten": unwritten,
-                "ok": rel < tol[dtype] and not unwritten,
-            }
-        )
+    with poisoned(torch, triton_experts):
+        for dtype, tokens, experts, k, hidden, inter, activation, gated in cases:
+            x = torch.randn(tokens, hidden, generator=gen, device=device).to(dtype)
+            logits = torch.randn(tokens, experts, generator=gen, device=device)
+            weights, ids = torch.topk(torch.softmax(logits, -1), k, dim=-1)
+            up_rows = 2 * inter if gated else inter
+            w_up = torch.randn(experts, up_rows, hidden, generator=gen, device=device)
+            w_down = torch.randn(experts, hidden, inter, generator=gen, device=device)
+            w_up = (w_up / hidden**0.5).to(dtype)
+            w_down = (w_down / inter**0.5).to(dtype)
+            args = (x, ids, weights, w_up, w_down, activation, gated)
+            want = reference.experts_reference(*args)
+            got = triton_experts.experts(*args)
+            unwritten = bool(torch.isnan(got).any())
+            scale = want.float().abs().max().clamp(min=1e-6)
+            rel = float((got.float() - want.float()).abs().max() / scale)
+            check.result["correctness"].append(
+                {
+                    "kernel": "experts",
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "tokens": tokens,
+                    "experts": experts,
+                    "top_k": k,
+                    "hidden": hidden,
+                    "inter": inter,
+                    "activation": activation,
+                    "gated": gated,
+                    "rel_err": rel,
+                    "unwritten": unwritten,
+                    "ok": rel < tol[dtype] and not unwritten,
+                }
+            )
     rows = [c for c in check.result["correctness"] if c["kernel"] == "experts"]
     bad = [c for c in rows if not c["ok"]]
     check.say(f"experts correctness: {len(rows) - len(bad)}/{len(rows)} cases ok")
@@ -371,11 +384,33 @@ def time_blocks(torch, check: Check, device, bandwidth_gbs: float | None) -> Non
         for policy in ("exact", "affinity"):
             options = {"policy": policy, "alpha": shape.alpha, "beta": shape.beta}
             fn = torch.compile(block, backend="lynx", options=options)
+            missing = check.attempt(f"lynx rewrite {shape.name}", lynx_missing, torch, fn, shape)
+            if missing:  # timing it would time stock Inductor under lynx's name
+                check.result["errors"].append({"step": f"lynx-{policy}-compiled", "error": missing})
+                check.say(f"ERROR lynx-{policy}-compiled {shape.name}: {missing}")
+                continue
             # experts touched under a compiled affinity router are not observable here
             runs[f"lynx-{policy}-compiled"] = (
                 with_exact_ids(torch, fn, block, shape) if policy == "exact" else without_ids(fn)
             )
         time_runs(torch, check, shape, block, runs, bandwidth_gbs)
+
+
+def lynx_missing(torch, fn, shape: Shape) -> str:
+    """Run a lynx-compiled block once on a decode batch: "" when lynx rewrote its router and
+    its dispatch (lynx_compile.report()), else what it left alone and why."""
+    import lynx_compile
+
+    param = next(fn.parameters())
+    lynx_compile.clear_report()
+    with torch.no_grad():
+        fn(torch.randn(16, 1, shape.hidden, device=param.device).to(param.dtype))
+    sites = lynx_compile.report()["sites"]
+    missing = {"router", "dispatch"} - {s["kind"] for s in sites if s["status"] == "rewritten"}
+    if not missing:
+        return ""
+    skipped = [f"{s['kind']}: {s['reason']}" for s in sites if s["status"] == "skipped"]
+    return f"not rewritten: {', '.join(sorted(missing))} ({'; '.join(skipped) or 'no site'})"
 
 
 def check_compiled_kernels(torch, check: Check, block, shape: Shape) -> None:
@@ -503,8 +538,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--out",
-        default=str(REPO / "docs" / "results" / "gpu_check.json"),
-        help="JSON path; a Markdown copy of the printed output goes next to it (.md)",
+        default=str(Path(os.environ["OUT"]) / "gpu_check.json")
+        if os.environ.get("OUT")
+        else str(REPO / "docs" / "results" / "gpu_check.json"),
+        help="JSON path; a Markdown copy of the printed output goes next to it (.md); "
+        "default $OUT/gpu_check.json where $OUT is set (the device machine returns only "
+        "what is written there), else docs/results/gpu_check.json",
     )
     args = parser.parse_args(argv)
     if args.dry_run:
