@@ -127,8 +127,7 @@ def _check_experts(x, ids, weights, w_up, w_gate, w_down, activation, gated) -> 
 # ------------------------------------------------------------------------------ routing
 
 
-@torch.library.custom_op("lynx::route", mutates_args=())
-def route(
+def route_composite(
     logits: torch.Tensor,
     top_k: int,
     policy: str,
@@ -150,6 +149,7 @@ def route(
     return out_w, out_ids
 
 
+route = torch.library.custom_op("lynx::route", mutates_args=())(route_composite)
 route.register_fake(_route_fake)
 
 
@@ -242,8 +242,7 @@ def _route_affinity_fake(logits, probs, top_k, alpha, beta, renorm):
 # ------------------------------------------------------------------------------ experts
 
 
-@torch.library.custom_op("lynx::experts", mutates_args=())
-def experts(
+def experts_composite(
     x: torch.Tensor,
     ids: torch.Tensor,
     weights: torch.Tensor,
@@ -256,6 +255,9 @@ def experts(
     """Sparse experts: x [N, d], ids/weights [N, k], w_up [E, U, d], w_gate [E, I, d] or
     None, w_down [E, d, I] -> [N, d] in x's dtype (reference.experts_general_reference)."""
     return cpu_kernels.experts_grouped(x, ids, weights, w_up, w_down, activation, gated, w_gate)
+
+
+experts = torch.library.custom_op("lynx::experts", mutates_args=())(experts_composite)
 
 
 @experts.register_fake

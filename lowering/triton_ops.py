@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-from lynx_compile.lowering import cpu_kernels, ops, reference
+from lynx_compile.lowering import ops
 from lynx_compile.lowering.constants import TRITON_DTYPES, route_fits_triton
 from lynx_compile.lowering.telemetry import record_route
 
@@ -50,13 +50,12 @@ def experts_take(x: torch.Tensor, w_gate: torch.Tensor | None) -> bool:
 
 
 def _route_cuda(logits, top_k, policy, alpha, beta, k0, budget, weights, telemetry_site):
-    """Eager lynx::route on CUDA: the Triton kernel where it fits, else the reference."""
-    if route_takes(logits, top_k):
-        triton_route, _ = _kernels()
-        out_w, out_ids = triton_route.route(logits, top_k, policy, alpha, beta, k0, budget, weights)
-    else:
-        pol = reference.RoutingPolicy(policy, alpha, beta, k0, budget)
-        out_w, out_ids = reference.route_reference(logits, top_k, pol, weights)
+    """Eager lynx::route on CUDA: the Triton kernel where it fits, else the composite."""
+    args = (logits, top_k, policy, alpha, beta, k0, budget, weights)
+    if not route_takes(logits, top_k):
+        return ops.route_composite(*args, telemetry_site)
+    triton_route, _ = _kernels()
+    out_w, out_ids = triton_route.route(*args)
     if telemetry_site >= 0:
         record_route(telemetry_site, logits, top_k, out_ids)
     return out_w, out_ids
@@ -67,7 +66,7 @@ def _experts_cuda(x, ids, weights, w_up, w_gate, w_down, activation, gated):
     if experts_take(x, w_gate):
         _, triton_experts = _kernels()
         return triton_experts.experts(x, ids, weights, w_up, w_down, activation, gated)
-    return cpu_kernels.experts_grouped(x, ids, weights, w_up, w_down, activation, gated, w_gate)
+    return ops.experts_composite(x, ids, weights, w_up, w_gate, w_down, activation, gated)
 
 
 def _traced_in_graph(mode, op, types, args, kwargs, takes, launch):
