@@ -56,7 +56,6 @@ class PassContext:
     claimed: set[fx.Node] = dataclasses.field(default_factory=set)  # top-k nodes taken
     # (route, weights, ids, report entry) of each rewritten router
     routed: list[tuple[fx.Node, fx.Node, fx.Node, dict]] = dataclasses.field(default_factory=list)
-    changed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +124,13 @@ def _debug_dir() -> Path | None:
     return Path(get_debug_dir()) / "lynx"
 
 
-def _leave_graph(ctx: PassContext, index: int, name: str, when: str) -> None:
-    """The graph before/after one pass, for tlparse and TORCH_COMPILE_DEBUG."""
-    code = ctx.gm.print_readable(print_output=False, include_stride=True, include_device=True)
+def _readable(gm: fx.GraphModule) -> str:
+    return gm.print_readable(print_output=False, include_stride=True, include_device=True)
+
+
+def _leave_graph(ctx: PassContext, code: str, index: int, name: str, when: str) -> None:
+    """The graph (its readable code) before/after one pass, for tlparse and
+    TORCH_COMPILE_DEBUG."""
     torch._logging.trace_structured(
         "artifact",
         metadata_fn=lambda: {
@@ -143,7 +146,7 @@ def _leave_graph(ctx: PassContext, index: int, name: str, when: str) -> None:
         (folder / f"{index}_{name}.{when}.py").write_text(code)
 
 
-def _observed(ctx: PassContext) -> bool:
+def _observed() -> bool:
     """Whether anyone looks at per-pass graphs (printing a graph costs a few ms)."""
     from torch._logging._internal import trace_log
 
@@ -153,20 +156,22 @@ def _observed(ctx: PassContext) -> bool:
 def run_passes(gm: fx.GraphModule, example_inputs, config: LynxConfig, graph_id: int) -> bool:
     """Run LYNX_PASSES over one Dynamo graph in place; whether any pass rewrote it."""
     ctx = PassContext(gm, list(example_inputs), config, graph_id, _grad_needed(example_inputs))
-    observed = _observed(ctx)
+    code = _readable(gm) if _observed() else None  # the graph as the next pass finds it
+    changed = False
     for index, lynx_pass in enumerate(LYNX_PASSES):
         if not lynx_pass.enabled(config):
             continue
-        if observed:
-            _leave_graph(ctx, index, lynx_pass.name, "before")
+        if code is not None:
+            _leave_graph(ctx, code, index, lynx_pass.name, "before")
         observer = GraphTransformObserver(gm, lynx_pass.name, subsystem="lynx")
         count = observer.apply_gm_pass(lambda _gm, p=lynx_pass: p.run(ctx))
         if count is None:  # disabled through torch._inductor.config.disabled_passes
             log.info("lynx: pass %s disabled by Inductor's disabled_passes", lynx_pass.name)
-        ctx.changed |= bool(count)
-        if observed:
-            _leave_graph(ctx, index, lynx_pass.name, "after")
-    if ctx.changed:
+        changed |= bool(count)
+        if code is not None:
+            code = _readable(gm)
+            _leave_graph(ctx, code, index, lynx_pass.name, "after")
+    if changed:
         gm.graph.lint()
         gm.recompile()
-    return ctx.changed
+    return changed
