@@ -12,6 +12,10 @@ all-experts einsums, gather + bmm, ...), the pass works on meaning:
 2. inputs:    the region must read exactly: the routing weights and ids, one [tokens, d]
               hidden-states tensor, and two (gate_up, down) or three (gate, up, down) 3-D
               expert weights with leading dim E, plus sizes;
+   For scored routers (lynx::route_scored returns what torch.topk returned), the routing
+   weights are what the model computes from the top-k values after it (gather of unbiased
+   scores, renormalisation, scaling, softmax over the k values): `model_weights` finds that
+   computation, which stays the model's, and the region starts after it;
 3. candidates: layouts (linear [E, out, in] or transposed), gated or not, the activation
               found in the region; each is checked numerically against the original region
               on random hidden states and random exact routings with the real weights, and
@@ -97,14 +101,14 @@ def _shape_only(node: fx.Node, region: set[fx.Node]) -> bool:
     return bool(users) and all(u.op == "call_function" and u.target in _LIKE_OPS for u in users)
 
 
-def _grow_backwards(region: set[fx.Node], protected: set[fx.Node]) -> None:
-    """Add side nodes (not placeholders, not on the router's path, not mere shape sources)
-    used only by the region."""
+def _grow_backwards(region: set[fx.Node], protected: set[fx.Node], is_hidden) -> None:
+    """Add side nodes (not placeholders, not on the router's path, not mere shape sources,
+    not the [*tokens, d] hidden states the experts read) used only by the region."""
     changed = True
     while changed:
         changed = False
         for node in {i for n in region for i in n.all_input_nodes} - region:
-            if node.op in ("placeholder", "get_attr") or node in protected:
+            if node.op in ("placeholder", "get_attr") or node in protected or is_hidden(node):
                 continue
             if _shape_only(node, region):
                 continue
@@ -122,19 +126,94 @@ def _is_closed(region: set[fx.Node], out: fx.Node) -> bool:
     return all(u in region for n in region if n is not out for u in n.users)
 
 
+def _is_float(node: fx.Node) -> bool:
+    val = example_value(node)
+    return val is not None and val.dtype.is_floating_point
+
+
+def _router_scores(route: fx.Node, logits: fx.Node) -> set[fx.Node]:
+    """The router's score tensors: the linear output and what derives from it on the way
+    to the routing op (sigmoid, softmax, + bias, group mask), which the model may gather
+    its weights from."""
+    upstream = _ancestors(route)
+    return {n for n in _forward_slice([logits]) if n in upstream} | {logits}
+
+
+def _is_constant_input(node: fx.Node) -> bool:
+    """A parameter or buffer without a token dim (a per-expert scale), never hidden states
+    or 3-D expert weights."""
+    val = example_value(node)
+    return node.op in ("placeholder", "get_attr") and val is not None and val.dim() <= 1
+
+
+def model_weights(
+    gm: fx.GraphModule, route: fx.Node, values: fx.Node, ids: fx.Node, logits: fx.Node
+) -> tuple[fx.Node, frozenset[fx.Node]] | str:
+    """The routing weights a scored router's model computes after its top-k, and the nodes
+    computing them: (weights node, its computation), or why none is found.
+
+    The computation is what reads only the top-k (values, ids), the router's scores and
+    per-expert constants; the weights are its float [*tokens, k] result that derives from
+    scores (not from the ids alone) and that no other such result derives from.
+    """
+    tokens_k = example_value(ids).shape
+    scores = _router_scores(route, logits)
+    seeds = {n for n in (values, ids) if n is not None}
+    routing: set[fx.Node] = set(seeds)
+    scored: set[fx.Node] = {values} if values is not None else set()
+    for node in gm.graph.nodes:  # topological order
+        if node in routing or node.op in ("placeholder", "get_attr", "output"):
+            continue
+        inputs = node.all_input_nodes
+        if not any(i in routing for i in inputs):
+            continue
+        if all(i in routing or i in scores or _is_constant_input(i) for i in inputs):
+            routing.add(node)
+            if any(i in scored or i in scores for i in inputs):
+                scored.add(node)
+
+    def is_weights(n: fx.Node) -> bool:
+        val = example_value(n)
+        return (
+            n in scored
+            and bool(n.users)
+            and _is_float(n)
+            and val.dim() == len(tokens_k)
+            and all(map(_same_size, val.shape, tokens_k))
+        )
+
+    candidates = [n for n in routing if is_weights(n)]
+    final = [n for n in candidates if not any(c in _forward_slice([n]) for c in candidates)]
+    if len(final) != 1:
+        found = "none" if not final else ", ".join(sorted(n.name for n in final))
+        return (
+            "the routing weights the model computes after its top-k are not one "
+            f"[tokens, k] tensor (found {found})"
+        )
+    weights = final[0]
+    computation = (_ancestors(weights) & routing) - seeds
+    return weights, frozenset(computation | {weights})
+
+
 def find_region(
-    gm: fx.GraphModule, weights: fx.Node, ids: fx.Node, route: fx.Node, hidden_dim
+    gm: fx.GraphModule,
+    weights: fx.Node,
+    ids: fx.Node,
+    route: fx.Node,
+    hidden_dim,
+    weight_nodes: frozenset[fx.Node] = frozenset(),
 ) -> tuple[fx.Node, set[fx.Node], list[fx.Node]] | None:
     """(output node, region, external inputs) of the dispatch consuming weights/ids: its
     output is the first [*tokens, hidden_dim] node (tokens: the ids' leading dims, [N] or
-    e.g. [B, T]) that closes the region; None if none."""
+    e.g. [B, T]) that closes the region; None if none. `weight_nodes` (the model's own
+    computation of `weights` from the top-k, see model_weights) stay outside the region."""
     ids_val = example_value(ids)
     if ids_val is None:
         return None
     tokens = ids_val.shape[:-1]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    slice_ = _forward_slice([weights, ids])
-    protected = _ancestors(route) | {route, weights, ids}
+    slice_ = _forward_slice([weights, ids]) - weight_nodes
+    protected = _ancestors(route) | {route, weights, ids} | weight_nodes
     for out in sorted(slice_, key=order.__getitem__):
         val = example_value(out)
         if val is None or val.dim() != len(tokens) + 1:
@@ -148,7 +227,12 @@ def find_region(
             continue
         if not _is_closed(region, out):
             continue
-        _grow_backwards(region, protected)
+
+        def is_hidden(node: fx.Node, shape=val.shape) -> bool:  # the experts' x: [*tokens, d]
+            v = example_value(node)
+            return v is not None and v.shape == shape
+
+        _grow_backwards(region, protected, is_hidden)
         return out, region, _external_inputs(region, order)
     return None
 
@@ -312,16 +396,10 @@ def _placeholder_values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, obj
     return {n: v for n, v in pairs if isinstance(v, torch.Tensor)}
 
 
-def rewrite_dispatch(
-    gm: fx.GraphModule,
-    route: fx.Node,
-    weights: fx.Node,
-    ids: fx.Node,
-    router_entry: dict,
-    example_inputs,
-    graph_id: int,
-) -> bool:
-    """Fuse the dispatch consuming one router's outputs into lynx::experts; report either way."""
+def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) -> bool:
+    """Fuse the dispatch consuming one router's outputs (a pipeline.Routed) into
+    lynx::experts; report either way."""
+    route, weights, ids, router_entry = routed.route, routed.weights, routed.ids, routed.entry
     num_experts, top_k = router_entry["num_experts"], router_entry["top_k"]
 
     def report(status, reason):
@@ -338,11 +416,18 @@ def rewrite_dispatch(
     if all(u.op == "output" for u in (*weights.users, *ids.users)):
         report("skipped", "routing leaves the graph: the experts run in another graph")
         return False
-    hidden_dim = router_hidden_dim(route.args[0])
+    hidden_dim = router_hidden_dim(routed.logits)
     if hidden_dim is None:
         report("skipped", "the router's input (hidden size) is not visible in the graph")
         return False
-    found = find_region(gm, weights, ids, route, hidden_dim)
+    weight_nodes: frozenset[fx.Node] = frozenset()
+    if router_entry["weights"] == "model":  # top-k values: the model derives the weights
+        found = model_weights(gm, route, weights, ids, routed.logits)
+        if isinstance(found, str):
+            report("skipped", found)
+            return False
+        weights, weight_nodes = found
+    found = find_region(gm, weights, ids, route, hidden_dim, weight_nodes)
     if found is None:
         report(
             "skipped",

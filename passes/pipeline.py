@@ -54,8 +54,18 @@ class PassContext:
     graph_id: int
     grad_needed: bool
     claimed: set[fx.Node] = dataclasses.field(default_factory=set)  # top-k nodes taken
-    # (route, weights, ids, report entry) of each rewritten router
-    routed: list[tuple[fx.Node, fx.Node, fx.Node, dict]] = dataclasses.field(default_factory=list)
+    routed: list[Routed] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Routed:
+    """One rewritten router, as the dispatch pass needs it."""
+
+    route: fx.Node  # the lynx routing op
+    weights: fx.Node  # its weights output: final (lynx::route) or the top-k values
+    ids: fx.Node  # [*tokens, k] expert ids
+    entry: dict  # the router's report entry
+    logits: fx.Node  # the router's linear output (its input has the hidden size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +87,9 @@ def _rewrite_routers(ctx: PassContext, sites: list, rewrite) -> int:
                 site.topk, GRAD_SKIP_REASON, ctx.graph_id, site.num_experts, site.top_k
             )
         return 0
-    ctx.routed += [rewrite(ctx.gm, site, ctx.config, ctx.graph_id) for site in sites]
+    for site in sites:
+        route, weights, ids, entry = rewrite(ctx.gm, site, ctx.config, ctx.graph_id)
+        ctx.routed.append(Routed(route, weights, ids, entry, site.logits))
     return len(sites)
 
 
@@ -95,10 +107,8 @@ def scored_routers(ctx: PassContext) -> int:
 def expert_dispatch(ctx: PassContext) -> int:
     """Fuse the expert computation behind each rewritten router into lynx::experts."""
     fused = 0
-    for route, weights, ids, entry in ctx.routed:
-        fused += rewrite_dispatch(
-            ctx.gm, route, weights, ids, entry, ctx.example_inputs, ctx.graph_id
-        )
+    for routed in ctx.routed:
+        fused += rewrite_dispatch(ctx.gm, routed, ctx.example_inputs, ctx.graph_id)
     return fused
 
 
