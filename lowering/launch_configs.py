@@ -8,7 +8,15 @@ file, to `default_config`, a heuristic for memory-bound decode.
 File format (one file per shape and GPU):
   {"num_experts": 128, "hidden": 2048, "inter": 768, "device": "NVIDIA H200",
    "dtype": "bfloat16", "configs": {"16": {"block_m": 16, "up": {...}, "down": {...}}}}
-where "up"/"down" hold block_n, block_k, num_warps, num_stages of that GEMM.
+where "up"/"down" hold block_n, block_k, num_warps, num_stages of that GEMM, and the
+optional "split_k" (most K splits of the down projection) and "programs_per_sm" (the
+persistent grid's size) default as in ExpertsConfig.
+
+What is fixed at launch and what is chosen on the GPU: a config fixes the compiled
+kernels (tile widths, warps, stages, the largest row tile `block_m`); each expert's row
+tile (16, 32, 64 or 128 rows, at most block_m) and the down projection's K splits are
+chosen by the grouping kernel from the routed counts of each call, so a graph traced at
+one token count serves any other without re-reading weights.
 """
 
 from __future__ import annotations
@@ -37,13 +45,19 @@ class GemmConfig:
     num_stages: int
 
 
+ROW_TILES = (16, 32, 64, 128)  # the row tiles an expert's rows are covered with
+
+
 @dataclass(frozen=True)
 class ExpertsConfig:
-    """Rows per expert tile (shared by both GEMMs and the grouping) and the two GEMM tiles."""
+    """The largest row tile (an expert with more rows takes several), the two GEMM tiles,
+    the most K splits of the down projection, and persistent programs per SM."""
 
     block_m: int
     up: GemmConfig
     down: GemmConfig
+    split_k: int = 4
+    programs_per_sm: int = 2
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -52,10 +66,15 @@ class ExpertsConfig:
     @staticmethod
     def from_dict(data: dict) -> ExpertsConfig:
         """Inverse of to_dict; raises KeyError/TypeError on a malformed entry."""
+        block_m = int(data["block_m"])
+        if block_m not in ROW_TILES:
+            raise ValueError(f"block_m {block_m} is not one of {ROW_TILES}")
         return ExpertsConfig(
-            block_m=int(data["block_m"]),
+            block_m=block_m,
             up=GemmConfig(**data["up"]),
             down=GemmConfig(**data["down"]),
+            split_k=int(data.get("split_k", 4)),
+            programs_per_sm=int(data.get("programs_per_sm", 2)),
         )
 
 
@@ -86,24 +105,28 @@ def _pow2_clamp(n: int, low: int, high: int) -> int:
 def default_config(
     num_experts: int, hidden: int, inter: int, num_tokens: int, top_k: int, dtype: torch.dtype
 ) -> ExpertsConfig:
-    """Heuristic for decode: one row tile covers an expert's average share of the batch,
-    narrow output tiles (64) give enough CTAs to keep HBM busy, deep K steps stream
-    weights in long contiguous rows."""
-    per_expert = -(-num_tokens * top_k // max(num_experts, 1))
-    block_m = _pow2_clamp(per_expert, 16, 64)
-    wide = dtype != torch.float32  # fp32 tiles take twice the shared memory
-    stages = 4 if block_m <= 32 and wide else 3
+    """Heuristic for decode. Row tiles up to 128 (16-bit; 64 in fp32, whose tiles take twice
+    the shared memory): the grouping kernel gives each expert the smallest tile that holds
+    its rows, so weights cross HBM once per expert up to 128 rows. Narrow output tiles (64)
+    give enough work items to keep HBM busy; deep K steps stream weights in long rows.
+    The persistent kernels hold every row-tile body, so shared memory and registers are
+    those of the largest: 3 stages (128 x 128 x-tile + 2 x 128 x 64 weights, bf16: 192 KB)
+    and 8 warps for the two accumulators of the gated up projection.
+    num_tokens and top_k are unused: nothing here depends on the batch any more."""
+    del num_tokens, top_k
+    wide = dtype != torch.float32
+    block_m = 128 if wide else 64
     up = GemmConfig(
         block_n=_pow2_clamp(inter, 16, 64),
         block_k=_pow2_clamp(hidden, 16, 128 if wide else 64),
-        num_warps=4,
-        num_stages=stages,
+        num_warps=8,
+        num_stages=3,
     )
     down = GemmConfig(
         block_n=_pow2_clamp(hidden, 16, 64),
         block_k=_pow2_clamp(inter, 16, 128 if wide else 64),
         num_warps=4,
-        num_stages=stages,
+        num_stages=3,
     )
     return ExpertsConfig(block_m=block_m, up=up, down=down)
 

@@ -1,22 +1,29 @@
 """Triton sparse experts: group tokens by expert on the GPU, two grouped GEMMs, combine.
 
-Four launches, no host sync, every grid sized from shapes only (CUDA-graph safe):
-  1. group    one program: per-expert counts, row offsets padded to BLOCK_M, the sorted
-              (token, slot) list and a tile -> expert table, plus the live tile count;
-  2. up       grid (max tiles, I / BLOCK_N): h = act(x W_gate^T) * (x W_up^T) for one
-              expert tile and one column block; tiles past the live count exit at once;
-  3. down     grid (max tiles, d / BLOCK_N): y = (h W_down^T) * routing weight, written
-              per (token, slot) row, so no atomics;
-  4. combine  grid (N, d / BLOCK_D): out[t] = sum over slots of y, in slot order
-              (deterministic), fp32 accumulation, one cast.
-Each program of a GEMM streams its expert's column block exactly once per tile; at
-decode sizes an expert has one tile, so each touched expert's weights cross HBM once and
-untouched experts are never read. The column split gives the CTAs that fill the HBM
-pipes (Mixtral up: 8 experts x 224 blocks; Qwen3-30B-A3B down: ~120 x 32).
+Five launches, no host sync, every grid sized from shapes only (CUDA-graph safe), and
+every choice that depends on the routing made on the GPU, per call:
+  1. count    grid (chunks,): each program histograms its chunk of the N*k assignments;
+  2. scatter  grid (chunks,): each program sums the chunk histograms (every program
+              redundantly: a few KB from L2 at decode), places its own assignments in
+              expert order, and program 0 writes the work plan: per tile its expert,
+              first sorted row, live rows and row-tile class (16, 32, 64 or 128 rows:
+              the smallest that holds the expert's rows, so at most 128 rows per expert
+              take one tile and that expert's weights cross HBM once), the live tile
+              count, and the down projection's K splits (doubled while tiles x column
+              blocks x splits < 2 x SMs);
+  3. up       persistent grid (<= programs_per_sm x SMs): programs stride over the live
+              (tile, column block) items only; h = act(x W_gate^T) * (x W_up^T);
+  4. down     persistent, over live (tile, K split, column block) items: fp32 partial
+              sums of h W_down^T per (split, assignment) row, no atomics;
+  5. combine  grid (N, d / BLOCK_D): out[t] = sum over slots (in slot order) of
+              round(sum over splits) * routing weight, fp32, one cast: deterministic.
+Each GEMM body is compiled once per row-tile class inside one kernel and picked per tile
+at run time, so a graph traced at one token count serves any other with the right tiles.
 
 Shapes: x [N, d]; ids, weights [N, k]; w_up [E, U, d] with U = 2I (gated: [gate; up]
 halves, HF chunk(2) order) or I; w_down [E, d, I] -> out [N, d] in x's dtype. ids must
-lie in [0, E) (checked only by the reference path: checking here would sync).
+lie in [0, E) (checked only by the reference path: checking here would sync); an id
+outside leaves its slot unwritten.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import triton
 import triton.language as tl
 from lynx_compile.lowering import reference
 from lynx_compile.lowering.constants import ACTIVATION_CODES, TRITON_DTYPES
-from lynx_compile.lowering.launch_configs import ExpertsConfig, experts_config
+from lynx_compile.lowering.launch_configs import ROW_TILES, ExpertsConfig, experts_config
 
 _SILU = tl.constexpr(ACTIVATION_CODES["silu"])
 _GELU = tl.constexpr(ACTIVATION_CODES["gelu"])
@@ -36,56 +43,94 @@ _GELU_TANH = tl.constexpr(ACTIVATION_CODES["gelu_tanh"])
 
 
 @triton.jit
-def group_kernel(
-    ids_ptr,
-    counts_ptr,
-    row_start_ptr,
-    sorted_ptr,
-    tile_expert_ptr,
-    num_tiles_ptr,
+def count_kernel(
+    # pointers
+    ids_ptr,  # [N*k] expert of each assignment
+    chunk_counts_ptr,  # [chunks, BLOCK_E] out: assignments per (chunk, expert)
+    # sizes
     num_assign,
-    num_experts,
-    max_tiles_per_expert,
-    BLOCK_M: tl.constexpr,
-    BLOCK_A: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    # meta-parameters
+    BLOCK_A: tl.constexpr,  # assignments per chunk
+    BLOCK_E: tl.constexpr,  # experts, padded to a power of two
 ):
-    """Bucket the N*k assignments by expert, ascending assignment index inside a bucket."""
-    experts = tl.arange(0, BLOCK_E)
-    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
-    for start in range(0, num_assign, BLOCK_A):
-        assign = start + tl.arange(0, BLOCK_A)
-        ids = tl.load(ids_ptr + assign, mask=assign < num_assign, other=-1)
-        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    tiles = (counts + BLOCK_M - 1) // BLOCK_M
-    tile_start = tl.cumsum(tiles, axis=0) - tiles
-    row_start = tile_start * BLOCK_M
-    in_range = experts < num_experts
-    tl.store(counts_ptr + experts, counts, mask=in_range)
-    tl.store(row_start_ptr + experts, row_start, mask=in_range)
-    tl.store(num_tiles_ptr, tl.sum(tiles, axis=0))
-    for j in range(max_tiles_per_expert):
-        tl.store(tile_expert_ptr + tile_start + j, experts, mask=in_range & (j < tiles))
-    filled = tl.zeros([BLOCK_E], dtype=tl.int32)
-    for start in range(0, num_assign, BLOCK_A):
-        assign = start + tl.arange(0, BLOCK_A)
-        ids = tl.load(ids_ptr + assign, mask=assign < num_assign, other=-1)
-        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [BLOCK_A, BLOCK_E]
-        before = tl.cumsum(onehot, axis=0) - onehot  # earlier same-expert rows in this chunk
-        dest = (row_start + filled)[None, :] + before
-        pos = tl.sum(onehot * dest, axis=1)
-        tl.store(sorted_ptr + pos, assign, mask=tl.sum(onehot, axis=1) > 0)
-        filled += tl.sum(onehot, axis=0)
+    """chunk_counts[c, e] = how many of chunk c's assignments go to expert e."""
+    chunk = tl.program_id(0)
+    offs_a = chunk * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_e = tl.arange(0, BLOCK_E)
+    ids = tl.load(ids_ptr + offs_a, mask=offs_a < num_assign, other=-1)
+    onehot = (ids[:, None] == offs_e[None, :]).to(tl.int32)  # [BLOCK_A, BLOCK_E]
+    tl.store(chunk_counts_ptr + chunk * BLOCK_E + offs_e, tl.sum(onehot, axis=0))
 
 
 @triton.jit
-def _tile_rows(tile, sorted_ptr, counts_ptr, row_start_ptr, tile_expert_ptr, BLOCK_M):
-    """The expert of a tile, its sorted rows [BLOCK_M], which are live, and their assignments."""
-    expert = tl.load(tile_expert_ptr + tile)
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    live = rows - tl.load(row_start_ptr + expert) < tl.load(counts_ptr + expert)
-    assign = tl.load(sorted_ptr + rows, mask=live, other=0)
-    return expert.to(tl.int64), rows, live, assign
+def scatter_kernel(
+    # pointers
+    ids_ptr,  # [N*k]
+    chunk_counts_ptr,  # [chunks, BLOCK_E] from count_kernel
+    sorted_ptr,  # [N*k] out: assignment indices in expert order
+    tiles_ptr,  # [4, max_tiles] out: expert, first sorted row, live rows, row class
+    plan_ptr,  # [2] out: live tiles, down-projection K splits
+    # sizes
+    num_assign,
+    num_experts,
+    num_chunks,
+    max_tiles,
+    down_col_blocks,  # d / BLOCK_N of the down projection
+    down_k_steps,  # I / BLOCK_K of the down projection
+    min_down_items,  # 2 x SMs: split K until the down projection has this many items
+    # meta-parameters
+    BLOCK_A: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # chunks summed per step
+    MAX_BLOCK_M: tl.constexpr,  # largest row tile
+    LOG2_SPLIT: tl.constexpr,  # log2 of the most K splits
+):
+    """Place this chunk's assignments in expert order (ascending assignment index within an
+    expert); program 0 also writes the tile table and the plan."""
+    chunk = tl.program_id(0)
+    offs_e = tl.arange(0, BLOCK_E)
+    valid_e = offs_e < num_experts
+    total = tl.zeros([BLOCK_E], dtype=tl.int32)
+    before = tl.zeros([BLOCK_E], dtype=tl.int32)  # this expert's rows in earlier chunks
+    for c_start in range(0, num_chunks, BLOCK_C):
+        offs_c = c_start + tl.arange(0, BLOCK_C)
+        block = tl.load(
+            chunk_counts_ptr + offs_c[:, None] * BLOCK_E + offs_e[None, :],
+            mask=(offs_c < num_chunks)[:, None],
+            other=0,
+        )  # [BLOCK_C, BLOCK_E]
+        total += tl.sum(block, axis=0)
+        before += tl.sum(tl.where((offs_c < chunk)[:, None], block, 0), axis=0)
+    total = tl.where(valid_e, total, 0)  # ids outside [0, E) are never placed
+    row_start = tl.cumsum(total, axis=0) - total
+    offs_a = chunk * BLOCK_A + tl.arange(0, BLOCK_A)
+    ids = tl.load(ids_ptr + offs_a, mask=offs_a < num_assign, other=-1)
+    onehot = ((ids[:, None] == offs_e[None, :]) & valid_e[None, :]).to(tl.int32)
+    rank = tl.cumsum(onehot, axis=0) - onehot  # earlier same-expert rows in this chunk
+    dest = tl.sum(onehot * ((row_start + before)[None, :] + rank), axis=1)
+    tl.store(sorted_ptr + dest, offs_a, mask=tl.sum(onehot, axis=1) > 0)
+    if chunk == 0:
+        tiles = (total + MAX_BLOCK_M - 1) // MAX_BLOCK_M
+        tile_start = tl.cumsum(tiles, axis=0) - tiles
+        for j in range(tl.max(tiles, axis=0)):
+            rows = tl.minimum(total - j * MAX_BLOCK_M, MAX_BLOCK_M)
+            row_class = (rows > 16).to(tl.int32) + (rows > 32).to(tl.int32)
+            row_class += (rows > 64).to(tl.int32)  # rows <= 16 << row_class
+            at = tiles_ptr + tile_start + j
+            live = j < tiles
+            tl.store(at, offs_e, mask=live)
+            tl.store(at + max_tiles, row_start + j * MAX_BLOCK_M, mask=live)
+            tl.store(at + 2 * max_tiles, rows, mask=live)
+            tl.store(at + 3 * max_tiles, row_class, mask=live)
+        num_tiles = tl.sum(tiles, axis=0)
+        split = 1
+        for _ in tl.static_range(LOG2_SPLIT):
+            more = (num_tiles * down_col_blocks * split < min_down_items) & (
+                2 * split <= down_k_steps
+            )
+            split = tl.where(more, 2 * split, split)
+        tl.store(plan_ptr, num_tiles)
+        tl.store(plan_ptr + 1, split)
 
 
 @triton.jit
@@ -103,20 +148,18 @@ def _activate(h, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def up_kernel(
+def _up_tile(
     x_ptr,
-    w_ptr,
+    w_base,  # this expert's w_up
     h_ptr,
     sorted_ptr,
-    counts_ptr,
-    row_start_ptr,
-    tile_expert_ptr,
-    num_tiles_ptr,
+    row0,  # first sorted row of the tile
+    rows,  # live rows
+    col0,  # first of the BLOCK_N columns of I
     top_k,
     hidden,
     inter,
     stride_xt,
-    stride_we,
     stride_wn,
     stride_wk,
     stride_ht,
@@ -127,64 +170,100 @@ def up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """h[rows, cols] for one expert tile and one block of I columns (gate and up fused)."""
-    tile = tl.program_id(0)
-    if tile >= tl.load(num_tiles_ptr):
-        return
-    expert, rows, live, assign = _tile_rows(
-        tile, sorted_ptr, counts_ptr, row_start_ptr, tile_expert_ptr, BLOCK_M
-    )
-    token = (assign // top_k).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < inter
-    w_base = w_ptr + expert * stride_we
+    """h[row0 : row0 + rows, col0 : col0 + BLOCK_N] of one expert tile (gate and up fused)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    live = offs_m < rows
+    sorted_rows = (row0 + offs_m).to(tl.int64)
+    token = (tl.load(sorted_ptr + sorted_rows, mask=live, other=0) // top_k).to(tl.int64)
+    offs_n = col0 + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < inter
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k_start in range(0, hidden, BLOCK_K):
-        ks = k_start + tl.arange(0, BLOCK_K)
-        k_ok = ks < hidden
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < hidden
         x = tl.load(
-            x_ptr + token[:, None] * stride_xt + ks[None, :],
+            x_ptr + token[:, None] * stride_xt + offs_k[None, :],
             mask=live[:, None] & k_ok[None, :],
             other=0.0,
-        )
+        )  # [BLOCK_M, BLOCK_K]
         w_mask = k_ok[:, None] & col_ok[None, :]
-        w_gate = tl.load(
-            w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk, mask=w_mask, other=0.0
-        )  # [BLOCK_K, BLOCK_N]
+        w_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        w_gate = tl.load(w_ptrs, mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
         acc_gate = tl.dot(x, w_gate.to(x.dtype), acc_gate, input_precision=PRECISION)
         if GATED:
-            w_up = tl.load(
-                w_base + (cols[None, :] + inter) * stride_wn + ks[:, None] * stride_wk,
-                mask=w_mask,
-                other=0.0,
-            )
+            w_up = tl.load(w_ptrs + inter * stride_wn, mask=w_mask, other=0.0)
             acc_up = tl.dot(x, w_up.to(x.dtype), acc_up, input_precision=PRECISION)
     h = _activate(acc_gate, ACTIVATION)
     if GATED:
         h = h * acc_up
     tl.store(
-        h_ptr + rows[:, None].to(tl.int64) * stride_ht + cols[None, :],
+        h_ptr + sorted_rows[:, None] * stride_ht + offs_n[None, :],
         h.to(h_ptr.dtype.element_ty),
         mask=live[:, None] & col_ok[None, :],
     )
 
 
 @triton.jit
-def down_kernel(
-    h_ptr,
-    w_ptr,
-    route_w_ptr,
-    y_ptr,
+def up_kernel(
+    # pointers
+    x_ptr,  # [N, d]
+    w_ptr,  # [E, U, d]
+    h_ptr,  # [N*k, I] out, rows in sorted order
     sorted_ptr,
-    counts_ptr,
-    row_start_ptr,
-    tile_expert_ptr,
-    num_tiles_ptr,
+    tiles_ptr,
+    plan_ptr,
+    # sizes
+    top_k,
     hidden,
     inter,
-    stride_ht,
+    max_tiles,
+    # strides
+    stride_xt,
     stride_we,
+    stride_wn,
+    stride_wk,
+    stride_ht,
+    # meta-parameters
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    NUM_ROW_CLASSES: tl.constexpr,  # row tiles 16 << c for c < NUM_ROW_CLASSES
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Persistent: each program takes live (tile, column block) items pid, pid + P, ..."""
+    col_blocks = tl.cdiv(inter, BLOCK_N)
+    items = tl.load(plan_ptr) * col_blocks
+    for item in range(tl.program_id(0), items, tl.num_programs(0)):
+        tile = item // col_blocks
+        col0 = (item % col_blocks) * BLOCK_N
+        expert = tl.load(tiles_ptr + tile).to(tl.int64)
+        row0 = tl.load(tiles_ptr + max_tiles + tile)
+        rows = tl.load(tiles_ptr + 2 * max_tiles + tile)
+        row_class = tl.load(tiles_ptr + 3 * max_tiles + tile)
+        for c in tl.static_range(NUM_ROW_CLASSES):
+            if row_class == c:
+                _up_tile(
+                    x_ptr, w_ptr + expert * stride_we, h_ptr, sorted_ptr, row0, rows, col0,
+                    top_k, hidden, inter, stride_xt, stride_wn, stride_wk, stride_ht,
+                    ACTIVATION, GATED, PRECISION, 16 << c, BLOCK_N, BLOCK_K,
+                )  # fmt: skip
+
+
+@triton.jit
+def _down_tile(
+    h_ptr,
+    w_base,  # this expert's w_down
+    y_ptr,  # this split's plane of y
+    sorted_ptr,
+    row0,
+    rows,
+    col0,
+    k_lo,  # this split's K range
+    k_hi,
+    hidden,
+    stride_ht,
     stride_wn,
     stride_wk,
     stride_yt,
@@ -193,59 +272,119 @@ def down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """y[assign, cols] = (h W_down^T)[rows, cols] * routing weight, one d-column block."""
-    tile = tl.program_id(0)
-    if tile >= tl.load(num_tiles_ptr):
-        return
-    expert, rows, live, assign = _tile_rows(
-        tile, sorted_ptr, counts_ptr, row_start_ptr, tile_expert_ptr, BLOCK_M
-    )
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < hidden
-    w_base = w_ptr + expert * stride_we
+    """y[assignment, col0 : col0 + BLOCK_N] = (h W_down^T) over K in [k_lo, k_hi), fp32."""
+    offs_m = tl.arange(0, BLOCK_M)
+    live = offs_m < rows
+    sorted_rows = (row0 + offs_m).to(tl.int64)
+    assign = tl.load(sorted_ptr + sorted_rows, mask=live, other=0).to(tl.int64)
+    offs_n = col0 + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < hidden
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k_start in range(0, inter, BLOCK_K):
-        ks = k_start + tl.arange(0, BLOCK_K)
-        k_ok = ks < inter
+    for k_start in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_hi
         h = tl.load(
-            h_ptr + rows[:, None].to(tl.int64) * stride_ht + ks[None, :],
+            h_ptr + sorted_rows[:, None] * stride_ht + offs_k[None, :],
             mask=live[:, None] & k_ok[None, :],
             other=0.0,
-        )
+        )  # [BLOCK_M, BLOCK_K]
         w = tl.load(
-            w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+            w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
             mask=k_ok[:, None] & col_ok[None, :],
             other=0.0,
         )  # [BLOCK_K, BLOCK_N]
         acc = tl.dot(h, w.to(h.dtype), acc, input_precision=PRECISION)
-    route_w = tl.load(route_w_ptr + assign, mask=live, other=0.0).to(tl.float32)
-    # the reference rounds the expert output to x's dtype before weighting it
-    y = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * route_w[:, None]
     tl.store(
-        y_ptr + assign[:, None].to(tl.int64) * stride_yt + cols[None, :],
-        y,
+        y_ptr + assign[:, None] * stride_yt + offs_n[None, :],
+        acc,
         mask=live[:, None] & col_ok[None, :],
     )
 
 
 @triton.jit
+def down_kernel(
+    # pointers
+    h_ptr,  # [N*k, I]
+    w_ptr,  # [E, d, I]
+    y_ptr,  # [splits, N*k, d] fp32 out, rows by assignment
+    sorted_ptr,
+    tiles_ptr,
+    plan_ptr,
+    # sizes
+    hidden,
+    inter,
+    max_tiles,
+    # strides
+    stride_ht,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_ys,
+    stride_yt,
+    # meta-parameters
+    PRECISION: tl.constexpr,
+    NUM_ROW_CLASSES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Persistent over live (tile, K split, column block) items; the split count is the
+    plan's (chosen on the GPU from the live tiles)."""
+    col_blocks = tl.cdiv(hidden, BLOCK_N)
+    split = tl.load(plan_ptr + 1)
+    k_per_split = tl.cdiv(tl.cdiv(inter, BLOCK_K), split) * BLOCK_K
+    items = tl.load(plan_ptr) * split * col_blocks
+    for item in range(tl.program_id(0), items, tl.num_programs(0)):
+        col0 = (item % col_blocks) * BLOCK_N
+        tile_split = item // col_blocks
+        tile = tile_split // split
+        part = tile_split % split
+        k_lo = part * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, inter)
+        expert = tl.load(tiles_ptr + tile).to(tl.int64)
+        row0 = tl.load(tiles_ptr + max_tiles + tile)
+        rows = tl.load(tiles_ptr + 2 * max_tiles + tile)
+        row_class = tl.load(tiles_ptr + 3 * max_tiles + tile)
+        for c in tl.static_range(NUM_ROW_CLASSES):
+            if row_class == c:
+                _down_tile(
+                    h_ptr, w_ptr + expert * stride_we, y_ptr + part.to(tl.int64) * stride_ys,
+                    sorted_ptr, row0, rows, col0, k_lo, k_hi, hidden, stride_ht, stride_wn,
+                    stride_wk, stride_yt, PRECISION, 16 << c, BLOCK_N, BLOCK_K,
+                )  # fmt: skip
+
+
+@triton.jit
 def combine_kernel(
-    y_ptr,
-    out_ptr,
+    # pointers
+    y_ptr,  # [splits, N*k, d] fp32
+    route_w_ptr,  # [N*k]
+    out_ptr,  # [N, d] out
+    plan_ptr,
+    # sizes
     top_k,
     hidden,
+    # strides
+    stride_ys,
     stride_yt,
     stride_ot,
+    # meta-parameters
     BLOCK_D: tl.constexpr,
 ):
-    """out[t, cols] = sum_j y[t*k + j, cols], in slot order, fp32 then one cast."""
+    """out[t, cols] = sum_j round(sum_s y[s, t*k + j, cols]) * w[t*k + j], in slot order."""
     token = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    ok = cols < hidden
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ok = offs_d < hidden
+    split = tl.load(plan_ptr + 1)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for j in range(top_k):
-        acc += tl.load(y_ptr + (token * top_k + j) * stride_yt + cols, mask=ok, other=0.0)
-    tl.store(out_ptr + token * stride_ot + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+        assign = token * top_k + j
+        y = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for part in range(split):
+            y += tl.load(y_ptr + part * stride_ys + assign * stride_yt + offs_d, mask=ok, other=0.0)
+        # the reference rounds each expert output to x's dtype before weighting it
+        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc += y * tl.load(route_w_ptr + assign).to(tl.float32)
+    tl.store(out_ptr + token * stride_ot + offs_d, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _empty(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -258,6 +397,19 @@ def _size_hint(n) -> int:
     return n if isinstance(n, int) else int(n.node.hint)
 
 
+# Under the interpreter (CPU tensors) a small "SM count" makes the persistent programs loop
+# over several items and the down projection split K, so CPU tests run those paths.
+INTERPRETER_SMS = 2
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of the device the persistent grids are sized for."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 @functools.cache
 def _gpu_name(device: torch.device) -> str:
     """The name launch configs are stored under ("cpu" under the interpreter)."""
@@ -267,7 +419,8 @@ def _gpu_name(device: torch.device) -> str:
 
 
 def max_tiles(num_assign, num_experts: int, block_m: int):
-    """Upper bound on expert tiles: full tiles plus at most one partial tile per expert."""
+    """Upper bound on expert tiles of at most block_m rows: full tiles plus at most one
+    partial tile per expert."""
     return triton.cdiv(num_assign, block_m) + torch.sym_min(num_experts, num_assign)
 
 
@@ -338,43 +491,60 @@ def experts(
     flat_w = weights.reshape(-1).contiguous()
     num_assign = num_tokens * top_k
     block_m = config.block_m
-    tiles = max_tiles(num_assign, num_experts, block_m)
-    counts = _empty((num_experts,), torch.int32, dev)
-    row_start = _empty((num_experts,), torch.int32, dev)
-    sorted_assign = _empty((tiles * block_m,), torch.int32, dev)
-    tile_expert = _empty((tiles,), torch.int32, dev)
-    num_tiles = _empty((1,), torch.int32, dev)
+    num_row_classes = ROW_TILES.index(block_m) + 1
+    sms = num_sms(dev)
+    programs = config.programs_per_sm * sms
     block_e = triton.next_power_of_2(num_experts)
-    launch(group_kernel)[(1,)](
+    block_a = max(16, 8192 // block_e)  # a function of E only: one compile per E
+    chunks = triton.cdiv(num_assign, block_a)
+    tiles = max_tiles(num_assign, num_experts, block_m)
+
+    # 1-2. grouping: assignments in expert order, the tile table and the plan
+    chunk_counts = _empty((chunks, block_e), torch.int32, dev)
+    launch(count_kernel)[(chunks,)](
+        flat_ids, chunk_counts, num_assign, BLOCK_A=block_a, BLOCK_E=block_e, num_warps=4
+    )
+    sorted_assign = _empty((num_assign,), torch.int32, dev)
+    tile_table = _empty((4, tiles), torch.int32, dev)
+    plan = _empty((2,), torch.int32, dev)
+    down_cols = triton.cdiv(hidden, config.down.block_n)
+    launch(scatter_kernel)[(chunks,)](
         flat_ids,
-        counts,
-        row_start,
+        chunk_counts,
         sorted_assign,
-        tile_expert,
-        num_tiles,
+        tile_table,
+        plan,
         num_assign,
         num_experts,
-        triton.cdiv(num_assign, block_m),
-        BLOCK_M=block_m,
-        BLOCK_A=max(1, 8192 // block_e),  # a function of E only: one compile per E
+        chunks,
+        tiles,
+        down_cols,
+        triton.cdiv(inter, config.down.block_k),
+        2 * sms,
+        BLOCK_A=block_a,
         BLOCK_E=block_e,
+        BLOCK_C=max(1, 4096 // block_e),
+        MAX_BLOCK_M=block_m,
+        LOG2_SPLIT=max(config.split_k, 1).bit_length() - 1,
         num_warps=4,
     )
+
+    # 3. up projection and activation, h rows in sorted order
     # fp32 keeps full precision (the reference's fp32 matmul); 16-bit inputs ignore it
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    h = _empty((tiles * block_m, inter), x.dtype, dev)
-    launch(up_kernel)[(tiles, triton.cdiv(inter, config.up.block_n))](
+    h = _empty((num_assign, inter), x.dtype, dev)
+    up_items = tiles * triton.cdiv(inter, config.up.block_n)
+    launch(up_kernel)[(torch.sym_min(up_items, programs),)](
         x,
         w_up,
         h,
         sorted_assign,
-        counts,
-        row_start,
-        tile_expert,
-        num_tiles,
+        tile_table,
+        plan,
         top_k,
         hidden,
         inter,
+        tiles,
         x.stride(0),
         w_up.stride(0),
         w_up.stride(1),
@@ -383,45 +553,53 @@ def experts(
         ACTIVATION=ACTIVATION_CODES[activation],
         GATED=gated,
         PRECISION=precision,
-        BLOCK_M=block_m,
+        NUM_ROW_CLASSES=num_row_classes,
         BLOCK_N=config.up.block_n,
         BLOCK_K=config.up.block_k,
         num_warps=config.up.num_warps,
         num_stages=config.up.num_stages,
     )
-    y = _empty((num_assign, hidden), torch.float32, dev)
-    launch(down_kernel)[(tiles, triton.cdiv(hidden, config.down.block_n))](
+
+    # 4. down projection, split K where the live items would not fill the GPU twice
+    splits = max(config.split_k, 1)
+    y = _empty((splits, num_assign, hidden), torch.float32, dev)
+    down_items = tiles * splits * down_cols
+    launch(down_kernel)[(torch.sym_min(down_items, programs),)](
         h,
         w_down,
-        flat_w,
         y,
         sorted_assign,
-        counts,
-        row_start,
-        tile_expert,
-        num_tiles,
+        tile_table,
+        plan,
         hidden,
         inter,
+        tiles,
         h.stride(0),
         w_down.stride(0),
         w_down.stride(1),
         w_down.stride(2),
         y.stride(0),
+        y.stride(1),
         PRECISION=precision,
-        BLOCK_M=block_m,
+        NUM_ROW_CLASSES=num_row_classes,
         BLOCK_N=config.down.block_n,
         BLOCK_K=config.down.block_k,
         num_warps=config.down.num_warps,
         num_stages=config.down.num_stages,
     )
+
+    # 5. weighted sum over slots (and K splits)
     block_d = min(1024, triton.next_power_of_2(hidden))
     out = _empty((num_tokens, hidden), x.dtype, dev)
     launch(combine_kernel)[(num_tokens, triton.cdiv(hidden, block_d))](
         y,
+        flat_w,
         out,
+        plan,
         top_k,
         hidden,
         y.stride(0),
+        y.stride(1),
         out.stride(0),
         BLOCK_D=block_d,
         num_warps=4,

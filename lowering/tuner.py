@@ -1,22 +1,25 @@
 """`lynx-compile tune`: time launch configs of the sparse-experts kernels on this GPU and
 write the JSON file that lowering/launch_configs.py reads at run time.
 
-Search, per token bucket: the row tile (block_m) with both GEMMs at the default, then
-the up GEMM's tile with that block_m, then the down GEMM's tile with the best up tile
-(coordinate descent: 3 + 2 x 27 candidates instead of the 2000-odd product). Kernels
-compiled for one bucket are reused by the next, so compile time is paid once.
+Search, per token bucket (coordinate descent, ~70 candidates instead of the product): the
+largest row tile (block_m: which row-tile bodies the kernels hold), then the up GEMM's
+tile, the down GEMM's tile, the most K splits and the persistent programs per SM. Kernels
+compiled for one bucket are reused by the next, so compile time is paid once. Each
+candidate is timed with triton.testing.do_bench (CUDA events, median, L2 cleared before
+each call, so small shapes are not timed from cache).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import sys
 from pathlib import Path
 
 import torch
 from lynx_compile.lowering import launch_configs
-from lynx_compile.lowering.launch_configs import ExpertsConfig, GemmConfig
+from lynx_compile.lowering.launch_configs import ROW_TILES, ExpertsConfig, GemmConfig
 
 PRESETS = {
     # name: (experts, hidden, intermediate, top_k)
@@ -50,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="1,2,4,8,16,32,64,128,256",
         help="comma-separated token buckets to tune (powers of two)",
     )
-    parser.add_argument("--iters", type=int, default=50, help="timed calls per candidate")
+    parser.add_argument(
+        "--rep-ms", type=float, default=20.0, help="timed window per candidate (do_bench rep), ms"
+    )
     parser.add_argument(
         "--out-dir",
         default=None,
@@ -58,45 +63,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _median_ms(fn, iters: int) -> float:
-    """Median of `iters` CUDA-event timings of fn() after 5 warm-up calls."""
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def _median_ms(fn, rep_ms: float) -> float:
+    """Median device time of fn() in ms (do_bench: CUDA events, L2 cleared before each
+    call, repeated for about rep_ms after a 10 ms warm-up)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
 
 
-def _time_config(call, config: ExpertsConfig, iters: int) -> float:
+def _time_config(call, config: ExpertsConfig, rep_ms: float) -> float:
     """ms of one experts call with `config`; inf when it does not compile or launch."""
     try:
-        return _median_ms(lambda: call(config), iters)
+        return _median_ms(lambda: call(config), rep_ms)
     except Exception as err:  # a tile too big for shared memory, an unsupported combination
         print(f"  skip {config}: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
         return float("inf")
 
 
-def tune_bucket(call, base: ExpertsConfig, iters: int) -> tuple[ExpertsConfig, float]:
-    """Coordinate descent over block_m, the up tile, then the down tile."""
-    best, best_ms = base, _time_config(call, base, iters)
-    for block_m in (16, 32, 64):
-        cand = ExpertsConfig(block_m, best.up, best.down)
-        ms = _time_config(call, cand, iters)
-        best, best_ms = (cand, ms) if ms < best_ms else (best, best_ms)
-    for up in GEMM_CANDIDATES:
-        cand = ExpertsConfig(best.block_m, up, best.down)
-        ms = _time_config(call, cand, iters)
-        best, best_ms = (cand, ms) if ms < best_ms else (best, best_ms)
-    for down in GEMM_CANDIDATES:
-        cand = ExpertsConfig(best.block_m, best.up, down)
-        ms = _time_config(call, cand, iters)
+def tune_bucket(call, base: ExpertsConfig, rep_ms: float) -> tuple[ExpertsConfig, float]:
+    """Coordinate descent over block_m, the up tile, the down tile, split_k, programs_per_sm."""
+    best, best_ms = base, _time_config(call, base, rep_ms)
+    steps = (
+        [{"block_m": m} for m in ROW_TILES[1:]]
+        + [{"up": up} for up in GEMM_CANDIDATES]
+        + [{"down": down} for down in GEMM_CANDIDATES]
+        + [{"split_k": s} for s in (1, 2, 4, 8)]
+        + [{"programs_per_sm": p} for p in (1, 2, 4)]
+    )
+    for change in steps:
+        cand = dataclasses.replace(best, **change)
+        if cand == best:
+            continue
+        ms = _time_config(call, cand, rep_ms)
         best, best_ms = (cand, ms) if ms < best_ms else (best, best_ms)
     return best, best_ms
 
@@ -140,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
             )
 
         base = launch_configs.default_config(experts, hidden, inter, batch, top_k, dtype)
-        base_ms = _time_config(call, base, args.iters)
-        best, best_ms = tune_bucket(call, base, args.iters)
+        base_ms = _time_config(call, base, args.rep_ms)
+        best, best_ms = tune_bucket(call, base, args.rep_ms)
         table[launch_configs.token_bucket(batch)] = best
         print(f"batch {batch}: default {base_ms:.4f} ms -> tuned {best_ms:.4f} ms  {best}")
     out_dir = Path(args.out_dir) if args.out_dir else None

@@ -84,6 +84,66 @@ def test_several_tiles_per_expert_and_strided_weights(monkeypatch):
     assert_close_to_reference(got, want, torch.float16)
 
 
+def record_buffers(monkeypatch) -> list[torch.Tensor]:
+    """Poison every buffer the wrapper allocates and keep them, in allocation order:
+    chunk counts, sorted assignments, tile table [4, tiles], plan [2], h, y, out."""
+    made = []
+
+    def empty(shape, dtype, device):
+        made.append(poisoned_empty(shape, dtype, device))
+        return made[-1]
+
+    monkeypatch.setattr(triton_experts, "_empty", empty)
+    return made
+
+
+def skewed_inputs(counts, experts, hidden, inter, dtype, seed):
+    """Inputs where expert e gets counts[e] tokens (k = 1): rows per expert set exactly."""
+    x, _, weights, w_up, w_down = make_inputs(
+        sum(counts), experts, 1, hidden, inter, dtype, True, seed
+    )
+    ids = torch.cat([torch.full((c, 1), e) for e, c in enumerate(counts)])
+    ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))]
+    return x, ids, weights, w_up, w_down
+
+
+def test_row_tile_per_expert_chosen_on_the_gpu(monkeypatch):
+    """One config (largest tile 128) at two token counts: each expert gets the smallest
+    row tile holding its rows (5 -> 16, 20 -> 32, 40 -> 64, 100 -> 128, 130 -> 128 + 16),
+    chosen by the grouping kernel, not by the wrapper; the output matches either way."""
+    gemm = GemmConfig(block_n=16, block_k=16, num_warps=4, num_stages=2)
+    config = ExpertsConfig(block_m=128, up=gemm, down=gemm)
+    for counts, want_tiles in (
+        ((5, 0, 20, 40), [(0, 5, 0), (2, 20, 1), (3, 40, 2)]),
+        ((100, 130, 3), [(0, 100, 3), (1, 128, 3), (1, 2, 0), (2, 3, 0)]),
+    ):
+        made = record_buffers(monkeypatch)
+        args = skewed_inputs(counts, 4, 24, 16, torch.float16, seed=sum(counts))
+        want = reference.experts_reference(*args, "silu", True)
+        got = triton_experts.experts(*args, "silu", True, config=config)
+        assert_close_to_reference(got, want, torch.float16)
+        table, plan = made[2], made[3]
+        live = int(plan[0])
+        assert live == len(want_tiles)
+        assert [tuple(table[[0, 2, 3], t].tolist()) for t in range(live)] == want_tiles
+
+
+@pytest.mark.parametrize(
+    "tokens,dtype,split", [(1, torch.float32, 2), (1, torch.float16, 2), (13, torch.float32, 1)]
+)
+def test_down_projection_splits_k_when_the_grid_is_thin(monkeypatch, tokens, dtype, split):
+    """Split K where live down items < 2 x SMs (the interpreter's 2): one token on one
+    expert has 2 column blocks, so K (3 steps) splits in 2; 13 tokens fill the grid."""
+    made = record_buffers(monkeypatch)
+    gemm = GemmConfig(block_n=16, block_k=16, num_warps=4, num_stages=2)
+    config = ExpertsConfig(block_m=16, up=gemm, down=gemm, split_k=4, programs_per_sm=1)
+    args = make_inputs(tokens, 8, 1, 32, 40, dtype, True, seed=7)
+    want = reference.experts_reference(*args, "silu", True)
+    got = triton_experts.experts(*args, "silu", True, config=config)
+    assert_close_to_reference(got, want, dtype)
+    assert int(made[3][1]) == split
+
+
 def test_routed_by_the_router_and_through_the_cuda_kernel(monkeypatch):
     """ids and weights straight from affinity routing, through lynx::experts' CUDA kernel
     (told the interpreted CPU tensors fit, it runs the Triton kernels)."""
