@@ -20,8 +20,19 @@ SCORE_SPACES = ("logit", "prob", "score")  # what a scored router's ranking scor
 DEFAULT_POLICY = "affinity"
 DEFAULT_ALPHA = 3.0  # affinity bins of 1/alpha logits
 DEFAULT_BETA = 2.0  # affinity bins floored at -beta (None: no floor)
-DEFAULT_K0 = 2  # experts each token keeps under oea
+DEFAULT_K0 = 2  # experts each token keeps under oea (its kept set is their union)
+# Experts each token keeps from its own top-k under affinity (the protected choice;
+# AffinityBinning decides the rest). 0 is LYNX as published. static protects none by
+# default (its budget is what it promises), but takes k0 as affinity does.
+DEFAULT_PROTECTED_K0 = 1
 DEFAULT_BUDGET = 16  # experts a batch keeps under static
+
+
+def default_k0(policy: str) -> int:
+    """The k0 a policy gets when none is given: oea's kept experts, affinity's protected ones
+    (DEFAULT_PROTECTED_K0), none for static and exact."""
+    return {"oea": DEFAULT_K0, "affinity": DEFAULT_PROTECTED_K0}.get(policy, 0)
+
 
 # Most negative affinity bin kept as an integer; -inf logits (masked experts) land here.
 MIN_BIN = -(2**30)

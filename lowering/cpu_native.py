@@ -5,7 +5,7 @@ On CPU, per-op overhead bounds a decode step: the traced AffinityBinning route i
 copy per (token, slot), so their work follows the N*k assignments, not the experts
 touched. The C kernels do each in one call:
 
-- `lynx::route_affinity_cpu(logits, probs, top_k, alpha, beta, renorm) -> (weights, ids)`:
+- `lynx::route_affinity_cpu(logits, probs, top_k, alpha, beta, renorm, k0) -> (weights, ids)`:
   reference.route_reference with the affinity policy after the softmax (probs): the model's
   top-k (equal probabilities: lower index first, as the Triton route kernel orders them),
   AffinityBinning's ranking, kept set and remap, and the weights ("renorm" or "mass").

@@ -43,7 +43,7 @@ def route_cpu(logits, top_k, policy, alpha, beta, k0, budget, weights, telemetry
         reference.check_route(logits, top_k, policy, weights)
         probs = torch.softmax(logits, dim=-1)
         return torch.ops.lynx.route_affinity_cpu.default(
-            logits, probs, top_k, alpha, beta, weights == "renorm"
+            logits, probs, top_k, alpha, beta, weights == "renorm", k0
         )
     policy = reference.RoutingPolicy(policy, alpha, beta, k0, budget)
     return reference.route_reference(logits, top_k, policy, weights)

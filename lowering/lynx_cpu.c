@@ -66,7 +66,7 @@ static inline float row_max(const float *row, int64_t e, uint8_t *valid) {
 }
 
 /* Affinity bins q[j] = ceil(alpha * (row[j] - mx)) in double (NaN, from alpha 0 times -inf:
- * 0), clamped to [floor_q, 0] (-inf: floor_q, at most MIN_BIN). */
+ * 0), clamped to [floor_q, 0]; a -inf logit (a masked expert) gets MIN_BIN, below the floor. */
 static inline void row_bins(const float *row, int64_t e, double alpha, double mx,
                             double floor_q, int64_t *q) {
   int64_t j = 0;
@@ -79,15 +79,18 @@ static inline void row_bins(const float *row, int64_t e, double alpha, double mx
     c = _mm512_roundscale_pd(_mm512_mul_pd(va, _mm512_sub_pd(c, vm)),
                              _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
     c = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(c, c, _CMP_UNORD_Q), c, zero);
+    const __mmask8 masked = _mm512_cmp_pd_mask(c, _mm512_set1_pd(-INFINITY), _CMP_EQ_OQ);
     c = _mm512_min_pd(_mm512_max_pd(c, lo), zero);
+    c = _mm512_mask_blend_pd(masked, c, _mm512_set1_pd((double)MIN_BIN));
     _mm512_mask_storeu_epi64(q + j, m, _mm512_cvtpd_epi64(c));
   }
 #endif
   for (; j < e; ++j) {
     double c = ceil(alpha * ((double)row[j] - mx));
     c = c != c ? 0.0 : c;
+    const int masked = c == -INFINITY;
     c = c < floor_q ? floor_q : c;
-    q[j] = (int64_t)(c > 0.0 ? 0.0 : c);
+    q[j] = masked ? MIN_BIN : (int64_t)(c > 0.0 ? 0.0 : c);
   }
 }
 
@@ -121,10 +124,17 @@ int64_t lynx_topk_rows(const float *probs, int64_t n, int64_t e, int64_t k, int6
   return 0;
 }
 
+/* Is expert a (remap class ca = 2 * usable + kept, prob fa) preferred to b in the remap?
+ * Index order is the caller's (it scans experts in ascending index). */
+static inline int remap_better(int ca, float fa, int cb, float fb) {
+  return (ca > cb) | ((ca == cb) & (fa > fb));
+}
+
 /* Affinity routing for n tokens over e experts (reference.route_reference, policy
  * "affinity", everything after the softmax and the model's top-k):
  *   logits, probs  [n, e] float32 (exact conversions of the model's dtype)
- *   exact_ids      [n, k] int64, the model's own top-k
+ *   exact_ids      [n, k] int64, the model's own top-k (best first, ties to the lower index)
+ *   k0             each token's own top-k0 (exact_ids' first k0) always chosen (0: none)
  *   ids (out)      [n, k] int64, final experts (exact_ids where the set is unchanged)
  *   same (out)     [n] uint8, 1 where the token keeps its exact experts
  *   beta < 0 means no floor on the bins.
@@ -133,7 +143,7 @@ int64_t lynx_topk_rows(const float *probs, int64_t n, int64_t e, int64_t k, int6
  */
 int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t *exact_ids,
                           int64_t n, int64_t e, int64_t k, double alpha, double beta,
-                          int64_t *ids, uint8_t *same) {
+                          int64_t k0, int64_t *ids, uint8_t *same) {
   if (n == 1) { /* a batch of one token routes exactly: nothing to share */
     memcpy(ids, exact_ids, sizeof(int64_t) * (size_t)k);
     same[0] = 1;
@@ -182,28 +192,35 @@ int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t
   }
   for (int64_t t = 0; t < n * e; t += e)
     for (int64_t j = 0; j < e; ++j) pop[t + j] = total[j] - pop[t + j];
-  /* Kept set: union over valid tokens of their top-k by (q, pop, prob, lower index). One
-   * pass per token keeps its best k so far, best first (insertion: most experts fail the
-   * first comparison with the current k-th). With beta <= 3 the four keys pack into one
-   * 128-bit integer: (q + floor(beta)) in 2 bits above pop (< B**bins <= 2**62), then the
-   * probability's bits (non-negative floats order as integers) and the complemented index. */
+  /* Kept set: union over valid tokens of their own top-k0 (exact_ids' first k0) and their
+   * best k - k0 other experts by (q, pop, prob, lower index). One pass per token keeps its
+   * best so far, best first (insertion: most experts fail the first comparison with the
+   * current last). With beta <= 3 the four keys pack into one 128-bit integer:
+   * (q + floor(beta)) in 2 bits above pop (< B**bins <= 2**62), then the probability's bits
+   * plus one (non-negative floats order as integers) and the complemented index; a masked
+   * expert (q = MIN_BIN) keeps only the index part, below every finite one. */
   const int packed = beta >= 0 && floor(beta) <= 3 && k <= 64;
+  const int64_t own = k0 < k ? k0 : k, pick = k - own;
   memset(kept, 0, (size_t)e);
+  memset(taken, 0, (size_t)e);
   for (int64_t t = 0; t < n; ++t) {
     if (!valid[t]) continue;
     const int64_t *qt = q + t * e, *pt = pop + t * e;
     const float *ft = probs + t * e;
+    for (int64_t s = 0; s < own; ++s) kept[exact_ids[t * k + s]] = 1, taken[exact_ids[t * k + s]] = 1;
     int64_t *top = ids + t * k, have = 0; /* the output row is free scratch until the remap */
-    if (packed) {
+    if (pick > 0 && packed) {
       unsigned __int128 kb[64]; /* the keys of top[0..have) */
       for (int64_t j = 0; j < e; ++j) {
+        if (taken[j]) continue; /* protected: chosen already */
         uint32_t fb;
         memcpy(&fb, ft + j, sizeof fb);
-        uint64_t hi = ((uint64_t)(qt[j] - (int64_t)floor_q) << 62) | (uint64_t)pt[j];
-        uint64_t lo = ((uint64_t)fb << 32) | (uint32_t)~(uint32_t)j;
+        const int masked = qt[j] == MIN_BIN;
+        uint64_t hi = masked ? 0 : ((uint64_t)(qt[j] - (int64_t)floor_q) << 62) | (uint64_t)pt[j];
+        uint64_t lo = (masked ? 0 : ((uint64_t)fb + 1) << 32) | (uint32_t)~(uint32_t)j;
         unsigned __int128 key = ((unsigned __int128)hi << 64) | lo;
-        if (have == k) {
-          if (key <= kb[k - 1]) continue;
+        if (have == pick) {
+          if (key <= kb[pick - 1]) continue;
           --have;
         }
         int64_t pos = have++;
@@ -215,10 +232,11 @@ int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t
         kb[pos] = key;
         top[pos] = j;
       }
-    } else {
+    } else if (pick > 0) {
       for (int64_t j = 0; j < e; ++j) {
-        if (have == k) {
-          int64_t w = top[k - 1];
+        if (taken[j]) continue; /* protected: chosen already */
+        if (have == pick) {
+          int64_t w = top[pick - 1];
           if (!better(qt[j], pt[j], ft[j], j, qt[w], pt[w], ft[w], w)) continue;
           --have;
         }
@@ -232,11 +250,13 @@ int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t
         top[pos] = j;
       }
     }
-    for (int64_t s = 0; s < k; ++s) kept[top[s]] = 1;
+    for (int64_t s = 0; s < pick; ++s) kept[top[s]] = 1;
+    for (int64_t s = 0; s < own; ++s) taken[exact_ids[t * k + s]] = 0;
   }
   int64_t kept_count = 0;
   for (int64_t j = 0; j < e; ++j) kept_count += kept[j];
-  /* Final experts: each valid token's top-k by probability among the kept set. */
+  /* Final experts: each valid token's top-k by (remap class, prob, lower index), the class
+   * 2 * usable + kept (usable: a finite logit), so kept usable experts first. */
   for (int64_t t = 0; t < n; ++t) {
     int64_t *out = ids + t * k;
     const int64_t *ex = exact_ids + t * k;
@@ -245,41 +265,51 @@ int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t
       same[t] = 1;
       continue;
     }
-    const float *ft = probs + t * e;
-    /* The common case first: the model's own top-k is all kept and no other kept expert
-     * ranks above its weakest member w by (prob, lower index); then it is the answer. */
+    const float *ft = probs + t * e, *lt = logits + t * e;
+    /* The common case first: the model's own top-k is all kept and usable and no other kept
+     * usable expert ranks above its weakest member w by (prob, lower index); then it is the
+     * answer. */
     memset(taken, 0, (size_t)e);
     int all_kept = 1;
     int64_t w = ex[0];
     for (int64_t s = 0; s < k; ++s) {
       int64_t j = ex[s];
-      taken[j] = 1, all_kept &= kept[j];
+      taken[j] = 1, all_kept &= kept[j] & (lt[j] > -INFINITY);
       w = ft[j] < ft[w] || (ft[j] == ft[w] && j > w) ? j : w;
     }
     if (all_kept) {
       const float pw = ft[w];
       int beaten = 0;
       for (int64_t j = 0; j < e; ++j)
-        beaten |= kept[j] & !taken[j] & ((ft[j] > pw) | ((ft[j] == pw) & (j < w)));
+        beaten |= kept[j] & (lt[j] > -INFINITY) & !taken[j] &
+                  ((ft[j] > pw) | ((ft[j] == pw) & (j < w)));
       if (!beaten) {
         memcpy(out, ex, sizeof(int64_t) * (size_t)k);
         same[t] = 1;
         continue;
       }
     }
-    int64_t have = 0; /* top-k by (prob, lower index) among the kept experts, by insertion */
+    int64_t have = 0; /* top-k by (class, prob, lower index), by insertion */
+    int cls[64], *cl = k <= 64 ? cls : NULL; /* the classes of out[0..have) */
     for (int64_t j = 0; j < e; ++j) {
-      if (!kept[j]) continue;
+      const int cj = 2 * (lt[j] > -INFINITY) + kept[j];
       if (have == k) {
-        if (!(ft[j] > ft[out[k - 1]])) continue;
+        int64_t v = out[k - 1];
+        if (!remap_better(cj, ft[j], cl ? cl[k - 1] : 2 * (lt[v] > -INFINITY) + kept[v], ft[v]))
+          continue;
         --have;
       }
       int64_t pos = have++;
-      while (pos > 0 && ft[j] > ft[out[pos - 1]]) {
-        out[pos] = out[pos - 1];
+      while (pos > 0) {
+        int64_t v = out[pos - 1];
+        int cv = cl ? cl[pos - 1] : 2 * (lt[v] > -INFINITY) + kept[v];
+        if (!remap_better(cj, ft[j], cv, ft[v])) break;
+        out[pos] = v;
+        if (cl) cl[pos] = cv;
         --pos;
       }
       out[pos] = j;
+      if (cl) cl[pos] = cj;
     }
     /* Same expert set as the model's top-k (marked in `taken` above): keep its ids (and
      * order) bit for bit. */

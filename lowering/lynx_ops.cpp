@@ -33,7 +33,7 @@ extern "C" {
 int64_t lynx_topk_rows(const float *probs, int64_t n, int64_t e, int64_t k, int64_t *ids);
 int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t *exact_ids,
                           int64_t n, int64_t e, int64_t k, double alpha, double beta,
-                          int64_t *ids, uint8_t *same);
+                          int64_t k0, int64_t *ids, uint8_t *same);
 int lynx_experts(const float *x, const int64_t *ids, const float *weights, const void *w_up,
                  const void *w_gate, const void *w_down, int64_t n, int64_t k, int64_t e,
                  int64_t d, int64_t u, int64_t i, int gated, int act, int dt, int round_mid,
@@ -79,11 +79,12 @@ void route_weights(const float *probs, const int64_t *exact, const int64_t *ids,
 }
 
 // lynx::route with the affinity policy, after the softmax: the model's top-k (ties to the
-// lower index), AffinityBinning's ranking, kept set and remap, and the weights, in one call.
+// lower index), AffinityBinning's ranking (each token's own top-k0 first), kept set and
+// remap, and the weights, in one call.
 std::tuple<at::Tensor, at::Tensor> route_affinity_cpu(const at::Tensor &logits,
                                                       const at::Tensor &probs, int64_t top_k,
                                                       double alpha, std::optional<double> beta,
-                                                      bool renorm) {
+                                                      bool renorm, int64_t k0) {
   TORCH_CHECK(logits.dim() == 2 && probs.sizes() == logits.sizes(),
               "lynx::route_affinity_cpu: logits and probs must both be [N, E]; got ",
               logits.sizes(), " and ", probs.sizes());
@@ -96,6 +97,7 @@ std::tuple<at::Tensor, at::Tensor> route_affinity_cpu(const at::Tensor &logits,
   const int64_t n = logits.size(0), e = logits.size(1), k = top_k;
   TORCH_CHECK_VALUE(1 <= k && k <= e,
                     "lynx::route_affinity_cpu: want 1 <= top_k <= E; got top_k = ", k, ", E = ", e);
+  TORCH_CHECK_VALUE(k0 >= 0, "lynx::route_affinity_cpu: want k0 >= 0; got ", k0);
   at::Tensor ids = at::empty({n, k}, logits.options().dtype(at::kLong));
   at::Tensor weights = at::empty({n, k}, probs.options());
   if (n == 0) return {weights, ids};
@@ -106,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> route_affinity_cpu(const at::Tensor &logits,
   int64_t status = lynx_topk_rows(pp, n, e, k, exact.data());
   if (status >= 0)
     status = lynx_affinity_ids(lg.data_ptr<float>(), pp, exact.data(), n, e, k, alpha,
-                               beta.has_value() ? *beta : -1.0, ids.data_ptr<int64_t>(),
+                               beta.has_value() ? *beta : -1.0, k0, ids.data_ptr<int64_t>(),
                                same.data());
   TORCH_CHECK(status >= 0, "lynx::route_affinity_cpu: out of memory for its scratch buffers");
   const int64_t *fin = ids.data_ptr<int64_t>();

@@ -5,7 +5,7 @@
     route_recorded(... as route ...)            route plus telemetry, opaque in compiled graphs
     route_scored(scores, top_k, space, policy, alpha, beta, k0, budget, telemetry_site)
         -> (scores at ids [N, k], ids int64)    routers ranked by any score (sigmoid, bias, ...)
-    route_affinity_cpu(logits, probs, top_k, alpha, beta, renorm) -> (weights, ids)
+    route_affinity_cpu(logits, probs, top_k, alpha, beta, renorm, k0) -> (weights, ids)
                                                 route's affinity policy after the softmax: the
                                                 CPU lowering's entry to the native kernel
     experts(x, ids, weights, w_up, w_gate?, w_down, activation, gated) -> [N, d]
@@ -217,17 +217,19 @@ def route_affinity_cpu(
     alpha: float,
     beta: float | None,
     renorm: bool,
+    k0: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """lynx::route's affinity policy from the model's softmax probs [N, E] (logits [N, E]):
     (weights [N, k] in probs' dtype, ids int64 [N, k]); equal probabilities rank the lower
-    index first. The CPU kernel is native (lynx_ops.cpp); this body is the reference."""
-    pol = reference.RoutingPolicy("affinity", alpha, beta)
+    index first; each token's own top-k0 is protected. The CPU kernel is native
+    (lynx_ops.cpp); this body is the reference."""
+    pol = reference.RoutingPolicy("affinity", alpha, beta, k0)
     weights = "renorm" if renorm else "mass"
     return reference.route_reference(logits, top_k, pol, weights, "lower_index", probs=probs)
 
 
 @route_affinity_cpu.register_fake
-def _route_affinity_fake(logits, probs, top_k, alpha, beta, renorm):
+def _route_affinity_fake(logits, probs, top_k, alpha, beta, renorm, k0=0):
     _check_scores(logits, top_k, "router logits")
     torch._check_value(
         probs.shape == logits.shape,

@@ -9,6 +9,8 @@ Routing (one MoE layer, one batch of N routed tokens, E experts, top-k):
   affinity  AffinityBinning (LYNX, arXiv 2411.08982), see docs/design/affinity_binning.md.
   oea       opportunistic expert activation: keep each token's top-k0, fill from the union.
   static    keep the `budget` experts with the highest summed probability in the batch.
+affinity and static protect each token's own top-k0 (k0 = 0: LYNX as published): those
+experts are always kept, the policy decides the rest.
 
 Weight conventions (`weights=`):
   "renorm"  the model divides its top-k probabilities by their sum (Mixtral, Qwen3-MoE).
@@ -28,23 +30,32 @@ from lynx_compile.lowering.constants import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     DEFAULT_BUDGET,
-    DEFAULT_K0,
     POLICIES,
     SCORE_SPACES,
     WEIGHT_CONVENTIONS,
+    default_k0,
 )
 from lynx_compile.lowering.constants import MIN_BIN as _MIN_BIN
 
 
 @dataclass(frozen=True)
 class RoutingPolicy:
-    """One routing policy and its parameters (validated by lynx_compile.config)."""
+    """One routing policy and its parameters (validated by lynx_compile.config).
+
+    k0: each token's own top-k0 experts by probability: oea's kept set is their union;
+    affinity and static always keep them (0: no protection). None: the policy's default
+    (constants.default_k0).
+    """
 
     name: str = "exact"
     alpha: float = DEFAULT_ALPHA
     beta: float | None = DEFAULT_BETA
-    k0: int = DEFAULT_K0
+    k0: int | None = None
     budget: int = DEFAULT_BUDGET
+
+    def __post_init__(self):
+        if self.k0 is None:
+            object.__setattr__(self, "k0", default_k0(self.name))
 
 
 def check_logits(logits: torch.Tensor, top_k: int) -> None:
@@ -93,11 +104,15 @@ def _finite_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def affinity_bins(logits: torch.Tensor, alpha: float, beta: float | None) -> torch.Tensor:
-    """q[t, e] = ceil(alpha * (L[t, e] - max_e' L[t, e'])), floored at -beta: int64 [N, E] <= 0."""
+    """q[t, e] = ceil(alpha * (L[t, e] - max_e' L[t, e'])), floored at -beta: int64 [N, E] <= 0.
+
+    A -inf logit (an expert the model masked out) gets MIN_BIN, below the floor: it never
+    votes and ranks after every finite expert.
+    """
     shifted = alpha * (logits.double() - logits.double().amax(dim=1, keepdim=True))
     q = torch.ceil(shifted).nan_to_num(nan=0.0, neginf=_MIN_BIN).clamp(_MIN_BIN, 0)
     if beta is not None:
-        q = q.clamp(min=-math.floor(beta))
+        q = torch.where(logits == float("-inf"), _MIN_BIN, q.clamp(min=-math.floor(beta)))
     return q.to(torch.int64)
 
 
@@ -135,10 +150,23 @@ def popularity_key(q: torch.Tensor, include: torch.Tensor, beta: float | None) -
     return vote.sum(dim=0, keepdim=True) - vote
 
 
-def _final_from_kept(probs: torch.Tensor, kept: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Each token's top-k by (in kept set, probability, lower index): int64 [N, k]."""
-    order = _stable_rank([kept.to(probs.dtype), probs])
-    return order[:, :top_k]
+def _final_from_kept(
+    logits: torch.Tensor, probs: torch.Tensor, kept: torch.Tensor, top_k: int
+) -> torch.Tensor:
+    """The remap: each token's top-k by (kept and usable, usable, kept, probability, lower
+    index): int64 [N, k]. Usable: a finite logit. So a token takes an expert the model masked
+    out (-inf) only when fewer than k usable ones exist, and then a kept one first."""
+    usable = logits > float("-inf")  # NaN rows are invalid and keep exact routing anyway
+    rank_class = 2 * usable.to(torch.int64) + kept.to(torch.int64)  # 3, 2, 1, 0 in that order
+    return _stable_rank([rank_class, probs])[:, :top_k]
+
+
+def protected_experts(probs: torch.Tensor, k0: int, top_k: int) -> torch.Tensor:
+    """Each token's own top-min(k0, k) by (probability, lower index) as bool [N, E]."""
+    if k0 <= 0:
+        return torch.zeros_like(probs, dtype=torch.bool)
+    own = _stable_rank([probs])[:, : min(k0, top_k)]
+    return _row_sets(own, probs.shape[1])
 
 
 def _row_sets(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -194,7 +222,7 @@ def route_reference(
         return exact_weights, exact_ids
 
     if policy.name == "affinity":
-        ids, same = affinity_ids(logits, probs, exact_ids, policy.alpha, policy.beta)
+        ids, same = affinity_ids(logits, probs, exact_ids, policy.alpha, policy.beta, policy.k0)
     else:
         ids, same = _kept_set_ids(logits, probs, exact_ids, policy)
     # Tokens whose experts did not change keep the model's weights bit for bit.
@@ -208,23 +236,26 @@ def affinity_ids(
     exact_ids: torch.Tensor,
     alpha: float,
     beta: float | None,
+    k0: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AffinityBinning's experts: (ids int64 [N, k], same bool [N, 1]).
 
-    logits, probs [N, E]; exact_ids [N, k] the model's top-k. Each valid token ranks its
-    experts by (bin, popularity, probability, lower index); the batch keeps the union of
-    their top-k; each token then takes its top-k by probability among the kept experts.
+    logits, probs [N, E]; exact_ids [N, k] the model's top-k. Each valid token chooses its
+    own top-k0 experts (by probability, lower index), then the rest by (bin, popularity,
+    probability, lower index); the batch keeps the union of the choices; each token then
+    takes its top-k by probability among the kept experts (the remap order).
     `same` marks tokens whose expert set did not change: they keep exact_ids as they are.
     """
     valid = _finite_rows(logits)  # [N]
     top_k = exact_ids.shape[1]
     q = affinity_bins(logits, alpha, beta)
     pop = popularity_key(q, valid, beta)
-    chosen = _stable_rank([q, pop, probs])[:, :top_k]
+    keys = [q, pop, probs]
+    if k0 > 0:
+        keys.insert(0, protected_experts(probs, k0, top_k).to(torch.int64))
+    chosen = _stable_rank(keys)[:, :top_k]
     kept = _kept_union(chosen, valid, logits.shape[1])
-    # Every token's chosen set is in K and |K| >= k: one sort by the masked probabilities.
-    masked = torch.where(kept, probs, -1.0)
-    ids = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :top_k]
+    ids = _final_from_kept(logits, probs, kept, top_k)
     return _keep_exact_rows(ids, valid, exact_ids, logits.shape[1])
 
 
@@ -239,6 +270,12 @@ def _kept_union(kept_ids: torch.Tensor, valid: torch.Tensor, num_experts: int) -
     kept = torch.zeros(kept_ids.shape[0], num_experts, dtype=torch.bool, device=kept_ids.device)
     kept = kept.scatter(1, kept_ids, valid[:, None].expand_as(kept_ids))
     return kept.any(dim=0, keepdim=True).expand_as(kept)
+
+
+def _union_of_rows(member: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Union over the valid tokens of per-token sets member bool [N, E]: bool [N, E] (rows
+    equal)."""
+    return (member & valid[:, None]).any(dim=0, keepdim=True).expand_as(member)
 
 
 def _keep_exact_rows(
@@ -259,16 +296,18 @@ def _kept_set_ids(
     valid = _finite_rows(logits)  # [N]
     top_k = exact_ids.shape[1]
     num_experts = logits.shape[1]
+    # Own top-k0 under the same tie rule as the remap (torch.topk's tie order is unspecified):
+    # oea's kept set, static's protected experts.
+    own = _union_of_rows(protected_experts(probs, policy.k0, top_k), valid)
     if policy.name == "oea":
-        # Own top-k0 under the same tie rule as the remap (torch.topk's tie order is unspecified).
-        kept_ids = _stable_rank([probs])[:, : min(policy.k0, top_k)]
+        kept = own
     else:  # static
         totals = torch.where(valid[:, None], probs, 0).sum(dim=0)  # [E]
         budget = min(max(policy.budget, top_k), num_experts)
         top_experts = _stable_rank([totals[None, :]])[0, :budget]
-        kept_ids = top_experts.expand(logits.shape[0], budget)
-    kept = _kept_union(kept_ids, valid, num_experts)
-    ids = _final_from_kept(probs, kept, top_k)
+        kept = _kept_union(top_experts.expand(logits.shape[0], budget), valid, num_experts)
+        kept = kept | own
+    ids = _final_from_kept(logits, probs, kept, top_k)
     return _keep_exact_rows(ids, valid, exact_ids, num_experts)
 
 
@@ -369,13 +408,16 @@ def score_bins(scores: torch.Tensor, space: str, alpha: float, beta: float | Non
     if space not in SCORE_SPACES:
         raise ValueError(f"unknown score space {space!r}; valid: {', '.join(SCORE_SPACES)}")
     if space == "prob":
-        ranked = scores.double().log()
+        ranked = scores.double().log()  # a masked -inf score gives NaN, 0 gives -inf
     elif space == "score":
         ranked = scores.double() * _SCORE_BINS_PER_UNIT
     else:
         ranked = scores.double()
-    q = affinity_bins(ranked, alpha, beta)
-    return torch.where(torch.isfinite(ranked), q, _MIN_BIN)
+    finite = torch.isfinite(ranked)
+    # The bins hang from the row's finite maximum: a NaN (log of a masked -inf) would make
+    # the maximum NaN and put every expert in bin 0.
+    q = affinity_bins(torch.where(finite, ranked, float("-inf")), alpha, beta)
+    return torch.where(finite, q, _MIN_BIN)
 
 
 def _static_totals(scores: torch.Tensor, space: str, valid: torch.Tensor) -> torch.Tensor:
@@ -413,18 +455,21 @@ def route_scored_reference(
     valid = _finite_rows(scores)  # [N]
     usable = torch.isfinite(scores)  # [N, E]: experts the model lets this token use
     num_experts = scores.shape[1]
+    own = protected_experts(scores, policy.k0, top_k)  # [N, E] each token's top-k0
     if policy.name == "affinity":
         q = score_bins(scores, space, policy.alpha, policy.beta)
         pop = popularity_key(q, valid, policy.beta)
-        kept_ids = _stable_rank([q, pop, scores])[:, :top_k]
+        keys = [q, pop, scores] if policy.k0 == 0 else [own.to(torch.int64), q, pop, scores]
+        kept = _kept_union(_stable_rank(keys)[:, :top_k], valid, num_experts)
     elif policy.name == "oea":
-        kept_ids = _stable_rank([scores])[:, : min(policy.k0, top_k)]
+        kept = _union_of_rows(own, valid)
     else:  # static
         totals = _static_totals(scores, space, valid)
         budget = min(max(policy.budget, top_k), num_experts)
         kept_ids = _stable_rank([totals[None, :]])[0, :budget].expand(scores.shape[0], budget)
+        kept = _kept_union(kept_ids, valid, num_experts) | _union_of_rows(own, valid)
 
-    kept = _kept_union(kept_ids, valid, num_experts) & usable  # per token's mask
+    kept = kept & usable  # per token's mask
     ids = _stable_rank([kept.to(scores.dtype), scores])[:, :top_k]
     # Tokens whose experts did not change keep torch.topk's order bit for bit.
     ids, _ = _keep_exact_rows(ids, valid, exact_ids, num_experts)

@@ -8,6 +8,8 @@ sizes, from L2) and buys a single launch without inter-CTA synchronisation or sc
 buffers.
 
 Agreement with `reference.route_reference` (the specification):
+  - each token's own top-k0 is chosen first (affinity), or joins the kept set (oea,
+    static); the remap ranks kept usable experts first (class 2 * usable + kept);
   - affinity bins are computed in fp64 from the same operations (alpha is passed as its
     fp64 bit pattern, Triton would otherwise narrow a Python float to fp32);
   - popularity is the same exact int64 key (`reference.popularity_key`), with the bin
@@ -39,10 +41,10 @@ from lynx_compile.lowering.constants import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     DEFAULT_BUDGET,
-    DEFAULT_K0,
     MIN_BIN,
     POLICY_CODES,
     TRITON_DTYPES,
+    default_k0,
 )
 from lynx_compile.lowering.constants import ROUTE_MAX_EXPERTS as MAX_EXPERTS
 from lynx_compile.lowering.constants import ROUTE_MAX_TOP_K as MAX_TOP_K
@@ -87,7 +89,8 @@ def _load_scores(logits_ptr, stride_t, rows, cols, num_tokens, num_experts, PREC
 
 @triton.jit
 def _affinity_bins(logits, row_max, valid, alpha_bits, beta_floor, HAS_BETA: tl.constexpr):
-    """q [BT, BE] int64 <= 0 exactly as reference.affinity_bins (0 on invalid rows)."""
+    """q [BT, BE] int64 <= 0 exactly as reference.affinity_bins (0 on invalid rows; a -inf
+    logit gets MIN_BIN, below the floor)."""
     alpha = alpha_bits.to(tl.float64, bitcast=True)
     safe_max = tl.where(valid, row_max, 0.0).to(tl.float64)
     shifted = alpha * (logits.to(tl.float64) - safe_max[:, None])
@@ -95,7 +98,7 @@ def _affinity_bins(logits, row_max, valid, alpha_bits, beta_floor, HAS_BETA: tl.
     q = tl.where(valid[:, None] & (q == q), q, 0.0)
     q = tl.minimum(tl.maximum(q, _MIN_BIN), 0.0).to(tl.int64)
     if HAS_BETA:
-        q = tl.maximum(q, -beta_floor)
+        q = tl.where(logits == float("-inf"), q, tl.maximum(q, -beta_floor))
     return q
 
 
@@ -193,12 +196,16 @@ def route_kernel(
             q = _affinity_bins(logits, row_max, valid, alpha_bits, beta_floor, HAS_BETA)
             pop = votes[None, :] - _votes(q, valid, num_tokens, bins)  # others' votes only
             avail = valid[:, None] & in_col[None, :]
-            for _ in range(top_k):
+            for _ in range(keep_k0):  # each token's own top-k0 first (the protected choice)
+                _, pick = _lowest(_narrow_float(avail, probs), cols, BLOCK_E)
+                avail = avail & ~pick
+                kept = tl.maximum(kept, tl.max(pick.to(tl.int32), axis=0))
+            for _ in range(top_k - keep_k0):
                 cand = _narrow_float(_narrow_int(_narrow_int(avail, q), pop), probs)
                 _, pick = _lowest(cand, cols, BLOCK_E)
                 avail = avail & ~pick
                 kept = tl.maximum(kept, tl.max(pick.to(tl.int32), axis=0))
-    elif POLICY == _OEA:
+    elif POLICY != _EXACT:  # oea's kept set, static's protected experts: own top-k0
         for start in range(0, num_tokens, BLOCK_T):
             rows = start + tile_rows
             probs, logits, row_max, valid = _load_scores(
@@ -209,7 +216,7 @@ def route_kernel(
                 _, pick = _lowest(_narrow_float(avail, probs), cols, BLOCK_E)
                 avail = avail & ~pick
                 kept = tl.maximum(kept, tl.max(pick.to(tl.int32), axis=0))
-    elif POLICY == _STATIC:
+    if POLICY == _STATIC:
         totals = tl.zeros([BLOCK_E], dtype=tl.float32)
         for start in range(0, num_tokens, BLOCK_T):
             rows = start + tile_rows
@@ -254,13 +261,15 @@ def route_kernel(
     out_ids = exact_ids
     out_w = exact_w
     if POLICY != _EXACT:
-        kept_rows = kept[None, :] + tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
+        # remap class 2 * usable + kept (usable: a finite logit), then probability, index
+        usable = (logits > float("-inf")).to(tl.int32)
+        rank_class = 2 * usable + kept[None, :]
         final_ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int64)
         final_vals = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
         final_set = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
         avail = in_row[:, None] & in_col[None, :]
         for j in range(top_k):
-            cand = _narrow_float(_narrow_int(avail, kept_rows.to(tl.int64)), rank_probs)
+            cand = _narrow_float(_narrow_int(avail, rank_class.to(tl.int64)), rank_probs)
             idx, pick = _lowest(cand, cols, BLOCK_E)
             avail = avail & ~pick
             final_set = tl.where(pick, 1, final_set)
@@ -322,19 +331,22 @@ def route(
     policy: str = "exact",
     alpha: float = DEFAULT_ALPHA,
     beta: float | None = DEFAULT_BETA,
-    k0: int = DEFAULT_K0,
+    k0: int | None = None,
     budget: int = DEFAULT_BUDGET,
     weights: str = "renorm",
     wrap=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, E] -> (weights [N, k] in logits' dtype, ids int64 [N, k]), one launch.
 
+    k0: each token's own top-k0 experts, always kept (None: the policy's default).
     `wrap` turns the kernel into what launches it (torch.library.wrap_triton while a
     compiled graph is traced, see triton_ops.py); None launches it directly.
     """
     check_route_args(logits, top_k, policy, weights)
     if policy == "affinity" and not alpha > 0:
         raise ValueError(f"affinity needs alpha > 0, got {alpha}")
+    if k0 is None:
+        k0 = default_k0(policy)
     num_tokens, num_experts = logits.shape
     out_w = _empty((num_tokens, top_k), logits.dtype, logits.device)
     out_ids = _empty((num_tokens, top_k), torch.int64, logits.device)

@@ -21,7 +21,23 @@ from lynx_compile.backend import lynx_backend  # noqa: E402
 from lynx_compile.config import LynxConfig, parse_options  # noqa: E402
 from lynx_compile.export import export  # noqa: E402
 from lynx_compile.lowering.reference import RoutingPolicy, route_reference  # noqa: E402
-from lynx_compile.passes.report import clear_report, report  # noqa: E402
+from lynx_compile.passes import report as _report  # noqa: E402
+
+
+def report() -> dict:
+    """What the lynx passes matched, rewrote and left alone since the last clear_report()
+    ("sites"), and the calibrations those graphs use ("calibration": [] when none)."""
+    from lynx_compile import calibration
+
+    return {**_report.report(), "calibration": calibration.in_use()}
+
+
+def clear_report() -> None:
+    """Forget recorded sites, telemetry and calibrations in use (compiled graphs keep working)."""
+    from lynx_compile import calibration
+
+    _report.clear_report()
+    calibration.clear_in_use()
 
 
 def _register_without_entry_point() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 from lynx_compile.lowering.constants import (
@@ -13,7 +14,9 @@ from lynx_compile.lowering.constants import (
     DEFAULT_BUDGET,
     DEFAULT_K0,
     DEFAULT_POLICY,
+    DEFAULT_PROTECTED_K0,
     POLICIES,
+    default_k0,
 )
 from lynx_compile.lowering.reference import RoutingPolicy
 
@@ -21,8 +24,17 @@ _OPTION_HELP = {
     "policy": f"one of {', '.join(POLICIES)} (default {DEFAULT_POLICY})",
     "alpha": f"bin width parameter of affinity, a float > 0 (default {DEFAULT_ALPHA})",
     "beta": f"floor of affinity bins, a number > 0 or None for no floor (default {DEFAULT_BETA})",
-    "k0": f"experts each token keeps under oea, an int >= 1 (default {DEFAULT_K0})",
+    "k0": (
+        "each token's own top-k0 experts, always kept: oea's kept set is their union (an int "
+        f">= 1, default {DEFAULT_K0}); affinity and static decide the rest (an int >= 0, "
+        f"default {DEFAULT_PROTECTED_K0} for affinity, 0 for static; 0 = no protection); "
+        "None = the policy's default"
+    ),
     "budget": f"experts a batch keeps under static, an int >= 1 (default {DEFAULT_BUDGET})",
+    "calibration": (
+        "a calibration file written by `lynx-compile calibrate` (a path), or its loaded dict: "
+        "sets policy, alpha, beta, k0 and budget (give none of those with it)"
+    ),
     "decode_only": "apply approximate policies only to decode steps, a bool (default True)",
     "telemetry": "record distinct experts per call per site, a bool (default False)",
     "fuse_experts": "rewrite the expert dispatch into lynx::experts where found (default True)",
@@ -39,8 +51,9 @@ class LynxConfig:
     policy: str = DEFAULT_POLICY
     alpha: float = DEFAULT_ALPHA
     beta: float | None = DEFAULT_BETA
-    k0: int = DEFAULT_K0
+    k0: int | None = None
     budget: int = DEFAULT_BUDGET
+    calibration: dict | None = None
     decode_only: bool = True
     telemetry: bool = False
     fuse_experts: bool = True
@@ -50,7 +63,8 @@ class LynxConfig:
     def routing_policy(self, decode: bool) -> RoutingPolicy:
         """The policy a router site gets: approximate only for decode (unless decode_only off)."""
         name = self.policy if (decode or not self.decode_only) else "exact"
-        return RoutingPolicy(name, self.alpha, self.beta, self.k0, self.budget)
+        k0 = default_k0(self.policy) if self.k0 is None else self.k0
+        return RoutingPolicy(name, self.alpha, self.beta, k0, self.budget)
 
     def cache_key(self) -> str:
         """Stable hash of the options, so Inductor's FX graph cache tells configs apart."""
@@ -60,6 +74,28 @@ class LynxConfig:
 
 def _bad(key: str, value: Any) -> ValueError:
     return ValueError(f"lynx option {key}={value!r} is invalid: expected {_OPTION_HELP[key]}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_POLICY_KEYS = ("policy", "alpha", "beta", "k0", "budget")
+
+
+def _apply_calibration(options: dict) -> dict:
+    """options with `calibration` (a path or a loaded dict) replaced by the loaded file and
+    its chosen policy's settings."""
+    from lynx_compile import calibration  # torch-only runtime part of the calibration
+
+    clash = sorted(k for k in _POLICY_KEYS if k in options)
+    if clash:
+        raise ValueError(
+            f"lynx options {clash} conflict with option calibration: the calibration file "
+            "sets the policy and its parameters; give one or the other"
+        )
+    loaded = calibration.load(options["calibration"])
+    return {**options, "calibration": loaded, **calibration.policy_options(loaded)}
 
 
 def _is_number(value: Any) -> bool:
@@ -77,12 +113,18 @@ def parse_options(options: dict | None, mode: str | None = None) -> LynxConfig:
         )
     if mode is not None:
         options.setdefault("mode", mode)
+    if options.get("calibration") is not None:
+        if not isinstance(options["calibration"], (str, Path, dict)):
+            raise _bad("calibration", options["calibration"])
+        options = _apply_calibration(options)
+    least_k0 = 1 if options.get("policy", DEFAULT_POLICY) == "oea" else 0
     checks = {
         "policy": lambda v: v in POLICIES,
         "alpha": lambda v: _is_number(v) and v > 0,
         "beta": lambda v: v is None or (_is_number(v) and v > 0),
-        "k0": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-        "budget": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "k0": lambda v: v is None or (_is_int(v) and v >= least_k0),
+        "calibration": lambda v: v is None or isinstance(v, dict),
+        "budget": lambda v: _is_int(v) and v >= 1,
         "decode_only": lambda v: isinstance(v, bool),
         "telemetry": lambda v: isinstance(v, bool),
         "fuse_experts": lambda v: isinstance(v, bool),
@@ -91,7 +133,15 @@ def parse_options(options: dict | None, mode: str | None = None) -> LynxConfig:
     }
     for key, value in options.items():
         if not checks[key](value):
+            if key == "k0" and _is_int(value) and value >= 0:
+                raise ValueError(
+                    f"lynx option k0={value} is invalid with policy "
+                    f"{options.get('policy', DEFAULT_POLICY)!r}: oea keeps the union of each "
+                    "token's own top-k0 and needs k0 >= 1 (k0 = 0 is for affinity and static)"
+                )
             raise _bad(key, value)
+    if options.get("k0") is None:
+        options["k0"] = default_k0(options.get("policy", DEFAULT_POLICY))
     if "alpha" in options:
         options["alpha"] = float(options["alpha"])
     if options.get("beta") is not None:

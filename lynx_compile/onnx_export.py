@@ -50,10 +50,10 @@ def route_scored_decomposed(scores, top_k, space, policy, alpha, beta, k0, budge
     return reference.route_scored_reference(scores, top_k, space, pol)
 
 
-def route_affinity_cpu_decomposed(logits, probs, top_k, alpha, beta, renorm):
+def route_affinity_cpu_decomposed(logits, probs, top_k, alpha, beta, renorm, k0=0):
     """lynx::route_affinity_cpu: lynx::route with the affinity policy (probs are the
     logits' softmax), its top-k ties to the lower index as the kernel orders them."""
-    policy = RoutingPolicy("affinity", alpha, beta)
+    policy = RoutingPolicy("affinity", alpha, beta, k0)
     weights = "renorm" if renorm else "mass"
     return route_reference(logits, top_k, policy, weights, ties="lower_index", probs=probs)
 

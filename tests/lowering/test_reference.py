@@ -14,16 +14,19 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from lynx_compile.lowering.constants import MIN_BIN
 from lynx_compile.lowering.reference import (
     RoutingPolicy,
     distinct_experts,
     experts_reference,
     route_reference,
+    score_bins,
 )
 
 POLICIES = [
     RoutingPolicy("exact"),
     RoutingPolicy("affinity", alpha=3.0, beta=2.0),
+    RoutingPolicy("affinity", alpha=3.0, beta=2.0, k0=0),
     RoutingPolicy("affinity", alpha=1.0, beta=1.0),
     RoutingPolicy("affinity", alpha=0.7, beta=None),
     RoutingPolicy("oea", k0=1),
@@ -33,8 +36,9 @@ POLICIES = [
 
 
 @st.composite
-def router_logits(draw):
-    """Random logits [N, E] with coarse values so that bins and scores tie often."""
+def router_logits(draw, masked: bool = False):
+    """Random logits [N, E] with coarse values so that bins and scores tie often; with
+    `masked`, some experts at -inf (masked out by the model), whole rows at times."""
     n = draw(st.integers(1, 12))
     e = draw(st.integers(2, 12))
     k = draw(st.integers(1, min(e, 4)))
@@ -42,44 +46,124 @@ def router_logits(draw):
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randint(-8, 9, (n, e), generator=gen).float() * scale
+    if masked and draw(st.booleans()):
+        share = draw(st.sampled_from([0.2, 0.5]))
+        logits[torch.rand(n, e, generator=gen) < share] = float("-inf")
     return logits, k
 
 
-def brute_force_affinity(logits: torch.Tensor, k: int, alpha: float, beta: float | None):
-    """The design page's steps 1-6, literally, per token, with exact fractions (a batch of
-    one token routes exactly: docs/design/affinity_binning.md, edge cases)."""
-    rows = logits.double().tolist()
+MASKED_BIN = -(10**9)  # brute force: a -inf logit ranks below every finite bin
+
+
+def brute_force_route(logits: torch.Tensor, k: int, policy: RoutingPolicy):
+    """The design page's statement of affinity, oea and static, literally, per token, with
+    exact fractions for the votes: own top-k0, then the policy's choice, the kept set K,
+    and the remap by (kept and usable, usable, kept, probability, lower index). A batch of
+    one token and rows with NaN or a non-finite maximum keep the exact routing."""
+    probs_t = torch.softmax(logits, dim=-1)
+    exact = torch.topk(probs_t, k, dim=-1).indices.tolist()
+    rows, probs = logits.double().tolist(), probs_t.tolist()
     n, e = len(rows), len(rows[0])
-    if n == 1:
-        return torch.topk(torch.softmax(logits, dim=-1), k, dim=-1).indices.tolist()
-    q = []
-    for row in rows:
-        top = max(row)
-        bins = [math.ceil(alpha * (v - top)) for v in row]
-        q.append([max(b, -math.floor(beta)) if beta is not None else b for b in bins])
-    h = [[Fraction(n) ** qq for qq in row] for row in q]
-    total = [sum(h[t][j] for t in range(n)) for j in range(e)]
-    probs = torch.softmax(logits, dim=-1).tolist()
+    if n == 1 or policy.name == "exact":
+        return exact
+    valid = [math.isfinite(max(r)) and not any(math.isnan(v) for v in r) for r in rows]
+    own = [sorted(range(e), key=lambda j: (-probs[t][j], j))[: min(policy.k0, k)] for t in range(n)]
     kept = set()
     for t in range(n):
-        pop = [(total[j] - h[t][j]) / n for j in range(e)]
-        order = sorted(range(e), key=lambda j: (-(q[t][j] + pop[j]), -probs[t][j], j))
-        kept.update(order[:k])
+        if valid[t]:
+            kept.update(own[t])
+    if policy.name == "affinity":
+        alpha, beta = policy.alpha, policy.beta
+        q = []
+        for row in rows:
+            top = max(row)
+            bins = [MASKED_BIN if v == -math.inf else math.ceil(alpha * (v - top)) for v in row]
+            if beta is not None:
+                bins = [b if b == MASKED_BIN else max(b, -math.floor(beta)) for b in bins]
+            q.append(bins)
+        h = [
+            [Fraction(0) if not valid[t] or b == MASKED_BIN else Fraction(n) ** b for b in q[t]]
+            for t in range(n)
+        ]
+        total = [sum(h[t][j] for t in range(n)) for j in range(e)]
+        for t in range(n):
+            if not valid[t]:
+                continue
+            pop = [(total[j] - h[t][j]) / n for j in range(e)]
+            rest = sorted(
+                (j for j in range(e) if j not in own[t]),
+                key=lambda j: (-(q[t][j] + pop[j]), -probs[t][j], j),
+            )
+            kept.update(rest[: k - len(own[t])])
+    elif policy.name == "static":
+        totals = [sum(probs[t][j] for t in range(n) if valid[t]) for j in range(e)]
+        m = min(max(policy.budget, k), e)
+        kept.update(sorted(range(e), key=lambda j: (-totals[j], j))[:m])
     final = []
     for t in range(n):
-        order = sorted(kept, key=lambda j: (-probs[t][j], j))
-        final.append(order[:k])
+        if not valid[t]:
+            final.append(exact[t])
+            continue
+        usable = [v > -math.inf for v in rows[t]]
+        cls = [2 * usable[j] + (j in kept) for j in range(e)]
+        final.append(sorted(range(e), key=lambda j: (-cls[j], -probs[t][j], j))[:k])
     return final
 
 
-@settings(max_examples=150, deadline=None)
-@given(router_logits(), st.sampled_from([(3.0, 2.0), (1.0, 1.0), (0.7, None), (2.0, 4.0)]))
-def test_affinity_matches_brute_force(case, params):
+AFFINITY_PARAMS = [(3.0, 2.0), (1.0, 1.0), (0.7, None), (2.0, 4.0)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    router_logits(masked=True),
+    st.sampled_from(AFFINITY_PARAMS),
+    st.sampled_from([0, 1, 2]),
+)
+def test_affinity_matches_brute_force(case, params, k0):
     logits, k = case
     alpha, beta = params
-    _, ids = route_reference(logits, k, RoutingPolicy("affinity", alpha=alpha, beta=beta))
-    expected = brute_force_affinity(logits, k, alpha, beta)
+    policy = RoutingPolicy("affinity", alpha=alpha, beta=beta, k0=k0)
+    _, ids = route_reference(logits, k, policy)
+    expected = brute_force_route(logits, k, policy)
     assert [sorted(r) for r in ids.tolist()] == [sorted(r) for r in expected]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    router_logits(masked=True),
+    st.sampled_from(
+        [
+            RoutingPolicy("oea", k0=1),
+            RoutingPolicy("oea", k0=2),
+            RoutingPolicy("static", budget=3, k0=0),
+            RoutingPolicy("static", budget=2, k0=1),
+            RoutingPolicy("static", budget=5, k0=2),
+        ]
+    ),
+)
+def test_kept_set_policies_match_brute_force(case, policy):
+    logits, k = case
+    _, ids = route_reference(logits, k, policy)
+    expected = brute_force_route(logits, k, policy)
+    assert [sorted(r) for r in ids.tolist()] == [sorted(r) for r in expected]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    router_logits(),
+    st.sampled_from(
+        [RoutingPolicy("affinity", 1.0, 1.0, k0=1), RoutingPolicy("affinity", 0.5, 1.0, k0=2)]
+        + [RoutingPolicy("static", budget=2, k0=1), RoutingPolicy("oea", k0=1)]
+    ),
+)
+def test_every_token_keeps_its_own_top_k0(case, policy):
+    logits, k = case
+    _, ids = route_reference(logits, k, policy)
+    probs = torch.softmax(logits, dim=-1)
+    own = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, : min(policy.k0, k)]
+    for t in range(logits.shape[0]):
+        if logits.shape[0] > 1:
+            assert set(own[t].tolist()) <= set(ids[t].tolist())
 
 
 @settings(max_examples=100, deadline=None)
@@ -135,14 +219,14 @@ def test_tie_order_q_then_popularity_then_score_then_index():
     # Two tokens, 4 experts, k=1. Token 0 prefers e0 by 0.05 logits, inside one bin
     # (alpha=1): popularity decides. Token 1 is certain about e1, so e1 is popular.
     logits = torch.tensor([[0.05, 0.0, -5.0, -5.0], [-5.0, 3.0, -5.0, -5.0]])
-    _, ids = route_reference(logits, 1, RoutingPolicy("affinity", alpha=1.0, beta=None))
+    _, ids = route_reference(logits, 1, RoutingPolicy("affinity", 1.0, None, k0=0))
     assert ids[:, 0].tolist() == [1, 1]
     # Same bins and popularity for e0 and e1 (token 1 votes equally): score decides.
     logits = torch.tensor([[0.05, 0.0, -5.0, -5.0], [0.0, 0.0, -5.0, -5.0]])
-    _, ids = route_reference(logits, 1, RoutingPolicy("affinity", alpha=1.0, beta=None))
+    _, ids = route_reference(logits, 1, RoutingPolicy("affinity", 1.0, None, k0=0))
     assert ids[0, 0].item() == 0
     # Exact ties everywhere: lower expert index wins.
-    _, ids = route_reference(torch.zeros(3, 5), 2, RoutingPolicy("affinity"))
+    _, ids = route_reference(torch.zeros(3, 5), 2, RoutingPolicy("affinity", k0=0))
     assert ids.tolist() == [[0, 1]] * 3
 
 
@@ -198,6 +282,39 @@ def test_masked_experts_at_minus_inf_are_never_chosen():
     for policy in POLICIES:
         _, ids = route_reference(logits, 2, policy)
         assert (ids != 0).all(), policy
+
+
+@pytest.mark.parametrize("k0", [0, 1])
+@pytest.mark.parametrize("beta", [1.0, 2.0, None])
+def test_a_masked_expert_another_token_needs_is_not_taken(k0, beta):
+    # Token 0 masks expert 1; token 1 wants it. With a floor on the bins the masked expert
+    # used to share token 0's deepest bin with expert 2 and win there on token 1's vote.
+    logits = torch.tensor([[0.0, float("-inf"), -10.0], [-10.0, 0.0, -10.0]])
+    weights, ids = route_reference(logits, 2, RoutingPolicy("affinity", 3.0, beta, k0))
+    assert sorted(ids[0].tolist()) == [0, 2]
+    assert (weights[0] > 0).all()
+
+
+def test_masked_experts_rank_below_every_usable_one_in_static():
+    # static keeps {0, 1} by mass; token 0 masks expert 1, so it takes a usable expert
+    # outside the kept set rather than the masked one inside it.
+    logits = torch.tensor([[3.0, float("-inf"), 0.0], [3.0, 2.9, -5.0], [2.9, 3.0, -5.0]])
+    _, ids = route_reference(logits, 2, RoutingPolicy("static", budget=2, k0=0))
+    assert sorted(ids[0].tolist()) == [0, 2]
+
+
+def test_prob_space_bins_ignore_masked_scores():
+    # DeepSeek-V2 style grouped routers mask whole groups to -inf in probability space;
+    # log(-inf) is NaN, which made the row maximum NaN and put every expert in bin 0.
+    probs = torch.tensor([[0.5, float("-inf"), 0.05, 0.0], [float("-inf"), 0.9, 0.1, 0.4]])
+    q = score_bins(probs, "prob", 1.0, None)
+    finite = torch.tensor([[0.5, 0.05], [0.9, 0.1]]).double().log()
+    for t, cols in enumerate(([0, 2], [1, 2])):
+        top = finite[t].max()
+        expected = [math.ceil(v - top) for v in finite[t].tolist()]
+        assert q[t, cols].tolist() == expected
+    assert q[0, 1] == q[1, 0] == q[0, 3] == MIN_BIN  # masked and zero scores: the lowest bin
+    assert q[0, 2] < 0  # a far expert is no longer in bin 0
 
 
 def test_bad_shapes_and_values_raise_clear_errors():

@@ -42,12 +42,14 @@ def _logits(tokens, experts, dtype, seed, scale=2.0, step=None):
 ROUTE_ATOL = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 
 
-def _both(logits, k, alpha, beta, weights="renorm"):
-    """(native, reference) routes (weights, ids) with the affinity policy. The reference
-    orders the model's tied probabilities as the kernel does (lower index first)."""
+def _both(logits, k, alpha, beta, weights="renorm", k0=0):
+    """(native, reference) routes (weights, ids) with the affinity policy, each token's own
+    top-k0 protected. The reference orders the model's tied probabilities as the kernel
+    does (lower index first)."""
     probs = torch.softmax(logits, dim=-1)
-    got = torch.ops.lynx.route_affinity_cpu(logits, probs, k, alpha, beta, weights == "renorm")
-    policy = reference.RoutingPolicy("affinity", alpha, beta)
+    renorm = weights == "renorm"
+    got = torch.ops.lynx.route_affinity_cpu(logits, probs, k, alpha, beta, renorm, k0)
+    policy = reference.RoutingPolicy("affinity", alpha, beta, k0)
     want = reference.route_reference(logits, k, policy, weights, ties="lower_index")
     return got, want
 
@@ -73,9 +75,9 @@ def _assert_same_route(got, want):
 )
 def test_route_affinity_equals_the_reference(tokens, experts, k, dtype, alpha, beta, weights):
     # step 0.5: coarse logits, so probabilities, bins and popularity tie a lot
-    for seed, step in ((0, None), (1, 0.5)):
+    for seed, step, k0 in ((0, None, 0), (1, 0.5, 0), (2, None, 1), (3, 0.5, 2)):
         logits = _logits(tokens, experts, dtype, seed, step=step)
-        _assert_same_route(*_both(logits, k, alpha, beta, weights))
+        _assert_same_route(*_both(logits, k, alpha, beta, weights, k0))
 
 
 def test_route_affinity_remaps_for_real_and_keeps_non_finite_rows_exact():
@@ -103,6 +105,22 @@ def test_route_affinity_alpha_zero_with_masked_experts():
         _assert_same_route(*_both(logits, 4, 0.0, beta))
 
 
+@pytest.mark.parametrize("k0", [0, 1])
+@pytest.mark.parametrize("beta", [1.0, 2.0, None])
+def test_route_affinity_never_takes_a_masked_expert_another_token_needs(k0, beta):
+    logits = torch.tensor([[0.0, float("-inf"), -10.0], [-10.0, 0.0, -10.0]])
+    got, want = _both(logits, 2, 3.0, beta, k0=k0)
+    _assert_same_route(got, want)
+    assert sorted(got[1][0].tolist()) == [0, 2] and (got[0][0] > 0).all()
+    # many masked experts: the vector and scalar bin paths, packed and four-key rankings
+    for seed, beta2 in ((4, 1.0), (5, 4.0), (6, None)):
+        logits = _logits(21, 37, torch.float32, seed, step=0.5)
+        logits[torch.rand(21, 37, generator=torch.Generator().manual_seed(seed)) < 0.6] = -float(
+            "inf"
+        )
+        _assert_same_route(*_both(logits, 4, 1.0, beta2, k0=k0))
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     tokens=st.integers(1, 40),
@@ -116,8 +134,12 @@ def test_route_affinity_property(tokens, experts, data, alpha, beta, step):
     k = data.draw(st.integers(1, min(experts, 9)))
     seed = data.draw(st.integers(0, 2**16))
     weights = data.draw(st.sampled_from(["renorm", "mass"]))
+    k0 = data.draw(st.integers(0, 3))
     logits = _logits(tokens, experts, torch.float32, seed, step=step)
-    _assert_same_route(*_both(logits, k, alpha, beta, weights))
+    if data.draw(st.booleans()):  # masked experts, now and then whole rows
+        gen = torch.Generator().manual_seed(seed)
+        logits[torch.rand(tokens, experts, generator=gen) < 0.3] = float("-inf")
+    _assert_same_route(*_both(logits, k, alpha, beta, weights, k0))
 
 
 def test_route_affinity_empty_batch_and_what_it_does_not_take():
@@ -238,7 +260,7 @@ def test_a_batch_of_one_token_routes_exactly_even_with_ties(policy):
     assert torch.equal(got_ids, want_ids) and torch.equal(got_w, want_w)
     probs = torch.softmax(logits, dim=-1)
     exact_ids = torch.topk(probs, 4, dim=-1).indices
-    ids, same = reference.affinity_ids(logits, probs, exact_ids, 3.0, 2.0)
+    ids, same = reference.affinity_ids(logits, probs, exact_ids, 3.0, 2.0, 1)
     assert torch.equal(ids, exact_ids) and bool(same.all())
     # the native route orders the tie lower index first: the model's top-k under that order
     got_w, got_ids = torch.ops.lynx.route_affinity_cpu(logits, probs, 4, 3.0, 2.0, True)
@@ -264,8 +286,8 @@ for beta in (2.0, None):
     logits = torch.randn(13, 37) * 2
     logits[2, 5] = float("nan")
     probs = torch.softmax(logits, dim=-1)
-    got = torch.ops.lynx.route_affinity_cpu(logits, probs, 4, 3.0, beta, True)
-    pol = reference.RoutingPolicy("affinity", 3.0, beta)
+    got = torch.ops.lynx.route_affinity_cpu(logits, probs, 4, 3.0, beta, True, 1)
+    pol = reference.RoutingPolicy("affinity", 3.0, beta, 1)
     want = reference.route_reference(logits, 4, pol, "renorm", ties="lower_index")
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6, equal_nan=True)

@@ -85,7 +85,7 @@ def test_affinity_on_gaussian_logits_and_strided_input(monkeypatch):
     gen = torch.Generator().manual_seed(7)
     wide = 2 * torch.randn(13, 120, generator=gen)
     logits = wide[:, ::2]  # [13, 60], stride 2 along experts
-    pol = reference.RoutingPolicy("affinity", 3.0, 2.0)
+    pol = reference.RoutingPolicy("affinity", 3.0, 2.0, k0=2)
     want = reference.route_reference(logits, 8, pol, "renorm")
     assert_routes_match(
         triton_route.route(logits, 8, "affinity", 3.0, 2.0, 2, 16, "renorm"), want, torch.float32
@@ -106,7 +106,7 @@ def test_non_finite_rows_keep_exact_routing_and_do_not_vote(monkeypatch, policy)
     logits[7, :] = float("-inf")
     logits[9, 1] = float("inf")
     logits[11, :4] = float("-inf")  # masked experts, finite maximum: an ordinary row
-    pol = reference.RoutingPolicy(policy, 3.0, 2.0, budget=12)
+    pol = reference.RoutingPolicy(policy, 3.0, 2.0, k0=2, budget=12)
     want_w, want_ids = reference.route_reference(logits, 8, pol, "renorm")
     got_w, got_ids = triton_route.route(logits, 8, policy, 3.0, 2.0, 2, 12, "renorm")
     bad = torch.tensor([2, 7, 9])
@@ -117,6 +117,41 @@ def test_non_finite_rows_keep_exact_routing_and_do_not_vote(monkeypatch, policy)
     assert torch.isnan(got_w[bad]).all() and torch.isnan(want_w[bad]).all()
     assert ((got_ids[bad] >= 0) & (got_ids[bad] < 60)).all()
     assert all(len(set(row.tolist())) == 8 for row in got_ids[bad])
+
+
+@pytest.mark.parametrize(
+    "tokens,experts,k,policy,beta,k0",
+    [
+        (3, 8, 2, "affinity", 1.0, 0),
+        (13, 60, 8, "affinity", 2.0, 3),
+        (33, 60, 4, "affinity", None, 1),
+        (13, 8, 2, "static", 2.0, 1),
+        (33, 60, 8, "static", 2.0, 2),
+    ],
+)
+def test_protected_choice_and_masked_experts_match_reference(
+    monkeypatch, tokens, experts, k, policy, beta, k0
+):
+    """Each token's own top-k0 (k0 0..3), with masked (-inf) experts in many rows: the
+    kernel ranks them below the floor and remaps usable kept experts first, as the
+    reference does."""
+    poison(monkeypatch)
+    logits = spaced_logits(tokens, experts, torch.float32, seed=tokens + 7 * k0)
+    gen = torch.Generator().manual_seed(k0)
+    logits[torch.rand(tokens, experts, generator=gen) < 0.4] = float("-inf")
+    logits[:, 0] = logits[:, 0].clamp(min=0.0)  # every row keeps a finite maximum
+    pol = reference.RoutingPolicy(policy, 1.0, beta, k0=k0, budget=3)
+    want = reference.route_reference(logits, k, pol, "renorm")
+    got = triton_route.route(logits, k, policy, 1.0, beta, k0, 3, "renorm")
+    assert_routes_match(got, want, torch.float32)
+
+
+def test_a_masked_expert_another_token_needs_is_not_taken(monkeypatch):
+    poison(monkeypatch)
+    logits = torch.tensor([[0.0, float("-inf"), -10.0], [-10.0, 0.0, -10.0]])
+    for k0 in (0, 1):
+        weights, ids = triton_route.route(logits, 2, "affinity", 3.0, 1.0, k0, 16, "renorm")
+        assert sorted(ids[0].tolist()) == [0, 2] and (weights[0] > 0).all()
 
 
 def test_cuda_kernel_matches_wrapper(monkeypatch):
