@@ -2,34 +2,50 @@
 routing and experts kernels against the reference, the routing kernel's latency, and one
 MoE block per shape at decode batches, stock vs lynx, against the bandwidth floor.
 
-    python benchmarks/gpu_check.py              # on the GPU; writes docs/results/gpu_check.*
+    python benchmarks/gpu_check.py              # on the GPU; writes $OUT/gpu_check.json
+                                                # (else docs/results/gpu_check.json) and .md
     python benchmarks/gpu_check.py --dry-run    # on CPU: tiny shapes, TRITON_INTERPRET=1,
                                                 # exercises every path, no timing claims
 
-Rows (docs/results/gpu_check.json `rows`): shape, backend, batch, ms, experts_touched,
-floor_ms, floor_fraction. floor_ms = experts touched x bytes of one expert / measured
-copy bandwidth (bytes read + written by a device-to-device copy per second), the least
-time that reading those weights can take; floor_fraction = floor_ms / ms (1.0 = the
-physical limit). Backends:
-  hf-grouped-compile     transformers block, experts_implementation "grouped_mm",
-                         torch.compile default mode
-  lynx-exact             the block's router linear + lynx Triton route (exact) + Triton
-                         experts, called directly
-  lynx-affinity          the same with AffinityBinning (the model family's alpha, beta)
-  lynx-*-compiled        torch.compile(block, backend="lynx", options={"policy": ...})
-Every step records its error in the JSON and the script continues.
+Rows (`rows` in the JSON): shape, backend, batch, ms, timing, experts_touched, floor_ms,
+floor_fraction. floor_ms = experts touched x bytes of one expert / measured copy bandwidth
+(bytes read + written by a device-to-device copy per second), the least time that reading
+those weights can take; floor_fraction = floor_ms / ms (1.0 = the physical limit).
+Every row times the same work: the whole block (router linear, routing, experts) for x,
+nothing else; the ids that count experts touched are computed outside the timed call.
+Backends:
+  hf-grouped-compile       transformers block, experts_implementation "grouped_mm",
+                           torch.compile default mode
+  hf-grouped-compile-cg    the same, mode="reduce-overhead" (CUDA graphs)
+  lynx-exact               the block's router linear + lynx Triton route (exact) + Triton
+                           experts, called directly
+  lynx-affinity            the same with AffinityBinning (the model family's alpha, beta)
+  lynx-*-compiled          torch.compile(block, backend="lynx", options={"policy": ...})
+  lynx-exact-compiled-cg   the same (exact), mode="reduce-overhead": how decode is served
+Timing (`timing` per row): "do_bench" is triton.testing.do_bench, the median of CUDA-event
+timings with L2 cleared before every call (so weights that fit in the 50 MB L2, Qwen3 at
+batch 1 say, are read from HBM as in a real layer); the *-cg rows are do_bench over calls
+that replay a CUDA graph (one launch per call). The route timing adds "cuda_graph_replay":
+20 calls captured in one graph, replayed, per call.
+Every step records its error in the JSON and the script continues. The whole check stops at
+a hard wall-clock budget (--budget-s, 240 s): a watchdog writes what finished and exits; the
+JSON is also rewritten after every step. A compact summary is printed last (it fits in the
+12,000 characters the device machine returns).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +54,8 @@ REPO = Path(__file__).resolve().parents[1]
 # from here (lynx_compile maps passes/, lowering/ and examples/ itself in that case).
 sys.path.insert(0, str(REPO))
 TIME_BUDGET_S = 240.0  # the whole check must fit one 5-minute call, start-up included
+COMPILE_S = 20.0  # a compile step is not started with less of the budget left
+SUMMARY_CHARS = 11_000  # the device machine returns the last 12,000 characters printed
 
 
 @dataclass(frozen=True)
@@ -82,62 +100,148 @@ DRY_SHAPES = [
 
 
 class Check:
-    """Collects rows, errors and notes; prints as it goes; writes JSON and Markdown."""
+    """Collects rows, errors and notes; prints as it goes; writes JSON and Markdown.
 
-    def __init__(self, dry_run: bool):
+    `budget_s` is a hard wall-clock limit: steps are skipped once it is spent, and the
+    watchdog (start_watchdog) writes what finished and ends the process if a step overruns.
+    """
+
+    def __init__(self, dry_run: bool, out: Path | None = None, budget_s: float = TIME_BUDGET_S):
         self.dry_run = dry_run
+        self.out = out
+        self.budget_s = budget_s
         self.start = time.perf_counter()
         self.result = {"dry_run": dry_run, "rows": [], "correctness": [], "errors": []}
         self.lines: list[str] = []
+        self.lock = threading.RLock()  # the watchdog reads result while steps append
 
     def say(self, line: str) -> None:
         print(line, flush=True)
-        self.lines.append(line)
+        with self.lock:
+            self.lines.append(line)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def attempt(self, what: str, fn, *args, **kwargs):
-        """Run one step; on failure record `what` and the error, and return None."""
-        if self.elapsed() > TIME_BUDGET_S:
-            self.result["errors"].append({"step": what, "error": "skipped: time budget spent"})
+    def left(self) -> float:
+        """Seconds of the budget still unspent."""
+        return self.budget_s - self.elapsed()
+
+    def error(self, step: str, message: str) -> None:
+        with self.lock:
+            self.result["errors"].append({"step": step, "error": message[:2000]})
+
+    def add(self, key: str, item: dict) -> None:
+        """Append one record (a row, a correctness case) under result[key]."""
+        with self.lock:
+            self.result.setdefault(key, []).append(item)
+
+    def attempt(self, what: str, fn, *args, needs_s: float = 0.0, **kwargs):
+        """Run one step; on failure record `what` and the error, and return None. A step
+        is skipped when less than `needs_s` seconds of the budget are left."""
+        if self.left() <= needs_s:
+            self.error(what, "skipped: time budget spent")
             self.say(f"SKIP {what}: time budget spent")
+            self.write()
             return None
         try:
             return fn(*args, **kwargs)
         except Exception as err:
-            self.result["errors"].append(
-                {"step": what, "error": f"{type(err).__name__}: {err}"[:2000]}
-            )
+            self.error(what, f"{type(err).__name__}: {err}")
             self.say(f"ERROR {what}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
             traceback.print_exc(limit=3)
             return None
+        finally:
+            self.write()
+
+    def write(self, truncated: bool = False) -> None:
+        """Write the JSON and the Markdown summary of what has finished so far."""
+        if self.out is None:
+            return
+        with self.lock:
+            result = copy.deepcopy(self.result)
+            result["seconds"] = round(self.elapsed(), 1)
+            result["truncated"] = truncated
+            summary = self.summary(truncated)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(result, indent=1) + "\n")
+        title = "# gpu_check" + (" (dry run: no timings)" if self.dry_run else "")
+        self.out.with_suffix(".md").write_text(title + "\n\n```\n" + summary + "\n```\n")
+
+    def summary(self, truncated: bool = False) -> str:
+        """The compact end-of-run report: environment, correctness, timings, errors."""
+        with self.lock:
+            res = self.result
+            lines = ["== gpu_check summary ==", f"environment: {res.get('environment')}"]
+            lines.append(f"copy bandwidth GB/s: {res.get('copy_bandwidth_gbs')}")
+            for kernel in ("route", "experts", "compiled_block"):
+                cases = [c for c in res["correctness"] if c["kernel"] == kernel]
+                bad = [c for c in cases if not c["ok"]]
+                lines.append(f"correctness {kernel}: {len(cases) - len(bad)}/{len(cases)} ok")
+                lines += [f"  FAIL {json.dumps(c)[:300]}" for c in bad[:5]]
+            for r in res.get("route_timing", []):
+                lines.append(
+                    f"route 64x128 top-8 {r['policy']}: {_fmt(r['us_launch'], '.1f')} us "
+                    f"do_bench, {_fmt(r['us_cuda_graph'], '.1f')} us graph replay (target 10)"
+                )
+            lines.append(
+                "| shape | backend | batch | timing | experts | ms | floor ms | floor/ms |"
+            )
+            for r in res["rows"]:
+                lines.append(
+                    f"| {r['shape']} | {r['backend']} | {r['batch']} | {r['timing']} | "
+                    f"{_fmt(r['experts_touched'], 'd')} | {_fmt(r['ms'], '.4f')} | "
+                    f"{_fmt(r['floor_ms'], '.4f')} | {_fmt(r['floor_fraction'], '.2f')} |"
+                )
+            errors = res["errors"]
+            lines.append(f"errors: {len(errors)}")
+            lines += [f"  {e['step']}: {e['error'].splitlines()[0][:160]}" for e in errors[:20]]
+            lines.append(
+                f"{'TRUNCATED at the time budget, ' if truncated else ''}"
+                f"{self.elapsed():.0f} s of a {self.budget_s:.0f} s budget"
+            )
+        text = "\n".join(lines)
+        if len(text) > SUMMARY_CHARS:  # keep the end: the row table and the errors
+            text = "...\n" + text[-SUMMARY_CHARS:]
+        return text
+
+    def start_watchdog(self) -> threading.Timer:
+        """At the budget, write what finished, print the summary and end the process (a
+        step that hangs or overruns must not cost the call its results)."""
+
+        def stop() -> None:
+            self.error("watchdog", f"time budget of {self.budget_s:.0f} s spent; stopped")
+            self.write(truncated=True)
+            print(self.summary(truncated=True), flush=True)
+            if self.out is not None:
+                print(f"wrote {self.out} and {self.out.with_suffix('.md')}", flush=True)
+            os._exit(0)
+
+        timer = threading.Timer(max(self.left(), 0.0), stop)
+        timer.daemon = True
+        timer.start()
+        return timer
 
 
-def median_ms(torch, fn, iters: int, warmup: int = 10) -> float:
-    """Median of `iters` CUDA-event timings of fn() after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def device_ms(fn, warmup_ms: float = 10, rep_ms: float = 50) -> float:
+    """Median device time of fn() in ms: triton.testing.do_bench (CUDA events around each
+    call, L2 cleared before each, no host sync between calls)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
 def copy_bandwidth_gbs(torch, check: Check) -> float:
     """Device-to-device copy of 1 GiB: (bytes read + bytes written) / median time."""
     src = torch.empty(2**29, dtype=torch.int16, device="cuda")
     dst = torch.empty_like(src)
-    ms = median_ms(torch, lambda: dst.copy_(src), iters=50)
+    ms = device_ms(lambda: dst.copy_(src), rep_ms=100)
     gbs = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
-    check.say(f"copy bandwidth: {gbs:.0f} GB/s (1 GiB device-to-device, median of 50)")
+    check.say(f"copy bandwidth: {gbs:.0f} GB/s (1 GiB device-to-device, do_bench median)")
     return gbs
 
 
@@ -208,7 +312,8 @@ def _route_cases(torch, check: Check, device, gen, cases, tol) -> None:
             ids_ok = bool(torch.equal(got_ids, want_ids))
             err = float((got_w.float() - want_w.float()).abs().max())
             unwritten = bool(torch.isnan(got_w).any() or (got_ids < 0).any())
-            check.result["correctness"].append(
+            check.add(
+                "correctness",
                 {
                     "kernel": "route",
                     "dtype": str(dtype).removeprefix("torch."),
@@ -221,7 +326,7 @@ def _route_cases(torch, check: Check, device, gen, cases, tol) -> None:
                     "weight_abs_err": err,
                     "unwritten": unwritten,
                     "ok": ids_ok and err <= tol[dtype] and not unwritten,
-                }
+                },
             )
 
 
@@ -258,7 +363,8 @@ def check_experts(torch, check: Check, device, gen) -> None:
             unwritten = bool(torch.isnan(got).any())
             scale = want.float().abs().max().clamp(min=1e-6)
             rel = float((got.float() - want.float()).abs().max() / scale)
-            check.result["correctness"].append(
+            check.add(
+                "correctness",
                 {
                     "kernel": "experts",
                     "dtype": str(dtype).removeprefix("torch."),
@@ -272,7 +378,7 @@ def check_experts(torch, check: Check, device, gen) -> None:
                     "rel_err": rel,
                     "unwritten": unwritten,
                     "ok": rel < tol[dtype] and not unwritten,
-                }
+                },
             )
     rows = [c for c in check.result["correctness"] if c["kernel"] == "experts"]
     bad = [c for c in rows if not c["ok"]]
@@ -283,7 +389,8 @@ def check_experts(torch, check: Check, device, gen) -> None:
 
 def time_route(torch, check: Check, device, gen) -> None:
     """The routing kernel at 64 tokens x 128 experts, top-8, fp32 logits (what the HF router
-    feeds): plain launches (includes Python launch cost) and replayed from a CUDA graph."""
+    feeds): do_bench of plain launches (device time; a host slower than the kernel shows
+    as gaps), and 20 calls captured in one CUDA graph, replayed, per call."""
     from lynx_compile.lowering import triton_route
 
     logits = torch.randn(64, 128, generator=gen, device=device)
@@ -292,7 +399,7 @@ def time_route(torch, check: Check, device, gen) -> None:
         def call(policy=policy):
             return triton_route.route(logits, 8, policy, 3.0, 2.0, 2, 16, "renorm")
 
-        plain = median_ms(torch, call, iters=200)
+        plain = device_ms(call)
         call()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -300,8 +407,9 @@ def time_route(torch, check: Check, device, gen) -> None:
         with torch.cuda.graph(graph):
             for _ in range(reps):
                 call()
-        graphed = median_ms(torch, graph.replay, iters=50) / reps
-        check.result.setdefault("route_timing", []).append(
+        graphed = device_ms(graph.replay) / reps
+        check.add(
+            "route_timing",
             {
                 "tokens": 64,
                 "experts": 128,
@@ -310,10 +418,10 @@ def time_route(torch, check: Check, device, gen) -> None:
                 "us_launch": plain * 1e3,
                 "us_cuda_graph": graphed * 1e3,
                 "target_us": 10.0,
-            }
+            },
         )
         check.say(
-            f"route 64x128 top-8 {policy}: {plain * 1e3:.1f} us per launch, "
+            f"route 64x128 top-8 {policy}: {plain * 1e3:.1f} us per launch (do_bench), "
             f"{graphed * 1e3:.1f} us in a CUDA graph (target <= 10 us)"
         )
 
@@ -358,42 +466,133 @@ def expert_bytes(shape: Shape, dtype_bytes: int) -> int:
     return 3 * shape.hidden * shape.inter * dtype_bytes
 
 
+@dataclass(frozen=True)
+class Run:
+    """One backend's block call. `timed` (x [B, 1, d] -> out) is all that is timed: the whole
+    block, router linear and routing included, as the stock block's forward. `ids` (x -> ids
+    [B, k]) counts the experts touched, outside the timing; None where unknown."""
+
+    timed: Callable
+    ids: Callable | None
+    timing: str = "do_bench"
+
+
+def exact_ids(torch, block, shape: Shape) -> Callable:
+    """x -> the exact top-k expert ids of the block's router (for experts touched)."""
+
+    def ids(x):
+        logits = torch.nn.functional.linear(x.view(-1, shape.hidden), block.gate.weight)
+        return torch.topk(logits, shape.top_k).indices
+
+    return ids
+
+
+def lynx_ids(torch, block, shape: Shape) -> Callable:
+    """x -> the expert ids lynx's affinity route picks for the block (for experts touched)."""
+    forward = lynx_forward(torch, block, shape, "affinity")
+    return lambda x: forward(x)[1]
+
+
+def first(out):
+    """The hidden states of a block's output (some transformers versions add logits)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def direct_runs(torch, block, shape: Shape) -> dict[str, Run]:
+    """lynx's kernels called directly, and the stock block under torch.compile (default)."""
+    runs = {}
+    for policy in ("exact", "affinity"):
+        forward = lynx_forward(torch, block, shape, policy)
+        runs[f"lynx-{policy}"] = Run(lambda x, f=forward: f(x)[0], lambda x, f=forward: f(x)[1])
+    runs["hf-grouped-compile"] = Run(torch.compile(block), exact_ids(torch, block, shape))
+    return runs
+
+
+def compiled_lynx_runs(torch, check: Check, block, shape: Shape) -> dict[str, Run]:
+    """torch.compile(block, backend="lynx") per policy, each checked to be rewritten first
+    (a miss would time stock Inductor under lynx's name)."""
+    runs = {}
+    for policy in ("exact", "affinity"):
+        fn = torch.compile(block, backend="lynx", options=lynx_options(shape, policy))
+        if not check_rewritten(torch, check, fn, shape, f"lynx-{policy}-compiled"):
+            continue
+        # the compiled affinity router routes as the direct one: its ids count experts
+        ids = exact_ids(torch, block, shape) if policy == "exact" else lynx_ids(torch, block, shape)
+        runs[f"lynx-{policy}-compiled"] = Run(fn, ids)
+    return runs
+
+
+def cuda_graph_runs(torch, check: Check, block, shape: Shape) -> dict[str, Run]:
+    """mode="reduce-overhead" (CUDA graphs, how decode is served): lynx exact and stock."""
+    cg = "do_bench over CUDA-graph replays"
+    # torch.compile takes mode= or options=, not both: lynx reads the mode from its options
+    options = dict(lynx_options(shape, "exact"), mode="reduce-overhead")
+    fn = torch.compile(block, backend="lynx", options=options)
+    stock = torch.compile(block, mode="reduce-overhead")
+    ids = exact_ids(torch, block, shape)
+    runs = {}
+    if check_rewritten(torch, check, fn, shape, "lynx-exact-compiled-cg"):
+        runs["lynx-exact-compiled-cg"] = Run(new_step(torch, fn), ids, cg)
+    runs["hf-grouped-compile-cg"] = Run(new_step(torch, stock), ids, cg)
+    return runs
+
+
+def new_step(torch, fn) -> Callable:
+    """fn, each call a new CUDA-graph step (outputs of the previous replay may be overwritten:
+    what an inference loop does)."""
+
+    def call(x):
+        torch.compiler.cudagraph_mark_step_begin()
+        return fn(x)
+
+    return call
+
+
+def lynx_options(shape: Shape, policy: str) -> dict:
+    return {"policy": policy, "alpha": shape.alpha, "beta": shape.beta}
+
+
+def check_rewritten(torch, check: Check, fn, shape: Shape, name: str) -> bool:
+    """Whether lynx rewrote the compiled block (recorded as an error where it did not)."""
+    missing = check.attempt(f"lynx rewrite {shape.name} {name}", lynx_missing, torch, fn, shape)
+    if missing is None or missing:
+        message = missing or "the rewrite check failed (see its error)"
+        check.error(name, message)
+        check.say(f"ERROR {name} {shape.name}: {message}")
+        return False
+    return True
+
+
 def time_blocks(torch, check: Check, device, bandwidth_gbs: float | None) -> None:
-    """Each shape x batch x backend: ms, experts touched, floor, floor fraction. The direct
-    lynx rows and the stock baseline come first; the lynx-compiled rows (extra compiles)
-    last, so the time budget drops them first."""
+    """Each shape x batch x backend: ms, experts touched, floor, floor fraction. Phases in
+    order of value, so the time budget drops the last first: direct lynx rows and the stock
+    compile (every shape), then the lynx-compiled rows, then the CUDA-graph rows."""
     dtype = torch.float32 if check.dry_run else torch.bfloat16
     shapes = DRY_SHAPES if check.dry_run else GPU_SHAPES
+    compiled_shapes = shapes[:1] if check.dry_run else shapes  # the CPU dry run compiles once
     blocks = {}
     for shape in shapes:
         block = check.attempt(f"build {shape.name}", build_block, torch, shape, device, dtype, 0)
         if block is None:
             continue
         blocks[shape.name] = block
-        runs = {f"lynx-{p}": lynx_forward(torch, block, shape, p) for p in ("exact", "affinity")}
-        runs["hf-grouped-compile"] = with_exact_ids(torch, torch.compile(block), block, shape)
-        time_runs(torch, check, shape, block, runs, bandwidth_gbs)
-    for shape in shapes[:1] if check.dry_run else shapes:  # the CPU dry run compiles lynx once
-        if shape.name not in blocks:
-            continue
-        block = blocks[shape.name]
-        check.attempt(
-            f"compiled kernels {shape.name}", check_compiled_kernels, torch, check, block, shape
-        )
-        runs = {}
-        for policy in ("exact", "affinity"):
-            options = {"policy": policy, "alpha": shape.alpha, "beta": shape.beta}
-            fn = torch.compile(block, backend="lynx", options=options)
-            missing = check.attempt(f"lynx rewrite {shape.name}", lynx_missing, torch, fn, shape)
-            if missing:  # timing it would time stock Inductor under lynx's name
-                check.result["errors"].append({"step": f"lynx-{policy}-compiled", "error": missing})
-                check.say(f"ERROR lynx-{policy}-compiled {shape.name}: {missing}")
+        runs = check.attempt(f"runs {shape.name}", direct_runs, torch, block, shape)
+        time_runs(torch, check, shape, block, runs or {}, bandwidth_gbs)
+    for phase in (compiled_lynx_runs, cuda_graph_runs):
+        for shape in compiled_shapes:
+            if shape.name not in blocks:
                 continue
-            # experts touched under a compiled affinity router are not observable here
-            runs[f"lynx-{policy}-compiled"] = (
-                with_exact_ids(torch, fn, block, shape) if policy == "exact" else without_ids(fn)
-            )
-        time_runs(torch, check, shape, block, runs, bandwidth_gbs)
+            block = blocks[shape.name]
+            if phase is compiled_lynx_runs:
+                check.attempt(
+                    f"compiled kernels {shape.name}",
+                    check_compiled_kernels, torch, check, block, shape, needs_s=COMPILE_S,
+                )  # fmt: skip
+            runs = check.attempt(
+                f"{phase.__name__} {shape.name}",
+                phase, torch, check, block, shape, needs_s=COMPILE_S,
+            )  # fmt: skip
+            time_runs(torch, check, shape, block, runs or {}, bandwidth_gbs)
 
 
 def lynx_missing(torch, fn, shape: Shape) -> str:
@@ -434,32 +633,16 @@ def check_compiled_kernels(torch, check: Check, block, shape: Shape) -> None:
     ok = err <= (1e-2 if out.dtype == torch.bfloat16 else 1e-5) and (
         all(found.values()) or not on_gpu
     )
-    check.result["correctness"].append(
+    check.add(
+        "correctness",
         {"kernel": "compiled_block", "shape": shape.name, "kernels_in_code": found,
-         "rel_err_vs_eager": err, "ok": ok}
+         "rel_err_vs_eager": err, "ok": ok},
     )  # fmt: skip
     check.say(f"compiled lynx block {shape.name}: kernels {found}, rel err {err:.2e}, ok={ok}")
 
 
-def with_exact_ids(torch, fn, block, shape: Shape):
-    """Wrap a block call as x -> (out, ids of the exact top-k) for experts touched."""
-
-    def call(x):
-        logits = torch.nn.functional.linear(x.view(-1, shape.hidden), block.gate.weight)
-        return fn(x), torch.topk(logits, shape.top_k).indices
-
-    return call
-
-
-def without_ids(fn):
-    """Wrap a block call as x -> (out, None): experts touched unknown."""
-    return lambda x: (fn(x), None)
-
-
 def time_runs(torch, check: Check, shape: Shape, block, runs: dict, bandwidth_gbs) -> None:
     """Time every run at every batch; compare exact runs with the HF block's output."""
-    from lynx_compile.lowering import reference
-
     dtype = next(block.parameters()).dtype
     per_expert = expert_bytes(shape, torch.finfo(dtype).bits // 8)
     batches = (1, 3) if check.dry_run else (1, 16, 64, 256)
@@ -467,49 +650,65 @@ def time_runs(torch, check: Check, shape: Shape, block, runs: dict, bandwidth_gb
         gen = torch.Generator(device=block.gate.weight.device).manual_seed(batch)
         x = torch.randn(batch, 1, shape.hidden, generator=gen, device=gen.device).to(dtype)
         with torch.no_grad():
-            want = block(x)
-            for name, fn in runs.items():
-
-                def measure(fn=fn, name=name, x=x, batch=batch, want=want):
-                    out, ids = fn(x)
-                    touched = None if ids is None else reference.distinct_experts(ids)
-                    time_one(
-                        torch, check, shape, name, batch, lambda: fn(x)[0], out, touched,
-                        want, per_expert, bandwidth_gbs,
-                    )  # fmt: skip
-
-                check.attempt(f"{shape.name} {name} batch {batch}", measure)
+            want = first(block(x))
+            for name, run in runs.items():
+                check.attempt(
+                    f"{shape.name} {name} batch {batch}",
+                    time_one, torch, check, shape, name, batch, run, x, want, per_expert,
+                    bandwidth_gbs,
+                )  # fmt: skip
 
 
-def time_one(torch, check, shape, name, batch, fn, out, touched, want, per_expert, bandwidth_gbs):
+def time_one(torch, check, shape, name, batch, run: Run, x, want, per_expert, bandwidth_gbs):
     """One row: compare with the HF block (exact routing only), time, floor."""
+    from lynx_compile.lowering import reference
+
+    skips_before = cudagraph_skips(torch)
+    out = first(run.timed(x))
     if "affinity" not in name:
         scale = want.float().abs().max().clamp(min=1e-6)
         rel = float((out.float() - want.float()).abs().max() / scale)
         if rel > 2e-2:
             raise AssertionError(f"output differs from the HF block: relative error {rel:.3g}")
-    ms = None if check.dry_run else median_ms(torch, fn, iters=50)
+    del out  # a CUDA-graph output held across replays would force a re-recording
+    touched = None if run.ids is None else reference.distinct_experts(run.ids(x))
+    ms = None if check.dry_run else device_ms(lambda: run.timed(x))
+    timing = run.timing
+    skipped = check.result.setdefault("cudagraph_skipped", [])
+    if "CUDA-graph" in timing and cudagraph_skips(torch) > skips_before:
+        skipped.append(f"{shape.name} {name}")  # counted once, when the graph compiles
+    if f"{shape.name} {name}" in skipped:
+        timing = "do_bench (Inductor skipped CUDA graphs)"
+    row = block_row(shape.name, name, batch, ms, timing, touched, per_expert, bandwidth_gbs)
+    check.add("rows", row)
+    check.say(
+        f"| {shape.name} | {name} | {batch} | {_fmt(touched, 'd')} | {_fmt(ms, '.4f')} | "
+        f"{_fmt(row['floor_ms'], '.4f')} | {_fmt(row['floor_fraction'], '.2f')} |"
+    )
+
+
+def block_row(shape, backend, batch, ms, timing, touched, per_expert, bandwidth_gbs) -> dict:
+    """One JSON row; the floor is the touched experts' weight bytes over the copy bandwidth."""
     floor_ms = None
     if touched is not None and bandwidth_gbs:
         floor_ms = touched * per_expert / (bandwidth_gbs * 1e9) * 1e3
-    row = {
-        "shape": shape.name,
-        "backend": name,
+    return {
+        "shape": shape,
+        "backend": backend,
         "batch": batch,
         "ms": ms,
+        "timing": timing,
         "experts_touched": touched,
         "floor_ms": floor_ms,
         "floor_fraction": floor_ms / ms if (floor_ms and ms) else None,
     }
-    check.result["rows"].append(row)
 
-    def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
 
-    check.say(
-        f"| {shape.name} | {name} | {batch} | {fmt(touched, 'd')} | {fmt(ms, '.4f')} | "
-        f"{fmt(floor_ms, '.4f')} | {fmt(row['floor_fraction'], '.2f')} |"
-    )
+def cudagraph_skips(torch) -> int:
+    """Inductor's count of graphs it compiled without CUDA graphs (reduce-overhead misses)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def environment(torch) -> dict:
@@ -541,47 +740,61 @@ def main(argv: list[str] | None = None) -> int:
         default=str(Path(os.environ["OUT"]) / "gpu_check.json")
         if os.environ.get("OUT")
         else str(REPO / "docs" / "results" / "gpu_check.json"),
-        help="JSON path; a Markdown copy of the printed output goes next to it (.md); "
+        help="JSON path; a Markdown copy of the summary goes next to it (.md); "
         "default $OUT/gpu_check.json where $OUT is set (the device machine returns only "
         "what is written there), else docs/results/gpu_check.json",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=TIME_BUDGET_S,
+        help="hard wall-clock limit in seconds: what finished by then is written out",
     )
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+    check = Check(args.dry_run, Path(args.out), args.budget_s)
+    watchdog = check.start_watchdog()
+    try:
+        return run_checks(check)
+    finally:
+        watchdog.cancel()
+
+
+def run_checks(check: Check) -> int:
+    """Every step in order of value (correctness, route timing, block timings)."""
     import torch
     from lynx_compile.lowering import triton_ops  # noqa: F401  (Triton CUDA kernels for lynx::*)
 
-    if not args.dry_run and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device; run it on the GPU, or pass --dry-run", file=sys.stderr)
+    if not check.dry_run and not torch.cuda.is_available():
+        message = "no CUDA device; run it on the GPU, or pass --dry-run"
+        check.error("start", message)
+        check.write()
+        print(f"gpu_check: {message}", file=sys.stderr)
         return 2
-    device = torch.device("cpu" if args.dry_run else "cuda")
-    check = Check(args.dry_run)
+    device = torch.device("cpu" if check.dry_run else "cuda")
     check.result["environment"] = environment(torch)
     check.say(f"gpu_check on {check.result['environment']}")
     seed = int(time.time()) % 2**31  # fresh inputs each run; recorded to reproduce
     check.result["seed"] = seed
     gen = torch.Generator(device=device).manual_seed(seed)
     bandwidth = None
-    if not args.dry_run:
+    if not check.dry_run:
         bandwidth = check.attempt("copy bandwidth", copy_bandwidth_gbs, torch, check)
     else:
         bandwidth = 4151.0  # the anchors' H200 copy bandwidth, only to exercise the floor math
     check.result["copy_bandwidth_gbs"] = bandwidth
     check.attempt("route correctness", check_route, torch, check, device, gen)
     check.attempt("experts correctness", check_experts, torch, check, device, gen)
-    if not args.dry_run:
+    if not check.dry_run:
         check.attempt("route timing", time_route, torch, check, device, gen)
     check.say("| shape | backend | batch | experts | ms | floor ms | floor/ms |")
     check.say("| --- | --- | --- | --- | --- | --- | --- |")
     check.attempt("block timing", time_blocks, torch, check, device, bandwidth)
-    check.result["seconds"] = check.elapsed()
-    check.say(f"done in {check.elapsed():.0f} s, {len(check.result['errors'])} errors")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(check.result, indent=1) + "\n")
-    title = "# gpu_check" + (" (dry run: no timings)" if args.dry_run else "")
-    out.with_suffix(".md").write_text(title + "\n\n```\n" + "\n".join(check.lines) + "\n```\n")
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    with check.lock:  # the watchdog must not cut the final write in half
+        check.write()
+        print(check.summary(), flush=True)
+        print(f"wrote {check.out} and {check.out.with_suffix('.md')}", flush=True)
     return 0
 
 
