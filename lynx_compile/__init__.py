@@ -17,6 +17,7 @@ from pathlib import Path
 if any(importlib.util.find_spec(f"lynx_compile.{name}") is None for name in ("lowering", "tools")):
     __path__.append(str(Path(__file__).resolve().parent.parent))
 
+from lynx_compile import capture as _capture  # noqa: E402
 from lynx_compile.backend import lynx_backend  # noqa: E402
 from lynx_compile.config import LynxConfig, parse_options  # noqa: E402
 from lynx_compile.export import export  # noqa: E402
@@ -51,6 +52,7 @@ def _register_without_entry_point() -> None:
 
 
 _register_without_entry_point()
+_capture.install(lynx_backend)  # expert loops traced in lynx-compiled calls (capture.py)
 
 
 def __getattr__(name: str):

@@ -95,6 +95,69 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
 _LIKE_OPS = {torch.zeros_like, torch.empty_like, torch.ones_like, torch.full_like}
 
 
+# In-place accumulation into a fresh buffer (the loop styles: out.index_add_(0, tok, y))
+# and its functional form.
+_ACCUMULATORS = {"index_add_": "index_add", "add_": "add", "scatter_add_": "scatter_add"}
+_FRESH_FUNCTIONS = {torch.zeros_like, torch.zeros, torch.empty_like, torch.full_like}
+_FRESH_METHODS = {"new_zeros", "new_full"}
+
+
+def _is_fresh_buffer(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _FRESH_FUNCTIONS
+    return node.op == "call_method" and node.target in _FRESH_METHODS
+
+
+def _accumulates_into(node: fx.Node, buffer_versions: set[fx.Node]) -> bool:
+    return (
+        node.op == "call_method"
+        and node.target in _ACCUMULATORS
+        and bool(node.args)
+        and node.args[0] in buffer_versions
+    )
+
+
+def functionalize_accumulators(gm: fx.GraphModule, seeds: list[fx.Node]) -> int:
+    """Rewrite in-place accumulation into fresh buffers, where the routing feeds it, into
+    the functional form (`b = b.index_add(...)`), so the dispatch's result is one node.
+
+    Taken only when nothing can observe the difference: the buffer is made in the graph
+    (zeros_like, zeros, ...), every use of it or of an in-place result is another
+    accumulation into it or a read after the last one. Inductor functionalizes mutations
+    the same way, so the compiled code is unchanged. Returns the buffers rewritten."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    downstream = _forward_slice(seeds)
+    rewritten = 0
+    for buffer in [n for n in gm.graph.nodes if _is_fresh_buffer(n)]:
+        versions, steps = {buffer}, []
+        for node in sorted(_forward_slice([buffer]) | {buffer}, key=order.__getitem__):
+            if _accumulates_into(node, versions):
+                versions.add(node)
+                steps.append(node)
+        if not steps or not any(step in downstream for step in steps):
+            continue
+        last = order[steps[-1]]
+        readers = [u for v in versions for u in v.users if u not in versions]
+        other_args = [u for u in readers if any(a in versions for a in u.args[1:])]
+        if any(order[u] < last for u in readers) or other_args:
+            continue  # read between accumulations, or accumulated into something else
+        current = buffer
+        for step in steps:
+            with gm.graph.inserting_before(step):
+                new = gm.graph.call_method(
+                    _ACCUMULATORS[step.target], (current, *step.args[1:]), dict(step.kwargs)
+                )
+            new.meta = dict(step.meta)
+            current = new
+        for reader in readers:
+            for version in versions:
+                reader.replace_input_with(version, current)
+        for step in reversed(steps):
+            gm.graph.erase_node(step)
+        rewritten += 1
+    return rewritten
+
+
 def _shape_only(node: fx.Node, region: set[fx.Node]) -> bool:
     """Whether the region reads only the shape of `node` (through zeros_like and kin)."""
     users = [u for u in node.users if u in region]
@@ -140,8 +203,12 @@ def _router_scores(route: fx.Node, logits: fx.Node) -> set[fx.Node]:
 
 
 def _is_constant_input(node: fx.Node) -> bool:
-    """A parameter or buffer without a token dim (a per-expert scale), never hidden states
-    or 3-D expert weights."""
+    """A parameter or buffer without a token dim (a per-expert scale), or a scalar (a
+    routed scaling factor that dynamic=True passes as a tensor and reads with .item()):
+    never hidden states or 3-D expert weights."""
+    val = node.meta.get("example_value")
+    if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)):
+        return True
     val = example_value(node)
     return node.op in ("placeholder", "get_attr") and val is not None and val.dim() <= 1
 
@@ -230,7 +297,8 @@ def find_region(
 
         def is_hidden(node: fx.Node, shape=val.shape) -> bool:  # the experts' x: [*tokens, d]
             v = example_value(node)
-            return v is not None and v.shape == shape
+            fresh = node.op == "call_function" and node.target in _LIKE_OPS  # an output buffer
+            return v is not None and v.shape == shape and not fresh
 
         _grow_backwards(region, protected, is_hidden)
         return out, region, _external_inputs(region, order)
@@ -257,6 +325,18 @@ def _plan_candidates(
     others = [n for n in tensors if n not in experts]
     if any(_hint(example_value(n).shape[0]) != num_experts for n in experts):
         return "a 3-D input of the dispatch is not indexed by expert"
+    biases = [
+        n
+        for n in others
+        if example_value(n).dim() == 2
+        and not is_hidden(n)
+        and _hint(example_value(n).shape[0]) == num_experts
+    ]
+    if biases and len(others) > 1:
+        return (
+            "the experts have per-expert biases (2-D inputs indexed by expert: "
+            f"{', '.join(n.name for n in biases)}); lynx::experts takes bias-free experts"
+        )
     if len(others) != 1 or not is_hidden(others[0]):
         return f"dispatch reads {len(others)} hidden-state tensors, expected one [tokens, d]"
     x = others[0]
@@ -413,13 +493,6 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
             router_site=router_entry["site"],
         )
 
-    if all(u.op == "output" for u in (*weights.users, *ids.users)):
-        report("skipped", "routing leaves the graph: the experts run in another graph")
-        return False
-    hidden_dim = router_hidden_dim(routed.logits)
-    if hidden_dim is None:
-        report("skipped", "the router's input (hidden size) is not visible in the graph")
-        return False
     weight_nodes: frozenset[fx.Node] = frozenset()
     if router_entry["weights"] == "model":  # top-k values: the model derives the weights
         found = model_weights(gm, route, weights, ids, routed.logits)
@@ -427,6 +500,14 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
             report("skipped", found)
             return False
         weights, weight_nodes = found
+    if all(u.op == "output" for u in (*weights.users, *ids.users) if u not in weight_nodes):
+        report("skipped", "routing leaves the graph: the experts run in another graph")
+        return False
+    hidden_dim = router_hidden_dim(routed.logits)
+    if hidden_dim is None:
+        report("skipped", "the router's input (hidden size) is not visible in the graph")
+        return False
+    functionalize_accumulators(gm, [weights, ids])
     found = find_region(gm, weights, ids, route, hidden_dim, weight_nodes)
     if found is None:
         report(
