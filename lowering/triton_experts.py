@@ -78,6 +78,7 @@ def scatter_kernel(
     down_col_blocks,  # d / BLOCK_N of the down projection
     down_k_steps,  # I / BLOCK_K of the down projection
     min_down_items,  # 2 x SMs: split K until the down projection has this many items
+    max_split,  # planes of the partial-sum buffer
     # meta-parameters
     BLOCK_A: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -126,7 +127,7 @@ def scatter_kernel(
         split = 1
         for _ in tl.static_range(LOG2_SPLIT):
             more = (num_tiles * down_col_blocks * split < min_down_items) & (
-                2 * split <= down_k_steps
+                2 * split <= tl.minimum(down_k_steps, max_split)
             )
             split = tl.where(more, 2 * split, split)
         tl.store(plan_ptr, num_tiles)
@@ -508,6 +509,10 @@ def experts(
     tile_table = _empty((4, tiles), torch.int32, dev)
     plan = _empty((2,), torch.int32, dev)
     down_cols = triton.cdiv(hidden, config.down.block_n)
+    # K splits the partial sums have room for: at least N*k / block_m tiles are live, so
+    # more splits than 2 x SMs / (those tiles x column blocks) never happen (prefill: 1)
+    min_items = triton.cdiv(num_assign, block_m) * down_cols
+    splits = torch.sym_min(max(config.split_k, 1), triton.cdiv(2 * sms, min_items))
     launch(scatter_kernel)[(chunks,)](
         flat_ids,
         chunk_counts,
@@ -521,6 +526,7 @@ def experts(
         down_cols,
         triton.cdiv(inter, config.down.block_k),
         2 * sms,
+        splits,
         BLOCK_A=block_a,
         BLOCK_E=block_e,
         BLOCK_C=max(1, 4096 // block_e),
@@ -561,7 +567,6 @@ def experts(
     )
 
     # 4. down projection, split K where the live items would not fill the GPU twice
-    splits = max(config.split_k, 1)
     y = _empty((splits, num_assign, hidden), torch.float32, dev)
     down_items = tiles * splits * down_cols
     launch(down_kernel)[(torch.sym_min(down_items, programs),)](

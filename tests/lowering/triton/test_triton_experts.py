@@ -129,11 +129,15 @@ def test_row_tile_per_expert_chosen_on_the_gpu(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "tokens,dtype,split", [(1, torch.float32, 2), (1, torch.float16, 2), (13, torch.float32, 1)]
-)
-def test_down_projection_splits_k_when_the_grid_is_thin(monkeypatch, tokens, dtype, split):
+    "tokens,dtype,split,planes",
+    [(1, torch.float32, 2, 2), (1, torch.float16, 2, 2), (13, torch.float32, 1, 2),
+     (33, torch.float32, 1, 1)],
+)  # fmt: skip
+def test_down_projection_splits_k_when_the_grid_is_thin(monkeypatch, tokens, dtype, split, planes):
     """Split K where live down items < 2 x SMs (the interpreter's 2): one token on one
-    expert has 2 column blocks, so K (3 steps) splits in 2; 13 tokens fill the grid."""
+    expert has 2 column blocks, so K (3 steps) splits in 2; 13 tokens fill the grid. The
+    partial sums get only the planes a split can use: at 33 tokens at least 3 tiles x 2
+    column blocks are live, enough without a split, so one plane (prefill never pays)."""
     made = record_buffers(monkeypatch)
     gemm = GemmConfig(block_n=16, block_k=16, num_warps=4, num_stages=2)
     config = ExpertsConfig(block_m=16, up=gemm, down=gemm, split_k=4, programs_per_sm=1)
@@ -141,7 +145,7 @@ def test_down_projection_splits_k_when_the_grid_is_thin(monkeypatch, tokens, dty
     want = reference.experts_reference(*args, "silu", True)
     got = triton_experts.experts(*args, "silu", True, config=config)
     assert_close_to_reference(got, want, dtype)
-    assert int(made[3][1]) == split
+    assert int(made[3][1]) == split and made[5].shape[0] == planes
 
 
 def test_routed_by_the_router_and_through_the_cuda_kernel(monkeypatch):
