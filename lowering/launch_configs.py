@@ -110,8 +110,11 @@ def default_config(
     its rows, so weights cross HBM once per expert up to 128 rows. Narrow output tiles (64)
     give enough work items to keep HBM busy; deep K steps stream weights in long rows.
     The persistent kernels hold every row-tile body, so shared memory and registers are
-    those of the largest: 3 stages (128 x 128 x-tile + 2 x 128 x 64 weights, bf16: 192 KB)
-    and 8 warps for the two accumulators of the gated up projection.
+    those of the largest (sm_90 builds, bf16): up 3 stages of a 128 x 128 x-tile and two
+    128 x 64 weight tiles (192 KB, 178 registers at 8 warps: one CTA per SM; its items are
+    long, 0.5-1 MB of weights each); down BLOCK_K 64, 4 stages (96 KB, 175 registers at 4
+    warps: two CTAs per SM, so one CTA's pipeline fill at each short item, 96 KB at
+    Qwen3's I = 768, overlaps the other's streaming).
     num_tokens and top_k are unused: nothing here depends on the batch any more."""
     del num_tokens, top_k
     wide = dtype != torch.float32
@@ -124,9 +127,9 @@ def default_config(
     )
     down = GemmConfig(
         block_n=_pow2_clamp(hidden, 16, 64),
-        block_k=_pow2_clamp(inter, 16, 128 if wide else 64),
+        block_k=_pow2_clamp(inter, 16, 64),
         num_warps=4,
-        num_stages=3,
+        num_stages=4 if wide else 3,
     )
     return ExpertsConfig(block_m=block_m, up=up, down=down)
 
