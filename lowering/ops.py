@@ -25,6 +25,8 @@ what is wrong) and derive output shapes from input shapes only, so symbolic toke
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from lynx_compile.lowering import cpu_kernels, reference
 from lynx_compile.lowering.constants import (
@@ -152,6 +154,30 @@ def route_composite(
 route = torch.library.custom_op("lynx::route", mutates_args=())(route_composite)
 route.register_fake(_route_fake)
 
+# Calibration routes many policies through one compiled model: while a chooser is set, the
+# opaque (telemetry) routing ops compiled with an approximate policy, that is the decode
+# sites, route with chooser(telemetry_site) instead (lynx_compile.tools.calibrate).
+_policy_chooser: list = []
+
+
+@contextlib.contextmanager
+def decode_policy_override(chooser):
+    """Within the block, lynx::route_recorded and lynx::route_scored calls compiled with an
+    approximate policy route with `chooser(telemetry_site) -> reference.RoutingPolicy`."""
+    _policy_chooser.append(chooser)
+    try:
+        yield
+    finally:
+        _policy_chooser.pop()
+
+
+def _chosen_policy(telemetry_site: int, policy: str, *params) -> tuple:
+    """(policy, alpha, beta, k0, budget) a telemetry routing call runs with."""
+    if not _policy_chooser or policy == "exact":
+        return (policy, *params)
+    pol = _policy_chooser[-1](telemetry_site)
+    return pol.name, pol.alpha, pol.beta, pol.k0, pol.budget
+
 
 @torch.library.custom_op("lynx::route_recorded", mutates_args=())
 def route_recorded(
@@ -167,9 +193,8 @@ def route_recorded(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """lynx::route plus telemetry: stays an opaque call in compiled graphs (lynx::route is
     traced into them), so each call records distinct experts for its report site."""
-    out_w, out_ids = torch.ops.lynx.route(
-        logits, top_k, policy, alpha, beta, k0, budget, weights, -1
-    )
+    chosen = _chosen_policy(telemetry_site, policy, alpha, beta, k0, budget)
+    out_w, out_ids = torch.ops.lynx.route(logits, top_k, *chosen, weights, -1)
     record_route(telemetry_site, logits, top_k, out_ids)
     return out_w, out_ids
 
@@ -194,6 +219,10 @@ def route_scored(
     Replaces a router's top-k; the model computes its weights from the outputs itself.
     telemetry_site >= 0 records distinct experts (exact vs chosen) for that report site.
     """
+    if telemetry_site >= 0:
+        policy, alpha, beta, k0, budget = _chosen_policy(
+            telemetry_site, policy, alpha, beta, k0, budget
+        )
     pol = reference.RoutingPolicy(policy, alpha, beta, k0, budget)
     values, ids = reference.route_scored_reference(scores, top_k, space, pol)
     if telemetry_site >= 0:

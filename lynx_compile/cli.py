@@ -1,4 +1,4 @@
-"""`lynx-compile`: one argparse front for demo, accuracy, dump, bench, train and tune.
+"""`lynx-compile`: one argparse front for demo, accuracy, calibrate, dump, bench, train, tune.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and
 `run(args) -> int`; modules are imported only when their subcommand runs, so
@@ -23,6 +23,10 @@ SUBCOMMANDS = {
     "accuracy": (
         "lynx_compile.tools.accuracy",
         "accuracy vs experts touched for every routing policy",
+    ),
+    "calibrate": (
+        "lynx_compile.tools.calibrate",
+        "choose the cheapest routing policy within a distortion budget, per model",
     ),
     "dump": (
         "lynx_compile.dump",

@@ -26,7 +26,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lynx_compile.tools.tiny_moe import DEFAULT_CHECKPOINT, TinyMoE, load_model
+from lynx_compile.lowering.constants import default_k0
+from lynx_compile.tools import calibrate
+from lynx_compile.tools.tiny_moe import (
+    DEFAULT_CHECKPOINT,
+    E8K2_CHECKPOINT,
+    NOLB_CHECKPOINT,
+    TinyMoE,
+    load_model,
+)
 from lynx_compile.tools.train import load_bytes, split_files
 
 import lynx_compile
@@ -44,42 +52,42 @@ class PolicySpec:
 
     name: str
     params: dict = field(default_factory=dict)
+    calibration: str | None = None  # a calibration file: the row is its calibrated choice
 
     @staticmethod
     def parse(text: str) -> PolicySpec:
-        """'exact' | 'affinity:ALPHA:BETA' (BETA may be 'none') | 'oea:K0' | 'static:BUDGET'."""
-        parts = text.split(":")
-        name, values = parts[0], parts[1:]
-        try:
-            if name == "exact" and not values:
-                return PolicySpec("exact")
-            if name == "affinity" and len(values) == 2:
-                beta = None if values[1].lower() == "none" else float(values[1])
-                return PolicySpec("affinity", {"alpha": float(values[0]), "beta": beta})
-            if name == "oea" and len(values) == 1:
-                return PolicySpec("oea", {"k0": int(values[0])})
-            if name == "static" and len(values) == 1:
-                return PolicySpec("static", {"budget": int(values[0])})
-        except ValueError:
-            pass
-        raise ValueError(
-            f"bad policy spec {text!r}: expected exact, affinity:ALPHA:BETA (BETA a number or "
-            "none), oea:K0 or static:BUDGET, e.g. affinity:3:2"
-        )
+        """A spec as calibrate.parse_policy reads it: 'exact' | 'affinity:ALPHA:BETA[:K0]' |
+        'oea:K0' | 'static:BUDGET[:K0]'."""
+        return PolicySpec.from_options(calibrate.policy_options(calibrate.parse_policy(text)))
+
+    @staticmethod
+    def from_options(options: dict) -> PolicySpec:
+        """The spec of backend options {policy, alpha, beta, k0, budget} (a calibration's
+        choice): only the parameters its policy uses."""
+        used = {"exact": (), "affinity": ("alpha", "beta", "k0"), "oea": ("k0",)}
+        keys = used.get(options["policy"], ("budget", "k0"))
+        return PolicySpec(options["policy"], {k: options[k] for k in keys})
+
+    def options(self) -> dict:
+        """The backend options that set this policy."""
+        if self.calibration is not None:
+            return {"calibration": self.calibration}
+        return {"policy": self.name, **self.params}
 
     def label(self) -> str:
         """Short text for tables and plots, e.g. 'affinity a=3 b=2'."""
         short = {"alpha": "a", "beta": "b", "k0": "k0", "budget": "m"}
-        return " ".join([self.name] + [f"{short[k]}={_fmt(v)}" for k, v in self.params.items()])
+        text = " ".join([self.name] + [f"{short[k]}={_fmt(v)}" for k, v in self.params.items()])
+        return text if self.calibration is None else f"cal: {text}"
 
     def is_default(self) -> bool:
         """Whether these are the backend's default policy and parameters."""
-        if self.name != lynx_config.DEFAULT_POLICY:
+        if self.name != lynx_config.DEFAULT_POLICY or self.calibration is not None:
             return False
         defaults = {
             "alpha": lynx_config.DEFAULT_ALPHA,
             "beta": lynx_config.DEFAULT_BETA,
-            "k0": lynx_config.LynxConfig().k0,
+            "k0": default_k0(self.name),
             "budget": lynx_config.LynxConfig().budget,
         }
         return all(defaults[k] == v for k, v in self.params.items())
@@ -104,6 +112,13 @@ FULL_POLICIES = [
     "static:16",
 ]
 QUICK_POLICIES = ["exact", "affinity:3:2", "affinity:1:1"]
+
+# The model set: the embedded checkpoint and its two variants (docs/results/accuracy.md).
+VARIANTS = {
+    "tiny_moe": DEFAULT_CHECKPOINT,  # 32 experts, top-4, load-balancing loss
+    "tiny_moe_nolb": NOLB_CHECKPOINT,  # the same without the load-balancing loss
+    "tiny_moe_e8k2": E8K2_CHECKPOINT,  # 8 experts, top-2 (Mixtral-like)
+}
 
 
 def heldout_sequences(count: int, length: int, seed: int) -> torch.Tensor:
@@ -217,7 +232,7 @@ def run_accuracy(
     for spec in specs:
         torch._dynamo.reset()  # a fresh cache per policy: the options differ, the code not
         lynx_compile.clear_report()
-        options = {"policy": spec.name, "telemetry": True, **spec.params}
+        options = {**spec.options(), "telemetry": True}
         compiled = torch.compile(model, backend="lynx", options=options)
         for batch in batches:
             start = time.perf_counter()
@@ -228,6 +243,7 @@ def run_accuracy(
             row = {
                 "policy": spec.name,
                 "params": spec.params,
+                "calibration": spec.calibration,
                 "batch": batch,
                 "acc": result["acc"],
                 "acc_exact": 100.0 * hit_exact.float().mean().item(),
@@ -255,7 +271,8 @@ TABLE_HEADER = (
 def format_row(row: dict) -> str:
     """One table line: policy, batch, accuracy, change vs exact (and its paired standard
     error), NLL, distinct experts per layer per step, their ratio to exact, seconds."""
-    label = PolicySpec(row["policy"], row["params"]).label() + (" *" if row["is_default"] else "")
+    spec = PolicySpec(row["policy"], row["params"], row.get("calibration"))
+    label = spec.label() + (" *" if row["is_default"] else "")
     return (
         f"{label:<22} {row['batch']:>5} {row['acc']:>7.2f} {row['acc'] - row['acc_exact']:>+7.2f} "
         f"{row['acc_change_se']:>5.2f} "
@@ -324,6 +341,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="TinyMoE safetensors checkpoint (default: the committed one)",
     )
     parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=sorted(VARIANTS) + ["all"],
+        default=None,
+        help="committed checkpoints to measure instead of --checkpoint, each into "
+        "OUT/<variant>/ ('all': the three)",
+    )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also calibrate each checkpoint (`lynx-compile calibrate` on its default "
+        "prompts, never the held-out windows) and measure the calibrated choice",
+    )
+    parser.add_argument(
         "--policies",
         nargs="+",
         default=None,
@@ -354,34 +385,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Measure, print the table, write accuracy.json and accuracy.png; returns 0."""
+    """Measure, print the table, write accuracy.json and accuracy.png per checkpoint."""
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.policies or (QUICK_POLICIES if args.quick else FULL_POLICIES)
     policies = [PolicySpec.parse(text) for text in names]
     sequences = args.sequences or (16 if args.quick else 48)
     steps = args.steps or (48 if args.quick else 128)
-    print(f"checkpoint {args.checkpoint}; {sequences} held-out sequences x {steps} decode steps")
-    print(TABLE_HEADER)
+    if args.variants:
+        chosen = sorted(VARIANTS) if "all" in args.variants else args.variants
+        runs = [(VARIANTS[v], args.out / v) for v in chosen]
+    else:
+        runs = [(args.checkpoint, args.out)]
+    for checkpoint, out in runs:
+        measure_checkpoint(args, checkpoint, out, policies, sequences, steps)
+    return 0
+
+
+def measure_checkpoint(args, checkpoint: Path, out: Path, policies, sequences, steps) -> None:
+    """One checkpoint's table (and calibration with --calibrate): out/accuracy.json, .png."""
+    print(f"checkpoint {checkpoint}; {sequences} held-out sequences x {steps} decode steps")
     start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {}
+    if args.calibrate:
+        model = load_model(checkpoint)
+        cal = calibrate.calibrate(model, batches=tuple(args.batch), name=checkpoint.name)
+        cal_path = out / "calibration.json"
+        calibrate.save(cal, cal_path)
+        print(calibrate.format_table(cal))
+        spec = PolicySpec.from_options(cal["choice"])
+        policies = [*policies, PolicySpec(spec.name, spec.params, str(cal_path))]
+        meta["calibration"] = {"path": str(cal_path), "seconds": cal["seconds"]}
+    print(TABLE_HEADER)
     rows = run_accuracy(
-        args.checkpoint, policies, args.batch, sequences, args.prompt_len, steps, args.seed
+        checkpoint, policies, args.batch, sequences, args.prompt_len, steps, args.seed
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     meta = {
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": str(checkpoint),
         "sequences": sequences,
         "decode_steps": steps,
         "prompt_len": args.prompt_len,
         "seed": args.seed,
         "torch": torch.__version__,
         "seconds": time.perf_counter() - start,
+        **meta,
     }
-    (args.out / "accuracy.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    (out / "accuracy.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     title = (
-        f"{args.checkpoint.name}: {sequences} held-out seqs x {steps} decode steps "
+        f"{checkpoint.name}: {sequences} held-out seqs x {steps} decode steps "
         f"(* / red edge = backend default)"
     )
-    plot(rows, args.out / "accuracy.png", title)
-    print(f"wrote {args.out / 'accuracy.json'} and {args.out / 'accuracy.png'}")
-    return 0
+    plot(rows, out / "accuracy.png", title)
+    print(f"wrote {out / 'accuracy.json'} and {out / 'accuracy.png'}")
