@@ -7,8 +7,9 @@
  *
  * Each call is single-threaded: at decode sizes one layer's work is a few microseconds of
  * arithmetic over weights read once per touched expert, bound by how fast a core streams
- * them from memory. lynx_ops.cpp splits the experts over torch's intra-op threads
- * (lynx_experts' part/parts), so each thread streams its own experts.
+ * them from memory. lynx_ops.cpp deals the experts out to torch's intra-op threads
+ * (lynx_experts' take mask), so each thread streams its own experts, and runs experts with
+ * many tokens as oneDNN/BLAS GEMMs instead.
  */
 #include <math.h>
 #include <stdint.h>
@@ -402,12 +403,12 @@ static inline float hsum(vf v) {
 }
 
 /* out[t * ostride + r] = dot(x[t], w[r0 + r]) for TB tokens and RB (8 or 1) weight rows of
- * length len: each weight vector is loaded once for all TB tokens, with TB*RB vector
+ * length len, ld elements apart: each weight vector is loaded once for all TB tokens, with TB*RB vector
  * accumulators. Always inlined with constant TB and RB so they stay in registers. */
 static inline __attribute__((always_inline)) void block(const int TB, const int RB,
                                                         const float *const *x, const void *w,
-                                                        int64_t r0, int64_t len, int dt,
-                                                        float *out, int64_t ostride) {
+                                                        int64_t r0, int64_t len, int64_t ld,
+                                                        int dt, float *out, int64_t ostride) {
   vf acc[3][8];
   for (int t = 0; t < TB; ++t)
     for (int r = 0; r < RB; ++r) acc[t][r] = (vf){0};
@@ -416,7 +417,7 @@ static inline __attribute__((always_inline)) void block(const int TB, const int 
     vf xv[3];
     for (int t = 0; t < TB; ++t) xv[t] = *(const vf *)(x[t] + c);
     for (int r = 0; r < RB; ++r) {
-      vf wv = load_w(w, (r0 + r) * len + c, dt);
+      vf wv = load_w(w, (r0 + r) * ld + c, dt);
       for (int t = 0; t < TB; ++t) acc[t][r] += xv[t] * wv;
     }
   }
@@ -430,7 +431,7 @@ static inline __attribute__((always_inline)) void block(const int TB, const int 
     }
     for (int r = 0; r < RB; ++r)
       for (int64_t cc = c; cc < len; ++cc)
-        out[t * ostride + r] += x[t][cc] * load_w1(w, (r0 + r) * len + cc, dt);
+        out[t * ostride + r] += x[t][cc] * load_w1(w, (r0 + r) * ld + cc, dt);
   }
 }
 
@@ -465,11 +466,11 @@ static inline __attribute__((always_inline)) __m256 reduce8z(__m512 a0, __m512 a
 }
 
 /* out[t * ostride + r] = dot(x[t], w[r0 + r]) for TB tokens and RB (8 or 1) rows of length
- * len, stored straight into the caller's output rows. */
+ * len, ld elements apart, stored straight into the caller's output rows. */
 static inline __attribute__((always_inline)) void blockz(const int TB, const int RB,
                                                          const float *const *x, const void *w,
-                                                         int64_t r0, int64_t len, int dt,
-                                                         float *out, int64_t ostride) {
+                                                         int64_t r0, int64_t len, int64_t ld,
+                                                         int dt, float *out, int64_t ostride) {
   __m512 acc[3][8];
   const float *xp[3];
   for (int t = 0; t < TB; ++t) {
@@ -482,7 +483,7 @@ static inline __attribute__((always_inline)) void blockz(const int TB, const int
     __m512 xv[3];
     for (int t = 0; t < TB; ++t) xv[t] = _mm512_loadu_ps(xp[t] + c);
     for (int r = 0; r < RB; ++r) {
-      __m512 wv = load16(w, (r0 + r) * len + c, dt, all);
+      __m512 wv = load16(w, (r0 + r) * ld + c, dt, all);
       /* Keep the weight vector in a register for the TB FMAs: left alone, GCC folds the
        * load into every FMA (TB loads of it; 11-22% slower at 1-8 tokens per expert). */
       __asm__("" : "+v"(wv));
@@ -494,7 +495,7 @@ static inline __attribute__((always_inline)) void blockz(const int TB, const int
     __m512 xv[3];
     for (int t = 0; t < TB; ++t) xv[t] = _mm512_maskz_loadu_ps(m, xp[t] + c);
     for (int r = 0; r < RB; ++r) {
-      __m512 wv = load16(w, (r0 + r) * len + c, dt, m);
+      __m512 wv = load16(w, (r0 + r) * ld + c, dt, m);
       for (int t = 0; t < TB; ++t) acc[t][r] = _mm512_fmadd_ps(xv[t], wv, acc[t][r]);
     }
   }
@@ -508,6 +509,85 @@ static inline __attribute__((always_inline)) void blockz(const int TB, const int
     }
   }
 }
+
+#if defined(__AVX512BF16__)
+#define LYNX_BF16DOT 1
+/* blockz for bf16 tokens and weights with AVX512-BF16 dot products: each vdpbf16ps takes 32
+ * weights straight from memory (no widening) and adds pairs of exact bf16 x bf16 products
+ * into 16 float lanes, twice blockz's multiply-adds per instruction and a quarter of its
+ * uops per weight byte. */
+static inline __attribute__((always_inline)) void blockbf(const int TB, const int RB,
+                                                          const uint16_t *const *x,
+                                                          const uint16_t *w, int64_t r0,
+                                                          int64_t len, int64_t ld, float *out,
+                                                          int64_t ostride) {
+  __m512 acc[3][8];
+  for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < RB; ++r) acc[t][r] = _mm512_setzero_ps();
+  if (TB <= 2) {
+    /* One or two tokens: row by row. The 8 rows are one contiguous run of memory, walked in
+     * address order, one stream for the hardware prefetcher (column order walks 8 streams
+     * that each end at a page; Zen 4 streamed 14 GB/s that way, 23 GB/s this way); two
+     * accumulators per token halve the dependency chains. With three tokens the column order
+     * is faster: each weight vector then feeds 3 dot products from one x load each. */
+    const int64_t full = len & ~(int64_t)63;
+    const __mmask32 m = (__mmask32)((1ull << (len & 31)) - 1ull);
+    for (int r = 0; r < RB; ++r) {
+      const uint16_t *wr = w + (r0 + r) * ld;
+      __m512 acc2[3];
+      for (int t = 0; t < TB; ++t) acc2[t] = _mm512_setzero_ps();
+      int64_t c = 0;
+      for (; c < full; c += 64) {
+        __m512i w0 = _mm512_loadu_si512(wr + c), w1 = _mm512_loadu_si512(wr + c + 32);
+        for (int t = 0; t < TB; ++t) {
+          acc[t][r] = _mm512_dpbf16_ps(acc[t][r], (__m512bh)_mm512_loadu_si512(x[t] + c), (__m512bh)w0);
+          acc2[t] = _mm512_dpbf16_ps(acc2[t], (__m512bh)_mm512_loadu_si512(x[t] + c + 32), (__m512bh)w1);
+        }
+      }
+      if (c + 32 <= len) {
+        __m512i w0 = _mm512_loadu_si512(wr + c);
+        for (int t = 0; t < TB; ++t)
+          acc[t][r] = _mm512_dpbf16_ps(acc[t][r], (__m512bh)_mm512_loadu_si512(x[t] + c), (__m512bh)w0);
+        c += 32;
+      }
+      if (c < len) {
+        __m512i w0 = _mm512_maskz_loadu_epi16(m, wr + c);
+        for (int t = 0; t < TB; ++t)
+          acc2[t] = _mm512_dpbf16_ps(acc2[t], (__m512bh)_mm512_maskz_loadu_epi16(m, x[t] + c), (__m512bh)w0);
+      }
+      for (int t = 0; t < TB; ++t) acc[t][r] = _mm512_add_ps(acc[t][r], acc2[t]);
+    }
+  } else {
+    int64_t c = 0;
+    for (; c + 32 <= len; c += 32) {
+      __m512bh xv[3];
+      for (int t = 0; t < TB; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(x[t] + c);
+      for (int r = 0; r < RB; ++r) {
+        __m512i wv = _mm512_loadu_si512(w + (r0 + r) * ld + c);
+        __asm__("" : "+v"(wv)); /* one load for the TB tokens, as in blockz */
+        for (int t = 0; t < TB; ++t) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv[t], (__m512bh)wv);
+      }
+    }
+    if (c < len) {
+      const __mmask32 m = (__mmask32)((1ull << (len - c)) - 1ull);
+      __m512bh xv[3];
+      for (int t = 0; t < TB; ++t) xv[t] = (__m512bh)_mm512_maskz_loadu_epi16(m, x[t] + c);
+      for (int r = 0; r < RB; ++r) {
+        __m512i wv = _mm512_maskz_loadu_epi16(m, w + (r0 + r) * ld + c);
+        for (int t = 0; t < TB; ++t) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv[t], (__m512bh)wv);
+      }
+    }
+  }
+  for (int t = 0; t < TB; ++t) {
+    if (RB == 8) {
+      __m512 *a = acc[t];
+      _mm256_storeu_ps(out + t * ostride, reduce8z(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]));
+    } else {
+      out[t * ostride] = _mm512_reduce_add_ps(acc[t][0]);
+    }
+  }
+}
+#endif
 
 /* exp(v) for 16 lanes: v = n ln2 + r with |r| <= ln2/2 (ln2 in two parts), a degree-6
  * polynomial for exp(r) (relative error ~2e-7, as glibc's expf within float tolerance) and
@@ -564,6 +644,25 @@ static inline __m512 act16(__m512 v, int act) {
 #define BLOCK block
 #endif
 
+/* The kernel's three ways of computing: MODE_F32 (float32 weights), MODE_BF16 (bf16 weights
+ * widened to float32 against float32 tokens) and MODE_BF16DOT (bf16 tokens and weights in
+ * AVX512-BF16 dot products; only where the build has them). */
+enum { MODE_F32 = 0, MODE_BF16 = 1, MODE_BF16DOT = 2 };
+
+static inline __attribute__((always_inline)) void block_mode(const int mode, const int TB,
+                                                             const int RB, const void *const *x,
+                                                             const void *w, int64_t r0,
+                                                             int64_t len, int64_t ld, float *out,
+                                                             int64_t ostride) {
+#ifdef LYNX_BF16DOT
+  if (mode == MODE_BF16DOT) {
+    blockbf(TB, RB, (const uint16_t *const *)x, (const uint16_t *)w, r0, len, ld, out, ostride);
+    return;
+  }
+#endif
+  BLOCK(TB, RB, (const float *const *)x, w, r0, len, ld, mode, out, ostride);
+}
+
 /* Software prefetch of the weights, PF_AHEAD bytes ahead of the kernel, over the touched
  * experts' matrices in the order it reads them (the hardware streamer stops at each 4 KB
  * page and at each matrix; at decode sizes one block's dot products are too short to hide
@@ -586,79 +685,94 @@ static inline void pf_run(pf_stream *p, size_t bytes) {
   }
 }
 
-/* y[t * rows + r] = dot(x[t], w[r]) for m tokens and all rows of w [rows, len]: the weight
- * matrix is streamed once (8 rows at a time, kept in L1 while every token uses them). */
+/* y[t * rows + r] = dot(x[t], w[r]) for m tokens and all rows of w [rows, len] (rows ld
+ * elements apart): the weight matrix is streamed once (8 rows at a time, kept in L1 while
+ * every token uses them). x[t] are float32 rows, or bf16 rows in MODE_BF16DOT. */
 static inline __attribute__((always_inline)) void matmul_rows_dt(
-    const float *const *x, int64_t m, const void *w, int64_t rows, int64_t len, int dt,
-    float *y, pf_stream *pf) {
-  size_t esz = dt == 0 ? sizeof(float) : sizeof(uint16_t);
+    const void *const *x, int64_t m, const void *w, int64_t rows, int64_t len, int64_t ld,
+    const int mode, float *y, pf_stream *pf) {
+  size_t esz = mode == MODE_F32 ? sizeof(float) : sizeof(uint16_t);
   const int64_t blocks = (m + 2) / 3; /* token blocks per row group */
   for (int64_t r0 = 0; r0 < rows; r0 += 8) {
     int full = r0 + 8 <= rows;
     /* This group's bytes, prefetched in one share per token block: one burst per group
      * filled the line-fill buffers and stalled the core (~10% slower at 8 tokens). */
-    const size_t group = (size_t)((full ? 8 : rows - r0) * len) * esz;
+    const size_t group = (size_t)((full ? 8 : rows - r0) * ld) * esz;
     const size_t share = group / (size_t)blocks;
     for (int64_t t0 = 0; t0 < m; t0 += 3) {
       pf_run(pf, t0 + 3 < m ? share : group - share * (size_t)(blocks - 1));
       int64_t tb = m - t0 < 3 ? m - t0 : 3;
-      const float *const *xt = x + t0;
+      const void *const *xt = x + t0;
       int rb = full ? 8 : 1;
       for (int64_t r = r0; r < (full ? r0 + 8 : rows); r += rb) {
         float *o = y + t0 * rows + r;
         switch (tb * 16 + rb) { /* constant block shapes, so accumulators stay in registers */
-          case 3 * 16 + 8: BLOCK(3, 8, xt, w, r, len, dt, o, rows); break;
-          case 2 * 16 + 8: BLOCK(2, 8, xt, w, r, len, dt, o, rows); break;
-          case 1 * 16 + 8: BLOCK(1, 8, xt, w, r, len, dt, o, rows); break;
-          case 3 * 16 + 1: BLOCK(3, 1, xt, w, r, len, dt, o, rows); break;
-          case 2 * 16 + 1: BLOCK(2, 1, xt, w, r, len, dt, o, rows); break;
-          default: BLOCK(1, 1, xt, w, r, len, dt, o, rows); break;
+          case 3 * 16 + 8: block_mode(mode, 3, 8, xt, w, r, len, ld, o, rows); break;
+          case 2 * 16 + 8: block_mode(mode, 2, 8, xt, w, r, len, ld, o, rows); break;
+          case 1 * 16 + 8: block_mode(mode, 1, 8, xt, w, r, len, ld, o, rows); break;
+          case 3 * 16 + 1: block_mode(mode, 3, 1, xt, w, r, len, ld, o, rows); break;
+          case 2 * 16 + 1: block_mode(mode, 2, 1, xt, w, r, len, ld, o, rows); break;
+          default: block_mode(mode, 1, 1, xt, w, r, len, ld, o, rows); break;
         }
       }
     }
   }
 }
 
-/* matmul_rows_dt compiled once per weight dtype (dt a constant in each copy). */
-static void matmul_rows(const float *const *x, int64_t m, const void *w, int64_t rows,
-                        int64_t len, int dt, float *y, pf_stream *pf) {
-  if (dt == 0) matmul_rows_dt(x, m, w, rows, len, 0, y, pf);
-  else matmul_rows_dt(x, m, w, rows, len, 1, y, pf);
+/* matmul_rows_dt compiled once per mode (a constant in each copy). */
+static void matmul_rows(const void *const *x, int64_t m, const void *w, int64_t rows,
+                        int64_t len, int64_t ld, int mode, float *y, pf_stream *pf) {
+  if (mode == MODE_F32) matmul_rows_dt(x, m, w, rows, len, ld, MODE_F32, y, pf);
+#ifdef LYNX_BF16DOT
+  else if (mode == MODE_BF16DOT) matmul_rows_dt(x, m, w, rows, len, ld, MODE_BF16DOT, y, pf);
+#endif
+  else matmul_rows_dt(x, m, w, rows, len, ld, MODE_BF16, y, pf);
 }
 
 /* Sparse experts (reference.experts_general_reference) for n tokens of width d:
  *   x        [n, d] float32 (bf16 inputs are widened by the caller)
+ *   xb       [n, d] the same tokens in bf16, or NULL: with bf16 weights and round_mid, the
+ *            build's AVX512-BF16 dot products take them (MODE_BF16DOT)
  *   ids      [n, k] int64 in [0, e); weights [n, k] float32
- *   w_up     [e, u, d]; w_gate [e, i, d] or NULL; w_down [e, d, i]; dtype dt (0 f32, 1 bf16)
+ *   w_up     [e, u, d]; w_gate [e, i, d] or NULL; w_down [e, d, i]; dtype dt (0 f32, 1 bf16);
+ *            rows contiguous, read in place at any expert and row strides: strides holds
+ *            (expert, row) strides in elements of w_up, w_gate, w_down (6 values)
  *   gated    1: h = act(gate) * up with gate/up the halves of x @ w_up[e].T (u = 2i), or
  *            gate = x @ w_gate[e].T when w_gate is given (u = i); 0: h = act(x @ w_up[e].T)
- *   part, parts  computes only the touched experts whose rank among them is part mod parts
- *            (parts callers, each on its own thread and output, then sum the outputs)
+ *   take     [e] or NULL: computes only the touched experts j with take[j] != 0 (callers
+ *            deal experts out to threads, each into its own output, and sum the outputs)
  *   out      [n, d] float32, overwritten: sum over slots of weight * (h @ w_down[e].T)
  * Work and weight reads follow the experts touched: each one's weights are read once for
  * all of its tokens. round_mid rounds intermediates to bf16 as a bf16 model does.
  * Returns 0; -1 when scratch memory could not be allocated; -2 for an id outside [0, e).
  */
-int lynx_experts(const float *x, const int64_t *ids, const float *weights, const void *w_up,
-                 const void *w_gate, const void *w_down, int64_t n, int64_t k, int64_t e,
+int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const float *weights,
+                 const void *w_up, const void *w_gate, const void *w_down,
+                 const int64_t *strides, const uint8_t *take, int64_t n, int64_t k, int64_t e,
                  int64_t d, int64_t u, int64_t i, int gated, int act, int dt, int round_mid,
-                 int64_t part, int64_t parts, float *out) {
+                 float *out) {
   int64_t slots = n * k;
   memset(out, 0, sizeof(float) * (size_t)(n * d));
   if (slots == 0) return 0;
+  int mode = dt == 0 ? MODE_F32 : MODE_BF16;
+#ifdef LYNX_BF16DOT
+  if (dt == 1 && round_mid && xb) mode = MODE_BF16DOT;
+#endif
   /* One scratch block: counts [e + 1], fill [e], order [slots], row pointers [2 slots],
    * prefetch segments [3 e] and their lengths [3 e], h [slots, max(u, d)] (up projection,
-   * then down projection), a [slots, i]. */
+   * then down projection), a [slots, i], and a's bf16 copy ab [slots, i] (MODE_BF16DOT). */
   int64_t hw = u > d ? u : d;
   size_t ints = (size_t)(2 * e + 1 + slots + 3 * e), ptrs = (size_t)(2 * slots + 3 * e);
-  size_t floats = (size_t)(slots * hw + slots * i);
-  char *scratch = malloc(ints * sizeof(int64_t) + ptrs * sizeof(float *) + floats * sizeof(float));
+  size_t floats = (size_t)(slots * hw + slots * i), halves = (size_t)(slots * i);
+  char *scratch = malloc(ints * sizeof(int64_t) + ptrs * sizeof(void *) + floats * sizeof(float) +
+                         halves * sizeof(uint16_t));
   if (!scratch) return -1;
   int64_t *count = (int64_t *)scratch, *fill = count + e + 1, *order = fill + e;
-  const float **xrow = (const float **)(order + slots), **arow = xrow + slots;
+  const void **xrow = (const void **)(order + slots), **arow = xrow + slots;
   const char **seg = (const char **)(arow + slots);
   size_t *seglen = (size_t *)(seg + 3 * e);
   float *h = (float *)(seglen + 3 * e), *a = h + slots * hw;
+  uint16_t *ab = (uint16_t *)(a + slots * i);
   /* Counting sort of the slots by expert (stable: token order within an expert). */
   memset(count, 0, sizeof(int64_t) * (size_t)(e + 1));
   for (int64_t s = 0; s < slots; ++s) {
@@ -672,36 +786,44 @@ int lynx_experts(const float *x, const int64_t *ids, const float *weights, const
   memcpy(fill, count, sizeof(int64_t) * (size_t)e);
   for (int64_t s = 0; s < slots; ++s) order[fill[ids[s]]++] = s;
   size_t esz = dt == 0 ? sizeof(float) : sizeof(uint16_t);
+  const int64_t up_e = strides[0], up_r = strides[1], gate_e = strides[2], gate_r = strides[3];
+  const int64_t down_e = strides[4], down_r = strides[5];
   /* The weights in the order they are read, prefetched PF_AHEAD bytes ahead. */
   pf_stream pf = {seg, seglen, 0, 0, 0};
-  for (int64_t j = 0, rank = 0; j < e; ++j) {
-    if (count[j + 1] == count[j] || rank++ % parts != part) continue;
-    seg[pf.nseg] = (const char *)w_up + (size_t)(j * u * d) * esz;
-    seglen[pf.nseg++] = (size_t)(u * d) * esz;
+  for (int64_t j = 0; j < e; ++j) {
+    if (count[j + 1] == count[j] || (take && !take[j])) continue;
+    seg[pf.nseg] = (const char *)w_up + (size_t)(j * up_e) * esz;
+    seglen[pf.nseg++] = (size_t)((u - 1) * up_r + d) * esz;
     if (w_gate) {
-      seg[pf.nseg] = (const char *)w_gate + (size_t)(j * i * d) * esz;
-      seglen[pf.nseg++] = (size_t)(i * d) * esz;
+      seg[pf.nseg] = (const char *)w_gate + (size_t)(j * gate_e) * esz;
+      seglen[pf.nseg++] = (size_t)((i - 1) * gate_r + d) * esz;
     }
-    seg[pf.nseg] = (const char *)w_down + (size_t)(j * d * i) * esz;
-    seglen[pf.nseg++] = (size_t)(d * i) * esz;
+    seg[pf.nseg] = (const char *)w_down + (size_t)(j * down_e) * esz;
+    seglen[pf.nseg++] = (size_t)((d - 1) * down_r + i) * esz;
   }
+  /* MODE_BF16DOT reads each 8-row block in address order and leaves the prefetching to the
+   * hardware: software prefetch on top made it slower (Zen 4, cpu v10 in docs/perf-notes.md). */
+  if (mode == MODE_BF16DOT) pf.nseg = 0;
   pf_run(&pf, PF_AHEAD);
-  const char *const *next = seg; /* this part's matrices, in the order listed above */
-  for (int64_t j = 0, rank = 0; j < e; ++j) {
+  const char *const *next = seg; /* the matrices to compute, in the order listed above */
+  for (int64_t j = 0; j < e; ++j) {
     int64_t lo = count[j], m = count[j + 1] - lo;
-    if (m == 0 || rank++ % parts != part) continue;
+    if (m == 0 || (take && !take[j])) continue;
     const int64_t *grp = order + lo;
     const char *wu = *next++, *wg = w_gate ? *next++ : NULL, *wd = *next++;
-    for (int64_t t = 0; t < m; ++t) xrow[t] = x + (grp[t] / k) * d;
+    for (int64_t t = 0; t < m; ++t)
+      xrow[t] = mode == MODE_BF16DOT ? (const void *)(xb + (grp[t] / k) * d)
+                                     : (const void *)(x + (grp[t] / k) * d);
     /* Up (and gate) projection: h [m, u], gate [m, i] into a when split. */
-    matmul_rows(xrow, m, wu, u, d, dt, h, &pf);
+    matmul_rows(xrow, m, wu, u, d, up_r, mode, h, &pf);
     const float *gsrc = h, *usrc = gated ? h + i : NULL; /* fused [gate; up] halves */
     int64_t gstride = u;
     if (wg) {
-      matmul_rows(xrow, m, wg, i, d, dt, a, &pf);
+      matmul_rows(xrow, m, wg, i, d, gate_r, mode, a, &pf);
       gsrc = a, gstride = i, usrc = h;
     }
-    /* Activation a [m, i] (in place over a split gate: each element is read first). */
+    /* Activation a [m, i] (in place over a split gate: each element is read first), and
+     * its bf16 bits in ab for MODE_BF16DOT (exact: a is rounded to bf16 there). */
     for (int64_t t = 0; t < m; ++t) {
       int64_t r = 0;
 #ifdef LYNX_AVX512
@@ -718,6 +840,10 @@ int lynx_experts(const float *x, const int64_t *ids, const float *weights, const
           }
           if (round_mid) v = round_bf16_16(v);
           _mm512_mask_storeu_ps(a + t * i + r, mk, v);
+          if (mode == MODE_BF16DOT) {
+            __m256i bits = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
+            _mm256_mask_storeu_epi16(ab + t * i + r, mk, bits);
+          }
         }
 #endif
       for (; r < i; ++r) {
@@ -729,12 +855,17 @@ int lynx_experts(const float *x, const int64_t *ids, const float *weights, const
           if (round_mid) v = round_bf16(v), up = round_bf16(up);
           v *= up;
         }
-        a[t * i + r] = round_mid ? round_bf16(v) : v;
+        v = round_mid ? round_bf16(v) : v;
+        a[t * i + r] = v;
+        uint32_t bits;
+        memcpy(&bits, &v, sizeof bits);
+        ab[t * i + r] = (uint16_t)(bits >> 16);
       }
     }
     /* Down projection [m, d] into h, then the weighted combine, accumulated in float32. */
-    for (int64_t t = 0; t < m; ++t) arow[t] = a + t * i;
-    matmul_rows(arow, m, wd, d, i, dt, h, &pf);
+    for (int64_t t = 0; t < m; ++t)
+      arow[t] = mode == MODE_BF16DOT ? (const void *)(ab + t * i) : (const void *)(a + t * i);
+    matmul_rows(arow, m, wd, d, i, down_r, mode, h, &pf);
     for (int64_t t = 0; t < m; ++t) {
       float *o = out + (grp[t] / k) * d;
       float wt = weights[grp[t]];

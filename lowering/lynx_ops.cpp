@@ -15,6 +15,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/gelu.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/silu.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
@@ -34,10 +35,11 @@ int64_t lynx_topk_rows(const float *probs, int64_t n, int64_t e, int64_t k, int6
 int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t *exact_ids,
                           int64_t n, int64_t e, int64_t k, double alpha, double beta,
                           int64_t k0, int64_t *ids, uint8_t *same);
-int lynx_experts(const float *x, const int64_t *ids, const float *weights, const void *w_up,
-                 const void *w_gate, const void *w_down, int64_t n, int64_t k, int64_t e,
+int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const float *weights,
+                 const void *w_up, const void *w_gate, const void *w_down,
+                 const int64_t *strides, const uint8_t *take, int64_t n, int64_t k, int64_t e,
                  int64_t d, int64_t u, int64_t i, int gated, int act, int dt, int round_mid,
-                 int64_t part, int64_t parts, float *out);
+                 float *out);
 }
 
 namespace {
@@ -186,6 +188,19 @@ at::Tensor experts_aten(const at::Tensor &x, const at::Tensor &ids, const at::Te
   return out.to(dt);
 }
 
+// Tokens per expert from which lynx::experts runs an expert as GEMMs (at::mm) rather than the
+// streaming kernel: where the two cross at real sizes on this project's CPU (AVX512-BF16, no
+// AMX), measured in docs/perf-notes.md (cpu v10). -DLYNX_GEMM_TOKENS_BF16=... (and _F32)
+// override them, for measuring the crossing elsewhere.
+#ifndef LYNX_GEMM_TOKENS_BF16
+#define LYNX_GEMM_TOKENS_BF16 16
+#endif
+#ifndef LYNX_GEMM_TOKENS_F32
+#define LYNX_GEMM_TOKENS_F32 8
+#endif
+constexpr int64_t kGemmTokensBF16 = LYNX_GEMM_TOKENS_BF16;
+constexpr int64_t kGemmTokensF32 = LYNX_GEMM_TOKENS_F32;
+
 at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor &weights,
                    const at::Tensor &w_up, const std::optional<at::Tensor> &w_gate,
                    const at::Tensor &w_down, c10::string_view activation, bool gated) {
@@ -209,24 +224,65 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
   const bool native = (dt == at::kFloat || dt == at::kBFloat16) && w_up.scalar_type() == dt &&
                       w_down.scalar_type() == dt && (!w_gate || w_gate->scalar_type() == dt);
   if (!native) return experts_aten(x, ids, weights, w_up, w_gate, w_down, act, gated);
-  at::Tensor out = at::empty({n, d}, x.options().dtype(at::kFloat));
-  if (n > 0) {
+  at::Tensor out = at::zeros({n, d}, x.options().dtype(at::kFloat));
+  if (n == 0) return out.to(dt);
+  at::Tensor idc = ids.contiguous();
+  const int64_t *id = idc.data_ptr<int64_t>();
+  std::vector<int64_t> count(static_cast<size_t>(e), 0);
+  for (int64_t s = 0; s < n * k; ++s) {
+    TORCH_CHECK_INDEX(0 <= id[s] && id[s] < e, "lynx::experts: expert ids must be in [0, ", e,
+                      ")");
+    ++count[id[s]];
+  }
+  // Per touched expert, the way that is fastest at its token count (known here, on the
+  // host: no sync): the streaming kernel reads the weights once at the memory floor while
+  // tokens are few; from kGemmTokens on, its arithmetic costs more than the read and the
+  // expert runs as GEMMs on views of its weights (oneDNN/MKL through at::mm). Weights whose
+  // rows are not contiguous (a transposed layout) always take the GEMMs: they read strided
+  // operands in place, where the streaming kernel would need a copy.
+  const auto rows_contiguous = [](const at::Tensor &w) { return w.stride(2) == 1; };
+  const bool streamable = rows_contiguous(w_up) && rows_contiguous(w_down) &&
+                          (!w_gate || rows_contiguous(*w_gate));
+  const int64_t gemm_tokens = dt == at::kFloat ? kGemmTokensF32 : kGemmTokensBF16;
+  std::vector<int64_t> stream, gemm;  // touched experts by way
+  for (int64_t j = 0; j < e; ++j) {
+    if (count[j] == 0) continue;
+    (streamable && count[j] < gemm_tokens ? stream : gemm).push_back(j);
+  }
+  const int64_t expert_bytes = (u * d + (w_gate ? i * d : 0) + d * i) * x.element_size();
+  if (!stream.empty()) {
     at::Tensor xs = x.to(at::kFloat).contiguous(), wts = weights.to(at::kFloat).contiguous();
-    at::Tensor idc = ids.contiguous(), up = w_up.contiguous(), down = w_down.contiguous();
-    at::Tensor gate = w_gate ? w_gate->contiguous() : at::Tensor();
+    at::Tensor xb = dt == at::kBFloat16 ? x.contiguous() : at::Tensor();
+    const int64_t strides[6] = {w_up.stride(0),
+                                w_up.stride(1),
+                                w_gate ? w_gate->stride(0) : 0,
+                                w_gate ? w_gate->stride(1) : 0,
+                                w_down.stride(0),
+                                w_down.stride(1)};
     const int code = dt == at::kFloat ? 0 : 1;  // the C kernel's weight dtype
-    // With torch's intra-op threads, the touched experts are dealt out to the threads (each
-    // reads its experts' weights once, into its own output), then the outputs are summed;
-    // at least 4 token-expert slots per thread (one token's experts stay on one thread).
-    const int64_t parts =
-        std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n * k / 4));
-    at::Tensor partial = parts == 1 ? out : at::empty({parts, n, d}, out.options());
+    // With torch's intra-op threads, the streamed experts are dealt out to the threads (each
+    // reads its experts' weights once, into its own output), then the outputs are summed. Below
+    // 1 MiB of weights in all, a thread only pays with at least 4 token-expert slots.
+    const int64_t stream_slots = [&] {
+      int64_t c = 0;
+      for (int64_t j : stream) c += count[j];
+      return c;
+    }();
+    int64_t parts = std::min<int64_t>(at::get_num_threads(), stream.size());
+    if (expert_bytes * static_cast<int64_t>(stream.size()) < (int64_t{1} << 20))
+      parts = std::min<int64_t>(parts, stream_slots / 4);
+    parts = std::max<int64_t>(parts, 1);
+    std::vector<std::vector<uint8_t>> take(parts, std::vector<uint8_t>(e, 0));
+    for (size_t r = 0; r < stream.size(); ++r) take[r % parts][stream[r]] = 1;
+    at::Tensor partial = at::empty({parts, n, d}, out.options());
     std::vector<int> status(parts, 0);
     auto run = [&](int64_t part) {
       status[part] = lynx_experts(
-          xs.data_ptr<float>(), idc.data_ptr<int64_t>(), wts.data_ptr<float>(), up.data_ptr(),
-          gate.defined() ? gate.data_ptr() : nullptr, down.data_ptr(), n, k, e, d, u, i,
-          gated ? 1 : 0, act, code, code, part, parts, partial.data_ptr<float>() + part * n * d);
+          xs.data_ptr<float>(),
+          xb.defined() ? static_cast<const uint16_t *>(xb.data_ptr()) : nullptr, id,
+          wts.data_ptr<float>(), w_up.data_ptr(), w_gate ? w_gate->data_ptr() : nullptr,
+          w_down.data_ptr(), strides, take[part].data(), n, k, e, d, u, i, gated ? 1 : 0, act,
+          code, code, partial.data_ptr<float>() + part * n * d);
     };
     if (parts == 1) {
       run(0);
@@ -234,11 +290,34 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
       at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
         for (int64_t part = lo; part < hi; ++part) run(part);
       });
-      at::sum_out(out, partial, 0);
     }
-    for (int st : status) {
-      TORCH_CHECK_INDEX(st != -2, "lynx::experts: expert ids must be in [0, ", e, ")");
-      TORCH_CHECK(st == 0, "lynx::experts: out of memory for its scratch buffers");
+    for (int st : status) TORCH_CHECK(st == 0, "lynx::experts: out of memory for its scratch buffers");
+    at::sum_out(out, partial, 0);
+  }
+  if (!gemm.empty()) {
+    // Each GEMM expert in x's dtype, as the model computes it (bf16: oneDNN's bf16 GEMMs,
+    // each product rounded to bf16), on all intra-op threads; the weighted combine in fp32.
+    std::vector<std::vector<int64_t>> slots(static_cast<size_t>(e));  // gemm experts' slots
+    std::vector<uint8_t> is_gemm(static_cast<size_t>(e), 0);
+    for (int64_t j : gemm) is_gemm[j] = 1, slots[j].reserve(count[j]);
+    for (int64_t s = 0; s < n * k; ++s)
+      if (is_gemm[id[s]]) slots[id[s]].push_back(s);
+    const at::Tensor flat_w = weights.reshape({-1});
+    for (int64_t j : gemm) {
+      at::Tensor slot = at::empty({count[j]}, idc.options());
+      std::copy(slots[j].begin(), slots[j].end(), slot.data_ptr<int64_t>());
+      const at::Tensor token = slot.div(k, "floor");
+      const at::Tensor xt = x.index_select(0, token);
+      at::Tensor h = at::mm(xt, w_up[j].t());  // views: the weights are read in place
+      if (w_gate) {
+        h = activate(at::mm(xt, (*w_gate)[j].t()), act).mul(h);
+      } else if (gated) {
+        h = activate(h.narrow(1, 0, i), act).mul(h.narrow(1, i, i));
+      } else {
+        h = activate(h, act);
+      }
+      const at::Tensor y = at::mm(h, w_down[j].t()).to(at::kFloat);
+      out.index_add_(0, token, y.mul(flat_w.index_select(0, slot).to(at::kFloat).unsqueeze(1)));
     }
   }
   return dt == at::kFloat ? out : out.to(dt);

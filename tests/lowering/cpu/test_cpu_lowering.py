@@ -61,12 +61,17 @@ def test_cpu_graph_calls_the_native_kernels_and_telemetry_keeps_the_route_op():
         assert "torch.ops.lynx.route.default" not in source
         assert "aten.bmm" not in source, "the native experts replace the traced gathered form"
     assert lynx_compile.report()["sites"]
-    # A graph specialised to one token traces everything: no kernel call to pay for.
+    # A graph specialised to one token routes exactly (traced: nobody to share experts with)
+    # and still calls the experts kernel, which reads the weights in place where the traced
+    # gathered form would copy each slot's expert.
     torch._dynamo.reset()
     model = torch.compile(block, backend="lynx")
     with torch.no_grad():
-        _, code = run_and_get_code(model, x[:1])
-    assert "torch.ops.lynx" not in "\n".join(code)
+        out, code = run_and_get_code(model, x[:1])
+    source = "\n".join(code)
+    assert "torch.ops.lynx.experts.default" in source and "route_affinity_cpu" not in source
+    assert "aten.bmm" not in source
+    torch.testing.assert_close(out, block(x[:1]), **TOL[torch.float32])
 
 
 def test_without_the_native_library_the_cpu_graph_traces_the_same_function(monkeypatch):

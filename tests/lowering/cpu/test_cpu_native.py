@@ -215,6 +215,66 @@ def test_experts_dealt_out_to_threads_match_the_reference(dtype):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("tokens", [3, 13, 33])
+@pytest.mark.parametrize("form,act", [("gated", "silu"), ("plain", "gelu_tanh"), ("split", "silu")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_with_many_tokens_run_as_gemms_and_match_the_reference(tokens, form, act, dtype):
+    # Experts with at least 8 (fp32) or 16 (bf16) tokens run as at::mm GEMMs, the others
+    # stream: expert 5 takes every token's first slot (3, 13 or 33 tokens: below, at and
+    # above both crossings), the second slots spread over the rest. 1 and 2 threads.
+    x, ids, w, w_up, w_down, w_gate = _case(tokens, 8, 2, 48, 40, form, dtype, seed=4)
+    ids[:, 0] = 5
+    ids[:, 1] = torch.arange(tokens) % 5
+    gated = form != "plain"
+    want = reference.experts_general_reference(x, ids, w, w_gate, w_up, w_down, act, gated)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = torch.ops.lynx.experts(x, ids, w, w_up, w_gate, w_down, act, gated)
+            torch.testing.assert_close(got, want, **TOL[dtype])
+    finally:
+        torch.set_num_threads(before)
+
+
+def _largest_allocation(fn) -> int:
+    """Bytes of the largest allocation made while fn() runs (torch.profiler's memory
+    events: an op that copies its weights shows the copy)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events()), default=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 13, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_read_strided_weights_in_place(tokens, dtype):
+    """Weights in a transposed layout ([E, d, U] storage seen as [E, U, d], as a transposed
+    dispatch plan passes them), and a split gate and up that are two halves of one fused
+    tensor (expert stride 2I d): the reference's result, with no copy of the weights."""
+    # 16 experts: each weight tensor is several times the op's own scratch at 33 tokens
+    x, ids, w, w_up, w_down, _ = _case(tokens, 16, 2, 64, 48, "gated", dtype, seed=2)
+    up_t = w_up.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides (., 1, U)
+    down_t = w_down.transpose(1, 2).contiguous().transpose(1, 2)
+    want = reference.experts_general_reference(x, ids, w, None, w_up, w_down, "silu", True)
+    for up, down in ((up_t, w_down), (w_up, down_t), (up_t, down_t)):
+        got = torch.ops.lynx.experts(x, ids, w, up, None, down, "silu", True)
+        torch.testing.assert_close(got, want, **TOL[dtype])
+        copied = _largest_allocation(
+            lambda up=up, down=down: torch.ops.lynx.experts(x, ids, w, up, None, down, "silu", True)
+        )
+        assert copied < w_down.nbytes // 2, f"{copied} bytes allocated: a copy of the weights?"
+    gate, up = w_up[:, :48], w_up[:, 48:]  # views: expert stride 2 * 48 * 64, not 48 * 64
+    want = reference.experts_general_reference(x, ids, w, gate, up, w_down, "silu", True)
+    got = torch.ops.lynx.experts(x, ids, w, up, gate, w_down, "silu", True)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    copied = _largest_allocation(
+        lambda: torch.ops.lynx.experts(x, ids, w, up, gate, w_down, "silu", True)
+    )
+    assert copied < w_down.nbytes // 2, f"{copied} bytes allocated: a copy of the weights?"
+
+
 def test_experts_bad_ids_empty_batches_and_what_it_does_not_take():
     x, ids, w, w_up, w_down, w_gate = _case(3, 8, 2, 16, 8, "gated", torch.float32)
     op = torch.ops.lynx.experts
