@@ -20,6 +20,7 @@ Backends:
   lynx-exact               the block's router linear + lynx Triton route (exact) + Triton
                            experts, called directly
   lynx-affinity            the same with AffinityBinning (the model family's alpha, beta)
+  lynx-exact-tma           lynx-exact with the weight tiles through tensor descriptors
   lynx-*-compiled          torch.compile(block, backend="lynx", options={"policy": ...})
   lynx-exact-compiled-cg   the same (exact), mode="reduce-overhead": how decode is served
 Timing (`timing` per row): "do_bench" is triton.testing.do_bench, the median of CUDA-event
@@ -331,24 +332,31 @@ def _route_cases(torch, check: Check, device, gen, cases, tol) -> None:
 
 
 def check_experts(torch, check: Check, device, gen) -> None:
-    """bf16/fp16/fp32 against the reference (bf16 relative error < 1e-2), poisoned buffers."""
+    """bf16/fp16/fp32 against the reference (bf16 relative error < 1e-2), poisoned buffers;
+    the last cases with the weight tiles through tensor descriptors (tma=True)."""
     from lynx_compile.lowering import reference, triton_experts
 
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     cases = [
-        # dtype, tokens, experts, k, hidden, inter, activation, gated
-        (bf16, 1, 8, 2, 4096, 1024, "silu", True),
-        (bf16, 16, 128, 8, 2048, 768, "silu", True),
-        (bf16, 64, 128, 8, 2048, 768, "silu", True),
-        (bf16, 200, 60, 4, 1024, 1408, "gelu_tanh", False),
-        (f16, 16, 128, 8, 2048, 768, "gelu", True),
-        (f32, 13, 60, 4, 1024, 1408, "relu", False),
+        # dtype, tokens, experts, k, hidden, inter, activation, gated, tma
+        (bf16, 1, 8, 2, 4096, 1024, "silu", True, False),
+        (bf16, 16, 128, 8, 2048, 768, "silu", True, False),
+        (bf16, 64, 128, 8, 2048, 768, "silu", True, False),
+        (bf16, 200, 60, 4, 1024, 1408, "gelu_tanh", False, False),
+        (f16, 16, 128, 8, 2048, 768, "gelu", True, False),
+        (f32, 13, 60, 4, 1024, 1408, "relu", False, False),
+        (bf16, 1, 8, 2, 4096, 1024, "silu", True, True),
+        (bf16, 300, 128, 8, 2048, 768, "silu", True, True),
     ]
     if check.dry_run:  # the interpreter cannot run bf16 tl.dot
-        cases = [(f16, 3, 8, 2, 32, 24, "silu", True), (f32, 3, 8, 2, 32, 24, "gelu", False)]
+        cases = [
+            (f16, 3, 8, 2, 32, 24, "silu", True, False),
+            (f32, 3, 8, 2, 32, 24, "gelu", False, False),
+            (f16, 13, 8, 2, 32, 24, "silu", True, True),
+        ]
     tol = {f32: 1e-4, bf16: 1e-2, f16: 4e-3}
     with poisoned(torch, triton_experts):
-        for dtype, tokens, experts, k, hidden, inter, activation, gated in cases:
+        for dtype, tokens, experts, k, hidden, inter, activation, gated, tma in cases:
             x = torch.randn(tokens, hidden, generator=gen, device=device).to(dtype)
             logits = torch.randn(tokens, experts, generator=gen, device=device)
             weights, ids = torch.topk(torch.softmax(logits, -1), k, dim=-1)
@@ -359,7 +367,7 @@ def check_experts(torch, check: Check, device, gen) -> None:
             w_down = (w_down / inter**0.5).to(dtype)
             args = (x, ids, weights, w_up, w_down, activation, gated)
             want = reference.experts_reference(*args)
-            got = triton_experts.experts(*args)
+            got = triton_experts.experts(*args, config=launch_config(x, ids, w_up, tma))
             unwritten = bool(torch.isnan(got).any())
             scale = want.float().abs().max().clamp(min=1e-6)
             rel = float((got.float() - want.float()).abs().max() / scale)
@@ -375,6 +383,7 @@ def check_experts(torch, check: Check, device, gen) -> None:
                     "inter": inter,
                     "activation": activation,
                     "gated": gated,
+                    "tma": tma,
                     "rel_err": rel,
                     "unwritten": unwritten,
                     "ok": rel < tol[dtype] and not unwritten,
@@ -442,8 +451,23 @@ def build_block(torch, shape: Shape, device, dtype, seed: int):
     return block
 
 
-def lynx_forward(torch, block, shape: Shape, policy: str):
-    """x [B, 1, d] -> [B, 1, d]: router linear, Triton route, Triton experts."""
+def launch_config(x, ids, w_up, tma: bool):
+    """The experts launch config the wrapper would pick (stored or default), with tma set."""
+    import dataclasses
+
+    from lynx_compile.lowering import launch_configs, triton_experts
+
+    num_experts, up_rows, hidden = w_up.shape
+    config = launch_configs.experts_config(
+        num_experts, hidden, up_rows // 2, x.shape[0], ids.shape[1], x.dtype,
+        triton_experts._gpu_name(x.device),
+    )  # fmt: skip
+    return dataclasses.replace(config, tma=tma)
+
+
+def lynx_forward(torch, block, shape: Shape, policy: str, tma: bool = False):
+    """x [B, 1, d] -> [B, 1, d]: router linear, Triton route, Triton experts (weight tiles
+    through tensor descriptors with tma)."""
     from lynx_compile.lowering import triton_experts, triton_route
 
     gate_w = block.gate.weight
@@ -455,7 +479,8 @@ def lynx_forward(torch, block, shape: Shape, policy: str):
         weights, ids = triton_route.route(
             logits, shape.top_k, policy, shape.alpha, shape.beta, 2, 16, "renorm"
         )
-        out = triton_experts.experts(flat, ids, weights, w_up, w_down, "silu", True)
+        config = launch_config(flat, ids, w_up, tma)
+        out = triton_experts.experts(flat, ids, weights, w_up, w_down, "silu", True, config)
         return out.view_as(x), ids
 
     return forward
@@ -504,6 +529,8 @@ def direct_runs(torch, block, shape: Shape) -> dict[str, Run]:
     for policy in ("exact", "affinity"):
         forward = lynx_forward(torch, block, shape, policy)
         runs[f"lynx-{policy}"] = Run(lambda x, f=forward: f(x)[0], lambda x, f=forward: f(x)[1])
+    forward = lynx_forward(torch, block, shape, "exact", tma=True)
+    runs["lynx-exact-tma"] = Run(lambda x: forward(x)[0], lambda x: forward(x)[1])
     runs["hf-grouped-compile"] = Run(torch.compile(block), exact_ids(torch, block, shape))
     return runs
 

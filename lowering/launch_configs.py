@@ -9,8 +9,9 @@ File format (one file per shape and GPU):
   {"num_experts": 128, "hidden": 2048, "inter": 768, "device": "NVIDIA H200",
    "dtype": "bfloat16", "configs": {"16": {"block_m": 16, "up": {...}, "down": {...}}}}
 where "up"/"down" hold block_n, block_k, num_warps, num_stages of that GEMM, and the
-optional "split_k" (most K splits of the down projection) and "programs_per_sm" (the
-persistent grid's size) default as in ExpertsConfig.
+optional "split_k" (most K splits of the down projection), "programs_per_sm" (the
+persistent grid's size) and "tma" (weight tiles through tensor descriptors) default as in
+ExpertsConfig.
 
 What is fixed at launch and what is chosen on the GPU: a config fixes the compiled
 kernels (tile widths, warps, stages, the largest row tile `block_m`); each expert's row
@@ -51,13 +52,16 @@ ROW_TILES = (16, 32, 64, 128)  # the row tiles an expert's rows are covered with
 @dataclass(frozen=True)
 class ExpertsConfig:
     """The largest row tile (an expert with more rows takes several), the two GEMM tiles,
-    the most K splits of the down projection, and persistent programs per SM."""
+    the most K splits of the down projection, persistent programs per SM, and whether
+    weight tiles come through tensor descriptors (the Hopper copy engine; off by default
+    until measured, and used only for eager launches: not yet checked under Inductor)."""
 
     block_m: int
     up: GemmConfig
     down: GemmConfig
     split_k: int = 4
     programs_per_sm: int = 2
+    tma: bool = False
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -75,6 +79,7 @@ class ExpertsConfig:
             down=GemmConfig(**data["down"]),
             split_k=int(data.get("split_k", 4)),
             programs_per_sm=int(data.get("programs_per_sm", 2)),
+            tma=bool(data.get("tma", False)),
         )
 
 

@@ -152,6 +152,8 @@ def _activate(h, ACTIVATION: tl.constexpr):
 def _up_tile(
     x_ptr,
     w_base,  # this expert's w_up
+    w_desc,  # USE_TMA: a tensor descriptor over w_up as [E * U, d]
+    w_row,  # USE_TMA: this expert's first row in it
     h_ptr,
     sorted_ptr,
     row0,  # first sorted row of the tile
@@ -167,11 +169,14 @@ def _up_tile(
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """h[row0 : row0 + rows, col0 : col0 + BLOCK_N] of one expert tile (gate and up fused)."""
+    """h[row0 : row0 + rows, col0 : col0 + BLOCK_N] of one expert tile (gate and up fused).
+    With USE_TMA the weight tiles come through the copy engine (zero past d; columns past I
+    read the next rows, which only reach columns that are never stored)."""
     offs_m = tl.arange(0, BLOCK_M)
     live = offs_m < rows
     sorted_rows = (row0 + offs_m).to(tl.int64)
@@ -188,12 +193,18 @@ def _up_tile(
             mask=live[:, None] & k_ok[None, :],
             other=0.0,
         )  # [BLOCK_M, BLOCK_K]
-        w_mask = k_ok[:, None] & col_ok[None, :]
-        w_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-        w_gate = tl.load(w_ptrs, mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
+        if USE_TMA:
+            w_gate = w_desc.load([w_row + col0, k_start]).T  # [BLOCK_K, BLOCK_N]
+        else:
+            w_mask = k_ok[:, None] & col_ok[None, :]
+            w_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+            w_gate = tl.load(w_ptrs, mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
         acc_gate = tl.dot(x, w_gate.to(x.dtype), acc_gate, input_precision=PRECISION)
         if GATED:
-            w_up = tl.load(w_ptrs + inter * stride_wn, mask=w_mask, other=0.0)
+            if USE_TMA:
+                w_up = w_desc.load([w_row + inter + col0, k_start]).T
+            else:
+                w_up = tl.load(w_ptrs + inter * stride_wn, mask=w_mask, other=0.0)
             acc_up = tl.dot(x, w_up.to(x.dtype), acc_up, input_precision=PRECISION)
     h = _activate(acc_gate, ACTIVATION)
     if GATED:
@@ -219,6 +230,8 @@ def up_kernel(
     hidden,
     inter,
     max_tiles,
+    up_rows,  # U
+    w_rows,  # E * U
     # strides
     stride_xt,
     stride_we,
@@ -229,11 +242,17 @@ def up_kernel(
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,  # weight tiles through tensor descriptors (contiguous w_up)
     NUM_ROW_CLASSES: tl.constexpr,  # row tiles 16 << c for c < NUM_ROW_CLASSES
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """Persistent: each program takes live (tile, column block) items pid, pid + P, ..."""
+    w_desc = w_ptr
+    if USE_TMA:
+        w_desc = tl.make_tensor_descriptor(
+            w_ptr, shape=[w_rows, hidden], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K]
+        )
     col_blocks = tl.cdiv(inter, BLOCK_N)
     items = tl.load(plan_ptr) * col_blocks
     for item in range(tl.program_id(0), items, tl.num_programs(0)):
@@ -246,9 +265,10 @@ def up_kernel(
         for c in tl.static_range(NUM_ROW_CLASSES):
             if row_class == c:
                 _up_tile(
-                    x_ptr, w_ptr + expert * stride_we, h_ptr, sorted_ptr, row0, rows, col0,
+                    x_ptr, w_ptr + expert * stride_we, w_desc, expert.to(tl.int32) * up_rows, h_ptr,
+                    sorted_ptr, row0, rows, col0,
                     top_k, hidden, inter, stride_xt, stride_wn, stride_wk, stride_ht,
-                    ACTIVATION, GATED, PRECISION, 16 << c, BLOCK_N, BLOCK_K,
+                    ACTIVATION, GATED, PRECISION, USE_TMA, 16 << c, BLOCK_N, BLOCK_K,
                 )  # fmt: skip
 
 
@@ -256,6 +276,8 @@ def up_kernel(
 def _down_tile(
     h_ptr,
     w_base,  # this expert's w_down
+    w_desc,  # USE_TMA: a tensor descriptor over w_down as [E * d, I]
+    w_row,  # USE_TMA: this expert's first row in it
     y_ptr,  # this split's plane of y
     sorted_ptr,
     row0,
@@ -269,11 +291,14 @@ def _down_tile(
     stride_wk,
     stride_yt,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """y[assignment, col0 : col0 + BLOCK_N] = (h W_down^T) over K in [k_lo, k_hi), fp32."""
+    """y[assignment, col0 : col0 + BLOCK_N] = (h W_down^T) over K in [k_lo, k_hi), fp32.
+    With USE_TMA the weight tiles come through the copy engine (zero past I; past k_hi
+    they are the next split's finite weights, met by h's zeros)."""
     offs_m = tl.arange(0, BLOCK_M)
     live = offs_m < rows
     sorted_rows = (row0 + offs_m).to(tl.int64)
@@ -289,11 +314,14 @@ def _down_tile(
             mask=live[:, None] & k_ok[None, :],
             other=0.0,
         )  # [BLOCK_M, BLOCK_K]
-        w = tl.load(
-            w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-            mask=k_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )  # [BLOCK_K, BLOCK_N]
+        if USE_TMA:
+            w = w_desc.load([w_row + col0, k_start]).T  # [BLOCK_K, BLOCK_N]
+        else:
+            w = tl.load(
+                w_base + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )  # [BLOCK_K, BLOCK_N]
         acc = tl.dot(h, w.to(h.dtype), acc, input_precision=PRECISION)
     tl.store(
         y_ptr + assign[:, None] * stride_yt + offs_n[None, :],
@@ -315,6 +343,7 @@ def down_kernel(
     hidden,
     inter,
     max_tiles,
+    w_rows,  # E * d
     # strides
     stride_ht,
     stride_we,
@@ -324,12 +353,18 @@ def down_kernel(
     stride_yt,
     # meta-parameters
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,  # weight tiles through tensor descriptors (contiguous w_down)
     NUM_ROW_CLASSES: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """Persistent over live (tile, K split, column block) items; the split count is the
     plan's (chosen on the GPU from the live tiles)."""
+    w_desc = w_ptr
+    if USE_TMA:
+        w_desc = tl.make_tensor_descriptor(
+            w_ptr, shape=[w_rows, inter], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K]
+        )
     col_blocks = tl.cdiv(hidden, BLOCK_N)
     split = tl.load(plan_ptr + 1)
     k_per_split = tl.cdiv(tl.cdiv(inter, BLOCK_K), split) * BLOCK_K
@@ -348,9 +383,10 @@ def down_kernel(
         for c in tl.static_range(NUM_ROW_CLASSES):
             if row_class == c:
                 _down_tile(
-                    h_ptr, w_ptr + expert * stride_we, y_ptr + part.to(tl.int64) * stride_ys,
-                    sorted_ptr, row0, rows, col0, k_lo, k_hi, hidden, stride_ht, stride_wn,
-                    stride_wk, stride_yt, PRECISION, 16 << c, BLOCK_N, BLOCK_K,
+                    h_ptr, w_ptr + expert * stride_we, w_desc, expert.to(tl.int32) * hidden,
+                    y_ptr + part.to(tl.int64) * stride_ys, sorted_ptr, row0, rows, col0, k_lo,
+                    k_hi, hidden, stride_ht, stride_wn, stride_wk, stride_yt, PRECISION,
+                    USE_TMA, 16 << c, BLOCK_N, BLOCK_K,
                 )  # fmt: skip
 
 
@@ -417,6 +453,32 @@ def _gpu_name(device: torch.device) -> str:
     if device.type != "cuda" or not torch.cuda.is_available():
         return device.type  # also fake CUDA tensors traced on a machine without CUDA
     return torch.cuda.get_device_name(device)
+
+
+def tma_fits(*weights: torch.Tensor) -> bool:
+    """Whether the weights' tiles can come through tensor descriptors: Triton has them, the
+    device has the copy engine (sm_90+; or the interpreter), and each weight is contiguous
+    with 16-byte aligned rows and base. Device-side descriptors need a scratch allocator,
+    set here once (torch's caching allocator)."""
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    for w in weights:
+        if not w.is_contiguous() or w.data_ptr() % 16 or (w.shape[-1] * w.element_size()) % 16:
+            return False
+    device = weights[0].device
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < (9, 0):
+            return False
+        _set_descriptor_allocator()
+    return True
+
+
+@functools.cache
+def _set_descriptor_allocator() -> None:
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device="cuda")
+
+    triton.set_allocator(alloc)
 
 
 def max_tiles(num_assign, num_experts: int, block_m: int):
@@ -535,6 +597,8 @@ def experts(
         num_warps=4,
     )
 
+    use_tma = config.tma and wrap is None and tma_fits(w_up, w_down)
+
     # 3. up projection and activation, h rows in sorted order
     # fp32 keeps full precision (the reference's fp32 matmul); 16-bit inputs ignore it
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -551,6 +615,8 @@ def experts(
         hidden,
         inter,
         tiles,
+        up_rows,
+        num_experts * up_rows,
         x.stride(0),
         w_up.stride(0),
         w_up.stride(1),
@@ -559,6 +625,7 @@ def experts(
         ACTIVATION=ACTIVATION_CODES[activation],
         GATED=gated,
         PRECISION=precision,
+        USE_TMA=use_tma,
         NUM_ROW_CLASSES=num_row_classes,
         BLOCK_N=config.up.block_n,
         BLOCK_K=config.up.block_k,
@@ -579,6 +646,7 @@ def experts(
         hidden,
         inter,
         tiles,
+        num_experts * hidden,
         h.stride(0),
         w_down.stride(0),
         w_down.stride(1),
@@ -586,6 +654,7 @@ def experts(
         y.stride(0),
         y.stride(1),
         PRECISION=precision,
+        USE_TMA=use_tma,
         NUM_ROW_CLASSES=num_row_classes,
         BLOCK_N=config.down.block_n,
         BLOCK_K=config.down.block_k,

@@ -3,7 +3,8 @@ write the JSON file that lowering/launch_configs.py reads at run time.
 
 Search, per token bucket (coordinate descent, ~70 candidates instead of the product): the
 largest row tile (block_m: which row-tile bodies the kernels hold), then the up GEMM's
-tile, the down GEMM's tile, the most K splits and the persistent programs per SM. Kernels
+tile, the down GEMM's tile, the most K splits, the persistent programs per SM and the
+tensor-descriptor (TMA) weight loads. Kernels
 compiled for one bucket are reused by the next, so compile time is paid once. Each
 candidate is timed with triton.testing.do_bench (CUDA events, median, L2 cleared before
 each call, so small shapes are not timed from cache).
@@ -89,6 +90,7 @@ def tune_bucket(call, base: ExpertsConfig, rep_ms: float) -> tuple[ExpertsConfig
         + [{"down": down} for down in GEMM_CANDIDATES]
         + [{"split_k": s} for s in (1, 2, 4, 8)]
         + [{"programs_per_sm": p} for p in (1, 2, 4)]
+        + [{"tma": True}]
     )
     for change in steps:
         cand = dataclasses.replace(best, **change)

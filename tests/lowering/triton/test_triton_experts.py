@@ -148,6 +148,31 @@ def test_down_projection_splits_k_when_the_grid_is_thin(monkeypatch, tokens, dty
     assert int(made[3][1]) == split and made[5].shape[0] == planes
 
 
+@pytest.mark.parametrize("tokens,experts,k,hidden,inter,dtype,activation,gated", CASES[1:5])
+def test_tensor_descriptor_weight_loads_match_reference(
+    monkeypatch, tokens, experts, k, hidden, inter, dtype, activation, gated
+):
+    """tma=True: weight tiles through tensor descriptors (the interpreter emulates them,
+    zero past d and I; tile edges at odd d, I), with split K and several row tiles."""
+    poison(monkeypatch)
+    args = make_inputs(tokens, experts, k, hidden, inter, dtype, gated, seed=tokens + 1)
+    assert triton_experts.tma_fits(args[3], args[4])
+    gemm = GemmConfig(block_n=16, block_k=16, num_warps=4, num_stages=2)
+    config = ExpertsConfig(block_m=32, up=gemm, down=gemm, tma=True)
+    want = reference.experts_reference(*args, activation, gated)
+    got = triton_experts.experts(*args, activation, gated, config=config)
+    assert_close_to_reference(got, want, dtype)
+
+
+def test_tensor_descriptors_only_for_contiguous_aligned_weights():
+    """Strided weights (a transposed w_down) or rows that are not 16-byte multiples take the
+    pointer loads."""
+    w = torch.randn(4, 16, 24)
+    assert triton_experts.tma_fits(w)
+    assert not triton_experts.tma_fits(w.transpose(1, 2))
+    assert not triton_experts.tma_fits(torch.randn(4, 16, 6, dtype=torch.float16))
+
+
 def test_routed_by_the_router_and_through_the_cuda_kernel(monkeypatch):
     """ids and weights straight from affinity routing, through lynx::experts' CUDA kernel
     (told the interpreted CPU tensors fit, it runs the Triton kernels)."""
