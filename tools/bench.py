@@ -450,23 +450,39 @@ def native_build_seconds() -> float | None:
     return cpu_native.build_seconds(library)
 
 
-def run_experiment(config: BenchConfig) -> dict:
-    """Every suite of one configuration: {"meta": ..., "rows": [...], "sweeps": {...}}."""
-    device = pick_device(config.device)
-    started = time.perf_counter()
-    meta = {
+def machine_meta(device: torch.device) -> dict:
+    """Where and when a run happens: date, device, CPUs, threads, versions, load average."""
+    return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quick": config.quick,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "source": source_version(),
         "load_avg_start": os.getloadavg(),
+    }
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_experiment(config: BenchConfig) -> dict:
+    """Every suite of one configuration: {"meta": ..., "rows": [...], "sweeps": {...}}."""
+    device = pick_device(config.device)
+    started = time.perf_counter()
+    meta = {
+        **machine_meta(device),
+        "quick": config.quick,
         "decode_batch": config.batch,
         "cold_cache": "torch._inductor.utils.fresh_cache() + torch._dynamo.reset() per compile",
         "compile_repeats": config.compile_repeats,
@@ -729,6 +745,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and on a shared machine a descheduled OpenMP thread stalls every op; 0: torch's choice)",
     )
     parser.add_argument(
+        "--suite",
+        choices=("tiny", "real"),
+        default="tiny",
+        help="tiny: TinyMoE and toy transformers blocks (compile, recompile, runtime); real: "
+        "one transformers MoE block per published shape (Qwen3-30B-A3B, Mixtral-8x7B, ...), "
+        "seeded random weights, batches 1/4/16/64, 1 thread and all cores (--quick: toy "
+        "dimensions, same code)",
+    )
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        help="--suite real: only these shapes (names as in bench_real.SHAPES)",
+    )
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=("bf16", "fp32"),
+        default=["bf16"],
+        help="--suite real: weight and activation dtypes (fp32 shapes that do not fit in "
+        "memory are skipped and listed)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also write torch.profiler tables of the TinyMoE decode step and MoE layer per "
@@ -738,6 +777,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the suites, print the tables, write the results; returns 0."""
+    if args.suite == "real":
+        from lynx_compile.tools import bench_real
+
+        # --threads does not apply: the suite runs 1 thread and all of torch's threads itself
+        result = bench_real.run_real(bench_real.config_from_args(args))
+        print(bench_real.format_table(result))
+        paths = bench_real.write_results(result, args.out)
+        print(f"wrote {', '.join(str(p) for p in paths)} in {result['meta']['seconds']:.0f} s")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     config = BenchConfig.for_mode(
