@@ -781,7 +781,7 @@ def run(args: argparse.Namespace) -> int:
         from lynx_compile.tools import bench_real
 
         # --threads does not apply: the suite runs 1 thread and all of torch's threads itself
-        result = bench_real.run_real(bench_real.config_from_args(args))
+        result = bench_real.run_real(bench_real.config_from_args(args), args.out)
         print(bench_real.format_table(result))
         paths = bench_real.write_results(result, args.out)
         print(f"wrote {', '.join(str(p) for p in paths)} in {result['meta']['seconds']:.0f} s")

@@ -23,6 +23,7 @@ import dataclasses
 import gc
 import importlib
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -352,8 +353,9 @@ def run_shape(shape: Shape, dtype: torch.dtype, config: RealConfig, rows: bench.
         gc.collect()
 
 
-def run_real(config: RealConfig) -> dict:
-    """The real-size suite: {"meta": ..., "rows": [...]}."""
+def run_real(config: RealConfig, out: Path | None = None) -> dict:
+    """The real-size suite: {"meta": ..., "rows": [...]}; with `out`, the results so far are
+    written there after each shape (a long run that is cut short keeps what it measured)."""
     started = time.perf_counter()
     meta = {
         **bench.machine_meta(torch.device("cpu")),
@@ -374,10 +376,20 @@ def run_real(config: RealConfig) -> dict:
         for shape in chosen:
             for dtype in config.dtypes:
                 run_shape(shape, dtype, config, rows, meta)
-    meta["read_bandwidth"] = {str(t): bw / 1e9 for t, bw in meta["read_bandwidth"].items()}
-    meta["load_avg_end"] = list(__import__("os").getloadavg())
-    meta["seconds"] = time.perf_counter() - started
-    return {"meta": meta, "rows": rows.rows}
+                if out is not None:
+                    write_results(_result(meta, rows, started), out)
+    return _result(meta, rows, started)
+
+
+def _result(meta: dict, rows: bench.Rows, started: float) -> dict:
+    """The result document as it stands (bandwidths in GB/s, end load and seconds now)."""
+    done = {
+        **meta,
+        "read_bandwidth": {str(t): bw / 1e9 for t, bw in meta["read_bandwidth"].items()},
+    }
+    done["load_avg_end"] = list(os.getloadavg())
+    done["seconds"] = time.perf_counter() - started
+    return {"meta": done, "rows": list(rows.rows)}
 
 
 def _get(rows, case, backend, metric):
