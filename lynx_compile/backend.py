@@ -45,7 +45,7 @@ def apply_lynx_passes(gm: fx.GraphModule, example_inputs, config: LynxConfig) ->
     if config.calibration is not None:  # the file must describe this model's routers
         sites = [s for s in report_mod.report()["sites"] if s.get("graph") == graph_id]
         calibration.check_sites(config.calibration, sites)
-        calibration.record_use(config.calibration)
+        calibration.record_use(config.calibration, config.calibration_batch)
     pass_seconds.append(time.perf_counter() - start)
     if dump_dir:
         graph_dump.write_graph_dump(dump_dir, graph_id, before, gm)

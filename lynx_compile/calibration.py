@@ -10,9 +10,11 @@ A file is JSON:
     {"format": "lynx-calibration/1",
      "model": {"name": str, "num_layers": int, "num_experts": int, "top_k": int},
      "choice": {"policy": str, "alpha": float, "beta": float | null, "k0": int, "budget": int},
+     "choice_by_batch": {"8": {... as choice}, ...},
      "budget": {...}, "batches": [int, ...], "candidates": [...], ...}
 
-Only "format", "model" and "choice" are read by the backend; the rest records how the
+Only "format", "model", "choice" and "choice_by_batch" (option calibration_batch) are read
+by the backend; the rest records how the
 choice was made (the distortion of every candidate at every decode batch size).
 """
 
@@ -68,17 +70,28 @@ def load(source: str | Path | dict) -> dict:
     return cal
 
 
-def policy_options(cal: dict) -> dict:
-    """The backend options a calibration sets: policy, alpha, beta, k0, budget."""
-    return {k: cal["choice"][k] for k in _POLICY_FIELDS}
+def policy_options(cal: dict, batch: int | None = None) -> dict:
+    """The backend options a calibration sets: policy, alpha, beta, k0, budget; its choice
+    for every calibrated batch, or for one decode batch size."""
+    if batch is None:
+        return {k: cal["choice"][k] for k in _POLICY_FIELDS}
+    by_batch = cal.get("choice_by_batch") or {}
+    if str(batch) not in by_batch:
+        raise ValueError(
+            f"lynx calibration {cal['name']} holds no choice for decode batch {batch}; it was "
+            f"calibrated at {sorted(int(b) for b in by_batch) or 'no single batch'} "
+            "(calibrate with --batch to add one)"
+        )
+    return {k: by_batch[str(batch)][k] for k in _POLICY_FIELDS}
 
 
-def describe(cal: dict) -> dict:
-    """What report() shows of a calibration in use."""
+def describe(cal: dict, batch: int | None = None) -> dict:
+    """What report() shows of a calibration in use (its choice for `batch`, or overall)."""
     return {
         "name": cal["name"],
         "model": dict(cal["model"]),
-        "choice": policy_options(cal),
+        "choice": policy_options(cal, batch),
+        "calibration_batch": batch,
         "budget": cal.get("budget"),
         "batches": cal.get("batches"),
     }
@@ -117,10 +130,10 @@ def check_sites(cal: dict, sites: list[dict]) -> None:
         )
 
 
-def record_use(cal: dict) -> None:
+def record_use(cal: dict, batch: int | None = None) -> None:
     """Remember that a compiled graph uses this calibration (report() names it)."""
     with _lock:
-        _in_use[cal["name"]] = describe(cal)
+        _in_use[f"{cal['name']}@{batch}"] = describe(cal, batch)
 
 
 def in_use() -> list[dict]:

@@ -35,6 +35,10 @@ _OPTION_HELP = {
         "a calibration file written by `lynx-compile calibrate` (a path), or its loaded dict: "
         "sets policy, alpha, beta, k0 and budget (give none of those with it)"
     ),
+    "calibration_batch": (
+        "with calibration: take its choice for this decode batch size (an int it was "
+        "calibrated at), not the one that fits every calibrated batch (default None)"
+    ),
     "decode_only": "apply approximate policies only to decode steps, a bool (default True)",
     "telemetry": "record distinct experts per call per site, a bool (default False)",
     "fuse_experts": "rewrite the expert dispatch into lynx::experts where found (default True)",
@@ -54,6 +58,7 @@ class LynxConfig:
     k0: int | None = None
     budget: int = DEFAULT_BUDGET
     calibration: dict | None = None
+    calibration_batch: int | None = None
     decode_only: bool = True
     telemetry: bool = False
     fuse_experts: bool = True
@@ -95,7 +100,11 @@ def _apply_calibration(options: dict) -> dict:
             "sets the policy and its parameters; give one or the other"
         )
     loaded = calibration.load(options["calibration"])
-    return {**options, "calibration": loaded, **calibration.policy_options(loaded)}
+    batch = options.get("calibration_batch")
+    if batch is not None and not (_is_int(batch) and batch >= 1):
+        raise _bad("calibration_batch", batch)
+    chosen = calibration.policy_options(loaded, batch)
+    return {**options, "calibration": loaded, **chosen}
 
 
 def _is_number(value: Any) -> bool:
@@ -124,6 +133,7 @@ def parse_options(options: dict | None, mode: str | None = None) -> LynxConfig:
         "beta": lambda v: v is None or (_is_number(v) and v > 0),
         "k0": lambda v: v is None or (_is_int(v) and v >= least_k0),
         "calibration": lambda v: v is None or isinstance(v, dict),
+        "calibration_batch": lambda v: v is None or (_is_int(v) and "calibration" in options),
         "budget": lambda v: _is_int(v) and v >= 1,
         "decode_only": lambda v: isinstance(v, bool),
         "telemetry": lambda v: isinstance(v, bool),

@@ -53,6 +53,7 @@ class PolicySpec:
     name: str
     params: dict = field(default_factory=dict)
     calibration: str | None = None  # a calibration file: the row is its calibrated choice
+    calibration_batch: int | None = None  # ... for this decode batch (None: for every batch)
 
     @staticmethod
     def parse(text: str) -> PolicySpec:
@@ -71,14 +72,16 @@ class PolicySpec:
     def options(self) -> dict:
         """The backend options that set this policy."""
         if self.calibration is not None:
-            return {"calibration": self.calibration}
+            return {"calibration": self.calibration, "calibration_batch": self.calibration_batch}
         return {"policy": self.name, **self.params}
 
     def label(self) -> str:
         """Short text for tables and plots, e.g. 'affinity a=3 b=2'."""
         short = {"alpha": "a", "beta": "b", "k0": "k0", "budget": "m"}
         text = " ".join([self.name] + [f"{short[k]}={_fmt(v)}" for k, v in self.params.items()])
-        return text if self.calibration is None else f"cal: {text}"
+        if self.calibration is None:
+            return text
+        return f"cal{'' if self.calibration_batch is None else '@B'}: {text}"
 
     def is_default(self) -> bool:
         """Whether these are the backend's default policy and parameters."""
@@ -97,19 +100,23 @@ def _fmt(value) -> str:
     return "none" if value is None else f"{value:g}"
 
 
-# The alpha x beta grid spans the paper's per-family settings ((1, 1) .. (3, 2), (3, none)).
+# The alpha x beta grid spans the paper's per-family settings ((0.7, 1) .. (3, 2)), each
+# token's top-1 protected (k0 = 1) and not (k0 = 0), and narrower bins (alpha 6, 12).
 FULL_POLICIES = [
     "exact",
-    "affinity:1:1",
-    "affinity:1:2",
-    "affinity:2:2",
-    "affinity:3:1",
-    "affinity:3:2",
-    "affinity:3:none",
+    "affinity:3:2:0",
+    "affinity:3:2:1",
+    "affinity:1:1:0",
+    "affinity:1:1:1",
+    "affinity:0.7:1:1",
+    "affinity:0.5:1:1",
+    "affinity:1:2:1",
+    "affinity:2:1:1",
+    "affinity:3:1:1",
+    "affinity:6:1:1",
+    "affinity:12:1:1",
     "oea:1",
     "oea:2",
-    "static:8",
-    "static:16",
 ]
 QUICK_POLICIES = ["exact", "affinity:3:2", "affinity:1:1"]
 
@@ -225,8 +232,8 @@ def run_accuracy(
     """Every (policy, batch) row; the exact policy is measured first as the reference."""
     model = load_model(checkpoint)
     seqs = heldout_sequences(sequences, prompt_len + steps + 1, seed)
-    specs = sorted(policies, key=lambda p: p.name != "exact")
-    if specs[0].name != "exact":
+    specs = sorted(policies, key=lambda p: p != PolicySpec("exact"))
+    if specs[0] != PolicySpec("exact"):
         specs.insert(0, PolicySpec("exact"))
     rows, exact_hits = [], {}
     for spec in specs:
@@ -235,6 +242,8 @@ def run_accuracy(
         options = {**spec.options(), "telemetry": True}
         compiled = torch.compile(model, backend="lynx", options=options)
         for batch in batches:
+            if spec.calibration_batch not in (None, batch):
+                continue  # a choice calibrated for another batch size
             start = time.perf_counter()
             result = evaluate(model, compiled, seqs, batch, prompt_len)
             if spec.name == "exact":
@@ -244,6 +253,7 @@ def run_accuracy(
                 "policy": spec.name,
                 "params": spec.params,
                 "calibration": spec.calibration,
+                "calibration_batch": spec.calibration_batch,
                 "batch": batch,
                 "acc": result["acc"],
                 "acc_exact": 100.0 * hit_exact.float().mean().item(),
@@ -271,7 +281,9 @@ TABLE_HEADER = (
 def format_row(row: dict) -> str:
     """One table line: policy, batch, accuracy, change vs exact (and its paired standard
     error), NLL, distinct experts per layer per step, their ratio to exact, seconds."""
-    spec = PolicySpec(row["policy"], row["params"], row.get("calibration"))
+    spec = PolicySpec(
+        row["policy"], row["params"], row.get("calibration"), row.get("calibration_batch")
+    )
     label = spec.label() + (" *" if row["is_default"] else "")
     return (
         f"{label:<22} {row['batch']:>5} {row['acc']:>7.2f} {row['acc'] - row['acc_exact']:>+7.2f} "
@@ -414,8 +426,11 @@ def measure_checkpoint(args, checkpoint: Path, out: Path, policies, sequences, s
         cal_path = out / "calibration.json"
         calibrate.save(cal, cal_path)
         print(calibrate.format_table(cal))
-        spec = PolicySpec.from_options(cal["choice"])
-        policies = [*policies, PolicySpec(spec.name, spec.params, str(cal_path))]
+        overall = PolicySpec.from_options(cal["choice"])
+        policies = [*policies, PolicySpec(overall.name, overall.params, str(cal_path))]
+        for batch in args.batch:  # the choice for each decode batch size
+            one = PolicySpec.from_options(cal["choice_by_batch"][str(batch)])
+            policies.append(PolicySpec(one.name, one.params, str(cal_path), batch))
         meta["calibration"] = {"path": str(cal_path), "seconds": cal["seconds"]}
     print(TABLE_HEADER)
     rows = run_accuracy(

@@ -101,6 +101,18 @@ def test_the_backend_takes_a_calibration_file_and_rejects_what_conflicts(tmp_pat
         parse_options({"calibration": _file(tmp_path, choice=bad)})
 
 
+def test_calibration_batch_takes_the_choice_for_one_decode_batch(tmp_path):
+    by_batch = {"8": {"policy": "affinity", "alpha": 3.0, "beta": 1.0, "k0": 1, "budget": 16}}
+    path = _file(tmp_path, choice_by_batch=by_batch)
+    config = parse_options({"calibration": path, "calibration_batch": 8})
+    assert (config.policy, config.beta, config.k0) == ("affinity", 1.0, 1)
+    assert parse_options({"calibration": path}).policy == "oea"  # the overall choice
+    with pytest.raises(ValueError, match="no choice for decode batch 16; .* at \\[8\\]"):
+        parse_options({"calibration": path, "calibration_batch": 16})
+    with pytest.raises(ValueError, match="calibration_batch=8 is invalid"):
+        parse_options({"calibration_batch": 8})
+
+
 def test_a_calibration_for_another_shape_names_what_differs():
     cal = calibration.load(
         {"format": calibration.FORMAT, "model": {"num_layers": 4, "num_experts": 32, "top_k": 4},
