@@ -179,3 +179,19 @@ def test_without_cuda_it_exits_2_and_says_why(gpu_check, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "no CUDA device" in err and "\n" not in err
     assert json.loads(out.read_text())["errors"][0]["step"] == "start"
+
+
+def test_sm90_build_of_the_experts_kernels_without_a_gpu():
+    """benchmarks/experts_sm90_build.py: the experts kernels build for sm_90 here (triton's
+    own ptxas, nothing launched); the quick kernels only, the GEMMs take ~10 s more."""
+    script = REPO / "benchmarks" / "experts_sm90_build.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--preset", "qwen3-30b-a3b", "--kernels", "count,combine"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| qwen3")]
+    assert [r.split(" | ")[0] for r in rows] == ["| qwen3-30b-a3b count", "| qwen3-30b-a3b combine"]
+    assert all(r.split(" | ")[6] == "0" for r in rows)  # no spills
