@@ -139,7 +139,8 @@ class RealConfig:
     threads: tuple[int, ...] = (1, 0)  # 0: every core
     warmup: int = 1
     rounds: int = 5  # interleaved rounds, each timing every backend `calls` times
-    calls: int = 1
+    calls: int = 1  # at least; more for fast rows (calls_per_round)
+    turn_ms: float = 60.0
     headroom: float = 2.0  # GiB of MemAvailable kept free beyond the block
 
 
@@ -249,6 +250,14 @@ def mem_available() -> int:
     return 0
 
 
+def calls_per_round(probe_ms: list[float], config: RealConfig) -> int:
+    """Calls per backend per round: enough for ~`config.turn_ms` of each backend's turn
+    (single calls of a few ms are at the mercy of other processes' bursts), at least
+    `config.calls`, at most 10."""
+    need = math.ceil(config.turn_ms / max(statistics.median(probe_ms), 1e-3))
+    return max(config.calls, min(10, need))
+
+
 def round_ratios(samples: list[float], ref: list[float], calls: int) -> list[float]:
     """Per-round ratio of medians (bench.paired_ratio's terms)."""
     return [
@@ -318,14 +327,16 @@ def run_shape(shape: Shape, dtype: torch.dtype, config: RealConfig, rows: bench.
             for batch in config.batches:
                 name = f"{label}/t{t}/b{batch}"
                 args = (make_inputs(u, batch, dtype, seed=batch),)
+                cpu = torch.device("cpu")
                 with ticking(f"compile+time {name}"):
-                    samples = bench.time_interleaved(
-                        fns, args, torch.device("cpu"), config.warmup, config.rounds, config.calls
-                    )
+                    for fn in fns.values():  # the first call compiles
+                        bench.time_calls(fn, args, cpu, config.warmup)
+                    calls = calls_per_round(bench.time_calls(fns["inductor"], args, cpu, 2), config)
+                    samples = bench.time_interleaved(fns, args, cpu, 0, config.rounds, calls)
                 exact, chosen = touched[batch]
                 for backend, ms in samples.items():
                     median = statistics.median(ms)
-                    ratios = round_ratios(ms, samples["inductor"], config.calls)
+                    ratios = round_ratios(ms, samples["inductor"], calls)
                     experts = chosen if backend == "lynx" else exact
                     nbytes = (experts * routed if experts == experts else math.nan) + shared
                     nbytes += router
@@ -342,7 +353,8 @@ def run_shape(shape: Shape, dtype: torch.dtype, config: RealConfig, rows: bench.
                         ("gbps", nbytes / median / 1e6, "GB/s"),
                     ):
                         rows.add("real", name, backend, metric, value, unit)
-                paired = round_ratios(samples["lynx"], samples["lynx-exact"], config.calls)
+                paired = round_ratios(samples["lynx"], samples["lynx-exact"], calls)
+                rows.add("real", name, "inductor", "calls_per_round", calls, "calls")
                 rows.add("real", name, "lynx", "paired_vs_exact", statistics.median(paired), "x")
                 rows.add("real", name, "lynx", "noise_vs_exact", noise(paired), "x")
             del fns
@@ -364,6 +376,7 @@ def run_real(config: RealConfig, out: Path | None = None) -> dict:
         "batches": list(config.batches),
         "rounds": config.rounds,
         "calls": config.calls,
+        "turn_ms": config.turn_ms,
         "read_bandwidth": {},
         "skipped": [],
         "router": f"logit std per shape (SHAPES), popularity std {POPULARITY_STD}",
@@ -483,7 +496,8 @@ def write_results(result: dict, out: Path) -> list[Path]:
         f"{meta['seconds']:.0f} s in all. Load average at start {meta['load_avg_start'][0]:.1f}, "
         f"at end {meta['load_avg_end'][0]:.1f}.",
         f"Read bandwidth (1 GiB float32 sum, best pass): {bw}.",
-        f"Timing: {meta['rounds']} interleaved rounds x {meta['calls']} calls per backend; "
+        f"Timing: {meta['rounds']} interleaved rounds per row, each timing every backend for "
+        f"as many calls as fill ~{meta['turn_ms']:.0f} ms (at least {meta['calls']}, at most 10); "
         "ratios are paired (median over rounds of the within-round ratio of medians); noise "
         "is half the interquartile range of lynx exact's per-round ratios to Inductor.",
         f"Router: {meta['router']}. Skipped: {'; '.join(meta['skipped']) or 'nothing'}.",
