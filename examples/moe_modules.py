@@ -1,10 +1,18 @@
-"""Two small MoE layers written the way people write them in plain PyTorch.
+"""Small MoE layers written the way people write them in plain PyTorch.
 
-`LoopMoE`   an nn.ModuleList of expert MLPs and a Python loop over experts.
-`DenseMoE`  every expert computed for every token with einsum, then weighted by a
-            top-k-masked routing matrix (the "dense all-experts" formulation).
+`LoopMoE`          an nn.ModuleList of expert MLPs and a Python loop over experts that
+                   skips empty experts (a data-dependent branch: Dynamo splits the graph).
+`DenseMoE`         every expert computed for every token with einsum, then weighted by a
+                   top-k-masked routing matrix (the "dense all-experts" formulation).
+`BatchedRouterMoE` DenseMoE on [B, T, d] without flattening (router scores [B, T, E]).
+`WhereLoopMoE`     stacked expert weights, a loop over experts picking tokens with
+                   `torch.where(ids == e)` and accumulating with index_add_ (the tutorial
+                   style, and transformers' Mixtral before its experts interface).
+`MaskLoopMoE`      the loop with a boolean token mask: `out[rows] += expert(x[rows]) * w`.
+`SortedMoE`        tokens sorted by expert (argsort), split by per-expert counts, the
+                   results scattered back with index_add (the "permute" style).
 
-Both take x [B, T, d] and return [B, T, d]; lynx_compile must rewrite their routers
+All take x [B, T, d] and return [B, T, d]; lynx_compile must rewrite their routers
 (and, where the dispatch is in one graph, the dispatch) without any change to this file.
 """
 
@@ -106,3 +114,90 @@ class BatchedRouterMoE(DenseMoE):
         h = h * torch.einsum("btd,ehd->bteh", x, self.w_up)
         y = torch.einsum("bteh,edh->bted", h, self.w_down)  # [B, T, E, d]
         return torch.einsum("bted,bte->btd", y, routing)
+
+
+class StackedExperts(nn.Module):
+    """Top-k softmax router + SwiGLU experts stored as 3-D weights, for the loop styles."""
+
+    def __init__(self, dim: int = 32, hidden: int = 48, num_experts: int = 8, top_k: int = 2):
+        super().__init__()
+        self.top_k = top_k
+        self.num_experts = num_experts
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.w_gate = nn.Parameter(torch.randn(num_experts, hidden, dim) / dim**0.5)
+        self.w_up = nn.Parameter(torch.randn(num_experts, hidden, dim) / dim**0.5)
+        self.w_down = nn.Parameter(torch.randn(num_experts, dim, hidden) / hidden**0.5)
+
+    def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [N, d] -> (weights [N, k] in the tokens' dtype, ids [N, k])."""
+        probs = F.softmax(self.gate(tokens), dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(tokens.dtype), ids
+
+    def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        """Expert e on h [n, d] -> [n, d]."""
+        return (F.silu(h @ self.w_gate[e].T) * (h @ self.w_up[e].T)) @ self.w_down[e].T
+
+
+class WhereLoopMoE(StackedExperts):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        tokens = x.view(-1, d)
+        weights, ids = self.route(tokens)
+        out = torch.zeros_like(tokens)
+        for e in range(self.num_experts):
+            token_idx, slot = torch.where(ids == e)  # data-dependent count
+            y = self.expert(e, tokens[token_idx]) * weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y)
+        return out.view(b, t, d)
+
+
+class MaskLoopMoE(StackedExperts):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        tokens = x.view(-1, d)
+        weights, ids = self.route(tokens)
+        out = torch.zeros_like(tokens)
+        for e in range(self.num_experts):
+            chosen = ids == e  # [N, k]
+            rows = chosen.any(dim=-1)  # [N] bool
+            w = (weights * chosen).sum(dim=-1)  # [N]
+            out[rows] += self.expert(e, tokens[rows]) * w[rows, None]
+        return out.view(b, t, d)
+
+
+class SortedMoE(StackedExperts):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        tokens = x.view(-1, d)
+        weights, ids = self.route(tokens)
+        flat_ids = ids.reshape(-1)  # [N*k]
+        order = torch.argsort(flat_ids, stable=True)
+        token_of = order // self.top_k  # the token of each sorted slot
+        counts = torch.histc(  # tokens per expert, [E]
+            flat_ids.float(), bins=self.num_experts, min=0, max=self.num_experts - 1
+        )
+        counts = counts.int().tolist()
+        outputs = []
+        for e, chunk in enumerate(torch.split(tokens[token_of], counts)):
+            outputs.append(self.expert(e, chunk))
+        y = torch.cat(outputs) * weights.reshape(-1)[order, None]
+        return torch.zeros_like(tokens).index_add(0, token_of, y).view(b, t, d)
+
+
+class BincountSortedMoE(SortedMoE):
+    """SortedMoE counting with bincount, whose output length depends on the data: Dynamo
+    cannot trace its `.tolist()` even with dynamic-shape capture (the graph breaks there)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        tokens = x.view(-1, d)
+        weights, ids = self.route(tokens)
+        flat_ids = ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        token_of = order // self.top_k
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        outputs = [self.expert(e, c) for e, c in enumerate(torch.split(tokens[token_of], counts))]
+        y = torch.cat(outputs) * weights.reshape(-1)[order, None]
+        return torch.zeros_like(tokens).index_add(0, token_of, y).view(b, t, d)

@@ -7,7 +7,10 @@ no graph reaches the backend. While a lynx-compiled call runs, `lynx_capture()` 
 `torch._dynamo.config.capture_dynamic_output_shape_ops` (the shapes become unbacked
 symbols), so the loop is traced into one graph and the dispatch pass can fuse it. The
 setting is scoped to lynx-compiled calls; other backends and plain eager code are not
-affected.
+affected. `.item()` / `.tolist()` are captured too (`capture_scalar_outputs`: the per-expert
+counts of the sort-and-split style). A frame that fails to trace with these settings (some
+ops' shapes cannot be unbacked, e.g. bincount's counts read with .tolist()) is traced
+again without them, so it compiles exactly as it would under any other backend.
 
 transformers' "eager" experts implementation loops over the experts a batch hits, a
 tensor of data-dependent length that no tracer can unroll. Inside lynx-compiled calls it
@@ -73,14 +76,49 @@ def _hf_eager_as_grouped() -> Iterator[None]:
             mapping.pop("eager", None)
 
 
+_CAPTURE = dict(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)
+_active = 0  # depth of lynx-compiled calls in progress
+
+
 @contextlib.contextmanager
 def lynx_capture() -> Iterator[None]:
     """The Dynamo settings of a lynx-compiled call (entered by Dynamo around each call)."""
-    with (
-        torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True),
-        _hf_eager_as_grouped(),
-    ):
-        yield
+    global _active
+    _active += 1
+    try:
+        with torch._dynamo.config.patch(**_CAPTURE), _hf_eager_as_grouped():
+            yield
+    finally:
+        _active -= 1
+
+
+def _install_retry() -> bool:
+    """Frames that fail to trace under lynx's capture settings are traced again without
+    them (what every other backend gets): capture never makes a model fail to compile."""
+    try:
+        from torch._dynamo.convert_frame import ConvertFrame
+    except ImportError:
+        return False
+    original_call = ConvertFrame.__call__
+
+    def __call__(self, frame, cache_entry, hooks, frame_state, *args, **kwargs):
+        if not _active or not torch._dynamo.config.capture_dynamic_output_shape_ops:
+            return original_call(self, frame, cache_entry, hooks, frame_state, *args, **kwargs)
+        try:
+            return original_call(self, frame, cache_entry, hooks, frame_state, *args, **kwargs)
+        except Exception as error:  # noqa: BLE001 (retried as stock; its own error if any)
+            log.info(
+                "lynx: %s failed to trace with dynamic-shape capture (%s: %s); tracing it without",
+                frame.f_code.co_name,
+                type(error).__name__,
+                str(error).splitlines()[0] if str(error) else "",
+            )
+            off = {key: False for key in _CAPTURE}
+            with torch._dynamo.config.patch(**off):
+                return original_call(self, frame, cache_entry, hooks, frame_state, *args, **kwargs)
+
+    ConvertFrame.__call__ = __call__
+    return True
 
 
 def _wraps_lynx(backend, lynx_backend: Callable) -> bool:
@@ -109,5 +147,9 @@ def install(lynx_backend: Callable) -> bool:
             self.backend_ctx_ctor = lynx_capture
 
     WrapBackendDebug.__init__ = __init__
+    if not _install_retry():
+        log.warning("lynx: this torch has no ConvertFrame; expert loops are not captured")
+        WrapBackendDebug.__init__ = original_init
+        return False
     _installed = True
     return True

@@ -4,11 +4,14 @@ graph, rewritten into lynx::experts when it is shown equivalent.
 Rather than one pattern per spelling (transformers' grouped_mm and batched_mm forms, dense
 all-experts einsums, gather + bmm, ...), the pass works on meaning:
 
-1. region:    the nodes downstream of the routing outputs, up to the first node O whose
-              value is [tokens, d] and that closes the region (no region node other than O
+1. region:    the nodes downstream of the routing outputs, up to a node O whose value
+              is [tokens, d] and that closes the region (no region node other than O
               is used outside it; the routing outputs themselves may be: a module that
               also returns its ids keeps them), grown backwards over side nodes used only
               inside it (weight transposes, repeat_interleave of the tokens, aranges);
+              candidates in graph order, the first that passes 2 and 3 is taken. In-place
+              accumulation into a fresh buffer (loops: out.index_add_, out[rows] += y)
+              is put in functional form first;
 2. inputs:    the region must read exactly: the routing weights and ids, one [tokens, d]
               hidden-states tensor, and two (gate_up, down) or three (gate, up, down) 3-D
               expert weights with leading dim E, plus sizes;
@@ -25,7 +28,10 @@ all-experts einsums, gather + bmm, ...), the pass works on meaning:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import operator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +43,9 @@ from lynx_compile.passes.fx_utils import canonical_op, example_value
 from lynx_compile.passes.router import router_hidden_dim
 
 _ACTIVATION_OPS = {"silu": "silu", "relu": "relu"}
+# Candidate regions checked numerically per router before the dispatch is reported skipped
+# (each check runs the region once on random inputs).
+_MAX_CHECKED_REGIONS = 3
 
 
 @dataclass
@@ -51,11 +60,14 @@ class ExpertsPlan:
     down_transposed: bool
     gated: bool
     activation: str
+    # top-1 only: the weight scales the expert's input, not its output (Llama-4)
+    scale_input: bool = False
 
     def describe(self) -> str:
         """Pattern name for the report."""
         gate = "split-gate" if self.w_gate is not None else ("gated" if self.gated else "plain")
-        return f"sparse_experts({gate} {self.activation})"
+        scaled = ", input-scaled" if self.scale_input else ""
+        return f"sparse_experts({gate} {self.activation}{scaled})"
 
 
 def _hint(v):
@@ -95,8 +107,8 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
 _LIKE_OPS = {torch.zeros_like, torch.empty_like, torch.ones_like, torch.full_like}
 
 
-# In-place accumulation into a fresh buffer (the loop styles: out.index_add_(0, tok, y))
-# and its functional form.
+# In-place updates of a fresh buffer (the loop styles: out.index_add_(0, tok, y),
+# out[rows] += y) and their functional forms.
 _ACCUMULATORS = {"index_add_": "index_add", "add_": "add", "scatter_add_": "scatter_add"}
 _FRESH_FUNCTIONS = {torch.zeros_like, torch.zeros, torch.empty_like, torch.full_like}
 _FRESH_METHODS = {"new_zeros", "new_full"}
@@ -108,48 +120,87 @@ def _is_fresh_buffer(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _FRESH_METHODS
 
 
-def _accumulates_into(node: fx.Node, buffer_versions: set[fx.Node]) -> bool:
+def _updates(node: fx.Node, versions: set[fx.Node]) -> bool:
+    """Whether node updates a version of the buffer in place: an accumulating method, or
+    `buffer[index] = value` with a tensor index (what `out[rows] += y` becomes)."""
+    if not node.args or node.args[0] not in versions:
+        return False
+    if node.op == "call_method":
+        return node.target in _ACCUMULATORS
+    if node.op == "call_function" and node.target is operator.iadd:  # out += y
+        return True
     return (
-        node.op == "call_method"
-        and node.target in _ACCUMULATORS
-        and bool(node.args)
-        and node.args[0] in buffer_versions
+        node.op == "call_function"
+        and node.target is operator.setitem
+        and isinstance(node.args[1], fx.Node)
     )
 
 
+def _mutates_first_arg(node: fx.Node) -> bool:
+    """An in-place op (`x.mul_(2)`, `x[0:4] = v`, `operator.iadd`) on its first argument."""
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    name = getattr(node.target, "__name__", "")
+    return node.op == "call_function" and (name.endswith("_") or name in ("setitem", "iadd"))
+
+
+def _copying_read(node: fx.Node) -> bool:
+    """A read whose result does not alias the buffer (advanced indexing, arithmetic)."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        return isinstance(node.args[1], fx.Node)
+    return canonical_op(node) in ("add", "mul", "div", "sum")
+
+
+def _functional(graph: fx.Graph, update: fx.Node, current: fx.Node) -> fx.Node:
+    if update.op == "call_method":
+        name = _ACCUMULATORS[update.target]
+        return graph.call_method(name, (current, *update.args[1:]), dict(update.kwargs))
+    if update.target is operator.iadd:
+        return graph.call_function(operator.add, (current, update.args[1]))
+    index, value = update.args[1], update.args[2]
+    return graph.call_method("index_put", (current, (index,), value))
+
+
 def functionalize_accumulators(gm: fx.GraphModule, seeds: list[fx.Node]) -> int:
-    """Rewrite in-place accumulation into fresh buffers, where the routing feeds it, into
-    the functional form (`b = b.index_add(...)`), so the dispatch's result is one node.
+    """Rewrite in-place updates of fresh buffers, where the routing feeds them, into their
+    functional forms (`b = b.index_add(...)`, `b = b.index_put((rows,), v)`), so the
+    dispatch's result is one node.
 
     Taken only when nothing can observe the difference: the buffer is made in the graph
-    (zeros_like, zeros, ...), every use of it or of an in-place result is another
-    accumulation into it or a read after the last one. Inductor functionalizes mutations
-    the same way, so the compiled code is unchanged. Returns the buffers rewritten."""
+    (zeros_like, zeros, ...); every use of it is an update, a copying read (each then reads
+    the version current at its place), or any read after the last update. Inductor
+    functionalizes mutations the same way, so the compiled code is unchanged. Returns the
+    buffers rewritten."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     downstream = _forward_slice(seeds)
     rewritten = 0
     for buffer in [n for n in gm.graph.nodes if _is_fresh_buffer(n)]:
         versions, steps = {buffer}, []
-        for node in sorted(_forward_slice([buffer]) | {buffer}, key=order.__getitem__):
-            if _accumulates_into(node, versions):
+        for node in sorted(_forward_slice([buffer]), key=order.__getitem__):
+            if _updates(node, versions):
                 versions.add(node)
                 steps.append(node)
         if not steps or not any(step in downstream for step in steps):
             continue
         last = order[steps[-1]]
-        readers = [u for v in versions for u in v.users if u not in versions]
-        other_args = [u for u in readers if any(a in versions for a in u.args[1:])]
-        if any(order[u] < last for u in readers) or other_args:
-            continue  # read between accumulations, or accumulated into something else
-        current = buffer
+        uses = sorted(
+            {u for v in versions for u in v.users if u not in versions}, key=order.__getitem__
+        )
+        early = [u for u in uses if order[u] < last]
+        untracked = [u for u in uses if _mutates_first_arg(u) and u.args[0] in versions]
+        if not all(_copying_read(u) for u in early) or untracked:
+            continue  # a view read before an update, or an update of a kind not modelled
+        current, pending = buffer, list(uses)
         for step in steps:
+            for reader in [u for u in pending if order[u] < order[step]]:
+                for version in versions:
+                    reader.replace_input_with(version, current)
+                pending.remove(reader)
             with gm.graph.inserting_before(step):
-                new = gm.graph.call_method(
-                    _ACCUMULATORS[step.target], (current, *step.args[1:]), dict(step.kwargs)
-                )
-            new.meta = dict(step.meta)
+                new = _functional(gm.graph, step, current)
+            new.meta = dict(buffer.meta)
             current = new
-        for reader in readers:
+        for reader in pending:
             for version in versions:
                 reader.replace_input_with(version, current)
         for step in reversed(steps):
@@ -220,11 +271,17 @@ def model_weights(
     computing them: (weights node, its computation), or why none is found.
 
     The computation is what reads only the top-k (values, ids), the router's scores and
-    per-expert constants; the weights are its float [*tokens, k] result that derives from
-    scores (not from the ids alone) and that no other such result derives from.
+    per-expert constants; the weights are its float [*tokens, k] result (or a dense
+    [*tokens, E] gate, zero off the chosen experts: Llama-4) that derives from scores (not
+    from the ids alone) and that no other such result derives from.
     """
     tokens_k = example_value(ids).shape
     scores = _router_scores(route, logits)
+    scores |= {  # a buffer shaped like the scores (Llama-4 scatters the top-k into it)
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target in _LIKE_OPS and n.args and n.args[0] in scores
+    }
     seeds = {n for n in (values, ids) if n is not None}
     routing: set[fx.Node] = set(seeds)
     scored: set[fx.Node] = {values} if values is not None else set()
@@ -239,14 +296,19 @@ def model_weights(
             if any(i in scored or i in scores for i in inputs):
                 scored.add(node)
 
-    def is_weights(n: fx.Node) -> bool:
+    dense_shape = (*tokens_k[:-1], example_value(logits).shape[-1])  # [*tokens, E]
+
+    def is_weights(n: fx.Node) -> bool:  # [*tokens, k], or a dense [*tokens, E] gate
         val = example_value(n)
         return (
             n in scored
             and bool(n.users)
             and _is_float(n)
             and val.dim() == len(tokens_k)
-            and all(map(_same_size, val.shape, tokens_k))
+            and (
+                all(map(_same_size, val.shape, tokens_k))
+                or all(map(_same_size, val.shape, dense_shape))
+            )
         )
 
     candidates = [n for n in routing if is_weights(n)]
@@ -262,21 +324,24 @@ def model_weights(
     return weights, frozenset(computation | {weights})
 
 
-def find_region(
+def find_regions(
     gm: fx.GraphModule,
     weights: fx.Node,
     ids: fx.Node,
     route: fx.Node,
     hidden_dim,
     weight_nodes: frozenset[fx.Node] = frozenset(),
-) -> tuple[fx.Node, set[fx.Node], list[fx.Node]] | None:
-    """(output node, region, external inputs) of the dispatch consuming weights/ids: its
-    output is the first [*tokens, hidden_dim] node (tokens: the ids' leading dims, [N] or
-    e.g. [B, T]) that closes the region; None if none. `weight_nodes` (the model's own
-    computation of `weights` from the top-k, see model_weights) stay outside the region."""
+    need_ids: bool = True,
+) -> Iterator[tuple[fx.Node, set[fx.Node], list[fx.Node]]]:
+    """Candidate dispatches consuming weights/ids, in graph order: (output node, region,
+    external inputs), where the output is a [*tokens, hidden_dim] node (tokens: the ids'
+    leading dims, [N] or e.g. [B, T]) that closes the region. Several can close (a
+    [tokens, E] gate matrix when E == d, a partial loop): the caller checks each.
+    `weight_nodes` (the model's own computation of `weights` from the top-k, see
+    model_weights) stay outside the region; a dense gate holds the ids (need_ids=False)."""
     ids_val = example_value(ids)
     if ids_val is None:
-        return None
+        return
     tokens = ids_val.shape[:-1]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     slice_ = _forward_slice([weights, ids]) - weight_nodes
@@ -290,7 +355,7 @@ def find_region(
         region = {n for n in slice_ if order[n] <= order[out]}
         # The dispatch reads both routing outputs; they may have other users too (a module
         # that also returns its ids for an auxiliary loss): those keep reading them.
-        if not (set(weights.users) & region and set(ids.users) & region):
+        if not (set(weights.users) & region and (set(ids.users) & region or not need_ids)):
             continue
         if not _is_closed(region, out):
             continue
@@ -301,8 +366,7 @@ def find_region(
             return v is not None and v.shape == shape and not fresh
 
         _grow_backwards(region, protected, is_hidden)
-        return out, region, _external_inputs(region, order)
-    return None
+        yield out, region, _external_inputs(region, order)
 
 
 def _plan_candidates(
@@ -414,11 +478,18 @@ def _weight_args(plan: ExpertsPlan, values: dict[fx.Node, object]):
     return up, down, gate
 
 
+def plan_dtype(plan: ExpertsPlan) -> torch.dtype:
+    """The dtype the experts compute in: the hidden states'."""
+    return example_value(plan.x).dtype
+
+
 def call_experts(plan: ExpertsPlan, x, ids, weights, values) -> torch.Tensor:
     """Run lynx::experts for a plan, eagerly; x [*tokens, d], ids/weights [*tokens, k]."""
     up, down, gate = _weight_args(plan, values)
     flat_x, flat_ids = x.reshape(-1, x.shape[-1]), ids.reshape(-1, ids.shape[-1])
     flat_w = weights.reshape(flat_ids.shape)
+    if plan.scale_input:  # top-1: x * w through the expert, weight 1 after it
+        flat_x, flat_w = flat_x * flat_w.to(flat_x.dtype), torch.ones_like(flat_w)
     out = experts_op()(flat_x, flat_ids, flat_w, up, gate, down, plan.activation, plan.gated)
     return out.reshape(x.shape)
 
@@ -429,21 +500,34 @@ def _routing_shape(val: torch.Tensor) -> list[int]:
     return [max(_hint(s), 1) for s in val.shape[:-1]] + [_hint(val.shape[-1])]
 
 
-def _random_inputs(inputs, weights, ids, num_experts, real: dict):
-    """Random hidden states and a random exact routing; real tensors for placeholders."""
+def _random_routing(weights, ids, num_experts, dense: bool, gen) -> tuple:
+    """(ids [*tokens, k], weights [*tokens, k], what the region reads as `weights`): a
+    random exact routing; a dense gate holds the weights at the ids and zeros elsewhere."""
+    ids_val, w_val = example_value(ids), example_value(weights)
+    shape = _routing_shape(ids_val)
+    logits = torch.randn(*shape[:-1], num_experts, generator=gen)
+    chosen = torch.topk(logits, shape[-1], dim=-1).indices.to(ids_val.device)
+    # Not normalised: with k = 1 a normalised weight is 1, and a weight that scales the
+    # expert's input could not be told from one that scales its output.
+    w = (torch.rand(shape, generator=gen) * 0.9 + 0.1).to(w_val.dtype).to(w_val.device)
+    if not dense:
+        return chosen, w, w
+    gate = torch.zeros(*shape[:-1], num_experts, dtype=w.dtype, device=w.device)
+    return chosen, w, gate.scatter(-1, chosen, w)
+
+
+def _random_inputs(inputs, weights, ids, num_experts, real: dict, dense: bool = False):
+    """Random hidden states and a random exact routing; real tensors for placeholders.
+    Also returns the [*tokens, k] weights the experts op takes (the gate's, when dense)."""
     gen = torch.Generator().manual_seed(0)
-    values = {}
+    chosen, w_k, w_region = _random_routing(weights, ids, num_experts, dense, gen)
+    values = {ids: chosen, weights: w_region}
     for node in inputs:
         val = example_value(node)
         if node in real:
             values[node] = real[node]
-        elif node is ids:
-            shape = _routing_shape(val)
-            logits = torch.randn(*shape[:-1], num_experts, generator=gen)
-            values[node] = torch.topk(logits, shape[-1], dim=-1).indices.to(val.device)
-        elif node is weights:
-            w = torch.rand(_routing_shape(val), generator=gen) + 0.1
-            values[node] = (w / w.sum(-1, keepdim=True)).to(val.dtype).to(val.device)
+        elif node is ids or node is weights:
+            continue
         elif val is not None:
             shape = [_hint(s) for s in val.shape]
             values[node] = torch.randn(shape, generator=gen).to(val.dtype).to(val.device)
@@ -451,7 +535,7 @@ def _random_inputs(inputs, weights, ids, num_experts, real: dict):
             values[node] = _hint(node.meta["example_value"])
         else:
             return None
-    return values
+    return values, w_k
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -500,6 +584,7 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
             report("skipped", found)
             return False
         weights, weight_nodes = found
+    dense = example_value(weights).shape[-1] != example_value(ids).shape[-1]
     if all(u.op == "output" for u in (*weights.users, *ids.users) if u not in weight_nodes):
         report("skipped", "routing leaves the graph: the experts run in another graph")
         return False
@@ -508,52 +593,63 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
         report("skipped", "the router's input (hidden size) is not visible in the graph")
         return False
     functionalize_accumulators(gm, [weights, ids])
-    found = find_region(gm, weights, ids, route, hidden_dim, weight_nodes)
-    if found is None:
-        report(
-            "skipped",
+    why = None  # the first candidate's reason, reported when none is taken
+    checked = 0
+    regions = find_regions(gm, weights, ids, route, hidden_dim, weight_nodes, need_ids=not dense)
+    for out, region, inputs in regions:
+        plans = _plan_candidates(inputs, region, weights, ids, num_experts)
+        if not isinstance(plans, str) and top_k == 1:  # the weight may scale the input
+            plans += [dataclasses.replace(p, scale_input=True) for p in plans]
+        if not isinstance(plans, str):
+            acts = _activations_in(region)
+            plans = [p for p in plans if p.activation in acts] or (
+                f"no supported activation in the dispatch (found {sorted(acts)})"
+            )
+        if isinstance(plans, str):
+            why = why or plans
+            continue
+        chosen = _verified_plan(gm, region, inputs, out, plans, weights, ids, example_inputs, dense)
+        if chosen is not None:
+            _replace(gm, region, out, chosen, weights, ids, dense)
+            report("rewritten", chosen.describe())
+            return True
+        why = why or "no lynx::experts form reproduces the dispatch numerically"
+        checked += 1
+        if checked == _MAX_CHECKED_REGIONS:
+            break
+    report(
+        "skipped",
+        why
+        or (
             "no closed [tokens, d] expert computation consumes the routing in this graph "
-            "(the experts run elsewhere: router-only rewrite)",
-        )
-        return False
-    out, region, inputs = found
-    plans = _plan_candidates(inputs, region, weights, ids, num_experts)
-    if isinstance(plans, str):
-        report("skipped", plans)
-        return False
-    acts = _activations_in(region)
-    plans = [p for p in plans if p.activation in acts]
-    if not plans:
-        report("skipped", f"no supported activation in the dispatch (found {sorted(acts)})")
-        return False
-    chosen = _verified_plan(gm, region, inputs, out, plans, weights, ids, example_inputs)
-    if chosen is None:
-        report("skipped", "no lynx::experts form reproduces the dispatch numerically")
-        return False
-    _replace(gm, region, out, chosen, weights, ids)
-    report("rewritten", chosen.describe())
-    return True
+            "(the experts run elsewhere: router-only rewrite)"
+        ),
+    )
+    return False
 
 
-def _verified_plan(gm, region, inputs, out, plans, weights, ids, example_inputs):
+def _verified_plan(gm, region, inputs, out, plans, weights, ids, example_inputs, dense=False):
     real = _placeholder_values(gm, example_inputs)
     num_experts = _hint(example_value(plans[0].w_up).shape[0])
-    values = _random_inputs(inputs, weights, ids, num_experts, real)
-    if values is None:
+    found = _random_inputs(inputs, weights, ids, num_experts, real, dense)
+    if found is None:
         return None
+    values, w_k = found
     original = _extract(gm, region, inputs, out)
     with torch.no_grad():
         expected = original(*[values[n] for n in inputs])
         for plan in plans:
-            got = call_experts(plan, values[plan.x], values[ids], values[weights], values)
+            got = call_experts(plan, values[plan.x], values[ids], w_k, values)
             if _matches(expected, got.to(expected.dtype), values[plan.x].dtype):
                 return plan
     return None
 
 
-def _replace(gm, region, out, plan: ExpertsPlan, weights, ids) -> None:
+def _replace(gm, region, out, plan: ExpertsPlan, weights, ids, dense: bool = False) -> None:
     graph = gm.graph
     with graph.inserting_before(out):
+        if dense:  # the gate's weights at the chosen experts: [*tokens, k]
+            weights = graph.call_method("gather", (weights, -1, ids))
 
         def layout(node, transposed):
             return graph.call_method("transpose", (node, 1, 2)) if transposed else node
@@ -567,6 +663,11 @@ def _replace(gm, region, out, plan: ExpertsPlan, weights, ids) -> None:
             x = graph.call_method("reshape", (plan.x, -1, example_value(plan.x).shape[-1]))
             flat_ids = graph.call_method("reshape", (ids, -1, example_value(ids).shape[-1]))
             flat_weights = graph.call_method("reshape_as", (weights, flat_ids))
+        if plan.scale_input:  # top-1: the expert reads x * w and its output is kept as is
+            x = graph.call_function(
+                operator.mul, (x, graph.call_method("to", (flat_weights, plan_dtype(plan))))
+            )
+            flat_weights = graph.call_function(torch.ones_like, (flat_weights,))
         fused = graph.call_function(
             experts_op(), (x, flat_ids, flat_weights, up, gate, down, plan.activation, plan.gated)
         )

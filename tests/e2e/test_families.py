@@ -34,10 +34,12 @@ no switch, only their own expert code, run as "eager").
 
 Checks per (family, implementation), on decode inputs [B, 1, d] with B = 3 and 13 (one
 compiled model per policy, dynamic shapes, so both sizes share it):
-policy "exact" equals eager (fp32, rtol 1e-4 / atol 1e-5) and the report names the
-pattern; the default policy gives finite outputs and routes every token to k distinct,
-usable experts (the ids the routing op produced, recorded from its reference kernel; the
-CPU decompositions of the ops are checked against the reference in test_cpu_kernels.py).
+policy "exact" equals eager (fp32, rtol 1e-4 / atol 1e-5), the report names the
+pattern, and the dispatch is fused (lynx::experts) on every implementation, "eager"
+included, except the DISPATCH_KEPT families, whose skip reason is checked; the default
+policy gives finite outputs and routes every token to k distinct, usable experts (the
+ids the routing op produced, recorded from its reference kernel; the CPU decompositions
+of the ops are checked against the reference in test_cpu_kernels.py).
 Last, lynx::route_scored itself: every policy and score space, its fake implementation.
 """
 
@@ -84,6 +86,14 @@ REWRITTEN = {
     "aria": ("logits_topk", 4),
     "jetmoe": ("logits_topk", 4),
     "llama4": ("logits_topk", 1),
+}
+# Families whose dispatch stays the model's, and the reason the report gives. Every other
+# family in REWRITTEN has its experts fused into lynx::experts on every implementation.
+DISPATCH_KEPT = {
+    "gpt_oss": "per-expert biases",  # biased experts with a clamped GLU: not lynx::experts
+    "dbrx": "routing leaves the graph",  # its router module is a graph of its own
+    "longcat_flash": "routing leaves the graph",  # .item() in its expert loop splits it
+    "jetmoe": "hidden-state tensors",  # its own expert kernels over a second token tensor
 }
 # Dynamo splits JetMoE's block before its router, whose input arrives already flattened
 # to [N, d]: the graph cannot tell decode from prefill, so lynx keeps exact routing there.
@@ -163,6 +173,13 @@ def test_exact_policy_equals_eager_and_the_router_is_rewritten(compiled):
     assert sites and all(s["status"] == "rewritten" for s in sites), sites
     assert all(s["reason"] == pattern and s["top_k"] == top_k for s in sites), sites
     assert all(s["policy"] == "exact" for s in sites), sites
+    dispatches = sites_of(lynx_compile.report(), kind="dispatch")
+    assert dispatches, f"{family}: no dispatch site reported"
+    if family in DISPATCH_KEPT:
+        assert all(s["status"] == "skipped" for s in dispatches), dispatches
+        assert all(DISPATCH_KEPT[family] in s["reason"] for s in dispatches), dispatches
+    else:
+        assert all(s["status"] == "rewritten" for s in dispatches), dispatches
 
 
 @torch.no_grad()

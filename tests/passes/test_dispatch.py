@@ -92,7 +92,7 @@ def test_gather_bmm_dispatch_is_fused(variant, pattern):
     [
         ("weight_before_experts", "reproduces"),  # same inputs, different math
         ("weight_inside_activation", "reproduces"),
-        ("per_expert_bias", "hidden-state tensors"),  # an extra [E, d] input
+        ("per_expert_bias", "per-expert biases"),  # an extra [E, d] input
         ("returns_hidden", "no closed"),  # fusing would drop a value the caller reads
     ],
 )

@@ -1,0 +1,146 @@
+"""Hand-written MoE styles under backend="lynx": expert loops with data-dependent indexing.
+
+Each style in examples/moe_modules.py (where-loop, boolean-mask loop, argsort + split +
+index_add, dense einsum, [B, T, E] router) must have its router and its dispatch rewritten,
+compute what eager computes under policy "exact" (fp32 and bf16, 1 / 3 / 13 / 33 tokens),
+and touch fewer experts under the default policy at batch 16. Loop capture is scoped to
+lynx-compiled calls: Dynamo's global config and transformers' experts table are as they
+were after each call, and other backends still see the loop graph-break.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from lynx_compile.examples import moe_modules
+
+import lynx_compile
+from tests.helpers import sites_of
+
+STYLES = ("WhereLoopMoE", "MaskLoopMoE", "SortedMoE", "DenseMoE", "BatchedRouterMoE")
+TOKENS = (1, 3, 13, 33)
+FP32_TOL = dict(rtol=1e-4, atol=1e-5)  # reordered fp32 sums only
+# bf16 (eps 7.8e-3): the fused op rounds once per expert output, the loop once per step.
+BF16_TOL = dict(rtol=3e-2, atol=3e-2)
+
+
+def _module(style: str, dtype=torch.float32) -> torch.nn.Module:
+    """The style with 32 experts, top-4 (at batch 16 exact routing touches ~28 of them)."""
+    torch.manual_seed(0)
+    return getattr(moe_modules, style)(num_experts=32, top_k=4).eval().to(dtype)
+
+
+def _inputs(tokens: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(tokens, 1, 32, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+
+
+@pytest.fixture(scope="module", params=STYLES)
+def compiled(request):
+    """(style, eager module, exact-compiled, default-compiled with telemetry)."""
+    torch._dynamo.reset()
+    module = _module(request.param)
+    exact = torch.compile(module, backend="lynx", options={"policy": "exact"}, dynamic=True)
+    default = torch.compile(module, backend="lynx", options={"telemetry": True}, dynamic=True)
+    return request.param, module, exact, default
+
+
+@torch.no_grad()
+def test_exact_equals_eager_and_router_and_dispatch_are_rewritten(compiled):
+    style, module, exact, _ = compiled
+    lynx_compile.clear_report()
+    for tokens in TOKENS:
+        x = _inputs(tokens)
+        torch.testing.assert_close(exact(x), module(x), **FP32_TOL)
+    report = lynx_compile.report()
+    routers, dispatches = sites_of(report), sites_of(report, kind="dispatch")
+    assert routers and all(s["status"] == "rewritten" for s in routers), routers
+    assert dispatches and all(s["status"] == "rewritten" for s in dispatches), dispatches
+    assert all(s["reason"].startswith("sparse_experts(") for s in dispatches), dispatches
+
+
+@torch.no_grad()
+def test_default_policy_touches_fewer_experts_at_batch_16(compiled):
+    style, module, _, default = compiled
+    lynx_compile.clear_report()
+    out = default(_inputs(16))
+    assert torch.isfinite(out).all()
+    sites = [s for s in sites_of(lynx_compile.report()) if s["telemetry"]]
+    assert sites, "the default-policy model recorded no routing call"
+    for site in sites:
+        summary = site["telemetry"]
+        assert summary["mean_experts_chosen"] < summary["mean_experts_exact"], (style, summary)
+
+
+@pytest.mark.parametrize("style", ("WhereLoopMoE", "SortedMoE"))
+@torch.no_grad()
+def test_bf16_loop_styles_match_eager(style):
+    torch._dynamo.reset()
+    lynx_compile.clear_report()
+    module = _module(style, torch.bfloat16)
+    model = torch.compile(module, backend="lynx", options={"policy": "exact"}, dynamic=True)
+    for tokens in (3, 13):
+        x = _inputs(tokens, torch.bfloat16)
+        torch.testing.assert_close(model(x), module(x), **BF16_TOL)
+    dispatches = sites_of(lynx_compile.report(), kind="dispatch")
+    assert dispatches and all(s["status"] == "rewritten" for s in dispatches), dispatches
+
+
+@torch.no_grad()
+def test_untraceable_counts_fall_back_to_stock_tracing():
+    """bincount(...).tolist() cannot be traced even with capture: the frame is traced again
+    without it (a graph break there, as under any backend); it compiles, equals eager, and
+    the router is still rewritten and its dispatch reported."""
+    torch._dynamo.reset()
+    lynx_compile.clear_report()
+    module = _module("BincountSortedMoE")
+    model = torch.compile(module, backend="lynx", options={"policy": "exact"}, dynamic=True)
+    for tokens in (3, 13):
+        x = _inputs(tokens)
+        torch.testing.assert_close(model(x), module(x), **FP32_TOL)
+    report = lynx_compile.report()
+    assert sites_of(report) and all(s["status"] == "rewritten" for s in sites_of(report))
+    dispatches = sites_of(report, kind="dispatch")
+    assert dispatches and all(s["status"] == "skipped" for s in dispatches), dispatches
+
+
+@torch.no_grad()
+def test_capture_is_scoped_to_lynx_calls():
+    torch._dynamo.reset()
+    assert not torch._dynamo.config.capture_dynamic_output_shape_ops
+    module = _module("WhereLoopMoE")
+    lynx_model = torch.compile(module, backend="lynx", dynamic=True)
+    lynx_model(_inputs(3))
+    assert not torch._dynamo.config.capture_dynamic_output_shape_ops
+    assert not torch._dynamo.config.capture_scalar_outputs
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    other = torch.compile(_module("WhereLoopMoE"), backend=counting_backend, dynamic=True)
+    torch.testing.assert_close(other(_inputs(3)), module(_inputs(3)), **FP32_TOL)
+    # Under another backend the loop graph-breaks: no graph holds the router and an
+    # index_add together (lynx's one graph does).
+    assert not any("topk" in str(gm.code) and "index_add" in str(gm.code) for gm in graphs), [
+        gm.code for gm in graphs
+    ]
+
+
+@torch.no_grad()
+def test_transformers_eager_experts_table_is_restored():
+    from lynx_compile.tools import hf_tiny
+    from transformers.integrations import moe
+
+    torch._dynamo.reset()
+    before = dict(moe.ExpertsInterface._global_mapping)
+    block = hf_tiny.build_block("qwen3_moe", "eager")
+    model = torch.compile(block, backend="lynx", options={"policy": "exact"}, dynamic=True)
+    lynx_compile.clear_report()
+    x = _inputs(3)
+    torch.testing.assert_close(model(x), block(x), **FP32_TOL)
+    assert moe.ExpertsInterface._global_mapping == before
+    dispatches = sites_of(lynx_compile.report(), kind="dispatch")
+    assert dispatches and all(s["status"] == "rewritten" for s in dispatches), dispatches
