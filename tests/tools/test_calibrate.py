@@ -52,7 +52,10 @@ def test_distortion_is_the_mean_kl_and_the_share_of_changed_top1():
              for ra, rb in zip(pa, pb, strict=True)]  # fmt: skip
     assert got["kl"] == pytest.approx(sum(kl) / 13, rel=1e-5)
     assert got["flip"] == pytest.approx(sum(flips) / 13)
-    assert calibrate.distortion(a, a) == {"kl": 0.0, "flip": 0.0}
+    loss = [ra[max(range(7), key=ra.__getitem__)] - ra[max(range(7), key=rb.__getitem__)]
+            for ra, rb in zip(pa, pb, strict=True)]  # fmt: skip
+    assert got["top1_loss"] == pytest.approx(100 * sum(loss) / 13, rel=1e-5)
+    assert calibrate.distortion(a, a) == {"kl": 0.0, "flip": 0.0, "top1_loss": 0.0}
 
 
 def _candidate(label, policy, by_batch):
