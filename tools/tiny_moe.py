@@ -33,7 +33,7 @@ from lynx_compile._extras import require
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_CHECKPOINT = DATA_DIR / "tiny_moe.safetensors"
 NOLB_CHECKPOINT = DATA_DIR / "tiny_moe_nolb.safetensors"
-# Mixtral-like: 8 experts, top-2, expert_hidden 256 (same compute per token as the default).
+# Mixtral-like: 8 experts, top-2, expert_hidden 256 (about the default's parameter count).
 E8K2_CHECKPOINT = DATA_DIR / "tiny_moe_e8k2.safetensors"
 
 
