@@ -9,7 +9,7 @@ all-experts einsums, gather + bmm, ...), the pass works on meaning:
               is used outside it; the routing outputs themselves may be: a module that
               also returns its ids keeps them), grown backwards over side nodes used only
               inside it (weight transposes, repeat_interleave of the tokens, aranges);
-              candidates in graph order, the first that passes 2 and 3 is taken. In-place
+              candidates widest first, the first that passes 2 and 3 is taken. In-place
               accumulation into a fresh buffer (loops: out.index_add_, out[rows] += y)
               is put in functional form first;
 2. inputs:    the region must read exactly: the routing weights and ids, one [tokens, d]
@@ -264,6 +264,46 @@ def _is_constant_input(node: fx.Node) -> bool:
     return node.op in ("placeholder", "get_attr") and val is not None and val.dim() <= 1
 
 
+# What the weights computation does between the top-k and the weights, keeping each value
+# at its (token, slot) place: elementwise math, reductions over the k slots, gathers at the
+# ids, scatters into a dense gate. A permutation (w.reshape(-1)[order]) belongs to the
+# dispatch, even where its shape looks like [tokens, k] (k = 1).
+_ALIGNED = {
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "truediv",
+    "itruediv",
+    "iadd",
+    "imul",
+    "neg",
+    "exp",
+    "float",
+    "to",
+    "type",
+    "half",
+    "bfloat16",
+    "softmax",
+    "sigmoid",
+    "sum",
+    "norm",
+    "gather",
+    "scatter",
+    "scatter_",
+    "clamp",
+    "clamp_min",
+    "div_",
+    "mul_",
+    "add_",
+}
+
+
+def _keeps_alignment(node: fx.Node) -> bool:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name in _ALIGNED
+
+
 def model_weights(
     gm: fx.GraphModule, route: fx.Node, values: fx.Node, ids: fx.Node, logits: fx.Node
 ) -> tuple[fx.Node, frozenset[fx.Node]] | str:
@@ -293,7 +333,7 @@ def model_weights(
             continue
         if all(i in routing or i in scores or _is_constant_input(i) for i in inputs):
             routing.add(node)
-            if any(i in scored or i in scores for i in inputs):
+            if _keeps_alignment(node) and any(i in scored or i in scores for i in inputs):
                 scored.add(node)
 
     dense_shape = (*tokens_k[:-1], example_value(logits).shape[-1])  # [*tokens, E]
@@ -596,7 +636,10 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
     why = None  # the first candidate's reason, reported when none is taken
     checked = 0
     regions = find_regions(gm, weights, ids, route, hidden_dim, weight_nodes, need_ids=not dense)
-    for out, region, inputs in regions:
+    # Widest first: a loop's partial sums close regions too (one per expert), and the
+    # widest region that passes the structural checks is the whole dispatch, or the
+    # dispatch plus a residual or shared expert, which fails the numerical check.
+    for out, region, inputs in reversed(list(regions)):
         plans = _plan_candidates(inputs, region, weights, ids, num_experts)
         if not isinstance(plans, str) and top_k == 1:  # the weight may scale the input
             plans += [dataclasses.replace(p, scale_input=True) for p in plans]
