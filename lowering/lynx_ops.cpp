@@ -296,14 +296,14 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
   }
   if (!gemm.empty()) {
     // Each GEMM expert in x's dtype, as the model computes it (bf16: oneDNN's bf16 GEMMs,
-    // each product rounded to bf16), on all intra-op threads; the weighted combine in fp32.
+    // each product rounded to bf16); the weighted combine in fp32.
     std::vector<std::vector<int64_t>> slots(static_cast<size_t>(e));  // gemm experts' slots
     std::vector<uint8_t> is_gemm(static_cast<size_t>(e), 0);
     for (int64_t j : gemm) is_gemm[j] = 1, slots[j].reserve(count[j]);
     for (int64_t s = 0; s < n * k; ++s)
       if (is_gemm[id[s]]) slots[id[s]].push_back(s);
     const at::Tensor flat_w = weights.reshape({-1});
-    for (int64_t j : gemm) {
+    auto run_gemm = [&](int64_t j, at::Tensor &dst) {
       at::Tensor slot = at::empty({count[j]}, idc.options());
       std::copy(slots[j].begin(), slots[j].end(), slot.data_ptr<int64_t>());
       const at::Tensor token = slot.div(k, "floor");
@@ -317,7 +317,24 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
         h = activate(h, act);
       }
       const at::Tensor y = at::mm(h, w_down[j].t()).to(at::kFloat);
-      out.index_add_(0, token, y.mul(flat_w.index_select(0, slot).to(at::kFloat).unsqueeze(1)));
+      dst.index_add_(0, token, y.mul(flat_w.index_select(0, slot).to(at::kFloat).unsqueeze(1)));
+    };
+    // As many GEMM experts as threads or more: dealt out to the threads, one single-threaded
+    // GEMM each into its own output (Mixtral-8x7B at batch 64, 2 threads: one expert's
+    // [16 x 4096] x [4096 x 28672] split over both threads ran 1.35x slower than Inductor's
+    // grouped_mm); fewer: one after the other, each GEMM on all threads.
+    const int64_t threads = at::get_num_threads();
+    if (threads > 1 && static_cast<int64_t>(gemm.size()) >= threads) {
+      at::Tensor partial = at::zeros({threads, n, d}, out.options());
+      at::parallel_for(0, threads, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t part = lo; part < hi; ++part) {
+          at::Tensor dst = partial[part];
+          for (size_t r = part; r < gemm.size(); r += threads) run_gemm(gemm[r], dst);
+        }
+      });
+      out.add_(partial.sum(0));
+    } else {
+      for (int64_t j : gemm) run_gemm(j, out);
     }
   }
   return dt == at::kFloat ? out : out.to(dt);

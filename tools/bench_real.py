@@ -384,7 +384,11 @@ def run_real(config: RealConfig, out: Path | None = None) -> dict:
     rows = bench.Rows("cpu")
     with ticking("native CPU kernels"):
         meta["native_build_s"] = bench.native_build_seconds()
-    chosen = [s for s in SHAPES if s.name in config.shapes]
+    by_name = {s.name: s for s in SHAPES}
+    unknown = sorted(set(config.shapes) - set(by_name))
+    if unknown:
+        raise ValueError(f"unknown shapes {unknown}; known: {', '.join(by_name)}")
+    chosen = [by_name[name] for name in config.shapes]  # in the order asked
     with torch.no_grad():
         for shape in chosen:
             for dtype in config.dtypes:
