@@ -161,7 +161,7 @@ class RouteOnly(torch.nn.Module):
 
 
 def reference_routing(op: str, scores, policy: str, mode: str):
-    pol = RoutingPolicy(policy, budget=6)
+    pol = RoutingPolicy(policy, k0=2, budget=6)  # RouteOnly's k0 and budget
     if op == "route":
         return route_reference(scores, 4, pol, mode)
     return reference.route_scored_reference(scores, 4, mode, pol)
