@@ -364,6 +364,22 @@ def model_weights(
     return weights, frozenset(computation | {weights})
 
 
+_COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional", "c10d", "_dtensor")
+
+
+def _is_collective(node: fx.Node) -> bool:
+    """A torch.distributed collective (functional or not): never inside a region."""
+    target = node.target
+    qualified = getattr(target, "_qualified_op_name", None) or getattr(target, "name", None)
+    namespace = getattr(target, "namespace", None)  # an OpOverload
+    if namespace is None and isinstance(qualified, str):  # an OpOverloadPacket
+        namespace = qualified.split("::")[0]
+    if namespace in _COLLECTIVE_NAMESPACES:
+        return True
+    module = getattr(target, "__module__", "") or ""
+    return node.op == "call_function" and module.startswith("torch.distributed")
+
+
 def find_regions(
     gm: fx.GraphModule,
     weights: fx.Node,
@@ -393,6 +409,8 @@ def find_regions(
         if not all(map(_same_size, val.shape, (*tokens, hidden_dim))):
             continue
         region = {n for n in slice_ if order[n] <= order[out]}
+        if any(map(_is_collective, region)):
+            continue  # collectives stay the model's (and the numerical check never runs one)
         # The dispatch reads both routing outputs; they may have other users too (a module
         # that also returns its ids for an auxiliary loss): those keep reading them.
         if not (set(weights.users) & region and (set(ids.users) & region or not need_ids)):
