@@ -12,6 +12,9 @@
 `SortedMoE`        tokens sorted by expert (argsort), split by per-expert counts, the
                    results scattered back with index_add (the "permute" style).
 
+`TensorParallelMoE` every expert's intermediate dim sharded over torch.distributed ranks,
+                   the rank's partial outputs summed by a functional all_reduce.
+
 All take x [B, T, d] and return [B, T, d]; lynx_compile must rewrite their routers
 (and, where the dispatch is in one graph, the dispatch) without any change to this file.
 """
@@ -201,3 +204,39 @@ class BincountSortedMoE(SortedMoE):
         outputs = [self.expert(e, c) for e, c in enumerate(torch.split(tokens[token_of], counts))]
         y = torch.cat(outputs) * weights.reshape(-1)[order, None]
         return torch.zeros_like(tokens).index_add(0, token_of, y).view(b, t, d)
+
+
+class TensorParallelMoE(StackedExperts):
+    """StackedExperts whose experts hold this rank's slice of the intermediate dim (the
+    router is replicated); the partial outputs are summed over ranks by a functional
+    all_reduce. Built from the same seed on every rank, so the shards add up to the
+    single-process StackedExperts(seed) layer."""
+
+    def __init__(self, rank: int, world: int, seed: int = 0, **kwargs):
+        torch.manual_seed(seed)
+        super().__init__(**kwargs)
+        hidden = self.w_gate.shape[1]
+        if hidden % world:
+            raise ValueError(f"hidden {hidden} does not split over {world} ranks")
+        part = slice(rank * hidden // world, (rank + 1) * hidden // world)
+        with torch.no_grad():
+            self.w_gate = nn.Parameter(self.w_gate[:, part].clone())
+            self.w_up = nn.Parameter(self.w_up[:, part].clone())
+            self.w_down = nn.Parameter(self.w_down[:, :, part].clone())
+        self.world = world
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        tokens = x.view(-1, d)
+        weights, ids = self.route(tokens)
+        flat = ids.reshape(-1)
+        xs = tokens.repeat_interleave(self.top_k, dim=0).unsqueeze(-1)  # [N*k, d, 1]
+        h = F.silu(torch.bmm(self.w_gate[flat], xs)) * torch.bmm(self.w_up[flat], xs)
+        y = torch.bmm(self.w_down[flat], h).squeeze(-1) * weights.reshape(-1, 1)
+        y = y.view(-1, self.top_k, d).sum(dim=1)  # this rank's share, [N, d]
+        if self.world > 1:
+            from torch.distributed import _functional_collectives as funcol
+            from torch.distributed import group
+
+            y = funcol.all_reduce(y, "sum", group.WORLD)
+        return y.view(b, t, d)

@@ -445,7 +445,15 @@ def _plan_candidates(
 
     experts = [n for n in tensors if example_value(n).dim() == 3 and not is_hidden(n)]
     others = [n for n in tensors if n not in experts]
-    if any(_hint(example_value(n).shape[0]) != num_experts for n in experts):
+    sliced = [n for n in experts if _hint(example_value(n).shape[0]) != num_experts]
+    if sliced:
+        held = _hint(example_value(sliced[0]).shape[0])
+        if held < num_experts and num_experts % held == 0:
+            return (
+                f"the expert weights hold {held} of the router's {num_experts} experts (an "
+                "expert-parallel slice): lynx::experts runs all the router's experts, so an "
+                "expert range is not fused yet"
+            )
         return "a 3-D input of the dispatch is not indexed by expert"
     biases = [
         n
