@@ -20,6 +20,7 @@ from lynx_compile.lowering.reference import (
     distinct_experts,
     experts_reference,
     route_reference,
+    route_scored_reference,
     score_bins,
 )
 
@@ -346,3 +347,30 @@ def test_experts_reference_matches_dense_loop(gated, activation):
             h = act(h[:inter]) * h[inter:] if gated else act(h)
             expected[t] += w[t, s] * (w_down[ids[t, s]] @ h)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)  # fp32, reordered sums
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    router_logits(masked=True),
+    st.sampled_from(["logit", "prob", "score"]),
+    st.sampled_from(
+        [RoutingPolicy("affinity", 1.0, 1.0, k0=1), RoutingPolicy("static", budget=2, k0=1)]
+    ),
+)
+def test_scored_routers_keep_each_tokens_top_k0_and_never_a_masked_expert(case, space, policy):
+    logits, k = case
+    scores = {"logit": logits, "prob": logits.softmax(-1), "score": logits.sigmoid()}[space]
+    scores = torch.where(logits == float("-inf"), float("-inf"), scores)  # masked stay masked
+    values, ids = route_scored_reference(scores, k, space, policy)
+    assert torch.equal(values, torch.gather(scores, 1, ids))
+    finite = torch.isfinite(scores)
+    for t in range(scores.shape[0]):
+        row = ids[t].tolist()
+        assert len(set(row)) == k
+        usable = int(finite[t].sum())
+        if not torch.isfinite(scores[t].max()) or scores.shape[0] == 1:
+            continue  # invalid rows and a single token keep torch.topk's routing
+        # masked experts only when fewer than k usable ones exist
+        assert sum(bool(finite[t, e]) for e in row) == min(k, usable)
+        own = sorted(range(scores.shape[1]), key=lambda e: (-float(scores[t, e]), e))[:1]
+        assert set(own) <= set(row)  # the token's own top-1 is kept
