@@ -346,6 +346,7 @@ for tokens, form, act, dtype in [(13, "gated", "silu", torch.float32),
 for beta in (2.0, None):
     logits = torch.randn(13, 37) * 2
     logits[2, 5] = float("nan")
+    logits[4:9, ::3] = float("-inf")  # masked experts: MIN_BIN below the floor, remap classes
     probs = torch.softmax(logits, dim=-1)
     got = torch.ops.lynx.route_affinity_cpu(logits, probs, 4, 3.0, beta, True, 1)
     pol = reference.RoutingPolicy("affinity", 3.0, beta, 1)
