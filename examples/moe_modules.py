@@ -14,6 +14,8 @@
 
 `TensorParallelMoE` every expert's intermediate dim sharded over torch.distributed ranks,
                    the rank's partial outputs summed by a functional all_reduce.
+`ExpertParallelMoE` each rank holds a contiguous range of the experts; slots routed to
+                   other ranks' experts weigh 0 here; a functional all_reduce sums.
 
 All take x [B, T, d] and return [B, T, d]; lynx_compile must rewrite their routers
 (and, where the dispatch is in one graph, the dispatch) without any change to this file.
@@ -234,6 +236,45 @@ class TensorParallelMoE(StackedExperts):
         h = F.silu(torch.bmm(self.w_gate[flat], xs)) * torch.bmm(self.w_up[flat], xs)
         y = torch.bmm(self.w_down[flat], h).squeeze(-1) * weights.reshape(-1, 1)
         y = y.view(-1, self.top_k, d).sum(dim=1)  # this rank's share, [N, d]
+        if self.world > 1:
+            from torch.distributed import _functional_collectives as funcol
+            from torch.distributed import group
+
+            y = funcol.all_reduce(y, "sum", group.WORLD)
+        return y.view(b, t, d)
+
+
+class ExpertParallelMoE(StackedExperts):
+    """StackedExperts whose rank holds experts [rank * E / world, (rank + 1) * E / world)
+    (tokens and router replicated); each rank computes its experts' share and a
+    functional all_reduce sums the shares. Same seed on every rank."""
+
+    def __init__(self, rank: int, world: int, seed: int = 0, **kwargs):
+        torch.manual_seed(seed)
+        super().__init__(**kwargs)
+        if self.num_experts % world:
+            raise ValueError(f"{self.num_experts} experts do not split over {world} ranks")
+        self.local = self.num_experts // world
+        self.first = rank * self.local
+        part = slice(self.first, self.first + self.local)
+        with torch.no_grad():
+            self.w_gate = nn.Parameter(self.w_gate[part].clone())
+            self.w_up = nn.Parameter(self.w_up[part].clone())
+            self.w_down = nn.Parameter(self.w_down[part].clone())
+        self.world = world
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        tokens = x.view(-1, d)
+        weights, ids = self.route(tokens)
+        here = (ids >= self.first) & (ids < self.first + self.local)  # [N, k]
+        local_ids = torch.where(here, ids - self.first, torch.zeros_like(ids))
+        local_w = torch.where(here, weights, torch.zeros_like(weights))
+        flat = local_ids.reshape(-1)
+        xs = tokens.repeat_interleave(self.top_k, dim=0).unsqueeze(-1)  # [N*k, d, 1]
+        h = F.silu(torch.bmm(self.w_gate[flat], xs)) * torch.bmm(self.w_up[flat], xs)
+        y = torch.bmm(self.w_down[flat], h).squeeze(-1) * local_w.reshape(-1, 1)
+        y = y.view(-1, self.top_k, d).sum(dim=1)  # this rank's experts' share
         if self.world > 1:
             from torch.distributed import _functional_collectives as funcol
             from torch.distributed import group

@@ -62,11 +62,17 @@ class ExpertsPlan:
     activation: str
     # top-1 only: the weight scales the expert's input, not its output (Llama-4)
     scale_input: bool = False
+    # expert-parallel slice: the weights hold experts [offset, offset + E_local) of the
+    # router's; slots routed elsewhere get weight 0 (and local id 0)
+    expert_offset: int | None = None
 
     def describe(self) -> str:
         """Pattern name for the report."""
         gate = "split-gate" if self.w_gate is not None else ("gated" if self.gated else "plain")
         scaled = ", input-scaled" if self.scale_input else ""
+        if self.expert_offset is not None:
+            held = _hint(example_value(self.w_up).shape[0])
+            scaled += f", experts {self.expert_offset}..{self.expert_offset + held - 1}"
         return f"sparse_experts({gate} {self.activation}{scaled})"
 
 
@@ -445,16 +451,14 @@ def _plan_candidates(
 
     experts = [n for n in tensors if example_value(n).dim() == 3 and not is_hidden(n)]
     others = [n for n in tensors if n not in experts]
-    sliced = [n for n in experts if _hint(example_value(n).shape[0]) != num_experts]
-    if sliced:
-        held = _hint(example_value(sliced[0]).shape[0])
-        if held < num_experts and num_experts % held == 0:
-            return (
-                f"the expert weights hold {held} of the router's {num_experts} experts (an "
-                "expert-parallel slice): lynx::experts runs all the router's experts, so an "
-                "expert range is not fused yet"
-            )
-        return "a 3-D input of the dispatch is not indexed by expert"
+    held = {_hint(example_value(n).shape[0]) for n in experts}
+    offsets: list[int | None] = [None]
+    if held and held != {num_experts}:
+        local = held.pop()
+        if held or local > num_experts or num_experts % local:
+            return "a 3-D input of the dispatch is not indexed by expert"
+        # an expert-parallel slice: which range it holds is checked numerically
+        offsets = list(range(0, num_experts, local))
     biases = [
         n
         for n in others
@@ -489,7 +493,8 @@ def _plan_candidates(
                     plans.append(
                         ExpertsPlan(x, up, experts[2], gate, up_t, down_t, True, activation)
                     )
-    return [p for p in plans if _shapes_fit(p, d)]
+    fitting = [p for p in plans if _shapes_fit(p, d)]
+    return [dataclasses.replace(p, expert_offset=o) for o in offsets for p in fitting]
 
 
 def _shapes_fit(plan: ExpertsPlan, d: int) -> bool:
@@ -544,6 +549,15 @@ def _weight_args(plan: ExpertsPlan, values: dict[fx.Node, object]):
     return up, down, gate
 
 
+def _local_routing(plan: ExpertsPlan, ids: torch.Tensor, weights: torch.Tensor):
+    """(local ids, weights) for an expert-parallel slice: ids - offset where the slot's
+    expert is held here, else id 0 with weight 0."""
+    held = example_value(plan.w_up).shape[0]
+    local = (ids >= plan.expert_offset) & (ids < plan.expert_offset + held)
+    local_ids = torch.where(local, ids - plan.expert_offset, torch.zeros_like(ids))
+    return local_ids, torch.where(local, weights, torch.zeros_like(weights))
+
+
 def plan_dtype(plan: ExpertsPlan) -> torch.dtype:
     """The dtype the experts compute in: the hidden states'."""
     return example_value(plan.x).dtype
@@ -554,6 +568,8 @@ def call_experts(plan: ExpertsPlan, x, ids, weights, values) -> torch.Tensor:
     up, down, gate = _weight_args(plan, values)
     flat_x, flat_ids = x.reshape(-1, x.shape[-1]), ids.reshape(-1, ids.shape[-1])
     flat_w = weights.reshape(flat_ids.shape)
+    if plan.expert_offset is not None:
+        flat_ids, flat_w = _local_routing(plan, flat_ids, flat_w)
     if plan.scale_input:  # top-1: x * w through the expert, weight 1 after it
         flat_x, flat_w = flat_x * flat_w.to(flat_x.dtype), torch.ones_like(flat_w)
     out = experts_op()(flat_x, flat_ids, flat_w, up, gate, down, plan.activation, plan.gated)
@@ -732,6 +748,16 @@ def _replace(gm, region, out, plan: ExpertsPlan, weights, ids, dense: bool = Fal
             x = graph.call_method("reshape", (plan.x, -1, example_value(plan.x).shape[-1]))
             flat_ids = graph.call_method("reshape", (ids, -1, example_value(ids).shape[-1]))
             flat_weights = graph.call_method("reshape_as", (weights, flat_ids))
+        if plan.expert_offset is not None:  # this rank's experts: the others weigh 0
+            off, held = plan.expert_offset, example_value(plan.w_up).shape[0]
+            ge = graph.call_function(operator.ge, (flat_ids, off))
+            lt = graph.call_function(operator.lt, (flat_ids, off + held))
+            local = graph.call_function(operator.and_, (ge, lt))
+            shifted = graph.call_function(operator.sub, (flat_ids, off))
+            zero_ids = graph.call_function(torch.zeros_like, (flat_ids,))
+            zero_w = graph.call_function(torch.zeros_like, (flat_weights,))
+            flat_ids = graph.call_function(torch.where, (local, shifted, zero_ids))
+            flat_weights = graph.call_function(torch.where, (local, flat_weights, zero_w))
         if plan.scale_input:  # top-1: the expert reads x * w and its output is kept as is
             x = graph.call_function(
                 operator.mul, (x, graph.call_method("to", (flat_weights, plan_dtype(plan))))
