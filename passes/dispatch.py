@@ -275,6 +275,16 @@ def _is_constant_input(node: fx.Node) -> bool:
 # ids, scatters into a dense gate. A permutation (w.reshape(-1)[order]) belongs to the
 # dispatch, even where its shape looks like [tokens, k] (k = 1).
 _ALIGNED = {
+    "type_as",
+    "pow",
+    "sqrt",
+    "rsqrt",
+    "abs",
+    "log",
+    "reciprocal",
+    "clamp_max",
+    "where",
+    "masked_fill",
     "add",
     "sub",
     "mul",

@@ -95,9 +95,6 @@ DISPATCH_KEPT = {
     "longcat_flash": "routing leaves the graph",  # .item() in its expert loop splits it
     "jetmoe": "hidden-state tensors",  # its own expert kernels over a second token tensor
 }
-# Dynamo splits JetMoE's block before its router, whose input arrives already flattened
-# to [N, d]: the graph cannot tell decode from prefill, so lynx keeps exact routing there.
-DECODE_HIDDEN = {"jetmoe"}
 NOT_REWRITTEN = ("phimoe", "switch_transformers")
 
 
@@ -202,10 +199,7 @@ def test_default_policy_routes_every_token_to_k_usable_experts(compiled):
     assert sites and all(s["status"] == "rewritten" for s in sites), sites
     calls = sum(s["telemetry"]["calls"] for s in sites if s["telemetry"])
     assert calls >= len(DECODE_BATCHES), sites  # the routing ran once per decode batch
-    if family in DECODE_HIDDEN:
-        assert all(s["policy"] == "exact" and s["decode"] is None for s in sites), sites
-    else:
-        assert all(s["policy"] == "affinity" and s["decode"] for s in sites), sites
+    assert all(s["policy"] == "affinity" and s["decode"] for s in sites), sites
 
 
 @pytest.mark.parametrize("case", _cases(NOT_REWRITTEN))
