@@ -303,13 +303,15 @@ def check_route(torch, check: Check, device, gen) -> None:
 
 def _route_cases(torch, check: Check, device, gen, cases, tol) -> None:
     from lynx_compile.lowering import reference, triton_route
+    from lynx_compile.lowering.constants import default_k0
 
     for dtype, tokens, experts, k, policy, conv in cases:
+        k0 = min(default_k0(policy), k)  # the default protected choice of the policy
         for _ in range(2):  # two fresh inputs per compiled kernel
             logits = spaced_logits(torch, tokens, experts, dtype, device, gen)
-            pol = reference.RoutingPolicy(policy, 3.0, 2.0, 2, 16)
+            pol = reference.RoutingPolicy(policy, 3.0, 2.0, k0, 16)
             want_w, want_ids = reference.route_reference(logits, k, pol, conv)
-            got_w, got_ids = triton_route.route(logits, k, policy, 3.0, 2.0, 2, 16, conv)
+            got_w, got_ids = triton_route.route(logits, k, policy, 3.0, 2.0, k0, 16, conv)
             ids_ok = bool(torch.equal(got_ids, want_ids))
             err = float((got_w.float() - want_w.float()).abs().max())
             unwritten = bool(torch.isnan(got_w).any() or (got_ids < 0).any())
@@ -401,12 +403,13 @@ def time_route(torch, check: Check, device, gen) -> None:
     feeds): do_bench of plain launches (device time; a host slower than the kernel shows
     as gaps), and 20 calls captured in one CUDA graph, replayed, per call."""
     from lynx_compile.lowering import triton_route
+    from lynx_compile.lowering.constants import default_k0
 
     logits = torch.randn(64, 128, generator=gen, device=device)
     for policy in ("exact", "affinity"):
 
         def call(policy=policy):
-            return triton_route.route(logits, 8, policy, 3.0, 2.0, 2, 16, "renorm")
+            return triton_route.route(logits, 8, policy, 3.0, 2.0, default_k0(policy), 16, "renorm")
 
         plain = device_ms(call)
         call()
@@ -469,6 +472,7 @@ def lynx_forward(torch, block, shape: Shape, policy: str, tma: bool = False):
     """x [B, 1, d] -> [B, 1, d]: router linear, Triton route, Triton experts (weight tiles
     through tensor descriptors with tma)."""
     from lynx_compile.lowering import triton_experts, triton_route
+    from lynx_compile.lowering.constants import default_k0
 
     gate_w = block.gate.weight
     w_up, w_down = block.experts.gate_up_proj, block.experts.down_proj
@@ -477,7 +481,7 @@ def lynx_forward(torch, block, shape: Shape, policy: str, tma: bool = False):
         flat = x.view(-1, x.shape[-1])
         logits = torch.nn.functional.linear(flat, gate_w).float()  # the HF router's fp32 scores
         weights, ids = triton_route.route(
-            logits, shape.top_k, policy, shape.alpha, shape.beta, 2, 16, "renorm"
+            logits, shape.top_k, policy, shape.alpha, shape.beta, default_k0(policy), 16, "renorm"
         )
         config = launch_config(flat, ids, w_up, tma)
         out = triton_experts.experts(flat, ids, weights, w_up, w_down, "silu", True, config)
