@@ -446,20 +446,17 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, out: Path) -> Path:
-    """time_vs_experts.png: per shape (all-cores rows), ms against experts touched per
+    """time_vs_experts.png: per shape and thread count, ms against experts touched per
     backend, with the read-bandwidth floor as a line."""
     matplotlib = bench.require("matplotlib", "bench", "lynx-compile bench")
     matplotlib.use("Agg")
     plt = bench.require("matplotlib.pyplot", "bench", "lynx-compile bench")
     rows = result["rows"]
-    cases = bench._cases(rows, "real")
-    top = max((int(c.split("/")[2][1:]) for c in cases), default=1)
     groups = {}
-    for case in cases:
+    for case in bench._cases(rows, "real"):
         shape, dtype, threads, _ = case.split("/")
-        if int(threads[1:]) == top:
-            groups.setdefault(f"{shape} {dtype}", []).append(case)
-    cols = min(3, max(1, len(groups)))
+        groups.setdefault(f"{shape} {dtype}, {threads[1:]} threads", []).append(case)
+    cols = min(4, max(1, len(groups)))
     nrows = max(1, math.ceil(len(groups) / cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
     markers = dict(zip(BACKENDS, "osD^", strict=True))
@@ -471,7 +468,7 @@ def plot(result: dict, out: Path) -> Path:
         xs = [_get(rows, c, "lynx-exact", "experts") for c in group]
         fl = [_get(rows, c, "lynx-exact", "floor_ms") for c in group]
         ax.plot(xs, fl, color="grey", linestyle=":", label="read floor")
-        ax.set_title(f"{title}, {top} threads", fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("distinct routed experts per call")
         ax.set_ylabel("ms per call")
         ax.legend(fontsize=7)
