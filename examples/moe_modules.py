@@ -80,8 +80,8 @@ class LoopMoE(nn.Module):
         return out.reshape(b, t, d)
 
 
-class DenseMoE(nn.Module):
-    """Top-k softmax router + all experts as one einsum over stacked 3-D weights."""
+class StackedExperts(nn.Module):
+    """Top-k softmax router + SwiGLU experts stored as 3-D weights, for the loop styles."""
 
     def __init__(self, dim: int = 32, hidden: int = 48, num_experts: int = 8, top_k: int = 2):
         super().__init__()
@@ -91,6 +91,31 @@ class DenseMoE(nn.Module):
         self.w_gate = nn.Parameter(torch.randn(num_experts, hidden, dim) / dim**0.5)
         self.w_up = nn.Parameter(torch.randn(num_experts, hidden, dim) / dim**0.5)
         self.w_down = nn.Parameter(torch.randn(num_experts, dim, hidden) / hidden**0.5)
+
+    def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [N, d] -> (weights [N, k] in the tokens' dtype, ids [N, k])."""
+        probs = F.softmax(self.gate(tokens), dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(tokens.dtype), ids
+
+    def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        """Expert e on h [n, d] -> [n, d]."""
+        return (F.silu(h @ self.w_gate[e].T) * (h @ self.w_up[e].T)) @ self.w_down[e].T
+
+    def dispatch(self, tokens, weights, ids) -> torch.Tensor:
+        """tokens [N, d], weights/ids [N, k] -> [N, d]: each style writes its own."""
+        raise NotImplementedError(f"{type(self).__name__} has no dispatch")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        tokens = x.view(-1, d)
+        weights, ids = self.route(tokens)
+        return self.dispatch(tokens, weights, ids).view(b, t, d)
+
+
+class DenseMoE(StackedExperts):
+    """Top-k softmax router + all experts as one einsum over stacked 3-D weights."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -121,163 +146,111 @@ class BatchedRouterMoE(DenseMoE):
         return torch.einsum("bted,bte->btd", y, routing)
 
 
-class StackedExperts(nn.Module):
-    """Top-k softmax router + SwiGLU experts stored as 3-D weights, for the loop styles."""
-
-    def __init__(self, dim: int = 32, hidden: int = 48, num_experts: int = 8, top_k: int = 2):
-        super().__init__()
-        self.top_k = top_k
-        self.num_experts = num_experts
-        self.gate = nn.Linear(dim, num_experts, bias=False)
-        self.w_gate = nn.Parameter(torch.randn(num_experts, hidden, dim) / dim**0.5)
-        self.w_up = nn.Parameter(torch.randn(num_experts, hidden, dim) / dim**0.5)
-        self.w_down = nn.Parameter(torch.randn(num_experts, dim, hidden) / hidden**0.5)
-
-    def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [N, d] -> (weights [N, k] in the tokens' dtype, ids [N, k])."""
-        probs = F.softmax(self.gate(tokens), dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(tokens.dtype), ids
-
-    def expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        """Expert e on h [n, d] -> [n, d]."""
-        return (F.silu(h @ self.w_gate[e].T) * (h @ self.w_up[e].T)) @ self.w_down[e].T
-
-
 class WhereLoopMoE(StackedExperts):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        tokens = x.view(-1, d)
-        weights, ids = self.route(tokens)
+    def dispatch(self, tokens, weights, ids):
         out = torch.zeros_like(tokens)
         for e in range(self.num_experts):
             token_idx, slot = torch.where(ids == e)  # data-dependent count
             y = self.expert(e, tokens[token_idx]) * weights[token_idx, slot, None]
             out.index_add_(0, token_idx, y)
-        return out.view(b, t, d)
+        return out
 
 
 class MaskLoopMoE(StackedExperts):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        tokens = x.view(-1, d)
-        weights, ids = self.route(tokens)
+    def dispatch(self, tokens, weights, ids):
         out = torch.zeros_like(tokens)
         for e in range(self.num_experts):
             chosen = ids == e  # [N, k]
             rows = chosen.any(dim=-1)  # [N] bool
             w = (weights * chosen).sum(dim=-1)  # [N]
             out[rows] += self.expert(e, tokens[rows]) * w[rows, None]
-        return out.view(b, t, d)
+        return out
 
 
 class SortedMoE(StackedExperts):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        tokens = x.view(-1, d)
-        weights, ids = self.route(tokens)
+    def counts(self, flat_ids: torch.Tensor) -> list[int]:
+        """Slots per expert, [E], as Python ints (torch.split takes them)."""
+        e = self.num_experts
+        return torch.histc(flat_ids.float(), bins=e, min=0, max=e - 1).int().tolist()
+
+    def dispatch(self, tokens, weights, ids):
         flat_ids = ids.reshape(-1)  # [N*k]
         order = torch.argsort(flat_ids, stable=True)
         token_of = order // self.top_k  # the token of each sorted slot
-        counts = torch.histc(  # tokens per expert, [E]
-            flat_ids.float(), bins=self.num_experts, min=0, max=self.num_experts - 1
-        )
-        counts = counts.int().tolist()
-        outputs = []
-        for e, chunk in enumerate(torch.split(tokens[token_of], counts)):
-            outputs.append(self.expert(e, chunk))
-        y = torch.cat(outputs) * weights.reshape(-1)[order, None]
-        return torch.zeros_like(tokens).index_add(0, token_of, y).view(b, t, d)
+        chunks = torch.split(tokens[token_of], self.counts(flat_ids))
+        y = torch.cat([self.expert(e, chunk) for e, chunk in enumerate(chunks)])
+        y = y * weights.reshape(-1)[order, None]
+        return torch.zeros_like(tokens).index_add(0, token_of, y)
 
 
 class BincountSortedMoE(SortedMoE):
     """SortedMoE counting with bincount, whose output length depends on the data: Dynamo
     cannot trace its `.tolist()` even with dynamic-shape capture (the graph breaks there)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        tokens = x.view(-1, d)
-        weights, ids = self.route(tokens)
-        flat_ids = ids.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)
-        token_of = order // self.top_k
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        outputs = [self.expert(e, c) for e, c in enumerate(torch.split(tokens[token_of], counts))]
-        y = torch.cat(outputs) * weights.reshape(-1)[order, None]
-        return torch.zeros_like(tokens).index_add(0, token_of, y).view(b, t, d)
+    def counts(self, flat_ids: torch.Tensor) -> list[int]:
+        return torch.bincount(flat_ids, minlength=self.num_experts).tolist()
 
 
-class TensorParallelMoE(StackedExperts):
-    """StackedExperts whose experts hold this rank's slice of the intermediate dim (the
-    router is replicated); the partial outputs are summed over ranks by a functional
-    all_reduce. Built from the same seed on every rank, so the shards add up to the
-    single-process StackedExperts(seed) layer."""
+class _ShardedMoE(StackedExperts):
+    """Gathered-bmm experts on this rank's shard; a functional all_reduce sums the ranks'
+    shares (tokens and router replicated; same seed on every rank)."""
 
-    def __init__(self, rank: int, world: int, seed: int = 0, **kwargs):
+    def __init__(self, world: int, seed: int, **kwargs):
         torch.manual_seed(seed)
         super().__init__(**kwargs)
-        hidden = self.w_gate.shape[1]
-        if hidden % world:
-            raise ValueError(f"hidden {hidden} does not split over {world} ranks")
-        part = slice(rank * hidden // world, (rank + 1) * hidden // world)
-        with torch.no_grad():
-            self.w_gate = nn.Parameter(self.w_gate[:, part].clone())
-            self.w_up = nn.Parameter(self.w_up[:, part].clone())
-            self.w_down = nn.Parameter(self.w_down[:, :, part].clone())
         self.world = world
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        tokens = x.view(-1, d)
-        weights, ids = self.route(tokens)
+    def shard(self, **parts) -> None:
+        with torch.no_grad():
+            for name, part in parts.items():
+                setattr(self, name, nn.Parameter(getattr(self, name)[part].clone()))
+
+    def local_routing(self, weights, ids):
+        """(weights, ids) over this rank's experts."""
+        return weights, ids
+
+    def dispatch(self, tokens, weights, ids):
+        weights, ids = self.local_routing(weights, ids)
         flat = ids.reshape(-1)
         xs = tokens.repeat_interleave(self.top_k, dim=0).unsqueeze(-1)  # [N*k, d, 1]
         h = F.silu(torch.bmm(self.w_gate[flat], xs)) * torch.bmm(self.w_up[flat], xs)
         y = torch.bmm(self.w_down[flat], h).squeeze(-1) * weights.reshape(-1, 1)
-        y = y.view(-1, self.top_k, d).sum(dim=1)  # this rank's share, [N, d]
+        y = y.view(-1, self.top_k, tokens.shape[-1]).sum(dim=1)  # this rank's share
         if self.world > 1:
             from torch.distributed import _functional_collectives as funcol
             from torch.distributed import group
 
             y = funcol.all_reduce(y, "sum", group.WORLD)
-        return y.view(b, t, d)
+        return y
 
 
-class ExpertParallelMoE(StackedExperts):
-    """StackedExperts whose rank holds experts [rank * E / world, (rank + 1) * E / world)
-    (tokens and router replicated); each rank computes its experts' share and a
-    functional all_reduce sums the shares. Same seed on every rank."""
+class TensorParallelMoE(_ShardedMoE):
+    """Each rank holds its slice of every expert's intermediate dim."""
 
     def __init__(self, rank: int, world: int, seed: int = 0, **kwargs):
-        torch.manual_seed(seed)
-        super().__init__(**kwargs)
+        super().__init__(world, seed, **kwargs)
+        hidden = self.w_gate.shape[1]
+        if hidden % world:
+            raise ValueError(f"hidden {hidden} does not split over {world} ranks")
+        part = slice(rank * hidden // world, (rank + 1) * hidden // world)
+        self.shard(w_gate=(slice(None), part), w_up=(slice(None), part))
+        self.shard(w_down=(slice(None), slice(None), part))
+
+
+class ExpertParallelMoE(_ShardedMoE):
+    """Each rank holds experts [rank * E / world, (rank + 1) * E / world); slots routed to
+    the other ranks' experts weigh 0 here."""
+
+    def __init__(self, rank: int, world: int, seed: int = 0, **kwargs):
+        super().__init__(world, seed, **kwargs)
         if self.num_experts % world:
             raise ValueError(f"{self.num_experts} experts do not split over {world} ranks")
         self.local = self.num_experts // world
         self.first = rank * self.local
         part = slice(self.first, self.first + self.local)
-        with torch.no_grad():
-            self.w_gate = nn.Parameter(self.w_gate[part].clone())
-            self.w_up = nn.Parameter(self.w_up[part].clone())
-            self.w_down = nn.Parameter(self.w_down[part].clone())
-        self.world = world
+        self.shard(w_gate=part, w_up=part, w_down=part)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        tokens = x.view(-1, d)
-        weights, ids = self.route(tokens)
+    def local_routing(self, weights, ids):
         here = (ids >= self.first) & (ids < self.first + self.local)  # [N, k]
         local_ids = torch.where(here, ids - self.first, torch.zeros_like(ids))
-        local_w = torch.where(here, weights, torch.zeros_like(weights))
-        flat = local_ids.reshape(-1)
-        xs = tokens.repeat_interleave(self.top_k, dim=0).unsqueeze(-1)  # [N*k, d, 1]
-        h = F.silu(torch.bmm(self.w_gate[flat], xs)) * torch.bmm(self.w_up[flat], xs)
-        y = torch.bmm(self.w_down[flat], h).squeeze(-1) * local_w.reshape(-1, 1)
-        y = y.view(-1, self.top_k, d).sum(dim=1)  # this rank's experts' share
-        if self.world > 1:
-            from torch.distributed import _functional_collectives as funcol
-            from torch.distributed import group
-
-            y = funcol.all_reduce(y, "sum", group.WORLD)
-        return y.view(b, t, d)
+        return torch.where(here, weights, torch.zeros_like(weights)), local_ids

@@ -315,6 +315,12 @@ _ALIGNED = {
 }
 
 
+def _is_indexing(node: fx.Node) -> bool:
+    """gather(src, dim, index) / scatter(src, dim, index, value): the ids are an index."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name in ("gather", "scatter", "scatter_")
+
+
 def _keeps_alignment(node: fx.Node) -> bool:
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     return name in _ALIGNED
@@ -328,8 +334,9 @@ def model_weights(
 
     The computation is what reads only the top-k (values, ids), the router's scores and
     per-expert constants; the weights are its float [*tokens, k] result (or a dense
-    [*tokens, E] gate, zero off the chosen experts: Llama-4) that derives from scores (not
-    from the ids alone) and that no other such result derives from.
+    [*tokens, E] gate, zero off the chosen experts: Llama-4) that derives from scores,
+    reads the ids only as a gather/scatter index (a mask `w * (ids == e)` is the
+    dispatch's), and that no other such result derives from.
     """
     tokens_k = example_value(ids).shape
     scores = _router_scores(route, logits)
@@ -341,6 +348,7 @@ def model_weights(
     seeds = {n for n in (values, ids) if n is not None}
     routing: set[fx.Node] = set(seeds)
     scored: set[fx.Node] = {values} if values is not None else set()
+    id_data: set[fx.Node] = {ids}  # what reads the ids other than as an index
     for node in gm.graph.nodes:  # topological order
         if node in routing or node.op in ("placeholder", "get_attr", "output"):
             continue
@@ -349,7 +357,13 @@ def model_weights(
             continue
         if all(i in routing or i in scores or _is_constant_input(i) for i in inputs):
             routing.add(node)
-            if _keeps_alignment(node) and any(i in scored or i in scores for i in inputs):
+            # ids as data (a mask ids == e, ids.float()), not as a gather/scatter index
+            index = None
+            if _is_indexing(node):
+                index = node.args[2] if len(node.args) > 2 else node.kwargs.get("index")
+            if any(i in id_data for i in inputs if i is not index):
+                id_data.add(node)
+            elif _keeps_alignment(node) and any(i in scored or i in scores for i in inputs):
                 scored.add(node)
 
     dense_shape = (*tokens_k[:-1], example_value(logits).shape[-1])  # [*tokens, E]
