@@ -193,7 +193,7 @@ at::Tensor experts_aten(const at::Tensor &x, const at::Tensor &ids, const at::Te
 // AMX), measured in docs/perf-notes.md (cpu v10). -DLYNX_GEMM_TOKENS_BF16=... (and _F32)
 // override them, for measuring the crossing elsewhere.
 #ifndef LYNX_GEMM_TOKENS_BF16
-#define LYNX_GEMM_TOKENS_BF16 16
+#define LYNX_GEMM_TOKENS_BF16 32
 #endif
 #ifndef LYNX_GEMM_TOKENS_F32
 #define LYNX_GEMM_TOKENS_F32 8
@@ -272,8 +272,19 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
     if (expert_bytes * static_cast<int64_t>(stream.size()) < (int64_t{1} << 20))
       parts = std::min<int64_t>(parts, stream_slots / 4);
     parts = std::max<int64_t>(parts, 1);
+    // Dealt by work, not by count: most work first, each to the least loaded thread. An
+    // expert costs its read (1) plus its tokens' arithmetic past the first two (the kernel is
+    // compute-bound from ~3 tokens: cpu v10 in docs/perf-notes.md), 1/2 read per token.
     std::vector<std::vector<uint8_t>> take(parts, std::vector<uint8_t>(e, 0));
-    for (size_t r = 0; r < stream.size(); ++r) take[r % parts][stream[r]] = 1;
+    std::vector<int64_t> by_work(stream);
+    const auto work = [&](int64_t j) { return 2 + std::max<int64_t>(count[j] - 2, 0); };
+    std::stable_sort(by_work.begin(), by_work.end(),
+                     [&](int64_t a, int64_t b) { return work(a) > work(b); });
+    std::vector<int64_t> load(parts, 0);
+    for (int64_t j : by_work) {
+      const int64_t part = std::min_element(load.begin(), load.end()) - load.begin();
+      take[part][j] = 1, load[part] += work(j);
+    }
     at::Tensor partial = at::empty({parts, n, d}, out.options());
     std::vector<int> status(parts, 0);
     auto run = [&](int64_t part) {
