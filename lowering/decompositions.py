@@ -59,8 +59,8 @@ def _native_experts(x, activation, *weights) -> bool:
     token (Dynamo specialises size 1): the traced gathered form there copies each slot's
     expert weights (k x 352 MB per call for Mixtral-8x7B in bf16), the kernel reads them in
     place."""
-    return activation in ACTIVATION_NAMES and _native(x) and cpu_native.experts_dtypes_fit(
-        x, *weights
+    return (
+        activation in ACTIVATION_NAMES and _native(x) and cpu_native.experts_dtypes_fit(x, *weights)
     )
 
 
