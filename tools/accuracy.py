@@ -33,6 +33,7 @@ from lynx_compile.tools.tiny_moe import (
     E8K2_CHECKPOINT,
     NOLB_CHECKPOINT,
     TinyMoE,
+    add_checkpoint_argument,
     load_model,
 )
 from lynx_compile.tools.train import load_bytes, split_files
@@ -346,12 +347,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, default=Path("accuracy_results"), help="output directory"
     )
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=DEFAULT_CHECKPOINT,
-        help="TinyMoE safetensors checkpoint (default: the committed one)",
-    )
+    add_checkpoint_argument(parser)
     parser.add_argument(
         "--variants",
         nargs="+",

@@ -59,7 +59,7 @@ from lynx_compile.tools.demo import (
     ticking,
     warm_up_compiler,
 )
-from lynx_compile.tools.tiny_moe import DEFAULT_CHECKPOINT
+from lynx_compile.tools.tiny_moe import DEFAULT_CHECKPOINT, add_checkpoint_argument
 
 import lynx_compile
 from lynx_compile import backend as lynx_backend_mod
@@ -731,12 +731,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where to run (auto: CUDA when present)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench_results"), help="output directory")
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=DEFAULT_CHECKPOINT,
-        help="TinyMoE safetensors checkpoint (default: the embedded one)",
-    )
+    add_checkpoint_argument(parser)
     parser.add_argument(
         "--threads",
         type=int,

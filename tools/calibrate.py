@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from lynx_compile.lowering import ops
 from lynx_compile.lowering.reference import RoutingPolicy
-from lynx_compile.tools.tiny_moe import DEFAULT_CHECKPOINT, load_model
+from lynx_compile.tools.tiny_moe import add_checkpoint_argument, load_model
 from lynx_compile.tools.train import load_bytes, split_files
 
 import lynx_compile
@@ -387,12 +387,7 @@ def load_for_model(path: Path, model) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `lynx-compile calibrate`."""
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=DEFAULT_CHECKPOINT,
-        help="TinyMoE safetensors checkpoint (default: the embedded one)",
-    )
+    add_checkpoint_argument(parser)
     parser.add_argument(
         "--out", type=Path, required=True, help="calibration JSON to write (the backend's input)"
     )

@@ -30,7 +30,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from lynx_compile.tools.tiny_moe import DEFAULT_CHECKPOINT, TinyMoE, load_model
+from lynx_compile.tools.tiny_moe import (
+    DEFAULT_CHECKPOINT,
+    TinyMoE,
+    add_checkpoint_argument,
+    load_model,
+)
 from lynx_compile.tools.train import load_bytes, split_files
 
 import lynx_compile
@@ -396,12 +401,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.device,
         help="where to run (auto: CUDA when present)",
     )
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=defaults.checkpoint,
-        help="TinyMoE safetensors checkpoint (default: the embedded one)",
-    )
+    add_checkpoint_argument(parser, defaults.checkpoint)
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed choosing prompts")
     parser.add_argument(
         "--show", type=int, default=defaults.show, help="prompts printed with their generations"

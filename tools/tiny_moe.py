@@ -32,6 +32,18 @@ from lynx_compile._extras import require
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_CHECKPOINT = DATA_DIR / "tiny_moe.safetensors"
+
+
+def add_checkpoint_argument(parser, default: Path = DEFAULT_CHECKPOINT) -> None:
+    """The `--checkpoint` flag every TinyMoE tool takes (argparse parser)."""
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=default,
+        help="TinyMoE safetensors checkpoint (default: the embedded one)",
+    )
+
+
 NOLB_CHECKPOINT = DATA_DIR / "tiny_moe_nolb.safetensors"
 # Mixtral-like: 8 experts, top-2, expert_hidden 256 (about the default's parameter count).
 E8K2_CHECKPOINT = DATA_DIR / "tiny_moe_e8k2.safetensors"
