@@ -8,6 +8,9 @@
     route_affinity_cpu(logits, probs, top_k, alpha, beta, renorm, k0) -> (weights, ids)
                                                 route's affinity policy after the softmax: the
                                                 CPU lowering's entry to the native kernel
+    route_scored_affinity_cpu(scores, top_k, space, alpha, beta, k0) -> (values, ids)
+                                                route_scored's affinity policy: the same for
+                                                scored routers
     experts(x, ids, weights, w_up, w_gate?, w_down, activation, gated) -> [N, d]
                                                 the sparse experts: fused gate/up (w_up
                                                 [E, 2I, d], gated), plain (w_up [E, I, d]) or
@@ -270,6 +273,29 @@ def _route_affinity_fake(logits, probs, top_k, alpha, beta, renorm, k0=0):
     return _route_outputs(probs, top_k)
 
 
+@torch.library.custom_op("lynx::route_scored_affinity_cpu", mutates_args=())
+def route_scored_affinity_cpu(
+    scores: torch.Tensor,
+    top_k: int,
+    space: str,
+    alpha: float,
+    beta: float | None,
+    k0: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """lynx::route_scored's affinity policy in one call: scores [N, E] -> (scores at ids
+    [N, k], ids int64 [N, k]); equal scores rank the lower index first. The CPU kernel is
+    native (lynx_ops.cpp); this body is the reference."""
+    pol = reference.RoutingPolicy("affinity", alpha, beta, k0)
+    return reference.route_scored_reference(scores, top_k, space, pol, ties="lower_index")
+
+
+@route_scored_affinity_cpu.register_fake
+def _route_scored_affinity_fake(scores, top_k, space, alpha, beta, k0):
+    _check_scores(scores, top_k, "router scores")
+    _check_choice(space, SCORE_SPACES, "score space")
+    return _route_outputs(scores, top_k)
+
+
 # ------------------------------------------------------------------------------ experts
 
 
@@ -297,7 +323,14 @@ def _experts_fake(x, ids, weights, w_up, w_gate, w_down, activation, gated):
     return torch.empty_like(x)
 
 
-ALL_OPS = (route, route_recorded, route_scored, route_affinity_cpu, experts)
+ALL_OPS = (
+    route,
+    route_recorded,
+    route_scored,
+    route_affinity_cpu,
+    route_scored_affinity_cpu,
+    experts,
+)
 
 # ------------------------------------------------------------------ the passes' op selector
 # Device-neutral: the passes emit these ops whatever the device; how each runs on a device

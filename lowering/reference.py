@@ -434,6 +434,7 @@ def route_scored_reference(
     top_k: int,
     space: str,
     policy: RoutingPolicy = RoutingPolicy(),
+    ties: str = "topk",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose top_k experts per token by a ranking score [N, E] -> (scores at ids, ids int64).
 
@@ -443,12 +444,20 @@ def route_scored_reference(
     popularity, then score, then lower index, and re-select from the batch's kept set by
     score among the experts the token may use (finite score). Rows with NaN or a non-finite
     maximum keep the exact routing and do not vote.
+    ties: the exact top-k's order of equal scores, as in route_reference ("topk": torch.topk's,
+    unspecified, as the model has it; "lower_index": the native CPU and Triton kernels').
     """
     check_logits(scores, top_k)
     check_policy(policy.name)
     if space not in SCORE_SPACES:
         raise ValueError(f"unknown score space {space!r}; valid: {', '.join(SCORE_SPACES)}")
-    exact_vals, exact_ids = torch.topk(scores, top_k, dim=-1)
+    if ties == "lower_index":  # torch.sort puts NaN above every number
+        exact_ids = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :top_k]
+        exact_vals = torch.gather(scores, 1, exact_ids)
+    elif ties == "topk":
+        exact_vals, exact_ids = torch.topk(scores, top_k, dim=-1)
+    else:
+        raise ValueError(f"unknown tie order {ties!r}; valid: 'topk', 'lower_index'")
     if policy.name == "exact" or scores.shape[0] == 0 or static_one_token(scores):
         return exact_vals, exact_ids  # one token routes exactly, as in route_reference
 

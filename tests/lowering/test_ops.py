@@ -42,6 +42,15 @@ def _route_affinity_samples():
     yield (logits, torch.softmax(logits, -1), 4, 1.0, None, False)
 
 
+def _route_scored_affinity_samples():
+    for space in ("logit", "prob", "score"):
+        for dtype in (torch.float32, torch.bfloat16):
+            scores = _logits(13, 8, dtype)
+            scores = torch.sigmoid(scores) if space != "logit" else scores
+            yield (scores, 2, space, 3.0, 2.0, 1)
+    yield (torch.sigmoid(_logits(3, 8)), 4, "score", 1.0, None, 0)
+
+
 def _experts_samples():
     for form in ("gated", "plain", "split"):
         for dtype in (torch.float32, torch.bfloat16):
@@ -56,6 +65,7 @@ SAMPLES = {
     "route_recorded": _route_samples,
     "route_scored": _route_scored_samples,
     "route_affinity_cpu": _route_affinity_samples,
+    "route_scored_affinity_cpu": _route_scored_affinity_samples,
     "experts": _experts_samples,
 }
 
