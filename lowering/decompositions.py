@@ -6,6 +6,9 @@ On CPU tensors:
   one call of the native kernel lynx::route_affinity_cpu (lowering/lynx_ops.cpp), which
   replaces a top-k, ~20 small traced kernels and four sorts per layer. exact, oea and static
   are traced whole.
+- lynx::route_scored with the affinity policy is one call of the native kernel
+  lynx::route_scored_affinity_cpu (the top-k and AffinityBinning in the score space); exact,
+  oea and static are traced whole; with a telemetry site the op is kept whole (it records).
 - lynx::experts is kept whole (the decomposition declines): Inductor calls the op, whose CPU
   kernel is the native one (lynx_ops.cpp); its work and weight reads follow the experts
   touched (what AffinityBinning reduces).
@@ -49,6 +52,26 @@ def route_cpu(logits, top_k, policy, alpha, beta, k0, budget, weights, telemetry
     return reference.route_reference(logits, top_k, policy, weights)
 
 
+@register_decomposition(torch.ops.lynx.route_scored.default)
+def route_scored_cpu(scores, top_k, space, policy, alpha, beta, k0, budget, telemetry_site):
+    """lynx::route_scored: the affinity policy as one native call on CPU (the top-k,
+    AffinityBinning's ranking, kept set and remap), the reference traced otherwise. With a
+    telemetry site it stays whole (NotImplemented declines), so its kernel records each call."""
+    if telemetry_site >= 0:
+        return NotImplemented
+    if (
+        policy == "affinity"
+        and _native(scores)
+        and scores.dtype in NATIVE_ROUTE_DTYPES
+        and not reference.static_one_token(scores)
+    ):
+        return torch.ops.lynx.route_scored_affinity_cpu.default(
+            scores, top_k, space, alpha, beta, k0
+        )
+    policy = reference.RoutingPolicy(policy, alpha, beta, k0, budget)
+    return reference.route_scored_reference(scores, top_k, space, policy)
+
+
 def _native(*tensors) -> bool:
     """Whether the native CPU kernels take these tensors (all on CPU, library built)."""
     return all(t.device.type == "cpu" for t in tensors) and cpu_native.available()
@@ -66,16 +89,17 @@ def _native_experts(x, activation, *weights) -> bool:
 
 @functools.cache
 def register_fallbacks() -> None:
-    """Where the experts decomposition declines, Inductor calls the op itself (its CPU kernel
-    is the native one), with the layout rule it gives every custom op. Called by the backend
-    before its first compile: torch._inductor.lowering is a heavy import (the partitioner,
+    """Where the experts or route_scored decomposition declines, Inductor calls the op
+    itself (experts: its CPU kernel is the native one; route_scored: the kernel that
+    records), with the layout rule it gives every custom op. Called by the backend before
+    its first compile: torch._inductor.lowering is a heavy import (the partitioner,
     networkx) that `import lynx_compile` need not pay."""
     from torch._inductor.lowering import make_fallback, tag_to_layout_constraint
     from torch._library.utils import get_layout_constraint_tag
 
-    op = torch.ops.lynx.experts.default
-    constraint = tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
-    make_fallback(op, constraint, override_decomp=True)
+    for op in (torch.ops.lynx.experts.default, torch.ops.lynx.route_scored.default):
+        constraint = tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+        make_fallback(op, constraint, override_decomp=True)
 
 
 @register_decomposition(torch.ops.lynx.experts.default)

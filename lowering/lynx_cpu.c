@@ -131,42 +131,47 @@ static inline int remap_better(int ca, float fa, int cb, float fb) {
   return (ca > cb) | ((ca == cb) & (fa > fb));
 }
 
-/* Affinity routing for n tokens over e experts (reference.route_reference, policy
- * "affinity", everything after the softmax and the model's top-k):
- *   logits, probs  [n, e] float32 (exact conversions of the model's dtype)
- *   exact_ids      [n, k] int64, the model's own top-k (best first, ties to the lower index)
- *   k0             each token's own top-k0 (exact_ids' first k0) always chosen (0: none)
- *   ids (out)      [n, k] int64, final experts (exact_ids where the set is unchanged)
- *   same (out)     [n] uint8, 1 where the token keeps its exact experts
- *   beta < 0 means no floor on the bins.
- * Callers keep 1 <= k <= e and exact_ids in [0, e) (lynx_topk_rows' output). Returns the
- * number of experts in the batch's kept set, or -1 when out of memory.
- */
-int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t *exact_ids,
-                          int64_t n, int64_t e, int64_t k, double alpha, double beta,
-                          int64_t k0, int64_t *ids, uint8_t *same) {
-  if (n == 1) { /* a batch of one token routes exactly: nothing to share */
-    memcpy(ids, exact_ids, sizeof(int64_t) * (size_t)k);
-    same[0] = 1;
-    return k;
-  }
+/* Order-preserving bits of a number (not NaN): a < b exactly when float_order(a) <
+ * float_order(b), and -0 equals +0 (the reference compares values, not bits). */
+static inline uint32_t float_order(float v) {
+  uint32_t b;
+  v += 0.0f; /* -0 + 0 is +0 */
+  memcpy(&b, &v, sizeof b);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+/* Scratch for one routing call: bins q and popularity [n, e], vote totals [e], the kept and
+ * taken sets [e], the rows that may be remapped [n]. */
+typedef struct {
+  int64_t *q, *pop, *total;
+  uint8_t *kept, *taken, *valid;
+} route_scratch;
+
+static int scratch_alloc(route_scratch *s, int64_t n, int64_t e) {
   size_t words = (size_t)(2 * n * e + e), bytes = (size_t)(2 * e + n);
-  int64_t *q = malloc(words * sizeof(int64_t) + bytes);
-  if (!q) return -1;
-  int64_t *pop = q + n * e, *total = pop + n * e;
-  uint8_t *kept = (uint8_t *)(total + e), *taken = kept + e, *valid = taken + e;
+  s->q = malloc(words * sizeof(int64_t) + bytes);
+  if (!s->q) return -1;
+  s->pop = s->q + n * e, s->total = s->pop + n * e;
+  s->kept = (uint8_t *)(s->total + e), s->taken = s->kept + e, s->valid = s->taken + e;
+  return 0;
+}
+
+/* AffinityBinning after the bins, shared by softmax and scored routers:
+ *   s->q, s->valid  the bins [n, e] (MIN_BIN: an expert that never votes) and the rows that
+ *                   may be remapped [n], filled by the caller
+ *   f               [n, e] float32 ranking score after the bins and in the remap: the
+ *                   probabilities (softmax routers) or the scores themselves
+ *   u               [n, e] float32, an expert is usable where u > -inf (logits or scores)
+ *   scored          remap class kept & usable (route_scored_reference) instead of
+ *                   2 * usable + kept (route_reference)
+ * and the rest as lynx_affinity_ids. Returns the kept set's size. */
+static int64_t affinity_after_bins(route_scratch *s, const float *f, const float *u,
+                                   const int64_t *exact_ids, int64_t n, int64_t e, int64_t k,
+                                   double beta, int64_t k0, int scored, int64_t *ids,
+                                   uint8_t *same) {
+  int64_t *q = s->q, *pop = s->pop, *total = s->total;
+  uint8_t *kept = s->kept, *taken = s->taken, *valid = s->valid;
   const double floor_q = beta < 0 ? (double)MIN_BIN : -floor(beta);
-  for (int64_t t = 0; t < n; ++t) {
-    const float *row = logits + t * e;
-    int64_t *qt = q + t * e;
-    /* Rows that may be remapped: finite maximum, no NaN. */
-    float mx = row_max(row, e, &valid[t]);
-    if (!valid[t]) {
-      memset(qt, 0, sizeof(int64_t) * (size_t)e);
-      continue;
-    }
-    row_bins(row, e, alpha, (double)mx, floor_q, qt);
-  }
   /* Popularity key (reference.popularity_key): the other tokens' votes as a base-B numeral,
    * one digit per bin: a vote in bin depth p is worth B**(bins-1-p), none below `bins`. */
   int64_t batch = n, bins = 1;
@@ -194,32 +199,31 @@ int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t
   for (int64_t t = 0; t < n * e; t += e)
     for (int64_t j = 0; j < e; ++j) pop[t + j] = total[j] - pop[t + j];
   /* Kept set: union over valid tokens of their own top-k0 (exact_ids' first k0) and their
-   * best k - k0 other experts by (q, pop, prob, lower index). One pass per token keeps its
+   * best k - k0 other experts by (q, pop, f, lower index). One pass per token keeps its
    * best so far, best first (insertion: most experts fail the first comparison with the
-   * current last). With beta <= 3 the four keys pack into one 128-bit integer:
-   * (q + floor(beta)) in 2 bits above pop (< B**bins <= 2**62), then the probability's bits
-   * plus one (non-negative floats order as integers) and the complemented index; a masked
-   * expert (q = MIN_BIN) keeps only the index part, below every finite one. */
-  const int packed = beta >= 0 && floor(beta) <= 3 && k <= 64;
+   * current last). With beta <= 2 the four keys pack into one 128-bit integer: the bin in
+   * 2 bits above pop (< B**bins <= 2**62), 1 + q - floor(q) for a bin, 0 for MIN_BIN (so a
+   * masked expert still ranks by pop, f and index, below every bin), then f's order bits
+   * and the complemented index. */
+  const int packed = beta >= 0 && floor(beta) <= 2 && k <= 64;
   const int64_t own = k0 < k ? k0 : k, pick = k - own;
   memset(kept, 0, (size_t)e);
   memset(taken, 0, (size_t)e);
   for (int64_t t = 0; t < n; ++t) {
     if (!valid[t]) continue;
     const int64_t *qt = q + t * e, *pt = pop + t * e;
-    const float *ft = probs + t * e;
-    for (int64_t s = 0; s < own; ++s) kept[exact_ids[t * k + s]] = 1, taken[exact_ids[t * k + s]] = 1;
+    const float *ft = f + t * e;
+    for (int64_t s2 = 0; s2 < own; ++s2)
+      kept[exact_ids[t * k + s2]] = 1, taken[exact_ids[t * k + s2]] = 1;
     int64_t *top = ids + t * k, have = 0; /* the output row is free scratch until the remap */
     if (pick > 0 && packed) {
       unsigned __int128 kb[64]; /* the keys of top[0..have) */
       for (int64_t j = 0; j < e; ++j) {
         if (taken[j]) continue; /* protected: chosen already */
-        uint32_t fb;
-        memcpy(&fb, ft + j, sizeof fb);
-        const int masked = qt[j] == MIN_BIN;
-        uint64_t hi = masked ? 0 : ((uint64_t)(qt[j] - (int64_t)floor_q) << 62) | (uint64_t)pt[j];
-        uint64_t lo = (masked ? 0 : ((uint64_t)fb + 1) << 32) | (uint32_t)~(uint32_t)j;
-        unsigned __int128 key = ((unsigned __int128)hi << 64) | lo;
+        const uint64_t bin = qt[j] == MIN_BIN ? 0 : (uint64_t)(qt[j] - (int64_t)floor_q + 1);
+        const uint64_t hi = (bin << 62) | (uint64_t)pt[j];
+        const uint64_t lo = ((uint64_t)float_order(ft[j]) << 32) | (uint32_t)~(uint32_t)j;
+        const unsigned __int128 key = ((unsigned __int128)hi << 64) | lo;
         if (have == pick) {
           if (key <= kb[pick - 1]) continue;
           --have;
@@ -251,13 +255,13 @@ int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t
         top[pos] = j;
       }
     }
-    for (int64_t s = 0; s < pick; ++s) kept[top[s]] = 1;
-    for (int64_t s = 0; s < own; ++s) taken[exact_ids[t * k + s]] = 0;
+    for (int64_t s2 = 0; s2 < pick; ++s2) kept[top[s2]] = 1;
+    for (int64_t s2 = 0; s2 < own; ++s2) taken[exact_ids[t * k + s2]] = 0;
   }
   int64_t kept_count = 0;
   for (int64_t j = 0; j < e; ++j) kept_count += kept[j];
-  /* Final experts: each valid token's top-k by (remap class, prob, lower index), the class
-   * 2 * usable + kept (usable: a finite logit), so kept usable experts first. */
+  /* Final experts: each valid token's top-k by (remap class, f, lower index), kept usable
+   * experts first (the class: see `scored`). */
   for (int64_t t = 0; t < n; ++t) {
     int64_t *out = ids + t * k;
     const int64_t *ex = exact_ids + t * k;
@@ -266,15 +270,15 @@ int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t
       same[t] = 1;
       continue;
     }
-    const float *ft = probs + t * e, *lt = logits + t * e;
+    const float *ft = f + t * e, *lt = u + t * e;
     /* The common case first: the model's own top-k is all kept and usable and no other kept
-     * usable expert ranks above its weakest member w by (prob, lower index); then it is the
+     * usable expert ranks above its weakest member w by (f, lower index); then it is the
      * answer. */
     memset(taken, 0, (size_t)e);
     int all_kept = 1;
     int64_t w = ex[0];
-    for (int64_t s = 0; s < k; ++s) {
-      int64_t j = ex[s];
+    for (int64_t s2 = 0; s2 < k; ++s2) {
+      int64_t j = ex[s2];
       taken[j] = 1, all_kept &= kept[j] & (lt[j] > -INFINITY);
       w = ft[j] < ft[w] || (ft[j] == ft[w] && j > w) ? j : w;
     }
@@ -290,20 +294,21 @@ int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t
         continue;
       }
     }
-    int64_t have = 0; /* top-k by (class, prob, lower index), by insertion */
+#define REMAP_CLASS(j) \
+  (scored ? (kept[j] & (lt[j] > -INFINITY)) : 2 * (lt[j] > -INFINITY) + kept[j])
+    int64_t have = 0; /* top-k by (class, f, lower index), by insertion */
     int cls[64], *cl = k <= 64 ? cls : NULL; /* the classes of out[0..have) */
     for (int64_t j = 0; j < e; ++j) {
-      const int cj = 2 * (lt[j] > -INFINITY) + kept[j];
+      const int cj = REMAP_CLASS(j);
       if (have == k) {
         int64_t v = out[k - 1];
-        if (!remap_better(cj, ft[j], cl ? cl[k - 1] : 2 * (lt[v] > -INFINITY) + kept[v], ft[v]))
-          continue;
+        if (!remap_better(cj, ft[j], cl ? cl[k - 1] : REMAP_CLASS(v), ft[v])) continue;
         --have;
       }
       int64_t pos = have++;
       while (pos > 0) {
         int64_t v = out[pos - 1];
-        int cv = cl ? cl[pos - 1] : 2 * (lt[v] > -INFINITY) + kept[v];
+        int cv = cl ? cl[pos - 1] : REMAP_CLASS(v);
         if (!remap_better(cj, ft[j], cv, ft[v])) break;
         out[pos] = v;
         if (cl) cl[pos] = cv;
@@ -312,15 +317,109 @@ int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t
       out[pos] = j;
       if (cl) cl[pos] = cj;
     }
+#undef REMAP_CLASS
     /* Same expert set as the model's top-k (marked in `taken` above): keep its ids (and
      * order) bit for bit. */
     int is_same = 1;
-    for (int64_t s = 0; s < k; ++s) is_same &= taken[out[s]];
+    for (int64_t s2 = 0; s2 < k; ++s2) is_same &= taken[out[s2]];
     same[t] = (uint8_t)is_same;
     if (is_same) memcpy(out, ex, sizeof(int64_t) * (size_t)k);
   }
-  free(q);
   return kept_count;
+}
+
+/* Affinity routing for n tokens over e experts (reference.route_reference, policy
+ * "affinity", everything after the softmax and the model's top-k):
+ *   logits, probs  [n, e] float32 (exact conversions of the model's dtype)
+ *   exact_ids      [n, k] int64, the model's own top-k (best first, ties to the lower index)
+ *   k0             each token's own top-k0 (exact_ids' first k0) always chosen (0: none)
+ *   ids (out)      [n, k] int64, final experts (exact_ids where the set is unchanged)
+ *   same (out)     [n] uint8, 1 where the token keeps its exact experts
+ *   beta < 0 means no floor on the bins.
+ * Callers keep 1 <= k <= e and exact_ids in [0, e) (lynx_topk_rows' output). Returns the
+ * number of experts in the batch's kept set, or -1 when out of memory.
+ */
+int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t *exact_ids,
+                          int64_t n, int64_t e, int64_t k, double alpha, double beta,
+                          int64_t k0, int64_t *ids, uint8_t *same) {
+  if (n == 1) { /* a batch of one token routes exactly: nothing to share */
+    memcpy(ids, exact_ids, sizeof(int64_t) * (size_t)k);
+    same[0] = 1;
+    return k;
+  }
+  route_scratch s;
+  if (scratch_alloc(&s, n, e)) return -1;
+  const double floor_q = beta < 0 ? (double)MIN_BIN : -floor(beta);
+  for (int64_t t = 0; t < n; ++t) {
+    const float *row = logits + t * e;
+    int64_t *qt = s.q + t * e;
+    /* Rows that may be remapped: finite maximum, no NaN. */
+    float mx = row_max(row, e, &s.valid[t]);
+    if (!s.valid[t]) {
+      memset(qt, 0, sizeof(int64_t) * (size_t)e);
+      continue;
+    }
+    row_bins(row, e, alpha, (double)mx, floor_q, qt);
+  }
+  int64_t kept = affinity_after_bins(&s, probs, logits, exact_ids, n, e, k, beta, k0, 0, ids, same);
+  free(s.q);
+  return kept;
+}
+
+enum { SPACE_LOGIT = 0, SPACE_PROB = 1, SPACE_SCORE = 2 };
+
+/* What a scored router's bins are taken on (reference.score_bins): the score (a logit),
+ * its log (a probability), or 4 x the score (a sigmoid, maybe plus a bias). */
+static inline double ranked_score(float v, int space) {
+  return space == SPACE_PROB ? log((double)v) : space == SPACE_SCORE ? 4.0 * (double)v : (double)v;
+}
+
+/* Affinity routing of a scored router (reference.route_scored_reference, policy "affinity",
+ * everything after the model's top-k):
+ *   scores     [n, e] float32 (exact conversions of the model's dtype)
+ *   space      SPACE_LOGIT, SPACE_PROB or SPACE_SCORE: what the bins are taken on
+ * and the rest as lynx_affinity_ids, the scores ranking where the probabilities do there.
+ * A non-finite ranked score (-inf, log of 0) gets MIN_BIN and never votes. */
+int64_t lynx_scored_affinity_ids(const float *scores, const int64_t *exact_ids, int64_t n,
+                                 int64_t e, int64_t k, int space, double alpha, double beta,
+                                 int64_t k0, int64_t *ids, uint8_t *same) {
+  if (n == 1) { /* a batch of one token routes exactly: nothing to share */
+    memcpy(ids, exact_ids, sizeof(int64_t) * (size_t)k);
+    same[0] = 1;
+    return k;
+  }
+  route_scratch s;
+  if (scratch_alloc(&s, n, e)) return -1;
+  const double floor_q = beta < 0 ? (double)MIN_BIN : -floor(beta);
+  double *ranked = (double *)s.pop; /* scratch until the popularity key is built */
+  for (int64_t t = 0; t < n; ++t) {
+    const float *row = scores + t * e;
+    int64_t *qt = s.q + t * e;
+    row_max(row, e, &s.valid[t]);
+    if (!s.valid[t]) {
+      memset(qt, 0, sizeof(int64_t) * (size_t)e);
+      continue;
+    }
+    /* The bins hang from the row's largest finite ranked score. */
+    double mx = -INFINITY;
+    for (int64_t j = 0; j < e; ++j) {
+      ranked[j] = ranked_score(row[j], space);
+      if (isfinite(ranked[j]) && ranked[j] > mx) mx = ranked[j];
+    }
+    for (int64_t j = 0; j < e; ++j) {
+      if (!isfinite(ranked[j])) {
+        qt[j] = MIN_BIN;
+        continue;
+      }
+      double c = ceil(alpha * (ranked[j] - mx));
+      c = c != c ? 0.0 : c;
+      c = c < floor_q ? floor_q : c;
+      qt[j] = (int64_t)(c > 0.0 ? 0.0 : c);
+    }
+  }
+  int64_t kept = affinity_after_bins(&s, scores, scores, exact_ids, n, e, k, beta, k0, 1, ids, same);
+  free(s.q);
+  return kept;
 }
 
 /* ------------------------------------------------------------------ sparse experts */

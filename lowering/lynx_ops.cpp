@@ -1,19 +1,21 @@
-// The CPU kernels of lynx::route_affinity_cpu and lynx::experts, registered with the
-// dispatcher in C++ so that a compiled graph calls them without going through Python.
+// The CPU kernels of lynx::route_affinity_cpu, lynx::route_scored_affinity_cpu and
+// lynx::experts, registered with the dispatcher in C++ so that a compiled graph calls them
+// without going through Python.
 //
 // The schemas (and the fake kernels used while tracing) are declared in lowering/ops.py;
 // this file only adds the CPU implementations. The arithmetic is the C code of
 // lowering/lynx_cpu.c, linked into the same shared library. Built once per machine against
 // the installed torch's headers by cpu_native.build().
 //
-// lynx::route_affinity_cpu takes the score dtypes the C kernel computes in and says what is
-// wrong otherwise (the CPU lowering emits it only for constants.NATIVE_ROUTE_DTYPES).
+// The routing ops take the score dtypes the C kernel computes in and say what is wrong
+// otherwise (the CPU lowering emits them only for constants.NATIVE_ROUTE_DTYPES).
 // lynx::experts computes float32 and bfloat16 in the C kernel; every other dtype (and
 // weights in another dtype than x) runs reference.experts_general_reference's loop in ATen.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/gather.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/silu.h>
@@ -35,6 +37,9 @@ int64_t lynx_topk_rows(const float *probs, int64_t n, int64_t e, int64_t k, int6
 int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t *exact_ids,
                           int64_t n, int64_t e, int64_t k, double alpha, double beta,
                           int64_t k0, int64_t *ids, uint8_t *same);
+int64_t lynx_scored_affinity_ids(const float *scores, const int64_t *exact_ids, int64_t n,
+                                 int64_t e, int64_t k, int space, double alpha, double beta,
+                                 int64_t k0, int64_t *ids, uint8_t *same);
 int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const float *weights,
                  const void *w_up, const void *w_gate, const void *w_down,
                  const int64_t *strides, const uint8_t *take, int64_t n, int64_t k, int64_t e,
@@ -128,6 +133,46 @@ std::tuple<at::Tensor, at::Tensor> route_affinity_cpu(const at::Tensor &logits,
                     weights.data_ptr<at::Half>());
   }
   return {weights, ids};
+}
+
+// lynx::route_scored with the affinity policy: the model's top-k of the scores (ties to the
+// lower index), AffinityBinning's ranking in the score space (each token's own top-k0
+// first), kept set and remap; the values are the scores at the final ids, in their dtype.
+std::tuple<at::Tensor, at::Tensor> route_scored_affinity_cpu(const at::Tensor &scores,
+                                                             int64_t top_k,
+                                                             c10::string_view space,
+                                                             double alpha,
+                                                             std::optional<double> beta,
+                                                             int64_t k0) {
+  TORCH_CHECK(scores.dim() == 2, "lynx::route_scored_affinity_cpu: scores must be [N, E]; got ",
+              scores.sizes());
+  TORCH_CHECK_TYPE(route_dtype(scores.scalar_type()),
+                   "lynx::route_scored_affinity_cpu computes on float32, bfloat16 or float16 "
+                   "scores; got ", scores.scalar_type(),
+                   " (use reference.route_scored_reference for others)");
+  static const char *const spaces[] = {"logit", "prob", "score"};  // lynx_cpu.c's SPACE_*
+  int space_code = -1;
+  for (int c = 0; c < 3; ++c)
+    if (space == spaces[c]) space_code = c;
+  TORCH_CHECK_VALUE(space_code >= 0, "lynx::route_scored_affinity_cpu: unknown score space '",
+                    std::string(space), "'; valid: logit, prob, score");
+  const int64_t n = scores.size(0), e = scores.size(1), k = top_k;
+  TORCH_CHECK_VALUE(1 <= k && k <= e, "lynx::route_scored_affinity_cpu: want 1 <= top_k <= E; ",
+                    "got top_k = ", k, ", E = ", e);
+  TORCH_CHECK_VALUE(k0 >= 0, "lynx::route_scored_affinity_cpu: want k0 >= 0; got ", k0);
+  at::Tensor ids = at::empty({n, k}, scores.options().dtype(at::kLong));
+  if (n == 0) return {at::empty({n, k}, scores.options()), ids};
+  at::Tensor sc = scores.to(at::kFloat).contiguous();
+  std::vector<int64_t> exact(static_cast<size_t>(n * k));
+  std::vector<uint8_t> same(static_cast<size_t>(n));
+  const float *sp = sc.data_ptr<float>();
+  int64_t status = lynx_topk_rows(sp, n, e, k, exact.data());
+  if (status >= 0)
+    status = lynx_scored_affinity_ids(sp, exact.data(), n, e, k, space_code, alpha,
+                                      beta.has_value() ? *beta : -1.0, k0,
+                                      ids.data_ptr<int64_t>(), same.data());
+  TORCH_CHECK(status >= 0, "lynx::route_scored_affinity_cpu: out of memory for its scratch buffers");
+  return {at::gather(scores, 1, ids), ids};
 }
 
 // Activation codes: constants.ACTIVATION_NAMES' order, which lynx_cpu.c switches on.
@@ -355,6 +400,7 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
 
 TORCH_LIBRARY_IMPL(lynx, CPU, m) {
   m.impl("route_affinity_cpu", &route_affinity_cpu);
+  m.impl("route_scored_affinity_cpu", &route_scored_affinity_cpu);
   m.impl("experts", &experts);
 }
 
@@ -364,5 +410,6 @@ TORCH_LIBRARY_IMPL(lynx, CPU, m) {
 // per lynx::experts call at decode sizes).
 TORCH_LIBRARY_IMPL(lynx, AutogradCPU, m) {
   m.impl("route_affinity_cpu", torch::autograd::autogradNotImplementedFallback());
+  m.impl("route_scored_affinity_cpu", torch::autograd::autogradNotImplementedFallback());
   m.impl("experts", torch::autograd::autogradNotImplementedFallback());
 }

@@ -74,6 +74,34 @@ def test_cpu_graph_calls_the_native_kernels_and_telemetry_keeps_the_route_op():
     torch.testing.assert_close(out, block(x[:1]), **TOL[torch.float32])
 
 
+def test_a_scored_router_calls_the_native_scored_route():
+    """DeepSeek-V3's sigmoid + bias, group-limited router: the compiled CPU graph routes
+    with one native call (lynx::route_scored_affinity_cpu), the same experts as the opaque
+    reference op that telemetry keeps, so the same outputs; exact traces the model's top-k."""
+    from lynx_compile.tools import hf_tiny
+    from torch._inductor.utils import run_and_get_code
+
+    block = hf_tiny.build_block("deepseek_v3", "grouped_mm")
+    x = torch.randn(13, 1, 32, generator=torch.Generator().manual_seed(3))
+    outputs = {}
+    for options in ({}, {"telemetry": True}, {"policy": "exact"}):
+        torch._dynamo.reset()
+        model = torch.compile(block, backend="lynx", options=options)
+        with torch.no_grad():
+            out, code = run_and_get_code(model, x)
+        source = "\n".join(code)
+        native = not options
+        assert ("torch.ops.lynx.route_scored_affinity_cpu.default" in source) == native
+        assert ("torch.ops.lynx.route_scored.default" in source) == ("telemetry" in options)
+        assert "torch.ops.lynx.experts.default" in source
+        outputs[str(options)] = out
+    with torch.no_grad():
+        torch.testing.assert_close(outputs["{'policy': 'exact'}"], block(x), **TOL[torch.float32])
+    assert not torch.allclose(outputs["{}"], outputs["{'policy': 'exact'}"]), "nothing remapped"
+    # fp32: the same experts and weights; only Inductor's fusion of the weight formula differs
+    torch.testing.assert_close(outputs["{}"], outputs["{'telemetry': True}"], rtol=1e-5, atol=1e-6)
+
+
 def test_without_the_native_library_the_cpu_graph_traces_the_same_function(monkeypatch):
     """A machine without compilers (or LYNX_NATIVE_CPU=0) compiles the traced reference forms:
     no lynx op in the generated code, the same outputs as the native kernels."""

@@ -159,6 +159,109 @@ def test_route_affinity_empty_batch_and_what_it_does_not_take():
         op(logits, logits, 9, 3.0, None, True)
 
 
+def _scores(tokens, experts, dtype, seed, space, step=None):
+    """Scores a router of that space ranks by: logits, softmax probabilities, or a sigmoid
+    plus a per-expert bias (DeepSeek-V3's e_score_correction_bias: scores can be < 0)."""
+    logits = _logits(tokens, experts, torch.float32, seed, step=step)
+    if space == "prob":
+        return torch.softmax(logits, dim=-1).to(dtype)
+    if space == "score":
+        bias = 0.3 * torch.randn(experts, generator=torch.Generator().manual_seed(seed + 1))
+        return (torch.sigmoid(logits) + bias).to(dtype)
+    return logits.to(dtype)
+
+
+def _both_scored(scores, k, space, alpha, beta, k0=0):
+    """(native, reference) scored routes (scores at ids, ids) with the affinity policy; the
+    reference orders the model's tied scores as the kernel does (lower index first)."""
+    got = torch.ops.lynx.route_scored_affinity_cpu(scores, k, space, alpha, beta, k0)
+    policy = reference.RoutingPolicy("affinity", alpha, beta, k0)
+    want = reference.route_scored_reference(scores, k, space, policy, ties="lower_index")
+    return got, want
+
+
+def _assert_same_scored(got, want):
+    """ids equal; the values are the scores gathered at them, so bit for bit equal."""
+    (values, ids), (want_values, want_ids) = got, want
+    assert ids.dtype == torch.int64 and values.dtype == want_values.dtype
+    assert torch.equal(ids, want_ids), f"ids differ:\n{ids}\nreference:\n{want_ids}"
+    assert torch.equal(values.nan_to_num(), want_values.nan_to_num())
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 13, 33])
+@pytest.mark.parametrize("space", ["logit", "prob", "score"])
+@pytest.mark.parametrize(
+    "experts,k,dtype,alpha,beta",
+    [
+        (8, 2, torch.float32, 3.0, 2.0),  # packed four-key ranking (beta <= 2)
+        (256, 8, torch.bfloat16, 3.0, 2.0),  # DeepSeek-V3's router size
+        (60, 6, torch.float16, 0.7, None),  # no floor: the comparator path
+        (37, 1, torch.float32, 1.0, 3.0),  # beta 3: the comparator path
+    ],
+)
+def test_route_scored_affinity_equals_the_reference(tokens, space, experts, k, dtype, alpha, beta):
+    # step 0.5: coarse scores, so bins, popularity and scores tie a lot
+    for seed, step, k0 in ((0, None, 0), (1, 0.5, 1), (2, None, 2)):
+        scores = _scores(tokens, experts, dtype, seed, space, step)
+        got, want = _both_scored(scores, k, space, alpha, beta, k0)
+        _assert_same_scored(got, want)
+
+
+@pytest.mark.parametrize("space", ["logit", "prob", "score"])
+@pytest.mark.parametrize("beta", [2.0, None])
+def test_route_scored_affinity_remaps_and_keeps_non_finite_rows_exact(space, beta):
+    scores = _scores(33, 60, torch.float32, 5, space)
+    scores[4] = float("nan")
+    scores[5, :7] = float("-inf")  # masked experts (a group-limited router): a valid row
+    scores[6, 2] = float("inf")  # infinite maximum: kept exact
+    scores[7] = float("-inf")
+    scores[8, :20] = 0.0  # zeros: log(0) is -inf in "prob" space, still usable
+    scores[9, 3] = -0.0  # equal to +0: ranked by index, not sign bit
+    got, want = _both_scored(scores, 8, space, 3.0, beta, k0=1)
+    _assert_same_scored(got, want)
+    exact_ids = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :8]
+    moved = (got[1] != exact_ids).any(dim=1)
+    assert moved.any(), "this batch should remap some tokens"
+    assert not moved[[4, 6, 7]].any()
+    assert torch.unique(got[1]).numel() < torch.unique(exact_ids).numel()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    tokens=st.integers(1, 40),
+    experts=st.integers(2, 70),
+    data=st.data(),
+    space=st.sampled_from(["logit", "prob", "score"]),
+    alpha=st.sampled_from([0.5, 1.0, 3.0, 7.0]),
+    beta=st.sampled_from([None, 0.0, 1.0, 2.0, 4.5]),
+    step=st.sampled_from([None, 0.25, 1.0]),
+)
+def test_route_scored_affinity_property(tokens, experts, data, space, alpha, beta, step):
+    k = data.draw(st.integers(1, min(experts, 9)))
+    seed = data.draw(st.integers(0, 2**16))
+    k0 = data.draw(st.integers(0, 3))
+    scores = _scores(tokens, experts, torch.float32, seed, space, step)
+    if data.draw(st.booleans()):  # masked experts, now and then whole rows
+        gen = torch.Generator().manual_seed(seed)
+        scores[torch.rand(tokens, experts, generator=gen) < 0.3] = float("-inf")
+    _assert_same_scored(*_both_scored(scores, k, space, alpha, beta, k0))
+
+
+def test_route_scored_affinity_empty_batch_and_what_it_does_not_take():
+    (values, ids), _ = _both_scored(torch.zeros(0, 8), 2, "score", 3.0, 2.0)
+    assert ids.shape == (0, 2) and values.shape == (0, 2)
+    op = torch.ops.lynx.route_scored_affinity_cpu
+    scores = _logits(5, 8, torch.float32, 0)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16 scores; got Double"):
+        op(scores.double(), 2, "logit", 3.0, 2.0, 0)
+    with pytest.raises(ValueError, match="unknown score space 'logits'; valid: logit, prob"):
+        op(scores, 2, "logits", 3.0, 2.0, 0)
+    with pytest.raises(ValueError, match="want 1 <= top_k <= E; got top_k = 9, E = 8"):
+        op(scores, 9, "logit", 3.0, 2.0, 0)
+    with pytest.raises(RuntimeError, match=r"scores must be \[N, E\]"):
+        op(scores[None], 2, "logit", 3.0, 2.0, 0)
+
+
 @pytest.mark.parametrize("tokens", [1, 3, 13, 33])
 @pytest.mark.parametrize("form,act", [("gated", "silu"), ("plain", "gelu"), ("split", "silu")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -354,6 +457,10 @@ for beta in (2.0, None):
     want = reference.route_reference(logits, 4, pol, "renorm", ties="lower_index")
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6, equal_nan=True)
+    scores = torch.sigmoid(logits) - 0.2  # a biased sigmoid router's scores
+    got = torch.ops.lynx.route_scored_affinity_cpu(scores, 4, "score", 3.0, beta, 1)
+    want = reference.route_scored_reference(scores, 4, "score", pol, ties="lower_index")
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 print("portable path ok")
 """
 
