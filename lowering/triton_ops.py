@@ -1,4 +1,5 @@
-"""The CUDA kernels of lynx::route and lynx::experts: the Triton kernels, registered here.
+"""The CUDA kernels of lynx::route, lynx::route_scored and lynx::experts: the Triton kernels,
+registered here.
 
 Two registrations per op, for the two ways an op runs:
 - eagerly: the op's CUDA kernel (`register_kernel("cuda")`) calls the Triton wrapper, which
@@ -7,9 +8,11 @@ Two registrations per op, for the two ways an op runs:
   for its own ops) traces the same wrapper with `wrap_triton`, so AOTAutograd records the
   Triton launches themselves and Inductor schedules them as user-defined Triton kernels.
   The rule applies to CUDA inputs the kernels take; every other call (CPU tensors, a router
-  larger than the route kernel holds, a split gate) falls through to the op's Inductor
-  decomposition (decompositions.py), which traces the plain PyTorch forms (static shapes,
-  so still CUDA-graph safe). torch.export keeps the ops whole, as it does for triton_op.
+  larger than the route kernel holds, a split gate, a route_scored call with a telemetry
+  site, which must stay opaque to record) falls through to the op's Inductor decomposition
+  (decompositions.py), which traces the plain PyTorch forms (static shapes, so still
+  CUDA-graph safe), or keeps the op whole. torch.export keeps the ops whole, as it does
+  for triton_op.
 
 Without Triton installed nothing is registered and CUDA tensors take the composite kernels.
 The kernel modules are imported on first use, so importing lynx_compile never compiles or
@@ -36,7 +39,7 @@ def _kernels():
 
 
 def route_takes(logits: torch.Tensor, top_k: int) -> bool:
-    """Whether the Triton routing kernel takes these CUDA logits [N, E] and top_k."""
+    """Whether the Triton routing kernels take these CUDA logits (or scores) [N, E] and top_k."""
     return (
         logits.device.type == "cuda"
         and logits.dtype in TRITON_DTYPES
@@ -59,6 +62,23 @@ def _route_cuda(logits, top_k, policy, alpha, beta, k0, budget, weights, telemet
     if telemetry_site >= 0:
         record_route(telemetry_site, logits, top_k, out_ids)
     return out_w, out_ids
+
+
+def _route_scored_cuda(scores, top_k, space, policy, alpha, beta, k0, budget, telemetry_site):
+    """Eager lynx::route_scored on CUDA: the Triton kernel where it fits, else the op's body."""
+    if not route_takes(scores, top_k):
+        return ops.route_scored._init_fn(
+            scores, top_k, space, policy, alpha, beta, k0, budget, telemetry_site
+        )
+    if telemetry_site >= 0:  # calibration may route this site otherwise, as in the op's body
+        policy, alpha, beta, k0, budget = ops._chosen_policy(
+            telemetry_site, policy, alpha, beta, k0, budget
+        )
+    triton_route, _ = _kernels()
+    values, ids = triton_route.route_scored(scores, top_k, space, policy, alpha, beta, k0, budget)
+    if telemetry_site >= 0:
+        record_route(telemetry_site, scores, top_k, ids)
+    return values, ids
 
 
 def _experts_cuda(x, ids, weights, w_up, w_gate, w_down, activation, gated):
@@ -101,6 +121,22 @@ def _route_in_graph(mode, op, types, args, kwargs):
     return _traced_in_graph(mode, op, types, args, kwargs, takes, launch)
 
 
+def _route_scored_in_graph(mode, op, types, args, kwargs):
+    def takes(scores, top_k, space, policy, alpha, beta, k0, budget, telemetry_site):
+        # with a telemetry site the op stays opaque, so that each call records
+        return telemetry_site < 0 and route_takes(scores, top_k)
+
+    def launch(scores, top_k, space, policy, alpha, beta, k0, budget, telemetry_site):
+        from torch.library import wrap_triton
+
+        triton_route, _ = _kernels()
+        return triton_route.route_scored(
+            scores, top_k, space, policy, alpha, beta, k0, budget, wrap=wrap_triton
+        )
+
+    return _traced_in_graph(mode, op, types, args, kwargs, takes, launch)
+
+
 def _experts_in_graph(mode, op, types, args, kwargs):
     def takes(x, ids, weights, w_up, w_gate, *rest):
         return experts_take(x, w_gate)
@@ -120,6 +156,8 @@ if HAVE_TRITON:
     from torch._subclasses.functional_tensor import FunctionalTensorMode
 
     ops.route.register_kernel("cuda")(_route_cuda)
+    ops.route_scored.register_kernel("cuda")(_route_scored_cuda)
     ops.experts.register_kernel("cuda")(_experts_cuda)
     ops.route.register_torch_dispatch(FunctionalTensorMode, _route_in_graph)
+    ops.route_scored.register_torch_dispatch(FunctionalTensorMode, _route_scored_in_graph)
     ops.experts.register_torch_dispatch(FunctionalTensorMode, _experts_in_graph)
