@@ -1,6 +1,7 @@
 """One GPU check (a single call of at most ~5 minutes on an H200): correctness of the Triton
-routing and experts kernels against the reference, the routing kernel's latency, and one
-MoE block per shape at decode batches, stock vs lynx, against the bandwidth floor.
+routing kernels (softmax and scored routers) and experts kernels against the reference, the
+routing kernels' latency, and one MoE block per shape at decode batches, stock vs lynx,
+against the bandwidth floor.
 
     python benchmarks/gpu_check.py              # on the GPU; writes $OUT/gpu_check.json
                                                 # (else docs/results/gpu_check.json) and .md
@@ -26,8 +27,10 @@ Backends:
 Timing (`timing` per row): "do_bench" is triton.testing.do_bench, the median of CUDA-event
 timings with L2 cleared before every call (so weights that fit in the 50 MB L2, Qwen3 at
 batch 1 say, are read from HBM as in a real layer); the *-cg rows are do_bench over calls
-that replay a CUDA graph (one launch per call). The route timing adds "cuda_graph_replay":
-20 calls captured in one graph, replayed, per call.
+that replay a CUDA graph (one launch per call). The route timings (`route_timing`, and
+`route_scored_timing`: a DeepSeek-V3-shaped sigmoid + bias router, 256 experts, top-8,
+"score" space, at batches 1/16/64/256) add "cuda_graph_replay": 20 calls captured in one
+graph, replayed, per call.
 Every step records its error in the JSON and the script continues. The whole check stops at
 a hard wall-clock budget (--budget-s, 240 s): a watchdog writes what finished and exits; the
 JSON is also rewritten after every step. A compact summary is printed last (it fits in the
@@ -175,7 +178,7 @@ class Check:
             res = self.result
             lines = ["== gpu_check summary ==", f"environment: {res.get('environment')}"]
             lines.append(f"copy bandwidth GB/s: {res.get('copy_bandwidth_gbs')}")
-            for kernel in ("route", "experts", "compiled_block"):
+            for kernel in ("route", "route_scored", "experts", "compiled_block"):
                 cases = [c for c in res["correctness"] if c["kernel"] == kernel]
                 bad = [c for c in cases if not c["ok"]]
                 lines.append(f"correctness {kernel}: {len(cases) - len(bad)}/{len(cases)} ok")
@@ -184,6 +187,12 @@ class Check:
                 lines.append(
                     f"route 64x128 top-8 {r['policy']}: {_fmt(r['us_launch'], '.1f')} us "
                     f"do_bench, {_fmt(r['us_cuda_graph'], '.1f')} us graph replay (target 10)"
+                )
+            for r in res.get("route_scored_timing", []):
+                lines.append(
+                    f"route_scored {r['tokens']}x{r['experts']} top-{r['top_k']} {r['space']} "
+                    f"{r['policy']}: {_fmt(r['us_launch'], '.1f')} us do_bench, "
+                    f"{_fmt(r['us_cuda_graph'], '.1f')} us graph replay"
                 )
             lines.append(
                 "| shape | backend | batch | timing | experts | ms | floor ms | floor/ms |"
@@ -333,6 +342,55 @@ def _route_cases(torch, check: Check, device, gen, cases, tol) -> None:
             )
 
 
+def router_scores(torch, tokens, experts, dtype, space, device, gen):
+    """[tokens, experts] scores of a scored router: "score", DeepSeek-V3's sigmoid of fp32
+    logits plus a per-expert correction bias; "logit", the logits; "prob", their softmax."""
+    logits = 2 * torch.randn(tokens, experts, generator=gen, device=device)
+    if space == "score":
+        bias = 0.1 * torch.randn(experts, generator=gen, device=device)
+        return (torch.sigmoid(logits) + bias).to(dtype)
+    return (torch.softmax(logits, dim=-1) if space == "prob" else logits).to(dtype)
+
+
+def check_route_scored(torch, check: Check, device, gen) -> None:
+    """The scored router kernel: DeepSeek-V3's shape at every batch, the other spaces and
+    policies at one; ids and values (the scores at the ids) exactly the reference's."""
+    from lynx_compile.lowering import reference, triton_route
+    from lynx_compile.lowering.constants import default_k0
+
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    # (dtype, tokens, experts, k, space, policy); batch 1 and the others compile apart
+    cases = [(f32, b, 256, 8, "score", p) for b in (1, 16, 64, 256) for p in ("exact", "affinity")]
+    cases += [
+        (bf16, 64, 256, 8, "score", "static"),
+        (f32, 64, 128, 8, "logit", "oea"),
+        (f16, 33, 60, 2, "prob", "affinity"),
+    ]
+    if check.dry_run:
+        cases = [(f32, 3, 8, 2, "score", "affinity"), (f16, 13, 60, 8, "prob", "static")]
+    with poisoned(torch, triton_route):
+        for dtype, tokens, experts, k, space, policy in cases:
+            k0 = min(default_k0(policy), k)
+            scores = router_scores(torch, tokens, experts, dtype, space, device, gen)
+            pol = reference.RoutingPolicy(policy, 3.0, 2.0, k0, 16)
+            want = reference.route_scored_reference(scores, k, space, pol, ties="lower_index")
+            got = triton_route.route_scored(scores, k, space, policy, 3.0, 2.0, k0, 16)
+            ids_ok = bool(torch.equal(got[1], want[1]))
+            values_ok = bool(torch.equal(got[0], want[0]))
+            check.add(
+                "correctness",
+                {"kernel": "route_scored", "dtype": str(dtype).removeprefix("torch."),
+                 "tokens": tokens, "experts": experts, "top_k": k, "space": space,
+                 "policy": policy, "ids_equal": ids_ok, "values_equal": values_ok,
+                 "ok": ids_ok and values_ok},
+            )  # fmt: skip
+    rows = [c for c in check.result["correctness"] if c["kernel"] == "route_scored"]
+    bad = [c for c in rows if not c["ok"]]
+    check.say(f"route_scored correctness: {len(rows) - len(bad)}/{len(rows)} cases ok")
+    for c in bad[:10]:
+        check.say(f"  FAIL {c}")
+
+
 def check_experts(torch, check: Check, device, gen) -> None:
     """bf16/fp16/fp32 against the reference (bf16 relative error < 1e-2), poisoned buffers;
     the last cases with the weight tiles through tensor descriptors (tma=True)."""
@@ -411,15 +469,7 @@ def time_route(torch, check: Check, device, gen) -> None:
         def call(policy=policy):
             return triton_route.route(logits, 8, policy, 3.0, 2.0, default_k0(policy), 16, "renorm")
 
-        plain = device_ms(call)
-        call()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        reps = 20
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                call()
-        graphed = device_ms(graph.replay) / reps
+        plain, graphed = launch_and_graph_ms(torch, call)
         check.add(
             "route_timing",
             {
@@ -436,6 +486,45 @@ def time_route(torch, check: Check, device, gen) -> None:
             f"route 64x128 top-8 {policy}: {plain * 1e3:.1f} us per launch (do_bench), "
             f"{graphed * 1e3:.1f} us in a CUDA graph (target <= 10 us)"
         )
+
+
+def launch_and_graph_ms(torch, call, reps: int = 20) -> tuple[float, float]:
+    """(ms per plain launch, do_bench; ms per call of `reps` calls captured in one CUDA
+    graph, replayed)."""
+    plain = device_ms(call)
+    call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            call()
+    return plain, device_ms(graph.replay) / reps
+
+
+def time_route_scored(torch, check: Check, device, gen) -> None:
+    """The scored routing kernel on a DeepSeek-V3-shaped router (fp32 sigmoid + bias scores,
+    256 experts, top-8, "score" space) at decode batches 1/16/64/256, exact and affinity."""
+    from lynx_compile.lowering import triton_route
+    from lynx_compile.lowering.constants import default_k0
+
+    for batch in (1, 16, 64, 256):
+        scores = router_scores(torch, batch, 256, torch.float32, "score", device, gen)
+        for policy in ("exact", "affinity"):
+
+            def call(policy=policy, scores=scores):
+                k0 = default_k0(policy)
+                return triton_route.route_scored(scores, 8, "score", policy, 3.0, 2.0, k0, 16)
+
+            plain, graphed = launch_and_graph_ms(torch, call)
+            check.add(
+                "route_scored_timing",
+                {"tokens": batch, "experts": 256, "top_k": 8, "space": "score",
+                 "policy": policy, "us_launch": plain * 1e3, "us_cuda_graph": graphed * 1e3},
+            )  # fmt: skip
+            check.say(
+                f"route_scored {batch}x256 top-8 score {policy}: {plain * 1e3:.1f} us per "
+                f"launch (do_bench), {graphed * 1e3:.1f} us in a CUDA graph"
+            )
 
 
 def build_block(torch, shape: Shape, device, dtype, seed: int):
@@ -817,9 +906,11 @@ def run_checks(check: Check) -> int:
         bandwidth = 4151.0  # the anchors' H200 copy bandwidth, only to exercise the floor math
     check.result["copy_bandwidth_gbs"] = bandwidth
     check.attempt("route correctness", check_route, torch, check, device, gen)
+    check.attempt("route_scored correctness", check_route_scored, torch, check, device, gen)
     check.attempt("experts correctness", check_experts, torch, check, device, gen)
     if not check.dry_run:
         check.attempt("route timing", time_route, torch, check, device, gen)
+        check.attempt("route_scored timing", time_route_scored, torch, check, device, gen)
     check.say("| shape | backend | batch | experts | ms | floor ms | floor/ms |")
     check.say("| --- | --- | --- | --- | --- | --- | --- |")
     check.attempt("block timing", time_blocks, torch, check, device, bandwidth)

@@ -68,7 +68,7 @@ _AFFINITY = tl.constexpr(POLICY_CODES["affinity"])
 _OEA = tl.constexpr(POLICY_CODES["oea"])
 _STATIC = tl.constexpr(POLICY_CODES["static"])
 _MIN_BIN = tl.constexpr(MIN_BIN)  # the bin of a -inf logit
-_INT_FLOOR = tl.constexpr(-(2**62))  # below every int64 ranking key used here
+_INT_FLOOR = tl.constexpr(-(2**31))  # <= every ranking key used here (int32 or int64)
 _KEY_LIMIT = tl.constexpr(2**62)  # the popularity numeral must stay below this
 _NAN_KEY = tl.constexpr(2**31 - 1)  # the order key of NaN, above +inf's
 _CLASS_SHIFT = tl.constexpr(2**33)  # class * this + order key: class first, then the key
@@ -113,10 +113,10 @@ def _softmax(x, row_max, valid, PRECISE_EXP: tl.constexpr):
 
 @triton.jit
 def _order_key(x):
-    """int64 [BT, BE] ordering fp32 x as torch.sort does: NaN above +inf, -0.0 equal to 0.0."""
+    """int32 [BT, BE] ordering fp32 x as torch.sort does: NaN above +inf, -0.0 equal to 0.0."""
     bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: flip the magnitude
-    return tl.where(x != x, _NAN_KEY, key).to(tl.int64)
+    return tl.where(x != x, _NAN_KEY, key)
 
 
 @triton.jit
@@ -148,7 +148,7 @@ def _load_tile(
     HAS_BETA: tl.constexpr,
     PRECISE_EXP: tl.constexpr,
 ):
-    """One token tile as the policies see it: (rank [BT, BE] int64, the order key of the
+    """One token tile as the policies see it: (rank [BT, BE] int32, the order key of the
     ranking score; q [BT, BE] int64 affinity bins; mass [BT, BE], what static sums (set on
     valid rows); valid [BT]; usable [BT, BE], a finite logit or score).
 
@@ -215,7 +215,7 @@ def _votes(q, valid, num_tokens, bins):
 @triton.jit
 def _narrow_int(cand, key):
     """Keep, per row, the candidates whose int key equals the row's best candidate key."""
-    best = tl.max(tl.where(cand, key, tl.full([], _INT_FLOOR, tl.int64)), axis=1)
+    best = tl.max(tl.where(cand, key, _INT_FLOOR), axis=1)  # in the key's own int type
     return cand & (key == best[:, None])
 
 
@@ -336,7 +336,7 @@ def _select_topk(
         avail = avail & ~pick
         member = tl.where(pick, 1, member)
         ids = tl.where(slots == j, idx[:, None].to(tl.int64), ids)
-        val = tl.sum(tl.where(pick, values, 0.0), axis=1)
+        val = tl.sum(tl.where(pick, values, 0.0), axis=1).to(tl.float32)
         vals = tl.where(slots == j, val[:, None], vals)
     return ids, vals, member
 

@@ -9,11 +9,15 @@ summation order differs), which random inputs do not put within an ulp of each o
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from lynx_compile.lowering import reference, triton_ops, triton_route
 
-from tests.helpers import poisoned_empty
+from tests.helpers import REPO_ROOT, poisoned_empty
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on NaN/-inf/log 0
 
@@ -152,6 +156,29 @@ def test_cuda_kernel_runs_the_wrapper_and_falls_back_to_the_op_body(monkeypatch)
     assert recorded == [3, 4]
 
 
+def test_a_telemetry_site_keeps_the_op_opaque_in_a_compiled_graph(monkeypatch):
+    """The in-graph rule traces the Triton kernel only without a telemetry site: with one,
+    even where the kernel takes the input, the graph keeps lynx::route_scored (it records
+    each call). The traced launch itself needs a GPU: the interpreter cannot run on the
+    fake tensors of a trace."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    monkeypatch.setattr(triton_ops, "route_takes", lambda s, k: True)
+    codes = []
+    backend = aot_autograd(fw_compiler=lambda gm, _: codes.append(gm.code) or gm.forward)
+    scores = router_scores(13, 60, torch.float32, "score", seed=12)
+
+    def route(s):
+        return torch.ops.lynx.route_scored(s, 8, "score", "affinity", 3.0, 2.0, 1, 16, 3)
+
+    torch._dynamo.reset()
+    values, ids = torch.compile(route, backend=backend, fullgraph=True)(scores)
+    torch._dynamo.reset()
+    assert "lynx.route_scored" in codes[-1] and "triton_kernel_wrapper" not in codes[-1]
+    pol = reference.RoutingPolicy("affinity", 3.0, 2.0, 1, 16)
+    assert torch.equal(ids, reference.route_scored_reference(scores, 8, "score", pol)[1])
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
@@ -173,3 +200,33 @@ def test_rejects_shapes_beyond_the_kernel():
         triton_route.route_scored(torch.zeros(2, 600), 2, *args)
     with pytest.raises(ValueError, match="fp32/fp16/bf16 scores"):
         triton_route.route_scored(torch.zeros(2, 8, dtype=torch.float64), 2, *args)
+
+
+def test_route_scored_kernel_builds_for_sm90():
+    """The interpreter does not type-check a kernel as the compiler does: build it for sm_90
+    (Triton's own ptxas, nothing launched; benchmarks/experts_sm90_build.py's build) in a
+    subprocess without TRITON_INTERPRET, DeepSeek-V3's tile, one variant per space."""
+    code = textwrap.dedent(
+        """
+        import os, sys
+        os.environ.pop("TRITON_INTERPRET", None)
+        sys.path[:0] = [sys.argv[1], sys.argv[1] + "/benchmarks"]
+        from experts_sm90_build import build
+        from lynx_compile.lowering import triton_route as tr
+        from lynx_compile.lowering.constants import POLICY_CODES
+        types = {"scores_ptr": "*fp32", "values_ptr": "*fp32", "ids_ptr": "*i64",
+                 "alpha_bits": "i64"}
+        for policy, space in (("exact", "score"), ("static", "logit"), ("affinity", "prob")):
+            meta = dict(POLICY=POLICY_CODES[policy], SPACE=tr.SPACE_CODES[space],
+                        HAS_BETA=True, BLOCK_T=8, BLOCK_E=256, BLOCK_K=8, PRECISE_EXP=True)
+            r = build(tr.route_scored_kernel, types, meta, ("num_tokens",), 4, 3)
+            print(policy, space, r["registers"], r["spill_bytes"])
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(REPO_ROOT)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    built = [line.split() for line in proc.stdout.splitlines()]
+    assert [b[:2] for b in built] == [["exact", "score"], ["static", "logit"], ["affinity", "prob"]]
+    assert all(b[3] == "0" for b in built), f"register spills: {built}"
