@@ -16,6 +16,10 @@
                    the rank's partial outputs summed by a functional all_reduce.
 `ExpertParallelMoE` each rank holds a contiguous range of the experts; slots routed to
                    other ranks' experts weigh 0 here; a functional all_reduce sums.
+`DataParallelExpertsMoE` each rank holds its own tokens (data-parallel attention) and a
+                   range of the experts: it routes its tokens, all_gathers every rank's
+                   tokens and routing, computes its experts' share, and an all_reduce
+                   hands each rank back its tokens' sums.
 
 All take x [B, T, d] and return [B, T, d]; lynx_compile must rewrite their routers
 (and, where the dispatch is in one graph, the dispatch) without any change to this file.
@@ -24,8 +28,10 @@ All take x [B, T, d] and return [B, T, d]; lynx_compile must rewrite their route
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import _functional_collectives as funcol
 
 
 class ExpertMLP(nn.Module):
@@ -209,18 +215,19 @@ class _ShardedMoE(StackedExperts):
         """(weights, ids) over this rank's experts."""
         return weights, ids
 
-    def dispatch(self, tokens, weights, ids):
+    def local_share(self, tokens, weights, ids):
+        """tokens [N, d], weights/ids [N, k] -> [N, d]: this rank's experts' share."""
         weights, ids = self.local_routing(weights, ids)
         flat = ids.reshape(-1)
         xs = tokens.repeat_interleave(self.top_k, dim=0).unsqueeze(-1)  # [N*k, d, 1]
         h = F.silu(torch.bmm(self.w_gate[flat], xs)) * torch.bmm(self.w_up[flat], xs)
         y = torch.bmm(self.w_down[flat], h).squeeze(-1) * weights.reshape(-1, 1)
-        y = y.view(-1, self.top_k, tokens.shape[-1]).sum(dim=1)  # this rank's share
-        if self.world > 1:
-            from torch.distributed import _functional_collectives as funcol
-            from torch.distributed import group
+        return y.view(-1, self.top_k, tokens.shape[-1]).sum(dim=1)
 
-            y = funcol.all_reduce(y, "sum", group.WORLD)
+    def dispatch(self, tokens, weights, ids):
+        y = self.local_share(tokens, weights, ids)
+        if self.world > 1:
+            y = funcol.all_reduce(y, "sum", dist.group.WORLD)
         return y
 
 
@@ -254,3 +261,24 @@ class ExpertParallelMoE(_ShardedMoE):
         here = (ids >= self.first) & (ids < self.first + self.local)  # [N, k]
         local_ids = torch.where(here, ids - self.first, torch.zeros_like(ids))
         return torch.where(here, weights, torch.zeros_like(weights)), local_ids
+
+
+class DataParallelExpertsMoE(ExpertParallelMoE):
+    """Expert parallel with per-rank tokens: each rank routes only its own tokens x [B, T, d]
+    (B*T the same on every rank), then every rank's tokens, weights and ids are gathered
+    (functional all_gather), each rank computes its experts' share of the whole batch, a
+    functional all_reduce sums the shares and each rank keeps its own rows. Batch-aware
+    routing sees the batch of every rank only with options={"routing_group": group}."""
+
+    def __init__(self, rank: int, world: int, seed: int = 0, **kwargs):
+        super().__init__(rank, world, seed, **kwargs)
+        self.rank = rank
+
+    def dispatch(self, tokens, weights, ids):
+        if self.world == 1:
+            return self.local_share(tokens, weights, ids)
+        group = dist.group.WORLD
+        gathered = [funcol.all_gather_tensor(t, 0, group) for t in (tokens, weights, ids)]
+        y = funcol.all_reduce(self.local_share(*gathered), "sum", group)  # [world * N, d]
+        n = tokens.shape[0]
+        return y[self.rank * n : (self.rank + 1) * n]  # this rank's tokens

@@ -296,6 +296,178 @@ def _route_scored_affinity_fake(scores, top_k, space, alpha, beta, k0):
     return _route_outputs(scores, top_k)
 
 
+# ------------------------------------------------------------ one batch routed by many ranks
+# With options={"routing_group": ...} each rank routes its own tokens as part of the batch
+# of every rank in the group: the passes emit lynx::route (route_scored) as three steps with
+# a functional all_reduce (sum) after each of the first two, so that every rank's ids equal
+# single-process routing of the ranks' batches concatenated (docs/design/affinity_binning.md,
+# "Routing across ranks"). Step 1 (votes) is additive over batches; step 2 (kept) is each
+# rank's share of the kept set; step 3 (remap) routes this rank's tokens from the union.
+
+
+def _check_group_step(scores, votes, kept, policy, beta, what: str) -> None:
+    """The step inputs: scores [N, E], votes int32 [votes_size], kept int32 [E] or None."""
+    _check_choice(policy, POLICIES[1:], "batch-aware routing policy")
+    size = reference.votes_size(policy, beta, scores.shape[1])
+    torch._check_value(
+        votes.dim() == 1 and votes.shape[0] == size and votes.dtype == torch.int32,
+        lambda: (
+            f"lynx::{what}: votes must be int32 [{size}] (route votes of the policy), got "
+            f"{votes.dtype} {tuple(votes.shape)}"
+        ),
+    )
+    if kept is not None:
+        torch._check_value(
+            tuple(kept.shape) == (scores.shape[1],) and kept.dtype == torch.int32,
+            lambda: (
+                f"lynx::{what}: kept must be int32 [{scores.shape[1]}] (one count per "
+                f"expert), got {kept.dtype} {tuple(kept.shape)}"
+            ),
+        )
+
+
+def _votes_fake(scores, policy, beta, what):
+    _check_scores(scores, 1, what)
+    _check_choice(policy, POLICIES[1:], "batch-aware routing policy")
+    size = reference.votes_size(policy, beta, scores.shape[1])
+    return scores.new_empty((size,), dtype=torch.int32)
+
+
+@torch.library.custom_op("lynx::route_votes", mutates_args=())
+def route_votes(
+    logits: torch.Tensor, policy: str, alpha: float, beta: float | None
+) -> torch.Tensor:
+    """Step 1 of lynx::route across ranks: this rank's votes, logits [N, E] -> int32
+    [D * E + 1] under affinity (tokens per bin depth and expert, then N), int32 [1] else."""
+    pol = reference.RoutingPolicy(policy, alpha, beta)
+    return reference.route_votes_reference(logits, pol)
+
+
+@route_votes.register_fake
+def _route_votes_fake(logits, policy, alpha, beta):
+    return _votes_fake(logits, policy, beta, "router logits")
+
+
+@torch.library.custom_op("lynx::route_kept", mutates_args=())
+def route_kept(
+    logits: torch.Tensor,
+    votes: torch.Tensor,
+    top_k: int,
+    policy: str,
+    alpha: float,
+    beta: float | None,
+    k0: int,
+    budget: int,
+) -> torch.Tensor:
+    """Step 2: the experts this rank's tokens keep, int32 [E] (0 or 1), given the group's
+    votes (step 1 summed over the ranks)."""
+    pol = reference.RoutingPolicy(policy, alpha, beta, k0, budget)
+    probs = torch.softmax(logits, dim=-1)
+    kept = reference.route_kept_reference(logits, probs, votes, top_k, pol)
+    return kept.to(torch.int32)
+
+
+@route_kept.register_fake
+def _route_kept_fake(logits, votes, top_k, policy, alpha, beta, k0, budget):
+    _check_scores(logits, top_k, "router logits")
+    _check_group_step(logits, votes, None, policy, beta, "route_kept")
+    return logits.new_empty((logits.shape[1],), dtype=torch.int32)
+
+
+@torch.library.custom_op("lynx::route_remap", mutates_args=())
+def route_remap(
+    logits: torch.Tensor,
+    votes: torch.Tensor,
+    kept: torch.Tensor,
+    top_k: int,
+    policy: str,
+    beta: float | None,
+    weights: str,
+    telemetry_site: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3: lynx::route's (weights [N, k], ids int64 [N, k]) for this rank's tokens from
+    the group's votes and kept set (steps 1 and 2 summed over the ranks). telemetry_site
+    >= 0 records this rank's distinct experts (exact vs chosen) for that report site."""
+    out_w, out_ids = reference.route_group_remap_reference(logits, top_k, votes, kept, weights)
+    if telemetry_site >= 0:
+        record_route(telemetry_site, logits, top_k, out_ids)
+    return out_w, out_ids
+
+
+@route_remap.register_fake
+def _route_remap_fake(logits, votes, kept, top_k, policy, beta, weights, telemetry_site):
+    _check_scores(logits, top_k, "router logits")
+    _check_choice(weights, WEIGHT_CONVENTIONS, "weight convention")
+    _check_group_step(logits, votes, kept, policy, beta, "route_remap")
+    return _route_outputs(logits, top_k)
+
+
+@torch.library.custom_op("lynx::route_scored_votes", mutates_args=())
+def route_scored_votes(
+    scores: torch.Tensor, space: str, policy: str, alpha: float, beta: float | None
+) -> torch.Tensor:
+    """Step 1 of lynx::route_scored across ranks, as lynx::route_votes (bins in `space`)."""
+    pol = reference.RoutingPolicy(policy, alpha, beta)
+    return reference.scored_votes_reference(scores, space, pol)
+
+
+@route_scored_votes.register_fake
+def _route_scored_votes_fake(scores, space, policy, alpha, beta):
+    _check_choice(space, SCORE_SPACES, "score space")
+    return _votes_fake(scores, policy, beta, "router scores")
+
+
+@torch.library.custom_op("lynx::route_scored_kept", mutates_args=())
+def route_scored_kept(
+    scores: torch.Tensor,
+    votes: torch.Tensor,
+    top_k: int,
+    space: str,
+    policy: str,
+    alpha: float,
+    beta: float | None,
+    k0: int,
+    budget: int,
+) -> torch.Tensor:
+    """Step 2 of lynx::route_scored across ranks, as lynx::route_kept: int32 [E]."""
+    pol = reference.RoutingPolicy(policy, alpha, beta, k0, budget)
+    kept = reference.scored_kept_reference(scores, space, votes, top_k, pol)
+    return kept.to(torch.int32)
+
+
+@route_scored_kept.register_fake
+def _route_scored_kept_fake(scores, votes, top_k, space, policy, alpha, beta, k0, budget):
+    _check_scores(scores, top_k, "router scores")
+    _check_choice(space, SCORE_SPACES, "score space")
+    _check_group_step(scores, votes, None, policy, beta, "route_scored_kept")
+    return scores.new_empty((scores.shape[1],), dtype=torch.int32)
+
+
+@torch.library.custom_op("lynx::route_scored_remap", mutates_args=())
+def route_scored_remap(
+    scores: torch.Tensor,
+    votes: torch.Tensor,
+    kept: torch.Tensor,
+    top_k: int,
+    policy: str,
+    beta: float | None,
+    telemetry_site: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3 of lynx::route_scored across ranks: (scores at ids [N, k], ids int64 [N, k])
+    for this rank's tokens, as lynx::route_remap."""
+    values, ids = reference.scored_group_remap_reference(scores, top_k, votes, kept)
+    if telemetry_site >= 0:
+        record_route(telemetry_site, scores, top_k, ids)
+    return values, ids
+
+
+@route_scored_remap.register_fake
+def _route_scored_remap_fake(scores, votes, kept, top_k, policy, beta, telemetry_site):
+    _check_scores(scores, top_k, "router scores")
+    _check_group_step(scores, votes, kept, policy, beta, "route_scored_remap")
+    return _route_outputs(scores, top_k)
+
+
 # ------------------------------------------------------------------------------ experts
 
 
@@ -329,6 +501,12 @@ ALL_OPS = (
     route_scored,
     route_affinity_cpu,
     route_scored_affinity_cpu,
+    route_votes,
+    route_kept,
+    route_remap,
+    route_scored_votes,
+    route_scored_kept,
+    route_scored_remap,
     experts,
 )
 

@@ -131,31 +131,86 @@ def popularity_bins(batch: torch.Tensor, beta: float | None) -> torch.Tensor:
     return bins if beta is None else bins.clamp(max=math.floor(beta) + 1)
 
 
+def vote_depths(beta: float | None) -> int:
+    """D, the bin depths (-q) that can carry a popularity vote: popularity_bins never exceeds
+    floor(beta) + 1 with a floor, nor 62 without one (62 at B = 2)."""
+    return 62 if beta is None else math.floor(beta) + 1
+
+
+def votes_size(policy: str, beta: float | None, num_experts: int) -> int:
+    """Length of batch_votes' result: D * E + 1 for affinity, 1 (the token count) else."""
+    return vote_depths(beta) * num_experts + 1 if policy == "affinity" else 1
+
+
+def batch_votes(q: torch.Tensor | None, include: torch.Tensor, beta: float | None) -> torch.Tensor:
+    """What a batch's popularity keys depend on, additive over batches: int32 [D * E + 1].
+
+    q: int64 [N, E] affinity bins; include: bool [N] tokens that vote. The first D * E
+    entries count the voting tokens per (bin depth d = -q < D, expert), row-major; the last
+    is N, every row (the base of the key). The sum of several batches' votes is the votes of
+    their concatenation, so ranks that all_reduce them get the global batch's keys. q None
+    (policies without votes): the token count alone, int32 [1].
+    """
+    count = torch.ones_like(include, dtype=torch.int64).sum()[None]  # [1]: N
+    if q is None:
+        return count.to(torch.int32)
+    depths, num_experts = vote_depths(beta), q.shape[1]
+    depth = (-q).clamp(max=depths)  # row D collects the bins too deep to vote
+    cell = depth * num_experts + torch.arange(num_experts, device=q.device)  # [N, E]
+    voters = include[:, None].expand_as(q).to(torch.int64)
+    counts = torch.zeros((depths + 1) * num_experts, dtype=torch.int64, device=q.device)
+    counts = counts.scatter_add(0, cell.reshape(-1), voters.reshape(-1))
+    return torch.cat([counts[: depths * num_experts], count]).to(torch.int32)
+
+
+def _vote_place(
+    depth: torch.Tensor, batch: torch.Tensor, bins: torch.Tensor, beta: float | None
+) -> torch.Tensor:
+    """The int64 vote B**(bins-1-depth) of one token in bin depth `depth` (0 when the bin is
+    too deep to count), elementwise."""
+    if beta is None:
+        return torch.where(depth < bins, torch.pow(batch, (bins - 1 - depth).clamp(min=0)), 0)
+    # at most floor(beta)+1 bins: unrolled, cheaper than an elementwise int pow
+    place, power = torch.zeros_like(depth), torch.ones_like(batch)
+    for p in range(math.floor(beta) + 1):  # depth bins-1-p votes B**p
+        place = torch.where(depth == bins - 1 - p, power, place)
+        power = power * batch
+    return place
+
+
+def popularity_from_votes(
+    q: torch.Tensor, include: torch.Tensor, votes: torch.Tensor, beta: float | None
+) -> torch.Tensor:
+    """pop[t, e] * B**(bins-1) as an exact int64 [N, E] from a batch's votes (batch_votes,
+    maybe summed over ranks): every vote for e but token t's own.
+
+    q: int64 [N, E] this rank's bins; include: bool [N] its tokens that voted.
+    """
+    depths, num_experts = vote_depths(beta), q.shape[1]
+    batch = votes[-1].to(torch.int64)  # B, 0-d
+    counts = votes[:-1].to(torch.int64).view(depths, num_experts)
+    bins = popularity_bins(batch, beta)
+    depth = torch.arange(depths, device=q.device)[:, None]  # [D, 1]
+    total = (counts * _vote_place(depth, batch, bins, beta)).sum(dim=0)  # [E]
+    own = _vote_place(-q, batch, bins, beta) * include.to(torch.int64)[:, None]  # [N, E]
+    return total[None, :] - own
+
+
 def popularity_key(q: torch.Tensor, include: torch.Tensor, beta: float | None) -> torch.Tensor:
     """pop[t, e] * B**(bins-1) as an exact int64 [N, E]: the votes of the other tokens.
 
     q: int64 [N, E] affinity bins; include: bool [N] tokens that vote.
     """
-    batch = torch.ones_like(include, dtype=torch.int64).sum()  # B as a 0-d tensor
-    bins = popularity_bins(batch, beta)
-    depth = -q  # >= 0; bins >= `bins` deep contribute nothing
-    if beta is None:
-        place = torch.where(depth < bins, torch.pow(batch, (bins - 1 - depth).clamp(min=0)), 0)
-    else:  # at most floor(beta)+1 bins: unrolled, cheaper than an elementwise int pow
-        place, power = torch.zeros_like(q), torch.ones_like(batch)
-        for p in range(math.floor(beta) + 1):  # depth bins-1-p votes B**p
-            place = torch.where(depth == bins - 1 - p, power, place)
-            power = power * batch
-    vote = place * include.to(torch.int64)[:, None]  # [N, E]
-    return vote.sum(dim=0, keepdim=True) - vote
+    return popularity_from_votes(q, include, batch_votes(q, include, beta), beta)
 
 
 def _final_from_kept(
     logits: torch.Tensor, probs: torch.Tensor, kept: torch.Tensor, top_k: int
 ) -> torch.Tensor:
-    """The remap: each token's top-k by (kept and usable, usable, kept, probability, lower
-    index): int64 [N, k]. Usable: a finite logit. So a token takes an expert the model masked
-    out (-inf) only when fewer than k usable ones exist, and then a kept one first."""
+    """The remap from the kept set bool [E]: each token's top-k by (kept and usable, usable,
+    kept, probability, lower index): int64 [N, k]. Usable: a finite logit. So a token takes
+    an expert the model masked out (-inf) only when fewer than k usable ones exist, and then
+    a kept one first."""
     usable = logits > float("-inf")  # NaN rows are invalid and keep exact routing anyway
     rank_class = 2 * usable.to(torch.int64) + kept.to(torch.int64)  # 3, 2, 1, 0 in that order
     return _stable_rank([rank_class, probs])[:, :top_k]
@@ -184,6 +239,23 @@ def _weights(
     return chosen * (exact_mass / chosen.sum(dim=1, keepdim=True))
 
 
+def exact_routing(
+    probs: torch.Tensor, top_k: int, ties: str, weights: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's own top-k of probs [N, E]: (ids int64, values, weights), each [N, k];
+    `ties` and `weights` as in route_reference."""
+    if ties == "lower_index":  # torch.sort puts NaN above every number
+        exact_ids = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :top_k]
+        exact_vals = torch.gather(probs, 1, exact_ids)
+    elif ties == "topk":
+        exact_vals, exact_ids = torch.topk(probs, top_k, dim=-1)
+    else:
+        raise ValueError(f"unknown tie order {ties!r}; valid: 'topk', 'lower_index'")
+    if weights == "renorm":
+        return exact_ids, exact_vals, exact_vals / exact_vals.sum(dim=1, keepdim=True)
+    return exact_ids, exact_vals, exact_vals
+
+
 def route_reference(
     logits: torch.Tensor,
     top_k: int,
@@ -202,32 +274,112 @@ def route_reference(
     (unspecified), as the model does; "lower_index" puts the lower index first (NaN above
     every number), the order the native CPU and Triton route kernels fix.
     probs: the model's softmax of logits when it was computed already (None: computed here).
+
+    The batch-aware policies run in three steps, which ranks routing one global batch
+    together run with their votes and kept sets summed between them (lynx::route_votes,
+    route_kept, route_remap): route_votes_reference, route_kept_reference, remap_to_kept.
     """
     check_route(logits, top_k, policy.name, weights)
     if probs is None:
         probs = torch.softmax(logits, dim=-1)
-    if ties == "lower_index":  # torch.sort puts NaN above every number
-        exact_ids = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :top_k]
-        exact_vals = torch.gather(probs, 1, exact_ids)
-    elif ties == "topk":
-        exact_vals, exact_ids = torch.topk(probs, top_k, dim=-1)
-    else:
-        raise ValueError(f"unknown tie order {ties!r}; valid: 'topk', 'lower_index'")
-    exact_weights = exact_vals
-    if weights == "renorm":
-        exact_weights = exact_vals / exact_vals.sum(dim=1, keepdim=True)
+    exact = exact_routing(probs, top_k, ties, weights)
     # A batch of one token routes exactly (nothing to share); batch-aware code computes the
     # same for a symbolic batch that is 1 at run time (_keep_exact_rows).
     if policy.name == "exact" or logits.shape[0] == 0 or static_one_token(logits):
-        return exact_weights, exact_ids
+        return exact[2], exact[0]
+    votes = route_votes_reference(logits, policy)
+    kept = route_kept_reference(logits, probs, votes, top_k, policy)
+    return _route_to_kept(logits, probs, kept, votes, exact, weights)
 
+
+def route_votes_reference(logits: torch.Tensor, policy: RoutingPolicy) -> torch.Tensor:
+    """Step 1: a batch's votes (batch_votes): int32 [D * E + 1] under affinity (the bin
+    counts and the token count), int32 [1] (the token count) under oea and static."""
+    q = affinity_bins(logits, policy.alpha, policy.beta) if policy.name == "affinity" else None
+    return batch_votes(q, _finite_rows(logits), policy.beta)
+
+
+def route_kept_reference(
+    logits: torch.Tensor,
+    probs: torch.Tensor,
+    votes: torch.Tensor,
+    top_k: int,
+    policy: RoutingPolicy,
+) -> torch.Tensor:
+    """Step 2: the experts this batch's valid tokens keep, bool [E], given `votes`, those of
+    the whole routed batch (this batch's, or the sum of every rank's); logits, probs [N, E]."""
+    valid = _finite_rows(logits)  # [N]
+    q = affinity_bins(logits, policy.alpha, policy.beta) if policy.name == "affinity" else None
+    totals = torch.where(valid[:, None], probs, 0).sum(dim=0) if policy.name == "static" else None
+    return kept_experts(policy, valid, probs, top_k, q, votes, totals)
+
+
+def kept_experts(
+    policy: RoutingPolicy,
+    valid: torch.Tensor,
+    ranked: torch.Tensor,
+    top_k: int,
+    q: torch.Tensor | None,
+    votes: torch.Tensor,
+    totals: torch.Tensor | None,
+) -> torch.Tensor:
+    """The union of the valid tokens' kept experts under `policy`: bool [E].
+
+    ranked [N, E]: the score ties and protection go by (probabilities, or a scored router's
+    scores); q [N, E]: affinity bins (affinity); votes: the whole batch's (batch_votes);
+    totals [E]: the batch's summed probabilities (static). Each valid token's own top-k0 is
+    kept; affinity adds each token's choice by (bin, popularity, score, lower index), oea
+    nothing, static the `budget` experts with the highest totals.
+    """
+    num_experts = ranked.shape[1]
+    # Own top-k0 under the same tie rule as the remap (torch.topk's tie order is unspecified).
+    own = protected_experts(ranked, policy.k0, top_k)
     if policy.name == "affinity":
-        ids, same = affinity_ids(logits, probs, exact_ids, policy.alpha, policy.beta, policy.k0)
-    else:
-        ids, same = _kept_set_ids(logits, probs, exact_ids, policy)
-    # Tokens whose experts did not change keep the model's weights bit for bit.
+        pop = popularity_from_votes(q, valid, votes, policy.beta)
+        keys = [q, pop, ranked] if policy.k0 == 0 else [own.to(torch.int64), q, pop, ranked]
+        return _kept_union(_stable_rank(keys)[:, :top_k], valid, num_experts)
+    kept = _union_of_rows(own, valid)
+    if policy.name == "static":
+        budget = min(max(policy.budget, top_k), num_experts)
+        top_experts = _stable_rank([totals[None, :]])[:, :budget]  # [1, budget]
+        kept = kept | (_row_sets(top_experts, num_experts)[0] & valid.any())
+    return kept
+
+
+def remap_to_kept(
+    logits: torch.Tensor,
+    probs: torch.Tensor,
+    kept: torch.Tensor,
+    batch: torch.Tensor,
+    exact_ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3: each token's top-k from the kept set [E] (bool, or counts > 0 summed over
+    ranks) in the remap order: (ids int64 [N, k], same bool [N, 1]). batch: the routed
+    batch's token count (0-d; a batch of one token keeps exact_ids). `same` marks tokens
+    whose expert set did not change: they keep exact_ids as they are."""
+    ids = _final_from_kept(logits, probs, kept.bool(), exact_ids.shape[1])
+    return _keep_exact_rows(ids, _finite_rows(logits), exact_ids, logits.shape[1], batch)
+
+
+def _route_to_kept(logits, probs, kept, votes, exact, weights):
+    """remap_to_kept and the weights: tokens whose experts did not change keep the model's
+    weights bit for bit; exact: exact_routing's (ids, values, weights)."""
+    exact_ids, exact_vals, exact_weights = exact
+    ids, same = remap_to_kept(logits, probs, kept, votes[-1], exact_ids)
     moved = _weights(probs, ids, exact_vals.sum(dim=1, keepdim=True), weights)
     return torch.where(same, exact_weights, moved), ids
+
+
+def route_group_remap_reference(
+    logits: torch.Tensor, top_k: int, votes: torch.Tensor, kept: torch.Tensor, weights: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """route_reference's result for this rank's tokens, logits [N, E], given the votes and
+    kept set of the whole batch the ranks route together (each summed over the ranks):
+    (weights [N, k], ids int64 [N, k]). Equal to route_reference of the ranks' batches
+    concatenated, at this rank's rows."""
+    probs = torch.softmax(logits, dim=-1)
+    exact = exact_routing(probs, top_k, "topk", weights)
+    return _route_to_kept(logits, probs, kept, votes, exact, weights)
 
 
 def affinity_ids(
@@ -246,17 +398,10 @@ def affinity_ids(
     takes its top-k by probability among the kept experts (the remap order).
     `same` marks tokens whose expert set did not change: they keep exact_ids as they are.
     """
-    valid = _finite_rows(logits)  # [N]
-    top_k = exact_ids.shape[1]
-    q = affinity_bins(logits, alpha, beta)
-    pop = popularity_key(q, valid, beta)
-    keys = [q, pop, probs]
-    if k0 > 0:
-        keys.insert(0, protected_experts(probs, k0, top_k).to(torch.int64))
-    chosen = _stable_rank(keys)[:, :top_k]
-    kept = _kept_union(chosen, valid, logits.shape[1])
-    ids = _final_from_kept(logits, probs, kept, top_k)
-    return _keep_exact_rows(ids, valid, exact_ids, logits.shape[1])
+    policy = RoutingPolicy("affinity", alpha, beta, k0)
+    votes = route_votes_reference(logits, policy)
+    kept = route_kept_reference(logits, probs, votes, exact_ids.shape[1], policy)
+    return remap_to_kept(logits, probs, kept, votes[-1], exact_ids)
 
 
 def static_one_token(x: torch.Tensor) -> bool:
@@ -266,49 +411,28 @@ def static_one_token(x: torch.Tensor) -> bool:
 
 
 def _kept_union(kept_ids: torch.Tensor, valid: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """The batch's kept set K, union of the valid tokens' kept_ids: bool [N, E] (rows equal)."""
-    kept = torch.zeros(kept_ids.shape[0], num_experts, dtype=torch.bool, device=kept_ids.device)
-    kept = kept.scatter(1, kept_ids, valid[:, None].expand_as(kept_ids))
-    return kept.any(dim=0, keepdim=True).expand_as(kept)
+    """The kept set, union of the valid tokens' kept_ids [N, m]: bool [E]."""
+    return _union_of_rows(_row_sets(kept_ids, num_experts), valid)
 
 
 def _union_of_rows(member: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Union over the valid tokens of per-token sets member bool [N, E]: bool [N, E] (rows
-    equal)."""
-    return (member & valid[:, None]).any(dim=0, keepdim=True).expand_as(member)
+    """Union over the valid tokens of per-token sets member bool [N, E]: bool [E]."""
+    return (member & valid[:, None]).any(dim=0)
 
 
 def _keep_exact_rows(
-    ids: torch.Tensor, valid: torch.Tensor, exact_ids: torch.Tensor, num_experts: int
+    ids: torch.Tensor,
+    valid: torch.Tensor,
+    exact_ids: torch.Tensor,
+    num_experts: int,
+    batch: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Invalid rows, rows whose expert set is unchanged and a batch of one token take
-    exact_ids: (ids, same [N, 1])."""
-    shared = torch.ones_like(valid, dtype=torch.int64).sum() > 1  # 0-d: another token exists
+    """Invalid rows, rows whose expert set is unchanged and a batch of one token (batch: the
+    routed batch's token count, 0-d) take exact_ids: (ids, same [N, 1])."""
+    shared = batch > 1  # 0-d: another token exists
     ids = torch.where((valid & shared)[:, None], ids, exact_ids)
     same = (_row_sets(ids, num_experts) == _row_sets(exact_ids, num_experts)).all(1, keepdim=True)
     return torch.where(same, exact_ids, ids), same
-
-
-def _kept_set_ids(
-    logits: torch.Tensor, probs: torch.Tensor, exact_ids: torch.Tensor, policy: RoutingPolicy
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """oea and static: (ids int64 [N, k], same bool [N, 1]), as affinity_ids for its policy."""
-    valid = _finite_rows(logits)  # [N]
-    top_k = exact_ids.shape[1]
-    num_experts = logits.shape[1]
-    # Own top-k0 under the same tie rule as the remap (torch.topk's tie order is unspecified):
-    # oea's kept set, static's protected experts.
-    own = _union_of_rows(protected_experts(probs, policy.k0, top_k), valid)
-    if policy.name == "oea":
-        kept = own
-    else:  # static
-        totals = torch.where(valid[:, None], probs, 0).sum(dim=0)  # [E]
-        budget = min(max(policy.budget, top_k), num_experts)
-        top_experts = _stable_rank([totals[None, :]])[0, :budget]
-        kept = _kept_union(top_experts.expand(logits.shape[0], budget), valid, num_experts)
-        kept = kept | own
-    ids = _final_from_kept(logits, probs, kept, top_k)
-    return _keep_exact_rows(ids, valid, exact_ids, num_experts)
 
 
 def distinct_experts(ids: torch.Tensor) -> int:
@@ -451,35 +575,53 @@ def route_scored_reference(
     check_policy(policy.name)
     if space not in SCORE_SPACES:
         raise ValueError(f"unknown score space {space!r}; valid: {', '.join(SCORE_SPACES)}")
-    if ties == "lower_index":  # torch.sort puts NaN above every number
-        exact_ids = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :top_k]
-        exact_vals = torch.gather(scores, 1, exact_ids)
-    elif ties == "topk":
-        exact_vals, exact_ids = torch.topk(scores, top_k, dim=-1)
-    else:
-        raise ValueError(f"unknown tie order {ties!r}; valid: 'topk', 'lower_index'")
+    exact_ids, exact_vals, _ = exact_routing(scores, top_k, ties, "mass")
     if policy.name == "exact" or scores.shape[0] == 0 or static_one_token(scores):
         return exact_vals, exact_ids  # one token routes exactly, as in route_reference
+    votes = scored_votes_reference(scores, space, policy)
+    kept = scored_kept_reference(scores, space, votes, top_k, policy)
+    return _scored_to_kept(scores, kept, votes, exact_ids)
 
-    valid = _finite_rows(scores)  # [N]
-    usable = torch.isfinite(scores)  # [N, E]: experts the model lets this token use
-    num_experts = scores.shape[1]
-    own = protected_experts(scores, policy.k0, top_k)  # [N, E] each token's top-k0
+
+def scored_votes_reference(scores: torch.Tensor, space: str, policy: RoutingPolicy):
+    """route_scored_reference's step 1, as route_votes_reference: int32 [D * E + 1] under
+    affinity (bins in `space`), int32 [1] else."""
+    q = None
     if policy.name == "affinity":
         q = score_bins(scores, space, policy.alpha, policy.beta)
-        pop = popularity_key(q, valid, policy.beta)
-        keys = [q, pop, scores] if policy.k0 == 0 else [own.to(torch.int64), q, pop, scores]
-        kept = _kept_union(_stable_rank(keys)[:, :top_k], valid, num_experts)
-    elif policy.name == "oea":
-        kept = _union_of_rows(own, valid)
-    else:  # static
-        totals = _static_totals(scores, space, valid)
-        budget = min(max(policy.budget, top_k), num_experts)
-        kept_ids = _stable_rank([totals[None, :]])[0, :budget].expand(scores.shape[0], budget)
-        kept = _kept_union(kept_ids, valid, num_experts) | _union_of_rows(own, valid)
+    return batch_votes(q, _finite_rows(scores), policy.beta)
 
-    kept = kept & usable  # per token's mask
-    ids = _stable_rank([kept.to(scores.dtype), scores])[:, :top_k]
+
+def scored_kept_reference(
+    scores: torch.Tensor, space: str, votes: torch.Tensor, top_k: int, policy: RoutingPolicy
+) -> torch.Tensor:
+    """route_scored_reference's step 2, as route_kept_reference: the experts this batch's
+    valid tokens keep, bool [E], given the whole routed batch's votes."""
+    valid = _finite_rows(scores)  # [N]
+    q = None
+    if policy.name == "affinity":
+        q = score_bins(scores, space, policy.alpha, policy.beta)
+    totals = _static_totals(scores, space, valid) if policy.name == "static" else None
+    return kept_experts(policy, valid, scores, top_k, q, votes, totals)
+
+
+def _scored_to_kept(scores, kept, votes, exact_ids):
+    """Step 3 of a scored router: each token's top-k by score among the kept experts it may
+    use (finite score): (scores at ids, ids int64), each [N, k]."""
+    usable = torch.isfinite(scores)  # [N, E]: experts the model lets this token use
+    allowed = kept.bool() & usable  # the kept set [E] within each token's mask
+    ids = _stable_rank([allowed.to(scores.dtype), scores])[:, : exact_ids.shape[1]]
     # Tokens whose experts did not change keep torch.topk's order bit for bit.
-    ids, _ = _keep_exact_rows(ids, valid, exact_ids, num_experts)
+    valid = _finite_rows(scores)
+    ids, _ = _keep_exact_rows(ids, valid, exact_ids, scores.shape[1], votes[-1])
     return torch.gather(scores, 1, ids), ids
+
+
+def scored_group_remap_reference(
+    scores: torch.Tensor, top_k: int, votes: torch.Tensor, kept: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """route_scored_reference's result for this rank's tokens, scores [N, E], given the
+    votes and kept set of the whole batch the ranks route together (each summed over the
+    ranks): (scores at ids [N, k], ids int64 [N, k]), as route_group_remap_reference."""
+    exact_ids, _, _ = exact_routing(scores, top_k, "topk", "mass")
+    return _scored_to_kept(scores, kept, votes, exact_ids)

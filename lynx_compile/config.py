@@ -42,6 +42,13 @@ _OPTION_HELP = {
     "decode_only": "apply approximate policies only to decode steps, a bool (default True)",
     "telemetry": "record distinct experts per call per site, a bool (default False)",
     "fuse_experts": "rewrite the expert dispatch into lynx::experts where found (default True)",
+    "routing_group": (
+        "route each rank's tokens as one batch with the other ranks of this torch.distributed "
+        "process group (a ProcessGroup such as dist.group.WORLD, or its group name), for "
+        "layouts where each rank holds its own tokens; two small all_reduces per MoE layer. "
+        "Policies affinity and oea (exact needs none); default None: each rank routes its "
+        "own batch"
+    ),
     "mode": "Inductor mode, as torch.compile's mode= (default None)",
     "inductor": "a dict of Inductor config patches (default {})",
 }
@@ -62,6 +69,7 @@ class LynxConfig:
     decode_only: bool = True
     telemetry: bool = False
     fuse_experts: bool = True
+    routing_group: str | None = None  # a process group's name (routing_group_name)
     mode: str | None = None
     inductor: dict = dataclasses.field(default_factory=dict)
 
@@ -107,6 +115,41 @@ def _apply_calibration(options: dict) -> dict:
     return {**options, "calibration": loaded, **chosen}
 
 
+def routing_group_name(group: Any, policy: str) -> str:
+    """The name of the process group option routing_group gives (a ProcessGroup or a group
+    name), checked: torch.distributed initialised, the group known, the policy supported."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"lynx option routing_group={group!r} needs torch.distributed initialised: call "
+            "torch.distributed.init_process_group (torchrun sets its environment) before "
+            "torch.compile, or leave routing_group out on one process"
+        )
+    if isinstance(group, dist.ProcessGroup):
+        name = group.group_name
+    elif isinstance(group, str):
+        name = group
+    else:
+        raise _bad("routing_group", group)
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    try:
+        _resolve_process_group(name)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"lynx option routing_group={group!r}: no process group named {name!r} in this "
+            "process; pass the ProcessGroup itself (e.g. dist.group.WORLD or dist.new_group(...))"
+        ) from err
+    if policy == "static":
+        raise ValueError(
+            "lynx option routing_group does not take policy 'static' yet: its kept set ranks "
+            "float sums of probabilities, whose sum over ranks is not the single-process sum "
+            "bit for bit; use policy 'affinity' (default) or 'oea', or leave routing_group out"
+        )
+    return name
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -138,6 +181,7 @@ def parse_options(options: dict | None, mode: str | None = None) -> LynxConfig:
         "decode_only": lambda v: isinstance(v, bool),
         "telemetry": lambda v: isinstance(v, bool),
         "fuse_experts": lambda v: isinstance(v, bool),
+        "routing_group": lambda v: True,  # checked by routing_group_name below
         "mode": lambda v: v is None or isinstance(v, str),
         "inductor": lambda v: isinstance(v, dict),
     }
@@ -150,6 +194,9 @@ def parse_options(options: dict | None, mode: str | None = None) -> LynxConfig:
                     "token's own top-k0 and needs k0 >= 1 (k0 = 0 is for affinity and static)"
                 )
             raise _bad(key, value)
+    if options.get("routing_group") is not None:
+        policy = options.get("policy", DEFAULT_POLICY)
+        options["routing_group"] = routing_group_name(options["routing_group"], policy)
     if options.get("k0") is None:
         options["k0"] = default_k0(options.get("policy", DEFAULT_POLICY))
     if "alpha" in options:

@@ -24,6 +24,7 @@ import torch.fx as fx
 from lynx_compile.lowering.ops import route_op
 from lynx_compile.passes import report as report_mod
 from lynx_compile.passes.fx_utils import arg, canonical_op, example_value, last_dim
+from lynx_compile.passes.group_routing import emit_group_route, routing_scope
 
 from lynx_compile.config import LynxConfig
 
@@ -226,9 +227,11 @@ def report_rewritten_router(site, config: LynxConfig, graph_id: int, **extra):
     """Decode gating and the report entry every router rewrite shares: (policy, entry).
 
     `site` is any matched router (softmax or scored) with logits, pattern, num_experts,
-    top_k and its topk node; `extra` adds kind-specific report fields."""
+    top_k and its topk node; `extra` adds kind-specific report fields. The entry also says
+    which batch the policy sees (passes/group_routing.py: routing_scope)."""
     decode = is_decode_step(site.logits)
     policy = config.routing_policy(bool(decode))
+    extra.update(routing_scope(config, policy, site.num_experts))
     entry = report_mod.add_site(
         kind="router",
         status="rewritten",
@@ -270,20 +273,32 @@ def rewrite_router(
         flat = logits
         if site.ndim > 2:
             flat = graph.call_method("reshape", (logits, -1, site.num_experts))
-        route = graph.call_function(
-            route_op(config.telemetry),
-            (
+        telemetry_site = entry["site"] if config.telemetry else -1
+        if entry["routing_scope"] == "group":
+            route = emit_group_route(
+                graph,
                 flat,
                 site.top_k,
-                policy.name,
-                float(policy.alpha),
-                None if policy.beta is None else float(policy.beta),
-                int(policy.k0),
-                int(policy.budget),
-                site.convention,
-                entry["site"] if config.telemetry else -1,
-            ),
-        )
+                policy,
+                config.routing_group,
+                telemetry_site,
+                weights=site.convention,
+            )
+        else:
+            route = graph.call_function(
+                route_op(config.telemetry),
+                (
+                    flat,
+                    site.top_k,
+                    policy.name,
+                    float(policy.alpha),
+                    None if policy.beta is None else float(policy.beta),
+                    int(policy.k0),
+                    int(policy.budget),
+                    site.convention,
+                    telemetry_site,
+                ),
+            )
         weights = graph.call_function(operator.getitem, (route, 0))
         ids = graph.call_function(operator.getitem, (route, 1))
         flat_outputs = (weights, ids)

@@ -35,6 +35,7 @@ import torch
 import torch.fx as fx
 from lynx_compile.lowering.ops import route_scored_op
 from lynx_compile.passes.fx_utils import arg, canonical_op, example_value, last_dim
+from lynx_compile.passes.group_routing import emit_group_route
 from lynx_compile.passes.router import (
     copy_flat_meta,
     is_linear_projection,
@@ -368,20 +369,32 @@ def rewrite_scored_router(
         scores = _unusable_as_minus_inf(graph, site)
         if site.ndim > 2:  # routed as [B*T, E], outputs shaped back below
             scores = graph.call_method("reshape", (scores, -1, site.num_experts))
-        route = graph.call_function(
-            route_scored_op(),
-            (
+        telemetry_site = entry["site"] if config.telemetry else -1
+        if entry["routing_scope"] == "group":
+            route = emit_group_route(
+                graph,
                 scores,
                 site.top_k,
-                site.space,
-                policy.name,
-                float(policy.alpha),
-                None if policy.beta is None else float(policy.beta),
-                int(policy.k0),
-                int(policy.budget),
-                entry["site"] if config.telemetry else -1,
-            ),
-        )
+                policy,
+                config.routing_group,
+                telemetry_site,
+                space=site.space,
+            )
+        else:
+            route = graph.call_function(
+                route_scored_op(),
+                (
+                    scores,
+                    site.top_k,
+                    site.space,
+                    policy.name,
+                    float(policy.alpha),
+                    None if policy.beta is None else float(policy.beta),
+                    int(policy.k0),
+                    int(policy.budget),
+                    telemetry_site,
+                ),
+            )
         values = graph.call_function(operator.getitem, (route, 0))
         ids = graph.call_function(operator.getitem, (route, 1))
         flat_outputs = (values, ids)

@@ -51,6 +51,33 @@ def _route_scored_affinity_samples():
     yield (torch.sigmoid(_logits(3, 8)), 4, "score", 1.0, None, 0)
 
 
+def _group_step_samples(kind: str, scored: bool):
+    """The three steps of routing across ranks (votes, kept, remap), on a part of a batch
+    whose votes and kept set come from that part and one more (as two ranks sum them)."""
+    ops = torch.ops.lynx
+    for policy, beta, n in (("affinity", 2.0, 13), ("affinity", None, 1), ("oea", 2.0, 5)):
+        parts = [_logits(n, 8, seed=1), _logits(3, 8, seed=2)]
+        if scored:
+            parts = [torch.sigmoid(p) for p in parts]
+            votes = sum(ops.route_scored_votes(p, "score", policy, 3.0, beta) for p in parts)
+            kept = sum(
+                ops.route_scored_kept(p, votes, 2, "score", policy, 3.0, beta, 1, 4) for p in parts
+            )
+            yield {
+                "votes": (parts[0], "score", policy, 3.0, beta),
+                "kept": (parts[0], votes, 2, "score", policy, 3.0, beta, 1, 4),
+                "remap": (parts[0], votes, kept, 2, policy, beta, -1),
+            }[kind]
+        else:
+            votes = sum(ops.route_votes(p, policy, 3.0, beta) for p in parts)
+            kept = sum(ops.route_kept(p, votes, 2, policy, 3.0, beta, 1, 4) for p in parts)
+            yield {
+                "votes": (parts[0], policy, 3.0, beta),
+                "kept": (parts[0], votes, 2, policy, 3.0, beta, 1, 4),
+                "remap": (parts[0], votes, kept, 2, policy, beta, "renorm", -1),
+            }[kind]
+
+
 def _experts_samples():
     for form in ("gated", "plain", "split"):
         for dtype in (torch.float32, torch.bfloat16):
@@ -66,6 +93,12 @@ SAMPLES = {
     "route_scored": _route_scored_samples,
     "route_affinity_cpu": _route_affinity_samples,
     "route_scored_affinity_cpu": _route_scored_affinity_samples,
+    "route_votes": lambda: _group_step_samples("votes", scored=False),
+    "route_kept": lambda: _group_step_samples("kept", scored=False),
+    "route_remap": lambda: _group_step_samples("remap", scored=False),
+    "route_scored_votes": lambda: _group_step_samples("votes", scored=True),
+    "route_scored_kept": lambda: _group_step_samples("kept", scored=True),
+    "route_scored_remap": lambda: _group_step_samples("remap", scored=True),
     "experts": _experts_samples,
 }
 
@@ -105,6 +138,13 @@ def test_opcheck(name):
          ValueError, "unknown score space 'logits'"),
         (lambda f: ops.route_affinity_cpu(f(13), f(3), 2, 3.0, 2.0, True),
          ValueError, "must have the logits' shape"),
+        (lambda f: ops.route_kept(f(13), f(3).int()[0], 2, "affinity", 3.0, 2.0, 1, 4),
+         ValueError, r"votes must be int32 \[25\]"),
+        (lambda f: ops.route_remap(f(13), f(1).int()[0, :1], f(1).int()[0, :5], 2, "oea", 2.0,
+                                   "renorm", -1),
+         ValueError, r"kept must be int32 \[8\]"),
+        (lambda f: ops.route_votes(f(13), "exact", 3.0, 2.0),
+         ValueError, "unknown batch-aware routing policy 'exact'"),
     ],
 )  # fmt: skip
 def test_route_fakes_say_what_is_wrong(call, error, message):

@@ -1,0 +1,267 @@
+"""Per-rank tokens under backend="lynx": option routing_group, 2 gloo processes on loopback.
+
+examples DataParallelExpertsMoE: each rank routes only its own tokens (3 or 13 per rank),
+holds half the experts, all_gathers every rank's tokens and routing and sums the experts'
+shares with a functional all_reduce. Checked per rank:
+- with routing_group, the default policy's ids on each rank are single-process routing
+  (the reference) of the ranks' batches concatenated in rank order, and the layer's output
+  equals single-process lynx on that batch; exact equals single-process eager and runs no
+  routing collective;
+- without it, each rank routes its own batch (ids == the reference on its tokens) and the
+  report says so;
+- the report carries each rank's experts touched (telemetry) and the collective's bytes.
+Beside them, single-process tests of the three routing steps (votes, kept, remap): summed
+over any split of a batch they route it as lynx::route / lynx::route_scored do.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lynx_compile.lowering import reference
+
+from lynx_compile.config import parse_options
+
+WORLD = 2
+TOKENS = (3, 13)
+LAYER = dict(num_experts=16, top_k=4)
+DEFAULT = reference.RoutingPolicy("affinity", 3.0, 2.0, 1, 16)  # the options' defaults
+FP32_TOL = dict(rtol=1e-4, atol=1e-5)  # reordered fp32 sums (gather, shares, all_reduce)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _recorder(module, name: str, seen: list):
+    """Wrap module.name so that each call appends (first argument, ids returned)."""
+    original = getattr(module, name)
+
+    def recording(scores, *args):
+        out = original(scores, *args)
+        seen.append((scores.detach().clone(), out[1].clone()))
+        return out
+
+    setattr(module, name, recording)
+
+
+def _option_errors() -> dict:
+    """The messages routing_group's validation gives on a rank (torch.distributed is up)."""
+    errors = {}
+    for key, options in {
+        "unknown group": {"routing_group": "no-such-group"},
+        "static": {"routing_group": dist.group.WORLD, "policy": "static"},
+        "not a group": {"routing_group": 3},
+    }.items():
+        try:
+            parse_options(options)
+        except ValueError as err:
+            errors[key] = str(err)
+    return errors
+
+
+def _rank_main(rank: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        from lynx_compile.examples import moe_modules
+
+        import lynx_compile
+
+        group_seen, rank_seen, votes_seen = [], [], []
+        _recorder(reference, "route_group_remap_reference", group_seen)
+        _recorder(reference, "route_reference", rank_seen)  # lynx::route_recorded's body
+        _recorder(reference, "route_votes_reference", votes_seen)
+
+        layer = moe_modules.DataParallelExpertsMoE(rank, WORLD, **LAYER).eval()
+        whole = moe_modules.ExpertParallelMoE(0, 1, **LAYER).eval()  # one process, all experts
+        group = dist.group.WORLD
+
+        def compiled(module, **options):
+            return torch.compile(module, backend="lynx", options=options, dynamic=True)
+
+        variants = {
+            "group": compiled(layer, routing_group=group, telemetry=True),
+            "group_exact": compiled(layer, routing_group=group, policy="exact"),
+            "per_rank": compiled(layer, telemetry=True),
+        }
+        single = compiled(whole)
+        out, seen, votes_calls = {}, {}, {}
+        with torch.no_grad():
+            for n in TOKENS:
+                xs = [torch.randn(n, 1, 32, generator=torch.Generator().manual_seed(100 * r + n))
+                      for r in range(WORLD)]  # fmt: skip
+                batch = torch.cat(xs)  # every rank's tokens, in rank order
+                rows = slice(rank * n, (rank + 1) * n)
+                out[n] = {"eager": whole(batch)[rows], "single": single(batch)[rows]}
+                for name, model in variants.items():
+                    for log in (group_seen, rank_seen, votes_seen):
+                        log.clear()
+                    out[n][name] = model(xs[rank])
+                    seen[(name, n)] = group_seen[:] if name.startswith("group") else rank_seen[:]
+                    votes_calls[(name, n)] = len(votes_seen)
+        results[rank] = dict(
+            outputs=out,
+            seen=seen,
+            votes_calls=votes_calls,
+            sites=lynx_compile.report()["sites"],
+            errors=_option_errors(),
+            group_name=group.group_name,
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    results = mp.Manager().dict()
+    mp.spawn(_rank_main, args=(_free_port(), results), nprocs=WORLD, join=True)
+    return dict(results)
+
+
+def _routers(sites: list, **fields) -> list:
+    return [
+        s for s in sites if s["kind"] == "router" and all(s.get(k) == v for k, v in fields.items())
+    ]
+
+
+@pytest.mark.parametrize("n", TOKENS)
+def test_group_routing_equals_single_process_routing_of_the_concatenated_batch(ranks, n):
+    seen = [ranks[r]["seen"][("group", n)] for r in range(WORLD)]
+    assert all(len(s) == 1 for s in seen), [len(s) for s in seen]  # one MoE layer, one call
+    logits = torch.cat([s[0][0] for s in seen])  # [WORLD * n, E], rank order
+    ids = torch.cat([s[0][1] for s in seen])
+    _, want = reference.route_reference(logits, LAYER["top_k"], DEFAULT)
+    assert torch.equal(ids, want)
+    for rank in range(WORLD):
+        got = ranks[rank]["outputs"][n]
+        torch.testing.assert_close(got["group"], got["single"], **FP32_TOL)
+
+
+def test_the_group_batch_is_not_what_each_rank_would_choose_alone(ranks):
+    """The option matters here: at some batch size the ranks' own batches keep other
+    experts than the group's (the routing of each rank alone differs from the group's)."""
+    differs = []
+    for n in TOKENS:
+        seen = [ranks[r]["seen"][("group", n)][0] for r in range(WORLD)]
+        alone = [reference.route_reference(s[0], LAYER["top_k"], DEFAULT)[1] for s in seen]
+        differs.append(not torch.equal(torch.cat(alone), torch.cat([s[1] for s in seen])))
+    assert any(differs), differs
+
+
+@pytest.mark.parametrize("n", TOKENS)
+def test_exact_equals_single_process_eager_and_runs_no_routing_collective(ranks, n):
+    for rank in range(WORLD):
+        got = ranks[rank]["outputs"][n]
+        torch.testing.assert_close(got["group_exact"], got["eager"], **FP32_TOL)
+        assert ranks[rank]["votes_calls"][("group_exact", n)] == 0
+        assert ranks[rank]["votes_calls"][("group", n)] == 1
+    exact = _routers(ranks[0]["sites"], policy="exact")
+    assert exact and all(s["routing_scope"] == "token" for s in exact), exact
+
+
+@pytest.mark.parametrize("n", TOKENS)
+def test_without_the_option_each_rank_routes_its_own_batch(ranks, n):
+    for rank in range(WORLD):
+        seen = ranks[rank]["seen"][("per_rank", n)]
+        assert len(seen) == 1
+        logits, ids = seen[0]
+        _, want = reference.route_reference(logits, LAYER["top_k"], DEFAULT)
+        assert torch.equal(ids, want)
+
+
+def test_the_report_says_which_batch_each_router_sees_and_its_experts_touched(ranks):
+    for rank in range(WORLD):
+        sites = ranks[rank]["sites"]
+        (grouped,) = _routers(sites, routing_scope="group")
+        assert grouped["routing_group"] == ranks[rank]["group_name"]
+        assert grouped["routing_world"] == WORLD
+        assert grouped["collective_bytes"] == 4 * (3 * 16 + 1 + 16)  # votes, then kept set
+        (per_rank,) = _routers(sites, routing_scope="per_rank", telemetry_on=True)
+        assert "each rank routes its own batch" in per_rank["routing_note"]
+        assert "world size 2 and no routing_group" in per_rank["routing_note"]
+        for site in (grouped, per_rank):
+            tally = site["telemetry"]
+            assert tally["calls"] == len(TOKENS) and tally["tokens"] == sum(TOKENS)
+            assert 0 < tally["mean_experts_chosen"] <= tally["mean_experts_exact"] <= 16
+
+
+def test_routing_group_validation_says_what_to_do(ranks):
+    errors = ranks[0]["errors"]
+    assert "no process group named 'no-such-group'" in errors["unknown group"]
+    assert "does not take policy 'static'" in errors["static"]
+    assert "routing_group=3 is invalid" in errors["not a group"]
+
+
+def test_routing_group_needs_torch_distributed_initialised():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="needs torch.distributed initialised"):
+        parse_options({"routing_group": "0"})
+
+
+# ------------------------------------------- the three steps, one process, any split
+
+
+@st.composite
+def split_batch(draw):
+    """Coarse logits [N, E] (ties in bins and scores are common), cut into 1-3 parts (some
+    empty), with masked experts and invalid rows at times."""
+    e = draw(st.integers(2, 12))
+    k = draw(st.integers(1, min(e, 4)))
+    sizes = draw(st.lists(st.integers(0, 6), min_size=1, max_size=3).filter(lambda s: sum(s)))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    logits = torch.randint(-8, 9, (sum(sizes), e), generator=gen).float() * 0.5
+    if draw(st.booleans()):
+        logits[torch.rand(logits.shape, generator=gen) < 0.2] = float("-inf")
+    return logits, k, sizes
+
+
+SPLIT_POLICIES = [
+    reference.RoutingPolicy("affinity", 3.0, 2.0, 1),
+    reference.RoutingPolicy("affinity", 3.0, 2.0, 0),
+    reference.RoutingPolicy("affinity", 0.7, None, 0),
+    reference.RoutingPolicy("oea", k0=2),
+]
+
+
+def _sum_over(parts, step):
+    return sum(step(part) for part in parts)
+
+
+@pytest.mark.parametrize("policy", SPLIT_POLICIES, ids=lambda p: f"{p.name}-{p.beta}-{p.k0}")
+@settings(max_examples=60, deadline=None)
+@given(case=split_batch())
+def test_steps_summed_over_a_split_route_the_whole_batch(case, policy):
+    logits, k, sizes = case
+    ops, pol = torch.ops.lynx, policy
+    parts = logits.split(sizes)
+    votes = _sum_over(parts, lambda p: ops.route_votes(p, pol.name, pol.alpha, pol.beta))
+    kept = _sum_over(
+        parts, lambda p: ops.route_kept(p, votes, k, pol.name, pol.alpha, pol.beta, pol.k0, 16)
+    )
+    routed = [ops.route_remap(p, votes, kept, k, pol.name, pol.beta, "mass", -1) for p in parts]
+    want_w, want_ids = reference.route_reference(logits, k, pol, "mass")
+    torch.testing.assert_close(torch.cat([w for w, _ in routed]), want_w, equal_nan=True)
+    assert torch.equal(torch.cat([i for _, i in routed]), want_ids)
+
+    scores = torch.sigmoid(logits)
+    parts = scores.split(sizes)
+    votes = _sum_over(
+        parts, lambda p: ops.route_scored_votes(p, "score", pol.name, pol.alpha, pol.beta)
+    )
+    kept = _sum_over(parts, lambda p: ops.route_scored_kept(
+        p, votes, k, "score", pol.name, pol.alpha, pol.beta, pol.k0, 16))  # fmt: skip
+    routed = [ops.route_scored_remap(p, votes, kept, k, pol.name, pol.beta, -1) for p in parts]
+    want_v, want_ids = reference.route_scored_reference(scores, k, "score", pol)
+    torch.testing.assert_close(torch.cat([v for v, _ in routed]), want_v, equal_nan=True)
+    assert torch.equal(torch.cat([i for _, i in routed]), want_ids)
