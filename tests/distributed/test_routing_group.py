@@ -9,6 +9,8 @@ shares with a functional all_reduce. Checked per rank:
   routing collective;
 - without it, each rank routes its own batch (ids == the reference on its tokens) and the
   report says so;
+- a scored router (sigmoid, top-k) under routing_group: the same against
+  route_scored_reference on the concatenated batch;
 - the report carries each rank's experts touched (telemetry) and the collective's bytes.
 Beside them, single-process tests of the three routing steps (votes, kept, remap): summed
 over any split of a batch they route it as lynx::route / lynx::route_scored do.
@@ -69,6 +71,22 @@ def _option_errors() -> dict:
     return errors
 
 
+class SigmoidRouter(torch.nn.Module):
+    """A scored router (sigmoid scores, top-k, weights renormalised after it): lynx rewrites
+    its top-k into lynx::route_scored, or into the route_scored_* steps with routing_group."""
+
+    def __init__(self, dim: int = 32, num_experts: int = 16, top_k: int = 4):
+        super().__init__()
+        torch.manual_seed(1)
+        self.proj = torch.nn.Linear(dim, num_experts, bias=False)
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(self.proj(x.reshape(-1, x.shape[-1])))
+        values, ids = torch.topk(scores, self.top_k, dim=-1)
+        return values / values.sum(dim=-1, keepdim=True), ids
+
+
 def _rank_main(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -82,6 +100,8 @@ def _rank_main(rank: int, port: int, results) -> None:
         _recorder(reference, "route_group_remap_reference", group_seen)
         _recorder(reference, "route_reference", rank_seen)  # lynx::route_recorded's body
         _recorder(reference, "route_votes_reference", votes_seen)
+        scored_seen = []
+        _recorder(reference, "scored_group_remap_reference", scored_seen)
 
         layer = moe_modules.DataParallelExpertsMoE(rank, WORLD, **LAYER).eval()
         whole = moe_modules.ExpertParallelMoE(0, 1, **LAYER).eval()  # one process, all experts
@@ -96,11 +116,15 @@ def _rank_main(rank: int, port: int, results) -> None:
             "per_rank": compiled(layer, telemetry=True),
         }
         single = compiled(whole)
+        scored = compiled(SigmoidRouter().eval(), routing_group=group)
         out, seen, votes_calls = {}, {}, {}
         with torch.no_grad():
             for n in TOKENS:
                 xs = [torch.randn(n, 1, 32, generator=torch.Generator().manual_seed(100 * r + n))
                       for r in range(WORLD)]  # fmt: skip
+                scored_seen.clear()
+                scored(xs[rank])
+                seen[("scored", n)] = scored_seen[:]
                 batch = torch.cat(xs)  # every rank's tokens, in rank order
                 rows = slice(rank * n, (rank + 1) * n)
                 out[n] = {"eager": whole(batch)[rows], "single": single(batch)[rows]}
@@ -160,6 +184,15 @@ def test_the_group_batch_is_not_what_each_rank_would_choose_alone(ranks):
 
 
 @pytest.mark.parametrize("n", TOKENS)
+def test_group_routing_of_a_scored_router_equals_single_process_routing(ranks, n):
+    seen = [ranks[r]["seen"][("scored", n)] for r in range(WORLD)]
+    assert all(len(s) == 1 for s in seen), [len(s) for s in seen]
+    scores = torch.cat([s[0][0] for s in seen])  # sigmoid scores, rank order
+    _, want = reference.route_scored_reference(scores, LAYER["top_k"], "score", DEFAULT)
+    assert torch.equal(torch.cat([s[0][1] for s in seen]), want)
+
+
+@pytest.mark.parametrize("n", TOKENS)
 def test_exact_equals_single_process_eager_and_runs_no_routing_collective(ranks, n):
     for rank in range(WORLD):
         got = ranks[rank]["outputs"][n]
@@ -183,7 +216,7 @@ def test_without_the_option_each_rank_routes_its_own_batch(ranks, n):
 def test_the_report_says_which_batch_each_router_sees_and_its_experts_touched(ranks):
     for rank in range(WORLD):
         sites = ranks[rank]["sites"]
-        (grouped,) = _routers(sites, routing_scope="group")
+        (grouped,) = _routers(sites, routing_scope="group", telemetry_on=True)
         assert grouped["routing_group"] == ranks[rank]["group_name"]
         assert grouped["routing_world"] == WORLD
         assert grouped["collective_bytes"] == 4 * (3 * 16 + 1 + 16)  # votes, then kept set
