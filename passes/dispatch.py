@@ -690,6 +690,11 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
             report("skipped", found)
             return False
         weights, weight_nodes = found
+    else:  # lynx's weights; what the model still does to them (a routed scaling factor, a
+        # dtype cast) is the model's own and stays outside the experts
+        found = model_weights(gm, route, weights, ids, routed.logits)
+        if not isinstance(found, str):
+            weights, weight_nodes = found
     dense = example_value(weights).shape[-1] != example_value(ids).shape[-1]
     if all(u.op == "output" for u in (*weights.users, *ids.users) if u not in weight_nodes):
         report("skipped", "routing leaves the graph: the experts run in another graph")

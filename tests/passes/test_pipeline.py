@@ -114,7 +114,8 @@ def test_a_loop_dispatch_outside_the_graph_is_a_counted_skip():
     gm, got, _ = run(LoopMoE().eval(), X)
     assert got["router_rewritten:softmax_topk_renorm"] == 1
     assert got["dispatch_skipped"] == 1
-    reason = "dispatch_skipped:no closed [tokens, d] expert computation consumes the routing"
+    # the graph breaks in the loop: the router's graph ends with its (weights, ids)
+    reason = "dispatch_skipped:routing leaves the graph"
     assert any(key.startswith(reason) for key in got), got
     assert "lynx.experts.default" not in lynx_targets(gm)
 
