@@ -114,8 +114,20 @@ def _is_expert_bias(node, num_experts: int) -> bool:
     return val.numel() == num_experts and val.shape[-1] == num_experts
 
 
-def _positive_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+def _logit_multiplier(value) -> bool:
+    """A scalar the logits are multiplied by (MuseSpark's output_multiplier): a positive
+    Python number, or a symbolic float / 0-d tensor (a float attribute under dynamic=True)
+    that is positive where it was traced. Only locating the router's linear depends on it:
+    the routing op ranks the scores the top-k ranked, whatever the factor."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value > 0
+    if not isinstance(value, fx.Node):
+        return False
+    val = value.meta.get("example_value")
+    if isinstance(val, torch.SymFloat):
+        return val.node.hint is not None and val.node.hint > 0
+    val = example_value(value)
+    return isinstance(val, torch.Tensor) and val.dim() == 0 and val.is_floating_point()
 
 
 def _trace_scores(scores: fx.Node, num_experts: int, ndim: int) -> _Trace | str:
@@ -145,7 +157,7 @@ def _trace_scores(scores: fx.Node, num_experts: int, ndim: int) -> _Trace | str:
             else:
                 return "top-k input adds a token-dependent tensor to the router scores"
             bias = True
-        elif op == "mul" and len(node.args) == 2 and _positive_number(node.args[1]):
+        elif op == "mul" and len(node.args) == 2 and _logit_multiplier(node.args[1]):
             node = node.args[0]  # a logit multiplier (MuseSpark): the order is unchanged
         elif _is_masked_fill(node) and mask is None:
             mask, node = node, _tensor_input(node)

@@ -62,6 +62,26 @@ class BiasedSigmoid3D(nn.Module):
         return weights / weights.sum(-1, keepdim=True), ids
 
 
+class ScaledSigmoid(nn.Module):
+    """A sigmoid + bias router whose logits are scaled by a float attribute (MuseSpark's
+    output_multiplier): under dynamic=True the float is a graph input, not a constant.
+    token_scale: must not match, the logits are scaled by a token-dependent tensor."""
+
+    def __init__(self, dim=16, experts=8, token_scale=False):
+        super().__init__()
+        self.gate = nn.Linear(dim, experts, bias=False)
+        self.bias = nn.Parameter(torch.linspace(-0.1, 0.1, experts))
+        self.multiplier = 1.7
+        self.token_scale = token_scale
+
+    def forward(self, x):
+        x = x.reshape(-1, x.shape[-1])
+        logits = self.gate(x) * (x[:, :1].abs() if self.token_scale else self.multiplier)
+        scores = torch.sigmoid(logits)
+        _, ids = torch.topk(scores + self.bias, 3, dim=-1)
+        return scores.gather(-1, ids), ids
+
+
 class SoftmaxOverTokens(nn.Module):
     """Must not match: the softmax normalises over tokens, not experts."""
 
@@ -145,6 +165,30 @@ def test_scored_router_with_leading_dims_is_routed_flattened():
         (got_w, got_ids), (want_w, want_ids) = compiled(x), module(x)
         assert got_ids.shape == (*shape[:-1], 3) and torch.equal(got_ids, want_ids)
         torch.testing.assert_close(got_w, want_w, rtol=0, atol=0)  # the model's own ops
+
+
+@torch.no_grad()
+def test_a_router_with_a_logit_multiplier_is_rewritten_under_dynamic_shapes():
+    import lynx_compile
+
+    torch.manual_seed(0)
+    for token_scale in (False, True):
+        module = ScaledSigmoid(token_scale=token_scale).eval()
+        torch._dynamo.reset()
+        lynx_compile.clear_report()
+        opts = {"policy": "exact"}
+        compiled = torch.compile(module, backend="lynx", options=opts, dynamic=True)
+        for tokens in (1, 3, 13):
+            x = torch.randn(tokens, 1, 16)
+            (got_w, got_ids), (want_w, want_ids) = compiled(x), module(x)
+            assert torch.equal(got_ids, want_ids)
+            torch.testing.assert_close(got_w, want_w, rtol=0, atol=0)  # the model's own ops
+        sites = [s for s in lynx_compile.report()["sites"] if s["kind"] == "router"]
+        if token_scale:  # must not match: the scale is token data
+            assert sites and all(s["status"] == "skipped" for s in sites), sites
+        else:
+            assert sites and all(s["status"] == "rewritten" for s in sites), sites
+            assert all(s["reason"] == "sigmoid_bias_topk" for s in sites), sites
 
 
 @torch.no_grad()
