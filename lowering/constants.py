@@ -39,7 +39,13 @@ MIN_BIN = -(2**30)
 
 # ------------------------------------------------------------------------- expert compute
 # Activation names in code order: lynx_cpu.c and triton_experts.py switch on these codes.
-ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh", "relu")
+# The elementwise ones act on the gate (gated: act(gate) * up) or on h (plain). After them
+# the gated activations with a combine of their own, parameterised by lynx::experts'
+# act_alpha / act_limit: "swiglu_clamped" (GPT-OSS) is
+#   g = min(gate, limit), u = clamp(up, -limit, limit), (u + 1) * g * sigmoid(alpha * g).
+ELEMENTWISE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+GLU_ACTIVATIONS = ("swiglu_clamped",)
+ACTIVATION_NAMES = ELEMENTWISE_ACTIVATIONS + GLU_ACTIVATIONS
 ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATION_NAMES)}
 
 # --------------------------------------------------------------------------- kernel limits

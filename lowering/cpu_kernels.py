@@ -20,6 +20,12 @@ def _grouped(x_sorted: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> 
     return torch._grouped_mm(x_sorted, w.transpose(1, 2), offs=offsets)
 
 
+def _plus_bias(h: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """h [M, out] + each row's expert bias, bias [E, out] gathered at rows [M] (biases are
+    [E, out]: the gather is M small rows, never a weight copy)."""
+    return h if bias is None else h + bias[rows].to(h.dtype)
+
+
 def experts_grouped(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -29,28 +35,37 @@ def experts_grouped(
     activation: str,
     gated: bool,
     w_gate: torch.Tensor | None = None,
+    *,
+    b_up: torch.Tensor | None = None,
+    b_gate: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    alpha: float | None = None,
+    limit: float | None = None,
 ) -> torch.Tensor:
-    """Sparse experts, x [N, d], ids/weights [N, k] -> [N, d]; see reference.experts_reference."""
+    """Sparse experts, x [N, d], ids/weights [N, k] -> [N, d]; see
+    reference.experts_general_reference (biases, alpha and limit as there)."""
+    biases = dict(b_up=b_up, b_gate=b_gate, b_down=b_down, alpha=alpha, limit=limit)
     if not _HAS_GROUPED_MM or x.shape[0] == 0 or w_up.dtype != x.dtype:
         return reference.experts_general_reference(
-            x, ids, weights, w_gate, w_up, w_down, activation, gated
+            x, ids, weights, w_gate, w_up, w_down, activation, gated, **biases
         )
-    act = reference.ACTIVATIONS[activation]
+    reference.check_activation(activation, gated, alpha, limit)
     num_experts, k = w_up.shape[0], ids.shape[1]
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # assignments grouped by expert
     token = order // k
+    expert = flat[order]
     counts = torch.bincount(flat, minlength=num_experts)
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
     xs = x[token]  # [N*k, d]
     try:
-        h = _grouped(xs, w_up, offsets)
-        gate = None if w_gate is None else _grouped(xs, w_gate, offsets)
-        h = reference.expert_activation(h, gate, act, gated)
-        y = _grouped(h.contiguous(), w_down, offsets)
+        h = _plus_bias(_grouped(xs, w_up, offsets), b_up, expert)
+        gate = None if w_gate is None else _plus_bias(_grouped(xs, w_gate, offsets), b_gate, expert)
+        h = reference.expert_activation(h, gate, activation, gated, alpha, limit)
+        y = _plus_bias(_grouped(h.contiguous(), w_down, offsets), b_down, expert)
     except RuntimeError:  # a dtype/layout this build's CPU grouped_mm does not take
         return reference.experts_general_reference(
-            x, ids, weights, w_gate, w_up, w_down, activation, gated
+            x, ids, weights, w_gate, w_up, w_down, activation, gated, **biases
         )
     w = weights.reshape(-1)[order].to(torch.float32)
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
@@ -67,21 +82,33 @@ def experts_gathered(
     activation: str,
     gated: bool,
     w_gate: torch.Tensor | None = None,
+    *,
+    b_up: torch.Tensor | None = None,
+    b_gate: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    alpha: float | None = None,
+    limit: float | None = None,
 ) -> torch.Tensor:
     """Sparse experts with static shapes: each (token, slot) gathers its expert's weights.
 
     Traceable (no host sync, no data-dependent shape), so Inductor compiles it into C++
     loops that read the gathered weights in place; this is what the CPU lowering of
-    lynx::experts decomposes into. Work follows the N*k assignments, not the experts
-    touched: on CPU at decode sizes the weights sit in cache and per-op overhead dominates.
+    lynx::experts decomposes into where the native kernel does not run. Work follows the
+    N*k assignments, not the experts touched: on CPU at decode sizes the weights sit in
+    cache and per-op overhead dominates.
     """
-    act = reference.ACTIVATIONS[activation]
+    reference.check_activation(activation, gated, alpha, limit)
     n, k = ids.shape
     flat = ids.reshape(-1)  # [N*k]
     xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [N*k, d, 1]
-    h = torch.bmm(w_up[flat].to(x.dtype), xs).squeeze(-1)  # [N*k, U]
-    gate = None if w_gate is None else torch.bmm(w_gate[flat].to(x.dtype), xs).squeeze(-1)
-    h = reference.expert_activation(h, gate, act, gated)
-    y = torch.bmm(w_down[flat].to(x.dtype), h.unsqueeze(-1)).squeeze(-1)  # [N*k, d]
+
+    def project(w, b, rows):  # [N*k, out] = w[e] @ row (+ b[e]) per slot
+        y = torch.bmm(w[flat].to(x.dtype), rows).squeeze(-1)
+        return _plus_bias(y, b, flat)
+
+    h = project(w_up, b_up, xs)  # [N*k, U]
+    gate = None if w_gate is None else project(w_gate, b_gate, xs)
+    h = reference.expert_activation(h, gate, activation, gated, alpha, limit)
+    y = project(w_down, b_down, h.unsqueeze(-1))  # [N*k, d]
     y = y.to(torch.float32) * weights.reshape(-1, 1).to(torch.float32)
     return y.view(n, k, -1).sum(dim=1).to(x.dtype)

@@ -9,8 +9,9 @@ touched. The C kernels do each in one call:
   reference.route_reference with the affinity policy after the softmax (probs): the model's
   top-k (equal probabilities: lower index first, as the Triton route kernel orders them),
   AffinityBinning's ranking, kept set and remap, and the weights ("renorm" or "mass").
-- `lynx::experts(x, ids, weights, w_up, w_gate, w_down, activation, gated) -> out`:
-  reference.experts_general_reference; each touched expert's weights are read once.
+- `lynx::experts(x, ids, weights, w_up, w_gate, w_down, activation, gated, b_up, b_gate,
+  b_down, act_alpha, act_limit) -> out`: reference.experts_general_reference, per-expert
+  biases and swiglu_clamped included; each touched expert's weights are read once, in place.
 
 The schemas and fake kernels are declared in ops.py; the CPU kernels are C++ (lynx_ops.cpp,
 which links the C code) registered under the ops' CPU dispatch key, so a compiled graph

@@ -103,9 +103,27 @@ def register_fallbacks() -> None:
 
 
 @register_decomposition(torch.ops.lynx.experts.default)
-def experts_cpu(x, ids, weights, w_up, w_gate, w_down, activation, gated):
+def experts_cpu(
+    x,
+    ids,
+    weights,
+    w_up,
+    w_gate,
+    w_down,
+    activation,
+    gated,
+    b_up=None,
+    b_gate=None,
+    b_down=None,
+    act_alpha=None,
+    act_limit=None,
+):
     """lynx::experts: kept for its native CPU kernel (NotImplemented declines the
-    decomposition), else the static-shape gathered form, traced."""
-    if _native_experts(x, activation, w_up, w_gate, w_down):
+    decomposition; it takes biases and every activation), else the static-shape gathered
+    form, traced."""
+    if _native_experts(x, activation, w_up, w_gate, w_down, b_up, b_gate, b_down):
         return NotImplemented
-    return cpu_kernels.experts_gathered(x, ids, weights, w_up, w_down, activation, gated, w_gate)
+    return cpu_kernels.experts_gathered(
+        x, ids, weights, w_up, w_down, activation, gated, w_gate,
+        b_up=b_up, b_gate=b_gate, b_down=b_down, alpha=act_alpha, limit=act_limit,
+    )  # fmt: skip

@@ -424,7 +424,9 @@ int64_t lynx_scored_affinity_ids(const float *scores, const int64_t *exact_ids, 
 
 /* ------------------------------------------------------------------ sparse experts */
 
-enum { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3 };
+/* constants.ACTIVATION_NAMES' codes: the elementwise activations, then the gated ones with
+ * a combine of their own (ACT_SWIGLU_CLAMPED: see swiglu_clamped below). */
+enum { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3, ACT_SWIGLU_CLAMPED = 4 };
 
 static inline float act_fn(float v, int act) {
   switch (act) {
@@ -453,6 +455,21 @@ static inline float round_bf16(float f) { /* round to nearest even, as torch doe
   u &= 0xFFFF0000u;
   memcpy(&f, &u, sizeof f);
   return f;
+}
+
+/* reference.swiglu_clamped for one element (GPT-OSS): g clamped above and u on both sides
+ * at limit (+inf: unclamped; NaN passes as in torch.clamp), then (u + 1) * g * sigmoid(alpha
+ * g); round_mid rounds each intermediate to bf16 where the bf16 model rounds it. */
+static inline float swiglu_clamped(float g, float u, float alpha, float limit, int round_mid) {
+  g = g > limit ? limit : g;
+  u = u > limit ? limit : (u < -limit ? -limit : u);
+  float ga = g * alpha;
+  if (round_mid) ga = round_bf16(ga);
+  float sg = 1.0f / (1.0f + expf(-ga));
+  if (round_mid) sg = round_bf16(sg);
+  float glu = g * sg, u1 = u + 1.0f;
+  if (round_mid) glu = round_bf16(glu), u1 = round_bf16(u1);
+  return u1 * glu;
 }
 
 /* 8-float vectors (GCC/Clang vector extensions: AVX2 or AVX-512 under -march=native,
@@ -838,6 +855,11 @@ static void matmul_rows(const void *const *x, int64_t m, const void *w, int64_t 
  *            (expert, row) strides in elements of w_up, w_gate, w_down (6 values)
  *   gated    1: h = act(gate) * up with gate/up the halves of x @ w_up[e].T (u = 2i), or
  *            gate = x @ w_gate[e].T when w_gate is given (u = i); 0: h = act(x @ w_up[e].T)
+ *   b_up, b_gate, b_down  per-expert biases [e, u], [e, i], [e, d] in dt, or NULL: added
+ *            after their projections; bstrides holds (expert, element) strides of each
+ *            (6 values: any strides, e.g. an interleaved gate/up's bias views)
+ *   act      constants.ACTIVATION_NAMES' code; ACT_SWIGLU_CLAMPED takes alpha and limit
+ *            (+inf: unclamped) and combines gate and up as swiglu_clamped above
  *   take     [e] or NULL: computes only the touched experts j with take[j] != 0 (callers
  *            deal experts out to threads, each into its own output, and sum the outputs)
  *   out      [n, d] float32, overwritten: sum over slots of weight * (h @ w_down[e].T)
@@ -847,9 +869,10 @@ static void matmul_rows(const void *const *x, int64_t m, const void *w, int64_t 
  */
 int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const float *weights,
                  const void *w_up, const void *w_gate, const void *w_down,
-                 const int64_t *strides, const uint8_t *take, int64_t n, int64_t k, int64_t e,
-                 int64_t d, int64_t u, int64_t i, int gated, int act, int dt, int round_mid,
-                 float *out) {
+                 const int64_t *strides, const void *b_up, const void *b_gate,
+                 const void *b_down, const int64_t *bstrides, const uint8_t *take, int64_t n,
+                 int64_t k, int64_t e, int64_t d, int64_t u, int64_t i, int gated, int act,
+                 float alpha, float limit, int dt, int round_mid, float *out) {
   int64_t slots = n * k;
   memset(out, 0, sizeof(float) * (size_t)(n * d));
   if (slots == 0) return 0;
@@ -910,6 +933,14 @@ int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const f
     if (m == 0 || (take && !take[j])) continue;
     const int64_t *grp = order + lo;
     const char *wu = *next++, *wg = w_gate ? *next++ : NULL, *wd = *next++;
+    /* This expert's bias rows (NULL: none) and their element strides: the gate's is b_gate
+     * with a split gate, else b_up's first half (gated) or all of it (plain). */
+    const char *bu = b_up ? (const char *)b_up + (size_t)(j * bstrides[0]) * esz : NULL;
+    const char *bd = b_down ? (const char *)b_down + (size_t)(j * bstrides[4]) * esz : NULL;
+    const char *bg = wg ? (b_gate ? (const char *)b_gate + (size_t)(j * bstrides[2]) * esz : NULL)
+                        : bu;
+    const int64_t bu_s = bstrides[1], bg_s = wg ? bstrides[3] : bstrides[1], bd_s = bstrides[5];
+    const int64_t bu_off = wg || !gated ? 0 : i * bu_s; /* the up half of a fused b_up */
     for (int64_t t = 0; t < m; ++t)
       xrow[t] = mode == MODE_BF16DOT ? (const void *)(xb + (grp[t] / k) * d)
                                      : (const void *)(x + (grp[t] / k) * d);
@@ -926,7 +957,8 @@ int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const f
     for (int64_t t = 0; t < m; ++t) {
       int64_t r = 0;
 #ifdef LYNX_AVX512
-      if (act != ACT_GELU) /* erf has no vector form here: scalar loop below */
+      /* erf has no vector form here, and biases and ACT_SWIGLU_CLAMPED take the scalar loop */
+      if (act != ACT_GELU && act != ACT_SWIGLU_CLAMPED && !bg && !(usrc && bu))
         for (; r < i; r += 16) {
           __mmask16 mk = i - r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (i - r)) - 1u);
           __m512 g = _mm512_maskz_loadu_ps(mk, gsrc + t * gstride + r);
@@ -948,11 +980,19 @@ int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const f
       for (; r < i; ++r) {
         float g = gsrc[t * gstride + r];
         if (round_mid) g = round_bf16(g);
-        float v = act_fn(g, act);
+        if (bg) g += load_w1(bg, r * bg_s, dt), g = round_mid ? round_bf16(g) : g;
+        float up = 0.0f;
         if (usrc) {
-          float up = usrc[t * u + r];
-          if (round_mid) v = round_bf16(v), up = round_bf16(up);
-          v *= up;
+          up = usrc[t * u + r];
+          if (round_mid) up = round_bf16(up);
+          if (bu) up += load_w1(bu, bu_off + r * bu_s, dt), up = round_mid ? round_bf16(up) : up;
+        }
+        float v;
+        if (act == ACT_SWIGLU_CLAMPED) {
+          v = swiglu_clamped(g, up, alpha, limit, round_mid);
+        } else {
+          v = act_fn(g, act);
+          if (usrc) v = (round_mid ? round_bf16(v) : v) * up;
         }
         v = round_mid ? round_bf16(v) : v;
         a[t * i + r] = v;
@@ -969,7 +1009,14 @@ int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const f
       float *o = out + (grp[t] / k) * d;
       float wt = weights[grp[t]];
       const float *y = h + t * d;
-      for (int64_t r = 0; r < d; ++r) o[r] += wt * (round_mid ? round_bf16(y[r]) : y[r]);
+      if (bd) {
+        for (int64_t r = 0; r < d; ++r) {
+          float yr = (round_mid ? round_bf16(y[r]) : y[r]) + load_w1(bd, r * bd_s, dt);
+          o[r] += wt * (round_mid ? round_bf16(yr) : yr);
+        }
+      } else {
+        for (int64_t r = 0; r < d; ++r) o[r] += wt * (round_mid ? round_bf16(y[r]) : y[r]);
+      }
     }
   }
   free(scratch);

@@ -10,7 +10,8 @@
 // The routing ops take the score dtypes the C kernel computes in and say what is wrong
 // otherwise (the CPU lowering emits them only for constants.NATIVE_ROUTE_DTYPES).
 // lynx::experts computes float32 and bfloat16 in the C kernel; every other dtype (and
-// weights in another dtype than x) runs reference.experts_general_reference's loop in ATen.
+// weights or biases in another dtype than x) runs reference.experts_general_reference's loop
+// in ATen. Per-expert biases and the swiglu_clamped activation are taken on every path.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -26,6 +27,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <optional>
 #include <string>
@@ -42,9 +44,10 @@ int64_t lynx_scored_affinity_ids(const float *scores, const int64_t *exact_ids, 
                                  int64_t k0, int64_t *ids, uint8_t *same);
 int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const float *weights,
                  const void *w_up, const void *w_gate, const void *w_down,
-                 const int64_t *strides, const uint8_t *take, int64_t n, int64_t k, int64_t e,
-                 int64_t d, int64_t u, int64_t i, int gated, int act, int dt, int round_mid,
-                 float *out);
+                 const int64_t *strides, const void *b_up, const void *b_gate,
+                 const void *b_down, const int64_t *bstrides, const uint8_t *take, int64_t n,
+                 int64_t k, int64_t e, int64_t d, int64_t u, int64_t i, int gated, int act,
+                 float alpha, float limit, int dt, int round_mid, float *out);
 }
 
 namespace {
@@ -176,16 +179,23 @@ std::tuple<at::Tensor, at::Tensor> route_scored_affinity_cpu(const at::Tensor &s
 }
 
 // Activation codes: constants.ACTIVATION_NAMES' order, which lynx_cpu.c switches on.
-enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
+enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kSwigluClamped = 4 };
 
 int activation_code(c10::string_view activation) {
-  static const char *const names[] = {"silu", "gelu", "gelu_tanh", "relu"};
-  for (int c = 0; c < 4; ++c)
+  static const char *const names[] = {"silu", "gelu", "gelu_tanh", "relu", "swiglu_clamped"};
+  for (int c = 0; c < 5; ++c)
     if (activation == names[c]) return c;
   TORCH_CHECK_VALUE(false, "lynx::experts: unknown activation '", std::string(activation),
-                    "'; valid: silu, gelu, gelu_tanh, relu");
+                    "'; valid: silu, gelu, gelu_tanh, relu, swiglu_clamped");
   return -1;
 }
+
+// The activation's parameters (reference.swiglu_clamped's alpha and limit; limit +inf when
+// the op is given none).
+struct ActParams {
+  int act;
+  double alpha, limit;
+};
 
 at::Tensor activate(const at::Tensor &h, int act) {
   switch (act) {
@@ -196,12 +206,54 @@ at::Tensor activate(const at::Tensor &h, int act) {
   }
 }
 
+// reference.expert_activation for a gated expert, gate/up [m, I] (views are fine).
+at::Tensor gate_times_up(const at::Tensor &gate, const at::Tensor &up, const ActParams &p) {
+  if (p.act != kSwigluClamped) return activate(gate, p.act).mul(up);
+  const at::Tensor g = gate.clamp_max(p.limit), u = up.clamp(-p.limit, p.limit);
+  return u.add(1).mul(g.mul(g.mul(p.alpha).sigmoid()));
+}
+
+// h + the expert's bias row (an undefined bias: h unchanged).
+at::Tensor plus_bias(const at::Tensor &h, const std::optional<at::Tensor> &bias, int64_t j) {
+  return bias ? h.add((*bias)[j].to(h.scalar_type())) : h;
+}
+
+// The per-expert biases of one call, each [E, width] or none.
+struct Biases {
+  const std::optional<at::Tensor> &up, &gate, &down;
+};
+
+// The expert's hidden activation [m, I] from its up projection hu [m, U] and, with a split
+// gate, its gate projection hg [m, I] (biases added first; a fused b_up's halves go to the
+// gate and up halves of hu).
+at::Tensor hidden(at::Tensor hu, std::optional<at::Tensor> hg, const Biases &b, int64_t j,
+                  int64_t i, bool gated, const ActParams &p) {
+  hu = plus_bias(hu, b.up, j);
+  if (hg) return gate_times_up(plus_bias(*hg, b.gate, j), hu, p);
+  if (!gated) return activate(hu, p.act);
+  return gate_times_up(hu.narrow(1, 0, i), hu.narrow(1, i, i), p);
+}
+
+// A split gate that is the even rows of one [E, 2I, d] matrix whose odd rows are w_up (an
+// interleaved gate/up: GPT-OSS's gate_up_proj, passed as views [:, 0::2] and [:, 1::2]):
+// that matrix, as a view of the same storage, or undefined. One GEMM against it reads
+// both in place, where at::mm would copy a gate or up view whose rows are 2 elements apart.
+at::Tensor interleaved_gate_up(const std::optional<at::Tensor> &w_gate, const at::Tensor &w_up) {
+  if (!w_gate || !w_gate->is_alias_of(w_up) || w_gate->strides() != w_up.strides())
+    return {};
+  const int64_t row = w_gate->stride(1);
+  if (row % 2 != 0 || w_up.storage_offset() - w_gate->storage_offset() != row / 2) return {};
+  return w_gate->as_strided({w_up.size(0), 2 * w_up.size(1), w_up.size(2)},
+                            {w_gate->stride(0), row / 2, w_gate->stride(2)});
+}
+
 // reference.experts_general_reference in ATen, for the dtypes the C kernel does not compute
 // on: per touched expert, its tokens' rows through its matrices (read in place; cast to x's
 // dtype only where they differ, as the reference does), the weighted sum in float32.
 at::Tensor experts_aten(const at::Tensor &x, const at::Tensor &ids, const at::Tensor &weights,
                         const at::Tensor &w_up, const std::optional<at::Tensor> &w_gate,
-                        const at::Tensor &w_down, int act, bool gated) {
+                        const at::Tensor &w_down, const Biases &b, const ActParams &p,
+                        bool gated) {
   const int64_t n = x.size(0), k = ids.size(1), e = w_up.size(0), i = w_down.size(2);
   const at::ScalarType dt = x.scalar_type();
   at::Tensor out = at::zeros({n, x.size(1)}, x.options().dtype(at::kFloat));
@@ -219,15 +271,11 @@ at::Tensor experts_aten(const at::Tensor &x, const at::Tensor &ids, const at::Te
     std::copy(pos.begin(), pos.end(), slot.data_ptr<int64_t>());
     const at::Tensor token = slot.div(k, "floor");
     const at::Tensor xt = x.index_select(0, token);
-    at::Tensor h = xt.matmul(w_up[expert].to(dt).t());
-    if (w_gate) {
-      h = activate(xt.matmul((*w_gate)[expert].to(dt).t()), act).mul(h);
-    } else if (gated) {
-      h = activate(h.narrow(-1, 0, i), act).mul(h.narrow(-1, i, i));
-    } else {
-      h = activate(h, act);
-    }
-    const at::Tensor y = h.matmul(w_down[expert].to(dt).t()).to(at::kFloat);
+    std::optional<at::Tensor> hg;
+    if (w_gate) hg = xt.matmul((*w_gate)[expert].to(dt).t());
+    const at::Tensor h = hidden(xt.matmul(w_up[expert].to(dt).t()), hg, b, expert, i, gated, p);
+    const at::Tensor y = plus_bias(h.matmul(w_down[expert].to(dt).t()), b.down, expert)
+                             .to(at::kFloat);
     out.index_add_(0, token, y.mul(flat_w.index_select(0, slot).to(at::kFloat).unsqueeze(1)));
   }
   return out.to(dt);
@@ -246,10 +294,24 @@ at::Tensor experts_aten(const at::Tensor &x, const at::Tensor &ids, const at::Te
 constexpr int64_t kGemmTokensBF16 = LYNX_GEMM_TOKENS_BF16;
 constexpr int64_t kGemmTokensF32 = LYNX_GEMM_TOKENS_F32;
 
+// Whether an optional per-expert bias is [E, width] (or absent).
+bool bias_fits(const std::optional<at::Tensor> &b, int64_t e, int64_t width) {
+  return !b || (b->dim() == 2 && b->size(0) == e && b->size(1) == width);
+}
+
 at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor &weights,
                    const at::Tensor &w_up, const std::optional<at::Tensor> &w_gate,
-                   const at::Tensor &w_down, c10::string_view activation, bool gated) {
+                   const at::Tensor &w_down, c10::string_view activation, bool gated,
+                   const std::optional<at::Tensor> &b_up, const std::optional<at::Tensor> &b_gate,
+                   const std::optional<at::Tensor> &b_down, std::optional<double> act_alpha,
+                   std::optional<double> act_limit) {
   const int act = activation_code(activation);
+  TORCH_CHECK_VALUE(act != kSwigluClamped ? !act_alpha && !act_limit : gated && act_alpha,
+                    "lynx::experts: swiglu_clamped needs gated=True and act_alpha; the other "
+                    "activations take neither act_alpha nor act_limit");
+  const ActParams params{act, act_alpha.value_or(1.0),
+                         act_limit.value_or(std::numeric_limits<double>::infinity())};
+  const Biases biases{b_up, b_gate, b_down};
   const at::ScalarType dt = x.scalar_type();
   TORCH_CHECK(x.dim() == 2 && w_up.dim() == 3 && w_down.dim() == 3 && ids.dim() == 2,
               "lynx::experts: want x [N, d], ids [N, k], w_up [E, U, d], w_down [E, d, I]");
@@ -265,10 +327,18 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
               ", weights ", weights.sizes(), ", w_up ", w_up.sizes(), ", w_down ",
               w_down.sizes(), " (gated=", gated, ", split gate ", w_gate.has_value(),
               "): want w_up [E, ", want_u, ", ", d, "] and w_down [E, ", d, ", I]");
+  TORCH_CHECK(bias_fits(b_up, e, u) && bias_fits(b_gate, e, i) && bias_fits(b_down, e, d) &&
+                  (!b_gate || w_gate),
+              "lynx::experts: want biases b_up [E, ", u, "], b_gate [E, ", i,
+              "] (with a split gate only) and b_down [E, ", d, "]");
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "lynx::experts: ids must be int64");
+  const auto in_dt = [&](const std::optional<at::Tensor> &t) {
+    return !t || t->scalar_type() == dt;
+  };
   const bool native = (dt == at::kFloat || dt == at::kBFloat16) && w_up.scalar_type() == dt &&
-                      w_down.scalar_type() == dt && (!w_gate || w_gate->scalar_type() == dt);
-  if (!native) return experts_aten(x, ids, weights, w_up, w_gate, w_down, act, gated);
+                      w_down.scalar_type() == dt && in_dt(w_gate) && in_dt(b_up) &&
+                      in_dt(b_gate) && in_dt(b_down);
+  if (!native) return experts_aten(x, ids, weights, w_up, w_gate, w_down, biases, params, gated);
   at::Tensor out = at::zeros({n, d}, x.options().dtype(at::kFloat));
   if (n == 0) return out.to(dt);
   at::Tensor idc = ids.contiguous();
@@ -304,6 +374,14 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
                                 w_gate ? w_gate->stride(1) : 0,
                                 w_down.stride(0),
                                 w_down.stride(1)};
+    const auto bstride = [](const std::optional<at::Tensor> &b, int dim) {
+      return b ? b->stride(dim) : int64_t{0};
+    };
+    const int64_t bstrides[6] = {bstride(b_up, 0),   bstride(b_up, 1),   bstride(b_gate, 0),
+                                 bstride(b_gate, 1), bstride(b_down, 0), bstride(b_down, 1)};
+    const auto bias_ptr = [](const std::optional<at::Tensor> &b) -> const void * {
+      return b ? b->data_ptr() : nullptr;
+    };
     const int code = dt == at::kFloat ? 0 : 1;  // the C kernel's weight dtype
     // With torch's intra-op threads, the streamed experts are dealt out to the threads (each
     // reads its experts' weights once, into its own output), then the outputs are summed. Below
@@ -337,8 +415,10 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
           xs.data_ptr<float>(),
           xb.defined() ? static_cast<const uint16_t *>(xb.data_ptr()) : nullptr, id,
           wts.data_ptr<float>(), w_up.data_ptr(), w_gate ? w_gate->data_ptr() : nullptr,
-          w_down.data_ptr(), strides, take[part].data(), n, k, e, d, u, i, gated ? 1 : 0, act,
-          code, code, partial.data_ptr<float>() + part * n * d);
+          w_down.data_ptr(), strides, bias_ptr(b_up), bias_ptr(b_gate), bias_ptr(b_down),
+          bstrides, take[part].data(), n, k, e, d, u, i, gated ? 1 : 0, act,
+          static_cast<float>(params.alpha), static_cast<float>(params.limit), code, code,
+          partial.data_ptr<float>() + part * n * d);
     };
     if (parts == 1) {
       run(0);
@@ -359,20 +439,25 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
     for (int64_t s = 0; s < n * k; ++s)
       if (is_gemm[id[s]]) slots[id[s]].push_back(s);
     const at::Tensor flat_w = weights.reshape({-1});
+    const at::Tensor gate_up = interleaved_gate_up(w_gate, w_up);
     auto run_gemm = [&](int64_t j, at::Tensor &dst) {
       at::Tensor slot = at::empty({count[j]}, idc.options());
       std::copy(slots[j].begin(), slots[j].end(), slot.data_ptr<int64_t>());
       const at::Tensor token = slot.div(k, "floor");
       const at::Tensor xt = x.index_select(0, token);
-      at::Tensor h = at::mm(xt, w_up[j].t());  // views: the weights are read in place
-      if (w_gate) {
-        h = activate(at::mm(xt, (*w_gate)[j].t()), act).mul(h);
-      } else if (gated) {
-        h = activate(h.narrow(1, 0, i), act).mul(h.narrow(1, i, i));
+      // views: the weights are read in place (an interleaved gate/up as one GEMM, its
+      // output's even and odd columns the gate and up projections)
+      at::Tensor hu;
+      std::optional<at::Tensor> hg;
+      if (gate_up.defined()) {
+        const at::Tensor both = at::mm(xt, gate_up[j].t());  // [m, 2I]
+        hg = both.slice(1, 0, 2 * i, 2), hu = both.slice(1, 1, 2 * i, 2);
       } else {
-        h = activate(h, act);
+        hu = at::mm(xt, w_up[j].t());
+        if (w_gate) hg = at::mm(xt, (*w_gate)[j].t());
       }
-      const at::Tensor y = at::mm(h, w_down[j].t()).to(at::kFloat);
+      const at::Tensor h = hidden(hu, hg, biases, j, i, gated, params);
+      const at::Tensor y = plus_bias(at::mm(h, w_down[j].t()), b_down, j).to(at::kFloat);
       dst.index_add_(0, token, y.mul(flat_w.index_select(0, slot).to(at::kFloat).unsqueeze(1)));
     };
     // As many GEMM experts as threads or more: dealt out to the threads, one single-threaded

@@ -11,10 +11,24 @@
     route_scored_affinity_cpu(scores, top_k, space, alpha, beta, k0) -> (values, ids)
                                                 route_scored's affinity policy: the same for
                                                 scored routers
-    experts(x, ids, weights, w_up, w_gate?, w_down, activation, gated) -> [N, d]
+    experts(x, ids, weights, w_up, w_gate?, w_down, activation, gated,
+            b_up?, b_gate?, b_down?, act_alpha?, act_limit?) -> [N, d]
                                                 the sparse experts: fused gate/up (w_up
                                                 [E, 2I, d], gated), plain (w_up [E, I, d]) or
-                                                split gate (w_gate and w_up [E, I, d])
+                                                split gate (w_gate and w_up [E, I, d]);
+                                                optional per-expert biases b_up [E, U],
+                                                b_gate [E, I], b_down [E, d], added after
+                                                their projections; act_alpha / act_limit
+                                                parameterise the activation "swiglu_clamped"
+                                                (GPT-OSS: constants.GLU_ACTIVATIONS) and are
+                                                None for the elementwise ones
+
+lynx::experts reads its weights and biases in place, at any strides: an interleaved gate/up
+(GPT-OSS's gate_up_proj [E, d, 2I], gate = [..., ::2], up = [..., 1::2]) is passed as the
+split-gate views w_gate = gate_up_proj.transpose(1, 2)[:, 0::2] and w_up = [:, 1::2] (biases
+likewise: b_gate = gate_up_proj_bias[:, 0::2], b_up = [:, 1::2]); no kernel copies, stacks
+or re-lays-out a weight. The trailing arguments default to None, so a call without them is
+the bias-free form.
 
 The body of each op is its composite kernel (every device, from the plain-PyTorch forms in
 reference.py and cpu_kernels.py). Per-device kernels are registered from their own modules
@@ -34,6 +48,7 @@ import torch
 from lynx_compile.lowering import cpu_kernels, reference
 from lynx_compile.lowering.constants import (
     ACTIVATION_NAMES,
+    GLU_ACTIVATIONS,
     POLICIES,
     SCORE_SPACES,
     WEIGHT_CONVENTIONS,
@@ -80,10 +95,40 @@ def _route_fake(logits, top_k, policy, alpha, beta, k0, budget, weights, telemet
     return _route_outputs(logits, top_k)
 
 
-def _check_experts(x, ids, weights, w_up, w_gate, w_down, activation, gated) -> None:
+def _check_experts(
+    x,
+    ids,
+    weights,
+    w_up,
+    w_gate,
+    w_down,
+    activation,
+    gated,
+    b_up=None,
+    b_gate=None,
+    b_down=None,
+    act_alpha=None,
+    act_limit=None,
+) -> None:
     """x [N, d], ids int64 / weights [N, k], w_up [E, U, d], w_gate [E, I, d] or None,
-    w_down [E, d, I]; U = 2I for a fused gated w_up, else I."""
+    w_down [E, d, I]; U = 2I for a fused gated w_up, else I; biases b_up [E, U], b_gate
+    [E, I] (with w_gate only), b_down [E, d] or None; act_alpha / act_limit as
+    reference.check_activation wants them."""
     _check_choice(activation, ACTIVATION_NAMES, "activation")
+    torch._check_value(
+        activation not in GLU_ACTIVATIONS or (gated and act_alpha is not None),
+        lambda: (
+            f"lynx::experts: activation {activation!r} needs gated=True and act_alpha (got "
+            f"gated={gated}, act_alpha={act_alpha})"
+        ),
+    )
+    torch._check_value(
+        activation in GLU_ACTIVATIONS or (act_alpha is None and act_limit is None),
+        lambda: (
+            f"lynx::experts: act_alpha / act_limit parameterise {', '.join(GLU_ACTIVATIONS)} "
+            f"only; activation {activation!r} takes neither (got {act_alpha}, {act_limit})"
+        ),
+    )
     dims = (x.dim(), ids.dim(), weights.dim(), w_up.dim(), w_down.dim())
     torch._check_value(
         dims == (2, 2, 2, 3, 3) and (w_gate is None or w_gate.dim() == 3),
@@ -125,6 +170,26 @@ def _check_experts(x, ids, weights, w_up, w_gate, w_down, activation, gated) -> 
             lambda: (
                 f"lynx::experts: w_gate must be [E={e}, I={inter}, d={d}] like w_up, "
                 f"got {tuple(w_gate.shape)}"
+            ),
+        )
+    torch._check_value(
+        b_gate is None or split,
+        lambda: "lynx::experts: b_gate needs a split gate (w_gate); a fused w_up's bias is b_up",
+    )
+    for name, bias, width in (("b_up", b_up, u), ("b_gate", b_gate, inter), ("b_down", b_down, d)):
+        if bias is None:
+            continue
+        torch._check(
+            bias.dim() == 2 and bias.shape[0] == e and bias.shape[1] == width,
+            lambda name=name, bias=bias, width=width: (
+                f"lynx::experts: {name} must be [E={e}, {width}] (one bias row per expert), "
+                f"got {tuple(bias.shape)}"
+            ),
+        )
+        torch._check_type(
+            bias.is_floating_point(),
+            lambda name=name, bias=bias: (
+                f"lynx::experts: {name} must be floating point, got {bias.dtype}"
             ),
         )
 
@@ -480,18 +545,27 @@ def experts_composite(
     w_down: torch.Tensor,
     activation: str,
     gated: bool,
+    b_up: torch.Tensor | None = None,
+    b_gate: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    act_alpha: float | None = None,
+    act_limit: float | None = None,
 ) -> torch.Tensor:
     """Sparse experts: x [N, d], ids/weights [N, k], w_up [E, U, d], w_gate [E, I, d] or
-    None, w_down [E, d, I] -> [N, d] in x's dtype (reference.experts_general_reference)."""
-    return cpu_kernels.experts_grouped(x, ids, weights, w_up, w_down, activation, gated, w_gate)
+    None, w_down [E, d, I], biases b_up [E, U] / b_gate [E, I] / b_down [E, d] or None
+    -> [N, d] in x's dtype (reference.experts_general_reference)."""
+    return cpu_kernels.experts_grouped(
+        x, ids, weights, w_up, w_down, activation, gated, w_gate,
+        b_up=b_up, b_gate=b_gate, b_down=b_down, alpha=act_alpha, limit=act_limit,
+    )  # fmt: skip
 
 
 experts = torch.library.custom_op("lynx::experts", mutates_args=())(experts_composite)
 
 
 @experts.register_fake
-def _experts_fake(x, ids, weights, w_up, w_gate, w_down, activation, gated):
-    _check_experts(x, ids, weights, w_up, w_gate, w_down, activation, gated)
+def _experts_fake(x, ids, weights, w_up, w_gate, w_down, activation, gated, *extras):
+    _check_experts(x, ids, weights, w_up, w_gate, w_down, activation, gated, *extras)
     return torch.empty_like(x)
 
 

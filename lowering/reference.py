@@ -30,6 +30,8 @@ from lynx_compile.lowering.constants import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     DEFAULT_BUDGET,
+    ELEMENTWISE_ACTIVATIONS,
+    GLU_ACTIVATIONS,
     POLICIES,
     SCORE_SPACES,
     WEIGHT_CONVENTIONS,
@@ -446,7 +448,7 @@ _ACTIVATION_FNS = (
     lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
     torch.relu,
 )
-ACTIVATIONS = dict(zip(ACTIVATION_NAMES, _ACTIVATION_FNS, strict=True))
+ACTIVATIONS = dict(zip(ELEMENTWISE_ACTIVATIONS, _ACTIVATION_FNS, strict=True))
 
 
 def experts_reference(
@@ -481,31 +483,87 @@ def experts_split_reference(
     return experts_general_reference(x, ids, weights, w_gate, w_up, w_down, activation, True)
 
 
-def expert_activation(h: torch.Tensor, gate: torch.Tensor | None, act, gated: bool):
-    """The expert's hidden activation from its up projection h [..., U]: act(gate) * h with
-    a separate gate projection [..., I]; act(h[..., :I]) * h[..., I:] when gated (U = 2I);
-    else act(h)."""
-    if gate is not None:
-        return act(gate) * h
-    if gated:
-        g, up = h.chunk(2, dim=-1)
-        return act(g) * up
-    return act(h)
+def swiglu_clamped(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float | None):
+    """GPT-OSS's gated activation, gate/up [..., I] -> [..., I]: the gate clamped above and
+    the up projection on both sides at `limit` (None: unclamped), then
+    (up + 1) * gate * sigmoid(alpha * gate), in the model's order of operations."""
+    if limit is not None:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
-def experts_general_reference(x, ids, weights, w_gate, w_up, w_down, activation, gated):
-    """Both expert forms: w_gate None -> experts_reference, else experts_split_reference."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; valid: {sorted(ACTIVATIONS)}")
+def check_activation(activation: str, gated: bool, alpha: float | None, limit: float | None):
+    """ValueError unless the activation is known and its parameters fit it: swiglu_clamped
+    is gated and takes alpha (limit optional); the elementwise ones take neither."""
+    if activation not in ACTIVATION_NAMES:
+        raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATION_NAMES)}")
+    if activation in GLU_ACTIVATIONS:
+        if not gated or alpha is None:
+            raise ValueError(
+                f"activation {activation!r} needs gated=True and act_alpha (got gated={gated}, "
+                f"act_alpha={alpha})"
+            )
+    elif alpha is not None or limit is not None:
+        raise ValueError(
+            f"act_alpha / act_limit parameterise {', '.join(GLU_ACTIVATIONS)} only; "
+            f"activation {activation!r} takes neither (got {alpha}, {limit})"
+        )
+
+
+def expert_activation(
+    h: torch.Tensor,
+    gate: torch.Tensor | None,
+    activation: str,
+    gated: bool,
+    alpha: float | None = None,
+    limit: float | None = None,
+) -> torch.Tensor:
+    """The expert's hidden activation from its up projection h [..., U]: with a separate gate
+    projection [..., I], act(gate) * h; gated (U = 2I), the halves h[..., :I] (gate) and
+    h[..., I:] (up) combined so; else act(h). swiglu_clamped combines gate and up as
+    swiglu_clamped() does, with alpha and limit."""
+    if gate is None and gated:
+        gate, h = h.chunk(2, dim=-1)
+    if activation in GLU_ACTIVATIONS:
+        return swiglu_clamped(gate, h, alpha, limit)
     act = ACTIVATIONS[activation]
+    return act(h) if gate is None else act(gate) * h
+
+
+def experts_general_reference(
+    x,
+    ids,
+    weights,
+    w_gate,
+    w_up,
+    w_down,
+    activation,
+    gated,
+    b_up=None,
+    b_gate=None,
+    b_down=None,
+    alpha=None,
+    limit=None,
+):
+    """Every expert form: w_gate None -> experts_reference, else experts_split_reference;
+    optional per-expert biases b_up [E, U], b_gate [E, I], b_down [E, d] added after their
+    projections (x @ w_up[e].T + b_up[e], ...); alpha / limit parameterise swiglu_clamped.
+    Weights and biases may be strided views (an interleaved gate/up: w[:, 0::2], w[:, 1::2])."""
+    check_activation(activation, gated, alpha, limit)
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     flat_ids = ids.reshape(-1)
+
+    def project(rows, w, b, e):
+        y = rows @ w[e].to(x.dtype).t()
+        return y if b is None else y + b[e].to(x.dtype)
+
     for e in torch.unique(flat_ids).tolist():
         slot = (flat_ids == e).nonzero().squeeze(1)  # positions in [N * k]
         token = slot // ids.shape[1]
-        h = x[token] @ w_up[e].to(x.dtype).t()
-        gate = None if w_gate is None else x[token] @ w_gate[e].to(x.dtype).t()
-        y = expert_activation(h, gate, act, gated) @ w_down[e].to(x.dtype).t()
+        h = project(x[token], w_up, b_up, e)
+        gate = None if w_gate is None else project(x[token], w_gate, b_gate, e)
+        y = project(expert_activation(h, gate, activation, gated, alpha, limit), w_down, b_down, e)
         w = weights.reshape(-1)[slot].to(torch.float32)
         out.index_add_(0, token, y.to(torch.float32) * w[:, None])
     return out.to(x.dtype)

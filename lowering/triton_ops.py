@@ -25,7 +25,11 @@ import importlib.util
 
 import torch
 from lynx_compile.lowering import ops
-from lynx_compile.lowering.constants import TRITON_DTYPES, route_fits_triton
+from lynx_compile.lowering.constants import (
+    ELEMENTWISE_ACTIVATIONS,
+    TRITON_DTYPES,
+    route_fits_triton,
+)
 from lynx_compile.lowering.telemetry import record_route
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -47,9 +51,18 @@ def route_takes(logits: torch.Tensor, top_k: int) -> bool:
     )
 
 
-def experts_take(x: torch.Tensor, w_gate: torch.Tensor | None) -> bool:
-    """Whether the Triton experts kernels take these CUDA inputs (fused or plain w_up)."""
-    return x.device.type == "cuda" and x.dtype in TRITON_DTYPES and w_gate is None
+def experts_take(x: torch.Tensor, w_gate: torch.Tensor | None, activation: str, *extras) -> bool:
+    """Whether the Triton experts kernels take these CUDA inputs: fused or plain w_up, an
+    elementwise activation, no biases (extras: lynx::experts' b_up, b_gate, b_down,
+    act_alpha, act_limit, all None). Biased or swiglu_clamped calls (GPT-OSS) decline and
+    take the traced decomposition (decompositions.experts_cpu's gathered form)."""
+    return (
+        x.device.type == "cuda"
+        and x.dtype in TRITON_DTYPES
+        and w_gate is None
+        and activation in ELEMENTWISE_ACTIVATIONS
+        and all(extra is None for extra in extras)
+    )
 
 
 def _route_cuda(logits, top_k, policy, alpha, beta, k0, budget, weights, telemetry_site):
@@ -81,12 +94,12 @@ def _route_scored_cuda(scores, top_k, space, policy, alpha, beta, k0, budget, te
     return values, ids
 
 
-def _experts_cuda(x, ids, weights, w_up, w_gate, w_down, activation, gated):
+def _experts_cuda(x, ids, weights, w_up, w_gate, w_down, activation, gated, *extras):
     """Eager lynx::experts on CUDA: the Triton kernels where they fit, else the composite."""
-    if experts_take(x, w_gate):
+    if experts_take(x, w_gate, activation, *extras):
         _, triton_experts = _kernels()
         return triton_experts.experts(x, ids, weights, w_up, w_down, activation, gated)
-    return ops.experts_composite(x, ids, weights, w_up, w_gate, w_down, activation, gated)
+    return ops.experts_composite(x, ids, weights, w_up, w_gate, w_down, activation, gated, *extras)
 
 
 def _traced_in_graph(mode, op, types, args, kwargs, takes, launch):
@@ -138,10 +151,10 @@ def _route_scored_in_graph(mode, op, types, args, kwargs):
 
 
 def _experts_in_graph(mode, op, types, args, kwargs):
-    def takes(x, ids, weights, w_up, w_gate, *rest):
-        return experts_take(x, w_gate)
+    def takes(x, ids, weights, w_up, w_gate, w_down, activation, gated, *extras):
+        return experts_take(x, w_gate, activation, *extras)
 
-    def launch(x, ids, weights, w_up, w_gate, w_down, activation, gated):
+    def launch(x, ids, weights, w_up, w_gate, w_down, activation, gated, *extras):
         from torch.library import wrap_triton
 
         _, triton_experts = _kernels()

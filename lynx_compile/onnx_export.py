@@ -25,7 +25,7 @@ import torch.utils._pytree as pytree
 from lynx_compile._extras import require
 from lynx_compile.export import ExportError, capture_rewritten, describe_error, export_graph
 from lynx_compile.lowering import reference
-from lynx_compile.lowering.reference import ACTIVATIONS, RoutingPolicy, route_reference
+from lynx_compile.lowering.reference import RoutingPolicy, route_reference
 
 # The ONNX stack is the [onnx] extra; torch.onnx.export(dynamo=True) runs on onnxscript.
 np = require("numpy", "onnx", "lynx_compile.to_onnx")
@@ -58,26 +58,51 @@ def route_affinity_cpu_decomposed(logits, probs, top_k, alpha, beta, renorm, k0=
     return route_reference(logits, top_k, policy, weights, ties="lower_index", probs=probs)
 
 
-def _dense_experts(x, ids, weights, w_gate, w_up, w_down, activation, gated):
+def _dense_experts(x, ids, weights, w_gate, w_up, w_down, activation, gated, **extras):
     """Every expert on every token, combined by routing weight: x [N, d], ids/weights [N, k],
     w_up [E, U, d] (U = 2I when gated without w_gate), w_gate [E, I, d] or None,
-    w_down [E, d, I] -> [N, d] in x's dtype, the weighted sum in fp32 like the reference."""
-    act = ACTIVATIONS[activation]
-    h = torch.einsum("nd,eud->neu", x, w_up.to(x.dtype))  # [N, E, U]
-    gate = None if w_gate is None else torch.einsum("nd,eid->nei", x, w_gate.to(x.dtype))
-    h = reference.expert_activation(h, gate, act, gated)  # [N, E, I]
-    y = torch.einsum("nei,edi->ned", h, w_down.to(x.dtype))  # [N, E, d]
+    w_down [E, d, I], optional biases b_up [E, U] / b_gate [E, I] / b_down [E, d], alpha and
+    limit for swiglu_clamped -> [N, d] in x's dtype, the weighted sum in fp32 like the
+    reference."""
+
+    def project(spec, rows, w, bias):  # [N, E, out], each expert's bias on its column
+        y = torch.einsum(spec, rows, w.to(x.dtype))
+        return y if bias is None else y + bias.to(x.dtype)
+
+    h = project("nd,eud->neu", x, w_up, extras["b_up"])  # [N, E, U]
+    gate = None if w_gate is None else project("nd,eid->nei", x, w_gate, extras["b_gate"])
+    h = reference.expert_activation(
+        h, gate, activation, gated, extras["alpha"], extras["limit"]
+    )  # [N, E, I]
+    y = project("nei,edi->ned", h, w_down, extras["b_down"])  # [N, E, d]
     combine = torch.zeros(x.shape[0], w_down.shape[0], dtype=torch.float32, device=x.device)
     combine = combine.scatter_add(1, ids, weights.to(torch.float32))  # [N, E]
     return torch.einsum("ned,ne->nd", y.to(torch.float32), combine).to(x.dtype)
 
 
-def experts_decomposed(x, ids, weights, w_up, w_gate, w_down, activation, gated):
+def experts_decomposed(
+    x,
+    ids,
+    weights,
+    w_up,
+    w_gate,
+    w_down,
+    activation,
+    gated,
+    b_up=None,
+    b_gate=None,
+    b_down=None,
+    act_alpha=None,
+    act_limit=None,
+):
     """lynx::experts without data-dependent shapes: x [N, d], ids/weights [N, k],
-    w_up [E, U, d], w_gate [E, I, d] or None, w_down [E, d, I] -> [N, d]. Equals
-    experts_general_reference up to summation order (the reference loops over the experts
-    the batch touches)."""
-    return _dense_experts(x, ids, weights, w_gate, w_up, w_down, activation, gated)
+    w_up [E, U, d], w_gate [E, I, d] or None, w_down [E, d, I], biases as the op's -> [N, d].
+    Equals experts_general_reference up to summation order (the reference loops over the
+    experts the batch touches)."""
+    return _dense_experts(
+        x, ids, weights, w_gate, w_up, w_down, activation, gated,
+        b_up=b_up, b_gate=b_gate, b_down=b_down, alpha=act_alpha, limit=act_limit,
+    )  # fmt: skip
 
 
 # Ops with another op's schema and results, so an export writes that one.

@@ -85,6 +85,13 @@ def _experts_samples():
             yield (x, ids, w, w_up, w_gate, w_down, "silu", form != "plain")
     x, ids, w, w_up, w_down, w_gate = experts_case(3, 6, 2, 16, 8, "gated", torch.float16)
     yield (x, ids, w, w_up, None, w_down, "gelu_tanh", True)  # the native op's ATen path
+    for dtype in (torch.float32, torch.bfloat16):  # GPT-OSS: biases, interleaved views
+        x, ids, w, w_up, w_down, _ = experts_case(13, 6, 2, 16, 8, "gated", dtype)
+        b_up, b_down = torch.randn(6, 16).to(dtype), torch.randn(6, 16).to(dtype)
+        gate_up = (w_up[:, 0::2], w_up[:, 1::2], b_up[:, 0::2], b_up[:, 1::2])
+        yield (x, ids, w, gate_up[1], gate_up[0], w_down, "swiglu_clamped", True,
+               gate_up[3], gate_up[2], b_down, 1.702, 7.0)  # fmt: skip
+        yield (x, ids, w, w_up, None, w_down, "silu", True, b_up, None, b_down)
 
 
 SAMPLES = {
@@ -170,3 +177,9 @@ def test_experts_fake_says_what_is_wrong():
             ops.experts(x, ids, w, up, gate, w_down, "silu", False)
         with pytest.raises(RuntimeError, match=r"must both be \[N=5, k\]"):
             ops.experts(x, ids[:3], w, w_up, None, w_down, "silu", True)
+        with pytest.raises(ValueError, match="swiglu_clamped' needs gated=True and act_alpha"):
+            ops.experts(x, ids, w, w_up, None, w_down, "swiglu_clamped", True)
+        with pytest.raises(ValueError, match="silu' takes neither"):
+            ops.experts(x, ids, w, w_up, None, w_down, "silu", True, act_limit=7.0)
+        with pytest.raises(RuntimeError, match=r"b_down must be \[E=6, 16\]"):
+            ops.experts(x, ids, w, w_up, None, w_down, "silu", True, b_down=torch.empty(6, 8))

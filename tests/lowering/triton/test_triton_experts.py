@@ -180,7 +180,7 @@ def test_routed_by_the_router_and_through_the_cuda_kernel(monkeypatch):
     logits = 2 * torch.randn(13, 60, generator=torch.Generator().manual_seed(3))
     weights, ids = reference.route_reference(logits, 8, reference.RoutingPolicy("affinity"))
     want = reference.experts_reference(x, ids, weights, w_up, w_down, "silu", True)
-    monkeypatch.setattr(triton_ops, "experts_take", lambda x, w_gate: w_gate is None)
+    monkeypatch.setattr(triton_ops, "experts_take", lambda x, w_gate, *rest: w_gate is None)
     got = triton_ops._experts_cuda(x, ids, weights, w_up, None, w_down, "silu", True)
     assert_close_to_reference(got, want, torch.float32)
 
@@ -248,17 +248,22 @@ def test_rejects_bad_arguments():
 
 def test_one_op_for_every_device_and_what_the_triton_kernels_take():
     """The passes emit lynx::experts whatever the device; on CUDA the Triton kernels take
-    fused or plain w_up in fp32/fp16/bf16, a split gate falls back (composite / traced)."""
+    fused or plain w_up in fp32/fp16/bf16 with an elementwise activation and no biases; a
+    split gate, biases or swiglu_clamped (GPT-OSS) fall back (composite / traced)."""
     from torch._subclasses import FakeTensorMode
 
     assert ops.experts_op() is torch.ops.lynx.experts.default
     with FakeTensorMode():
         cuda_x, gate = torch.empty(4, 32, device="cuda"), torch.empty(8, 16, 32, device="cuda")
         cuda_f64 = torch.empty(4, 32, device="cuda", dtype=torch.float64)
-    assert triton_ops.experts_take(cuda_x, None)
-    assert not triton_ops.experts_take(cuda_x, gate)
-    assert not triton_ops.experts_take(cuda_f64, None)
-    assert not triton_ops.experts_take(torch.empty(4, 32), None)
+        bias = torch.empty(8, 32, device="cuda")
+    no_extras = (None,) * 5  # b_up, b_gate, b_down, act_alpha, act_limit
+    assert triton_ops.experts_take(cuda_x, None, "silu", *no_extras)
+    assert not triton_ops.experts_take(cuda_x, gate, "silu", *no_extras)
+    assert not triton_ops.experts_take(cuda_f64, None, "silu", *no_extras)
+    assert not triton_ops.experts_take(torch.empty(4, 32), None, "silu", *no_extras)
+    assert not triton_ops.experts_take(cuda_x, None, "silu", None, None, bias, None, None)
+    assert not triton_ops.experts_take(cuda_x, None, "swiglu_clamped", None, None, None, 1.7, 7.0)
 
 
 def test_launch_configs_round_trip_and_fallback(tmp_path, monkeypatch, caplog):
