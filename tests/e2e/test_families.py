@@ -90,7 +90,6 @@ REWRITTEN = {
 # Families whose dispatch stays the model's, and the reason the report gives. Every other
 # family in REWRITTEN has its experts fused into lynx::experts on every implementation.
 DISPATCH_KEPT = {
-    "gpt_oss": "per-expert biases",  # biased experts with a clamped GLU: not lynx::experts
     "dbrx": "routing leaves the graph",  # its router module is a graph of its own
     "longcat_flash": "routing leaves the graph",  # .item() in its expert loop splits it
     "jetmoe": "hidden-state tensors",  # its own expert kernels over a second token tensor

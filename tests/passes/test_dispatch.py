@@ -79,7 +79,12 @@ def _run(module, batches=(1, 3, 13)):
 
 @pytest.mark.parametrize(
     "variant,pattern",
-    [("swiglu", "gated silu"), ("plain_gelu", "plain gelu"), ("returns_ids", "gated silu")],
+    [
+        ("swiglu", "gated silu"),
+        ("plain_gelu", "plain gelu"),
+        ("returns_ids", "gated silu"),
+        ("per_expert_bias", "gated silu, biased down"),  # an [E, d] bias after the down proj
+    ],
 )
 def test_gather_bmm_dispatch_is_fused(variant, pattern):
     torch.manual_seed(0)
@@ -92,7 +97,6 @@ def test_gather_bmm_dispatch_is_fused(variant, pattern):
     [
         ("weight_before_experts", "reproduces"),  # same inputs, different math
         ("weight_inside_activation", "reproduces"),
-        ("per_expert_bias", "per-expert biases"),  # an extra [E, d] input
         ("returns_hidden", "no closed"),  # fusing would drop a value the caller reads
     ],
 )
@@ -156,3 +160,119 @@ def test_batched_router_default_policy_touches_fewer_experts_at_batch_16():
     tally = site["telemetry"]
     assert site["decode"] and site["policy"] == "affinity"
     assert tally["mean_experts_chosen"] < tally["mean_experts_exact"], tally
+
+
+# ------------------------------------------- GPT-OSS style: biased, interleaved, clamped GLU
+
+
+class GptOssStyleMoE(nn.Module):
+    """GPT-OSS's MLP written by hand (gather + bmm): a biased router, top-k on its logits,
+    softmax over the k; experts gate_up [E, d, 2I] (x @ W) with gate/up interleaved, per-
+    expert biases, gate = min(gate, limit), up = clamp(up, +-limit), (up + 1) * gate *
+    sigmoid(alpha * gate). `variant` changes one thing."""
+
+    def __init__(self, variant="model", dim=16, inter=24, experts=8, top_k=2, alpha=1.702):
+        super().__init__()
+        self.variant, self.top_k, self.alpha, self.limit = variant, top_k, alpha, 7.0
+        self.router = nn.Linear(dim, experts)
+        # x 4: pre-activations of a few units, so that random inputs reach the limit
+        self.gate_up = nn.Parameter(torch.randn(experts, dim, 2 * inter) * 4 / dim**0.5)
+        self.gate_up_bias = nn.Parameter(torch.randn(experts, 2 * inter))
+        self.down = nn.Parameter(torch.randn(experts, inter, dim) / inter**0.5)
+        self.down_bias = nn.Parameter(torch.randn(experts, dim))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        tokens = x.reshape(-1, d)
+        values, ids = torch.topk(self.router(tokens), self.top_k, dim=-1)
+        w = torch.softmax(values, dim=-1)
+        flat = ids.reshape(-1)
+        xs = tokens.repeat_interleave(self.top_k, dim=0).unsqueeze(1)  # [N*k, 1, d]
+        h = torch.bmm(xs, self.gate_up[flat]).squeeze(1) + self.gate_up_bias[flat]
+        gate, up = h[..., ::2], h[..., 1::2]
+        gate = gate.clamp(max=self.limit)
+        up_limit = 5.0 if self.variant == "two_limits" else self.limit
+        up = up.clamp(min=-up_limit, max=up_limit)
+        glu = gate * torch.sigmoid(gate * self.alpha)
+        h = (up + (2 if self.variant == "up_plus_2" else 1)) * glu
+        y = torch.bmm(h.unsqueeze(1), self.down[flat]).squeeze(1) + self.down_bias[flat]
+        y = y * w.reshape(-1, 1)
+        return y.view(-1, self.top_k, d).sum(dim=1).view(b, t, d)
+
+
+def _run_gpt_oss(module, dtype, batches=(1, 3, 13, 33)):
+    torch._dynamo.reset()
+    lynx_compile.clear_report()
+    module = module.eval().to(dtype)
+    compiled = torch.compile(module, backend="lynx", options={"policy": "exact"})
+    gen = torch.Generator().manual_seed(0)
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    with torch.no_grad():
+        for batch in batches:
+            x = torch.randn(batch, 1, 16, generator=gen).to(dtype)
+            want = module(x)
+            scale = want.float().abs().max().item()
+            # relative to the output's scale (bf16: gate * alpha amplifies a rounding)
+            torch.testing.assert_close(
+                compiled(x), want, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1.0)
+            )
+    return sites_of(lynx_compile.report(), kind="dispatch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("alpha", [1.702, 1.5])
+def test_gpt_oss_style_dispatch_is_fused_with_the_models_constants(dtype, alpha):
+    """Biases found as [E, 2I] / [E, d] inputs indexed by expert, gate/up read as
+    interleaved views, alpha and limit read from the region's constants (alpha 1.5: not
+    GPT-OSS's, still the model's), exact == eager at odd batches."""
+    torch.manual_seed(0)
+    sites = _run_gpt_oss(GptOssStyleMoE(alpha=alpha), dtype)
+    pattern = (
+        f"sparse_experts(interleaved swiglu_clamped(alpha={alpha:g}, limit=7), biased gate_up+down)"
+    )
+    assert sites and all(s["status"] == "rewritten" for s in sites), sites
+    assert all(s["reason"] == pattern for s in sites), sites
+
+
+@pytest.mark.parametrize(
+    "variant,reason",
+    [
+        ("up_plus_2", "reproduces"),  # (up + 2) * glu: same inputs, other math
+        ("two_limits", "several bounds"),  # one limit would be a guess for the other clamp
+    ],
+)
+def test_gpt_oss_style_dispatch_that_is_not_swiglu_clamped_is_kept(variant, reason):
+    torch.manual_seed(0)
+    sites = _run_gpt_oss(GptOssStyleMoE(variant), torch.float32)
+    assert sites and all(s["status"] == "skipped" and reason in s["reason"] for s in sites), sites
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_compiled_gpt_oss_block_reads_its_expert_weights_in_place(impl):
+    """Memory rule: the compiled graph calls lynx::experts on views of the parameters
+    (reinterpret_tensor of the graph's inputs) and allocates no buffer of a fixed shape as
+    large as one expert weight tensor: no copy, stack or re-layout of the weights."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    lynx_compile.clear_report()
+    block = hf_tiny.build_block("gpt_oss", impl)
+    compiled = torch.compile(block, backend="lynx", options={"policy": "exact"}, dynamic=True)
+    x = torch.randn(13, 1, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, codes = run_and_get_code(compiled, x)
+        torch.testing.assert_close(out[0], block(x)[0], **FP32_TOL)
+    code = "\n".join(codes)
+    calls = [line for line in code.splitlines() if "torch.ops.lynx.experts.default(" in line]
+    assert calls, "the compiled graph does not call lynx::experts"
+    assert all(line.count("reinterpret_tensor(") >= 4 for line in calls), calls  # the views
+    smallest = min(p.numel() for n, p in block.experts.named_parameters() if p.dim() == 3)
+    for shape in re.findall(r"empty_strided_cpu\(\(([^)]*)\)", code):
+        dims = [s.strip() for s in shape.split(",") if s.strip()]
+        if all(d.isdigit() for d in dims):  # a fixed shape: not sized by the tokens
+            numel = 1
+            for d in dims:
+                numel *= int(d)
+            assert numel < smallest, f"a buffer of {numel} elements: a copy of the weights?"
