@@ -545,8 +545,10 @@ def _plan_candidates(
     if len(experts) not in (2, 3):
         return f"dispatch reads {len(experts)} expert weight tensors, expected 2 or 3"
     glu = _glu_parameters(region, real)
-    if isinstance(glu, str):
-        return glu
+    if isinstance(glu, str):  # swiglu_clamped's constants unreadable: its plans are left out
+        if not _activations_in(region) - {"swiglu_clamped"}:
+            return glu
+        glu = []
     plans = []
     for activation in (*ELEMENTWISE_ACTIVATIONS, "swiglu_clamped"):
         params = glu if activation == "swiglu_clamped" else [(None, None)]

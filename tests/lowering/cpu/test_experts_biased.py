@@ -12,7 +12,9 @@ import pytest
 import torch
 from lynx_compile.lowering import cpu_kernels, cpu_native, ops, reference
 
+import lynx_compile
 from tests.helpers import EXPERTS_TOL as TOL
+from tests.helpers import sites_of
 
 ALPHA, LIMIT = 1.702, 7.0  # GptOssConfig's swiglu_alpha and swiglu_limit
 
@@ -277,3 +279,25 @@ def test_onnx_decomposition_matches_the_reference():
     args = _op_args(x, ids, w, gpt_oss_views(*params))
     got = onnx_export.experts_decomposed(*args)
     torch.testing.assert_close(got, _reference(args), **TOL[torch.float32])
+
+
+def test_compiled_gpt_oss_without_the_native_kernel_traces_the_gathered_form(monkeypatch):
+    """What CUDA runs for this form (experts_take declines it) and a CPU without the native
+    library: the decomposition traces cpu_kernels.experts_gathered into the graph (no
+    lynx::experts call left), exact == eager."""
+    from lynx_compile.tools import hf_tiny
+    from torch._inductor.utils import run_and_get_code
+
+    block = hf_tiny.build_block("gpt_oss", "grouped_mm")
+    x = torch.randn(5, 1, 32, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(cpu_native, "available", lambda: False)
+    torch._dynamo.reset()
+    lynx_compile.clear_report()
+    compiled = torch.compile(block, backend="lynx", options={"policy": "exact"})
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        out, code = run_and_get_code(compiled, x)
+        want = block(x)
+    dispatches = sites_of(lynx_compile.report(), kind="dispatch")
+    assert dispatches and all(s["status"] == "rewritten" for s in dispatches), dispatches
+    assert "torch.ops.lynx.experts" not in "\n".join(code)
+    torch.testing.assert_close(out[0], want[0], rtol=1e-5, atol=1e-5)  # fp32: summation order
