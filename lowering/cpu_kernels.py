@@ -20,6 +20,23 @@ def _grouped(x_sorted: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> 
     return torch._grouped_mm(x_sorted, w.transpose(1, 2), offs=offsets)
 
 
+def interleaved_gate_up(w_gate: torch.Tensor | None, w_up: torch.Tensor) -> torch.Tensor | None:
+    """The [E, 2I, d] matrix a split gate and up are the even and odd rows of (an
+    interleaved gate/up: GPT-OSS's gate_up_proj, passed as views [:, 0::2] and [:, 1::2]),
+    as a view of the same storage; None otherwise. One grouped GEMM against it reads both in
+    place (grouped_mm refuses a view whose rows are 2 elements apart; lynx_ops.cpp does the
+    same with at::mm)."""
+    if w_gate is None or w_gate.stride() != w_up.stride():
+        return None
+    if w_gate.untyped_storage().data_ptr() != w_up.untyped_storage().data_ptr():
+        return None
+    row = w_gate.stride(1)
+    if row % 2 or w_up.storage_offset() - w_gate.storage_offset() != row // 2:
+        return None
+    e, i, d = w_up.shape
+    return w_gate.as_strided((e, 2 * i, d), (w_gate.stride(0), row // 2, w_gate.stride(2)))
+
+
 def _plus_bias(h: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
     """h [M, out] + each row's expert bias, bias [E, out] gathered at rows [M] (biases are
     [E, out]: the gather is M small rows, never a weight copy)."""
@@ -55,12 +72,22 @@ def experts_grouped(
     order = torch.argsort(flat, stable=True)  # assignments grouped by expert
     token = order // k
     expert = flat[order]
-    counts = torch.bincount(flat, minlength=num_experts)
+    # tokens per expert with a static shape (bincount sizes its output by the largest id:
+    # a host sync on CUDA)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device)
+    counts = counts.index_add(0, flat, torch.ones_like(flat))
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
     xs = x[token]  # [N*k, d]
+    gate_up = interleaved_gate_up(w_gate, w_up)
     try:
-        h = _plus_bias(_grouped(xs, w_up, offsets), b_up, expert)
-        gate = None if w_gate is None else _plus_bias(_grouped(xs, w_gate, offsets), b_gate, expert)
+        if gate_up is not None:  # [N*k, 2I]: gate and up its even and odd columns
+            both = _grouped(xs, gate_up, offsets)
+            gate, h = both[:, 0::2], both[:, 1::2]
+        else:
+            h = _grouped(xs, w_up, offsets)
+            gate = None if w_gate is None else _grouped(xs, w_gate, offsets)
+        h = _plus_bias(h, b_up, expert)
+        gate = None if gate is None else _plus_bias(gate, b_gate, expert)
         h = reference.expert_activation(h, gate, activation, gated, alpha, limit)
         y = _plus_bias(_grouped(h.contiguous(), w_down, offsets), b_down, expert)
     except RuntimeError:  # a dtype/layout this build's CPU grouped_mm does not take

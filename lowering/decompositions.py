@@ -11,14 +11,18 @@ On CPU tensors:
   oea and static are traced whole; with a telemetry site the op is kept whole (it records).
 - lynx::experts is kept whole (the decomposition declines): Inductor calls the op, whose CPU
   kernel is the native one (lynx_ops.cpp); its work and weight reads follow the experts
-  touched (what AffinityBinning reduces).
+  touched (what AffinityBinning reduces). On CUDA, calls the Triton kernels decline that
+  carry biases or swiglu_clamped are kept whole as well (the composite: grouped GEMMs on
+  the weights in place).
 Where the native library cannot be built, or for dtypes it does not take, everything is
 traced (route: the reference; experts: the static-shape gathered form). Each decomposition
 computes what the op's reference computes (tests check it).
 
 On CUDA the Triton kernels are traced into the graph before these decompositions are
 consulted (triton_ops.py); where no Triton kernel fits, these decompositions trace the plain
-forms there too (static shapes, so still CUDA-graph safe). Routing with telemetry is
+forms there too (static shapes, so still CUDA-graph safe), except biased or swiglu_clamped
+experts, kept whole (above; the composite's grouped GEMMs do not sync, its per-expert
+fallback for layouts grouped_mm refuses does). Routing with telemetry is
 lynx::route_recorded, which has no decomposition: it stays opaque so its kernel can record.
 """
 
@@ -120,8 +124,14 @@ def experts_cpu(
 ):
     """lynx::experts: kept for its native CPU kernel (NotImplemented declines the
     decomposition; it takes biases and every activation), else the static-shape gathered
-    form, traced."""
+    form, traced. On CUDA a biased or swiglu_clamped call (GPT-OSS; the Triton kernels
+    decline it) is kept whole too: its CUDA kernel, the composite, runs grouped GEMMs on the
+    weights in place, where the gathered form would copy one expert's weights per (token,
+    slot) (GPT-OSS-20B at a 2048-token prefill: ~270 GB)."""
     if _native_experts(x, activation, w_up, w_gate, w_down, b_up, b_gate, b_down):
+        return NotImplemented
+    extras = (b_up, b_gate, b_down, act_alpha, act_limit)
+    if x.device.type == "cuda" and any(extra is not None for extra in extras):
         return NotImplemented
     return cpu_kernels.experts_gathered(
         x, ids, weights, w_up, w_down, activation, gated, w_gate,

@@ -54,8 +54,9 @@ def route_takes(logits: torch.Tensor, top_k: int) -> bool:
 def experts_take(x: torch.Tensor, w_gate: torch.Tensor | None, activation: str, *extras) -> bool:
     """Whether the Triton experts kernels take these CUDA inputs: fused or plain w_up, an
     elementwise activation, no biases (extras: lynx::experts' b_up, b_gate, b_down,
-    act_alpha, act_limit, all None). Biased or swiglu_clamped calls (GPT-OSS) decline and
-    take the traced decomposition (decompositions.experts_cpu's gathered form)."""
+    act_alpha, act_limit, all None). Biased or swiglu_clamped calls (GPT-OSS) decline: no
+    Triton kernel computes them; they run the composite (decompositions.experts_cpu keeps
+    them whole on CUDA), grouped GEMMs on the weights in place."""
     return (
         x.device.type == "cuda"
         and x.dtype in TRITON_DTYPES

@@ -301,3 +301,44 @@ def test_compiled_gpt_oss_without_the_native_kernel_traces_the_gathered_form(mon
     assert dispatches and all(s["status"] == "rewritten" for s in dispatches), dispatches
     assert "torch.ops.lynx.experts" not in "\n".join(code)
     torch.testing.assert_close(out[0], want[0], rtol=1e-5, atol=1e-5)  # fp32: summation order
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_composite_runs_an_interleaved_gate_up_as_one_grouped_gemm(dtype, monkeypatch):
+    """The composite (CUDA's kernel for this form) finds the [E, 2I, d] matrix the gate and
+    up views alias and runs grouped_mm on it: no fallback to the reference's per-expert
+    loop (which syncs, and copies a strided view per expert). inter = 24: grouped_mm
+    wants 16-byte strides."""
+    x, ids, w, params = _gpt_oss_case(13, dtype, inter=24)
+    args = _op_args(x, ids, w, gpt_oss_views(*params))
+    want = _reference(args)
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the composite fell back to the reference loop")
+
+    monkeypatch.setattr(reference, "experts_general_reference", no_fallback)
+    torch.testing.assert_close(ops.experts_composite(*args), want, **TOL[dtype])
+    w_up, w_gate = args[3], args[4]
+    gate_up = cpu_kernels.interleaved_gate_up(w_gate, w_up)
+    assert gate_up.data_ptr() == params[0].data_ptr()  # a view of the parameter
+    assert cpu_kernels.interleaved_gate_up(w_up, w_gate) is None  # up before gate: no
+
+
+def test_on_cuda_a_biased_call_is_kept_whole():
+    """On CUDA the Triton kernels decline biased / swiglu_clamped calls and the
+    decomposition keeps them whole (NotImplemented), so the composite runs: the gathered
+    form would copy one expert's weights per (token, slot)."""
+    from lynx_compile.lowering import decompositions, triton_ops
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # shapes only: a CPU-only build makes no views of CUDA fakes
+
+        def cuda(*shape, dtype=torch.bfloat16):
+            return torch.empty(shape, dtype=dtype, device="cuda")
+
+        x, ids, w = cuda(3, 40), cuda(3, 2, dtype=torch.int64), cuda(3, 2)
+        w_up, w_gate, w_down = cuda(8, 20, 40), cuda(8, 20, 40), cuda(8, 40, 20)
+        args = (x, ids, w, w_up, w_gate, w_down, "swiglu_clamped", True,
+                cuda(8, 20), cuda(8, 20), cuda(8, 40), ALPHA, LIMIT)  # fmt: skip
+        assert not triton_ops.experts_take(args[0], args[4], args[6], *args[8:])
+        assert decompositions.experts_cpu(*args) is NotImplemented
