@@ -248,6 +248,28 @@ def test_gpt_oss_style_dispatch_that_is_not_swiglu_clamped_is_kept(variant, reas
 
 
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_bf16_gpt_oss_block_is_fused_and_matches_eager(impl):
+    """transformers' GptOssMLP in bf16: fused on both implementations, exact == eager
+    within bf16 rounding, relative to the output's scale (gate * alpha amplifies a
+    rounding of the gate)."""
+    torch._dynamo.reset()
+    block = hf_tiny.build_block("gpt_oss", impl).to(torch.bfloat16)
+    lynx_compile.clear_report()
+    compiled = torch.compile(block, backend="lynx", options={"policy": "exact"})
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for batch in (1, 13):
+            x = torch.randn(batch, 1, 32, generator=gen).to(torch.bfloat16)
+            want = block(x)[0]
+            scale = want.float().abs().max().item()
+            torch.testing.assert_close(
+                compiled(x)[0], want, rtol=BF16_TOL["rtol"], atol=BF16_TOL["atol"] * scale
+            )
+    sites = sites_of(lynx_compile.report(), kind="dispatch")
+    assert sites and all(s["status"] == "rewritten" for s in sites), sites
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
 def test_compiled_gpt_oss_block_reads_its_expert_weights_in_place(impl):
     """Memory rule: the compiled graph calls lynx::experts on views of the parameters
     (reinterpret_tensor of the graph's inputs) and allocates no buffer of a fixed shape as
