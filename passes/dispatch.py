@@ -927,12 +927,15 @@ def _verified_plan(gm, region, inputs, out, plans, weights, ids, example_inputs,
         got = call_experts(plan, scaled[plan.x], values[ids], w_k, scaled)
         return _matches(expected, got.to(expected.dtype), values[plan.x].dtype)
 
+    # A clamp random hidden states may never reach: where the region clamps, every plan is
+    # also checked where they reach it (a plan without the clamp, HY-V4's clamped SiLU GLU,
+    # would pass at scale 1 and then differ wherever the model's activations reach it).
+    clamped = any(_is_clamp(n) for n in region)
     with torch.no_grad():
         for plan in plans:
             if not reproduces(plan):
                 continue
-            # A clamp random hidden states may never reach: also where they reach it.
-            if plan.act_limit is None or all(reproduces(plan, s) for s in _CLAMP_PROBES):
+            if not clamped or all(reproduces(plan, s) for s in _CLAMP_PROBES):
                 return plan
     return None
 

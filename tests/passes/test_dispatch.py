@@ -51,6 +51,8 @@ class GatherBmmMoE(nn.Module):
             h = F.gelu(h)
         else:
             gate, up = h.chunk(2, dim=-1)
+            if self.variant == "clamped_silu":  # HY-V4: clamped at 10, never at scale 1
+                gate, up = gate.clamp(max=10.0), up.clamp(-10.0, 10.0)
             h = F.silu(gate) * up
         y = torch.bmm(self.w_down[flat_ids], h.unsqueeze(-1)).squeeze(-1)
         if self.variant == "per_expert_bias":
@@ -98,6 +100,9 @@ def test_gather_bmm_dispatch_is_fused(variant, pattern):
         ("weight_before_experts", "reproduces"),  # same inputs, different math
         ("weight_inside_activation", "reproduces"),
         ("returns_hidden", "no closed"),  # fusing would drop a value the caller reads
+        # no lynx::experts form clamps a SiLU GLU; plain "gated silu" agrees at scale 1
+        # (nothing reaches the clamp) and must be refused where activations reach it
+        ("clamped_silu", "reproduces"),
     ],
 )
 def test_dispatch_that_is_not_lynx_experts_is_kept_and_reported(variant, reason):
