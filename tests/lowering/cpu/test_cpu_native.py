@@ -460,7 +460,8 @@ for beta in (2.0, None):
     scores = torch.sigmoid(logits) - 0.2  # a biased sigmoid router's scores
     got = torch.ops.lynx.route_scored_affinity_cpu(scores, 4, "score", 3.0, beta, 1)
     want = reference.route_scored_reference(scores, 4, "score", pol, ties="lower_index")
-    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[0].nan_to_num(), want[0].nan_to_num())  # row 2 keeps its NaN
 print("portable path ok")
 """
 
