@@ -15,6 +15,10 @@ POLICIES = ("exact", "affinity", "oea", "static")
 POLICY_CODES = {name: code for code, name in enumerate(POLICIES)}  # the Triton route kernel's
 WEIGHT_CONVENTIONS = ("renorm", "mass")  # how the model normalises its top-k weights
 SCORE_SPACES = ("logit", "prob", "score")  # what a scored router's ranking score is
+# One bin of a "score" ranking is 1/(4 alpha) wide: sigmoid and softmax have slope at most
+# 1/4 per logit, so scores within one bin include every expert within 1/alpha logits.
+# (lynx_cpu.c's ranked_score writes the same 4.)
+SCORE_BINS_PER_UNIT = 4.0
 
 # Defaults: the accuracy harness (docs/results/accuracy.md) picks the default policy.
 DEFAULT_POLICY = "affinity"

@@ -369,7 +369,8 @@ int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t
 enum { SPACE_LOGIT = 0, SPACE_PROB = 1, SPACE_SCORE = 2 };
 
 /* What a scored router's bins are taken on (reference.score_bins): the score (a logit),
- * its log (a probability), or 4 x the score (a sigmoid, maybe plus a bias). */
+ * its log (a probability), or 4 x the score (a sigmoid, maybe plus a bias): 4 is
+ * constants.SCORE_BINS_PER_UNIT. */
 static inline double ranked_score(float v, int space) {
   return space == SPACE_PROB ? log((double)v) : space == SPACE_SCORE ? 4.0 * (double)v : (double)v;
 }

@@ -239,7 +239,7 @@ def decode_policy_override(chooser):
         _policy_chooser.pop()
 
 
-def _chosen_policy(telemetry_site: int, policy: str, *params) -> tuple:
+def chosen_policy(telemetry_site: int, policy: str, *params) -> tuple:
     """(policy, alpha, beta, k0, budget) a telemetry routing call runs with."""
     if not _policy_chooser or policy == "exact":
         return (policy, *params)
@@ -261,7 +261,7 @@ def route_recorded(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """lynx::route plus telemetry: stays an opaque call in compiled graphs (lynx::route is
     traced into them), so each call records distinct experts for its report site."""
-    chosen = _chosen_policy(telemetry_site, policy, alpha, beta, k0, budget)
+    chosen = chosen_policy(telemetry_site, policy, alpha, beta, k0, budget)
     out_w, out_ids = torch.ops.lynx.route(logits, top_k, *chosen, weights, -1)
     record_route(telemetry_site, logits, top_k, out_ids)
     return out_w, out_ids
@@ -270,8 +270,7 @@ def route_recorded(
 route_recorded.register_fake(_route_fake)
 
 
-@torch.library.custom_op("lynx::route_scored", mutates_args=())
-def route_scored(
+def route_scored_composite(
     scores: torch.Tensor,
     top_k: int,
     space: str,
@@ -288,7 +287,7 @@ def route_scored(
     telemetry_site >= 0 records distinct experts (exact vs chosen) for that report site.
     """
     if telemetry_site >= 0:
-        policy, alpha, beta, k0, budget = _chosen_policy(
+        policy, alpha, beta, k0, budget = chosen_policy(
             telemetry_site, policy, alpha, beta, k0, budget
         )
     pol = reference.RoutingPolicy(policy, alpha, beta, k0, budget)
@@ -296,6 +295,11 @@ def route_scored(
     if telemetry_site >= 0:
         record_route(telemetry_site, scores, top_k, ids)
     return values, ids
+
+
+route_scored = torch.library.custom_op("lynx::route_scored", mutates_args=())(
+    route_scored_composite
+)
 
 
 @route_scored.register_fake

@@ -33,6 +33,7 @@ from lynx_compile.lowering.constants import (
     ELEMENTWISE_ACTIVATIONS,
     GLU_ACTIVATIONS,
     POLICIES,
+    SCORE_BINS_PER_UNIT,
     SCORE_SPACES,
     WEIGHT_CONVENTIONS,
     default_k0,
@@ -574,10 +575,6 @@ def experts_general_reference(
 # softmax + bias, ...) are rewritten at their top-k only: lynx chooses the ids, and the
 # model's own code turns them into weights. See docs/design/affinity_binning_routers.md.
 
-# One bin of a "score" ranking is 1/(4 alpha) wide: sigmoid and softmax have slope at most
-# 1/4 per logit, so scores within one bin include every expert within 1/alpha logits.
-_SCORE_BINS_PER_UNIT = 4.0
-
 
 def score_bins(scores: torch.Tensor, space: str, alpha: float, beta: float | None) -> torch.Tensor:
     """Affinity bins of a ranking score [N, E] -> int64 [N, E] <= 0, in the space's units.
@@ -592,7 +589,7 @@ def score_bins(scores: torch.Tensor, space: str, alpha: float, beta: float | Non
     if space == "prob":
         ranked = scores.double().log()  # a masked -inf score gives NaN, 0 gives -inf
     elif space == "score":
-        ranked = scores.double() * _SCORE_BINS_PER_UNIT
+        ranked = scores.double() * SCORE_BINS_PER_UNIT
     else:
         ranked = scores.double()
     finite = torch.isfinite(ranked)

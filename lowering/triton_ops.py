@@ -81,11 +81,11 @@ def _route_cuda(logits, top_k, policy, alpha, beta, k0, budget, weights, telemet
 def _route_scored_cuda(scores, top_k, space, policy, alpha, beta, k0, budget, telemetry_site):
     """Eager lynx::route_scored on CUDA: the Triton kernel where it fits, else the op's body."""
     if not route_takes(scores, top_k):
-        return ops.route_scored._init_fn(
+        return ops.route_scored_composite(
             scores, top_k, space, policy, alpha, beta, k0, budget, telemetry_site
         )
     if telemetry_site >= 0:  # calibration may route this site otherwise, as in the op's body
-        policy, alpha, beta, k0, budget = ops._chosen_policy(
+        policy, alpha, beta, k0, budget = ops.chosen_policy(
             telemetry_site, policy, alpha, beta, k0, budget
         )
     triton_route, _ = _kernels()

@@ -55,6 +55,7 @@ from lynx_compile.lowering.constants import (
     DEFAULT_BUDGET,
     MIN_BIN,
     POLICY_CODES,
+    SCORE_BINS_PER_UNIT,
     SCORE_SPACES,
     TRITON_DTYPES,
     default_k0,
@@ -77,7 +78,7 @@ _LOGIT = tl.constexpr(SPACE_CODES["logit"])
 _PROB = tl.constexpr(SPACE_CODES["prob"])
 _SCORE = tl.constexpr(SPACE_CODES["score"])
 _SOFTMAX = tl.constexpr(-1)  # route_kernel's: router logits ranked by their softmax
-_SCORE_BINS_PER_UNIT = tl.constexpr(reference._SCORE_BINS_PER_UNIT)  # the "score" space
+_SCORE_BINS_PER_UNIT = tl.constexpr(SCORE_BINS_PER_UNIT)  # the "score" space
 
 
 @triton.jit
