@@ -289,6 +289,16 @@ def match_scored_router(topk: fx.Node, graph_id: int) -> ScoredRouterSite | None
             topk, "top-k ids are unused: nothing routes on this top-k", graph_id, e, k
         )
         return None
+    if _feeds_another_topk(topk):
+        report_skipped_router(
+            topk,
+            "product-key routing: a second top-k combines this top-k's picks (sub-keys, "
+            "not experts) into the experts",
+            graph_id,
+            e,
+            k,
+        )
+        return None
     return ScoredRouterSite(
         topk=topk,
         scores=scores,
@@ -303,6 +313,22 @@ def match_scored_router(topk: fx.Node, graph_id: int) -> ScoredRouterSite | None
         inner_topks=inner,
         ndim=ndim,
     )
+
+
+def _feeds_another_topk(topk: fx.Node) -> bool:
+    """Whether a later top-k reads what this one returns (Doge's product keys pick sub-keys
+    per half, then a top-k over their sums picks the experts): this top-k is not the expert
+    choice. A grouped router's per-group top-k lies before its final top-k, not after."""
+    seen, frontier = set(), list(topk.users)
+    while frontier:
+        node = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if canonical_op(node) == "topk":
+            return True
+        frontier.extend(node.users)
+    return False
 
 
 def _report_max_routers(gm: fx.GraphModule, graph_id: int) -> None:

@@ -82,6 +82,25 @@ class ScaledSigmoid(nn.Module):
         return scores.gather(-1, ids), ids
 
 
+class ProductKeys(nn.Module):
+    """Must not match: product-key routing (Doge): a top-k per half of the router output
+    picks sub-keys, a second top-k over their sums picks the experts."""
+
+    def __init__(self, dim=16, keys=4):
+        super().__init__()
+        self.gate = nn.Linear(dim, 2 * keys, bias=False)
+        self.keys = keys
+
+    def forward(self, x):
+        tokens = x.reshape(-1, x.shape[-1])
+        logits = self.gate(tokens).view(2, tokens.shape[0], self.keys)  # as Doge views it
+        (sx, sy), (ix, iy) = logits.topk(2, dim=-1)
+        scores = (sx.unsqueeze(-1) + sy.unsqueeze(-2)).flatten(1)
+        experts = (ix.unsqueeze(-1) * self.keys + iy.unsqueeze(-2)).flatten(1)
+        values, pos = scores.topk(2, dim=-1)
+        return torch.softmax(values, dim=-1), experts.gather(-1, pos)
+
+
 class SoftmaxOverTokens(nn.Module):
     """Must not match: the softmax normalises over tokens, not experts."""
 
@@ -189,6 +208,14 @@ def test_a_router_with_a_logit_multiplier_is_rewritten_under_dynamic_shapes():
         else:
             assert sites and all(s["status"] == "rewritten" for s in sites), sites
             assert all(s["reason"] == "sigmoid_bias_topk" for s in sites), sites
+
+
+@torch.no_grad()
+def test_must_not_match_product_key_routing():
+    gm, got, changed = run(ProductKeys().eval(), torch.randn(5, 1, 16))
+    assert not changed and lynx_targets(gm) == []
+    assert got.get("router_rewritten", 0) == 0, got
+    assert any(k.startswith("router_skipped:product-key routing") for k in got), got
 
 
 @torch.no_grad()
