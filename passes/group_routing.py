@@ -23,7 +23,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.fx as fx
-from lynx_compile.lowering import reference
+from lynx_compile.lowering import (
+    distributed_route,  # the steps' Inductor lowering
+    reference,
+)
+from torch._dynamo.utils import counters
 
 from lynx_compile.config import LynxConfig
 
@@ -82,6 +86,7 @@ def routing_scope(config: LynxConfig, policy: reference.RoutingPolicy, num_exper
 def _all_reduce(graph: fx.Graph, tensor: fx.Node, group_name: str) -> fx.Node:
     """wait_tensor(all_reduce(tensor, "sum", group)) as functional collectives, which stay in
     the compiled graph (and in a CUDA graph)."""
+    counters["lynx"]["routing_group_all_reduce"] += 1
     reduced = graph.call_function(
         torch.ops._c10d_functional.all_reduce.default, (tensor, "sum", group_name)
     )
@@ -103,6 +108,7 @@ def emit_group_route(
 
     weights: a softmax router's weight convention (lynx::route_votes/_kept/_remap); space:
     a scored router's score space (lynx::route_scored_votes/_kept/_remap)."""
+    distributed_route.register_fallbacks()
     alpha = float(policy.alpha)
     beta = None if policy.beta is None else float(policy.beta)
     name, k0, budget = policy.name, int(policy.k0), int(policy.budget)
