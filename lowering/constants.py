@@ -42,14 +42,15 @@ def default_k0(policy: str) -> int:
 MIN_BIN = -(2**30)
 
 # ------------------------------------------------------------------------- expert compute
-# Activation names in code order: lynx_cpu.c and triton_experts.py switch on these codes.
-# The elementwise ones act on the gate (gated: act(gate) * up) or on h (plain). After them
-# the gated activations with a combine of their own, parameterised by lynx::experts'
-# act_alpha / act_limit: "swiglu_clamped" (GPT-OSS) is
+# Activation names in code order: lynx_cpu.c, lynx_ops.cpp and triton_experts.py switch on
+# these codes, so a new activation is appended (never renumber). The elementwise ones act
+# on the gate (gated: act(gate) * up) or on h (plain); "relu2" is relu(h)**2 (NemotronH's
+# ReLUSquaredActivation). The gated activations with a combine of their own are
+# parameterised by lynx::experts' act_alpha / act_limit: "swiglu_clamped" (GPT-OSS) is
 #   g = min(gate, limit), u = clamp(up, -limit, limit), (u + 1) * g * sigmoid(alpha * g).
-ELEMENTWISE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_clamped", "relu2")
 GLU_ACTIVATIONS = ("swiglu_clamped",)
-ACTIVATION_NAMES = ELEMENTWISE_ACTIVATIONS + GLU_ACTIVATIONS
+ELEMENTWISE_ACTIVATIONS = tuple(a for a in ACTIVATION_NAMES if a not in GLU_ACTIVATIONS)
 ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATION_NAMES)}
 
 # --------------------------------------------------------------------------- kernel limits

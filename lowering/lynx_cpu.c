@@ -425,9 +425,17 @@ int64_t lynx_scored_affinity_ids(const float *scores, const int64_t *exact_ids, 
 
 /* ------------------------------------------------------------------ sparse experts */
 
-/* constants.ACTIVATION_NAMES' codes: the elementwise activations, then the gated ones with
- * a combine of their own (ACT_SWIGLU_CLAMPED: see swiglu_clamped below). */
-enum { ACT_SILU = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3, ACT_SWIGLU_CLAMPED = 4 };
+/* constants.ACTIVATION_NAMES' codes, in the order they were added: elementwise ones, and
+ * ACT_SWIGLU_CLAMPED, gated with a combine of its own (see swiglu_clamped below).
+ * ACT_RELU2 is relu(v)**2 (NemotronH), its square rounded once as torch.square does. */
+enum {
+  ACT_SILU = 0,
+  ACT_GELU = 1,
+  ACT_GELU_TANH = 2,
+  ACT_RELU = 3,
+  ACT_SWIGLU_CLAMPED = 4,
+  ACT_RELU2 = 5
+};
 
 static inline float act_fn(float v, int act) {
   switch (act) {
@@ -437,6 +445,7 @@ static inline float act_fn(float v, int act) {
       float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);
       return 0.5f * v * (1.0f + tanhf(inner));
     }
+    case ACT_RELU2: return v > 0.0f ? v * v : 0.0f;
     default: return v > 0.0f ? v : 0.0f;
   }
 }
@@ -734,7 +743,8 @@ static inline __m512 round_bf16_16(__m512 f) {
   return _mm512_mask_blend_ps(nan, _mm512_castsi512_ps(r), f);
 }
 
-/* act_fn for 16 lanes (silu, gelu_tanh, relu; erf's gelu returns 0: callers use scalars) */
+/* act_fn for 16 lanes (silu, gelu_tanh, relu, relu2; erf's gelu returns 0: callers use
+ * scalars) */
 static inline __m512 act16(__m512 v, int act) {
   const __m512 one = _mm512_set1_ps(1.0f);
   switch (act) {
@@ -750,6 +760,10 @@ static inline __m512 act16(__m512 v, int act) {
       return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), t1);
     }
     case ACT_RELU: return _mm512_max_ps(v, _mm512_setzero_ps());
+    case ACT_RELU2: {
+      __m512 r = _mm512_max_ps(v, _mm512_setzero_ps());
+      return _mm512_mul_ps(r, r);
+    }
     default: return _mm512_setzero_ps();
   }
 }

@@ -179,14 +179,15 @@ std::tuple<at::Tensor, at::Tensor> route_scored_affinity_cpu(const at::Tensor &s
 }
 
 // Activation codes: constants.ACTIVATION_NAMES' order, which lynx_cpu.c switches on.
-enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kSwigluClamped = 4 };
+enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kSwigluClamped = 4, kRelu2 = 5 };
 
 int activation_code(c10::string_view activation) {
-  static const char *const names[] = {"silu", "gelu", "gelu_tanh", "relu", "swiglu_clamped"};
-  for (int c = 0; c < 5; ++c)
+  static const char *const names[] = {"silu", "gelu", "gelu_tanh", "relu", "swiglu_clamped",
+                                      "relu2"};
+  for (int c = 0; c < 6; ++c)
     if (activation == names[c]) return c;
   TORCH_CHECK_VALUE(false, "lynx::experts: unknown activation '", std::string(activation),
-                    "'; valid: silu, gelu, gelu_tanh, relu, swiglu_clamped");
+                    "'; valid: silu, gelu, gelu_tanh, relu, swiglu_clamped, relu2");
   return -1;
 }
 
@@ -202,6 +203,7 @@ at::Tensor activate(const at::Tensor &h, int act) {
     case kSilu: return at::silu(h);
     case kGelu: return at::gelu(h);
     case kGeluTanh: return at::gelu(h, "tanh");
+    case kRelu2: return h.relu().square();
     default: return h.relu();
   }
 }

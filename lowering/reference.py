@@ -30,7 +30,6 @@ from lynx_compile.lowering.constants import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     DEFAULT_BUDGET,
-    ELEMENTWISE_ACTIVATIONS,
     GLU_ACTIVATIONS,
     POLICIES,
     SCORE_BINS_PER_UNIT,
@@ -443,13 +442,13 @@ def distinct_experts(ids: torch.Tensor) -> int:
     return int(torch.unique(ids).numel())
 
 
-_ACTIVATION_FNS = (
-    torch.nn.functional.silu,
-    torch.nn.functional.gelu,
-    lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
-    torch.relu,
-)
-ACTIVATIONS = dict(zip(ELEMENTWISE_ACTIVATIONS, _ACTIVATION_FNS, strict=True))
+ACTIVATIONS = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "relu": torch.relu,
+    "relu2": lambda x: torch.square(torch.relu(x)),  # transformers' ReLUSquaredActivation
+}
 
 
 def experts_reference(

@@ -40,6 +40,7 @@ from lynx_compile.lowering.launch_configs import ROW_TILES, ExpertsConfig, exper
 _SILU = tl.constexpr(ACTIVATION_CODES["silu"])
 _GELU = tl.constexpr(ACTIVATION_CODES["gelu"])
 _GELU_TANH = tl.constexpr(ACTIVATION_CODES["gelu_tanh"])
+_RELU2 = tl.constexpr(ACTIVATION_CODES["relu2"])
 
 
 @triton.jit
@@ -144,6 +145,9 @@ def _activate(h, ACTIVATION: tl.constexpr):
     elif ACTIVATION == _GELU_TANH:
         inner = 0.7978845608028654 * (h + 0.044715 * h * h * h)
         return h * tl.sigmoid(2.0 * inner)  # 0.5 * (1 + tanh(z)) == sigmoid(2z)
+    elif ACTIVATION == _RELU2:
+        r = tl.maximum(h, 0.0)
+        return r * r
     else:
         return tl.maximum(h, 0.0)
 

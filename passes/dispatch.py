@@ -47,7 +47,6 @@ from lynx_compile.passes import report as report_mod
 from lynx_compile.passes.fx_utils import arg, canonical_op, example_value
 from lynx_compile.passes.router import router_hidden_dim
 
-_ACTIVATION_OPS = {"silu": "silu", "relu": "relu"}
 # Candidate regions checked numerically per router before the dispatch is reported skipped
 # (each check runs the region once on random inputs).
 _MAX_CHECKED_REGIONS = 3
@@ -685,11 +684,55 @@ def _shapes_fit(plan: ExpertsPlan, d: int) -> bool:
     return up_in == d and down_out == d and down_in == inter
 
 
+_POW_FUNCTIONS = {operator.pow, torch.pow}
+
+
+def _same_call(a, b) -> bool:
+    """Whether a and b are one value: the same node, or the same call on the same inputs
+    (Dynamo keeps `F.relu(g) * F.relu(g)` as two relu nodes)."""
+    if a is b:
+        return True
+    calls = ("call_function", "call_method")
+    return (
+        isinstance(a, fx.Node)
+        and isinstance(b, fx.Node)
+        and a.op in calls
+        and (a.op, a.target, a.args, a.kwargs) == (b.op, b.target, b.args, b.kwargs)
+    )
+
+
+def _squares(node: fx.Node, base: fx.Node) -> bool:
+    """Whether node is `base` squared as models write it: torch.square(base), base ** 2
+    (base.pow(2)), base * base."""
+    function = node.target if node.op == "call_function" else None
+    method = node.target if node.op == "call_method" else None
+    if function is torch.square or method == "square":
+        return node.args[0] is base
+    if function in _POW_FUNCTIONS or method == "pow":
+        exponent = arg(node, 1, "exponent")
+        return node.args[0] is base and type(exponent) in (int, float) and exponent == 2
+    return (
+        canonical_op(node) == "mul"
+        and len(node.args) >= 2
+        and base in node.args[:2]
+        and _same_call(*node.args[:2])
+    )
+
+
 def _activations_in(region: set[fx.Node]) -> set[str]:
+    """The activations the region's nodes may compute; where one node allows two readings
+    (a relu also used unsquared), both, and the numerical check decides."""
     found = set()
     for node in region:
         op = canonical_op(node)
-        if op in _ACTIVATION_OPS:
+        if op == "relu":  # relu(h) ** 2 (NemotronH's ReLUSquaredActivation) or relu(h)
+            users = [u for u in node.users if u in region]
+            squared = [u for u in users if _squares(u, node)]
+            if squared:
+                found.add("relu2")
+            if not squared or len(squared) < len(users):
+                found.add("relu")
+        elif op == "silu":
             found.add(op)
         elif op == "sigmoid":  # g * sigmoid(alpha * g): GPT-OSS's gate
             found.add("swiglu_clamped")

@@ -238,6 +238,42 @@ def test_dense_experts_match_the_reference(activation, split, gated):
     torch.testing.assert_close(got, want)
 
 
+class PlainRelu2MoE(torch.nn.Module):
+    """NemotronH-style plain experts, relu(h) ** 2, each slot's weights gathered by id (the
+    batched_mm form): x [B, T, d] -> [B, T, d]."""
+
+    def __init__(self, dim=16, inter=24, experts=8, top_k=2):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.top_k = top_k
+        self.router = torch.nn.Parameter(torch.randn(experts, dim, generator=gen))
+        self.w_up = torch.nn.Parameter(torch.randn(experts, inter, dim, generator=gen) / dim**0.5)
+        self.w_down = torch.nn.Parameter(torch.randn(experts, dim, inter, generator=gen) / inter)
+
+    def forward(self, x):
+        tokens = x.reshape(-1, x.shape[-1])
+        w, ids = torch.topk(F.softmax(tokens @ self.router.T, dim=-1), self.top_k, dim=-1)
+        flat_ids, flat_w = ids.reshape(-1), (w / w.sum(-1, keepdim=True)).reshape(-1, 1)
+        xs = tokens.repeat_interleave(self.top_k, dim=0)  # [N*k, d]
+        h = torch.square(F.relu(torch.bmm(self.w_up[flat_ids], xs[..., None]).squeeze(-1)))
+        y = torch.bmm(self.w_down[flat_ids], h[..., None]).squeeze(-1) * flat_w
+        return y.view(-1, self.top_k, x.shape[-1]).sum(dim=1).view_as(x)
+
+
+def test_onnx_relu2_experts_match_pytorch(tmp_path):
+    """NemotronH's activation through the whole path: the dispatch fused into lynx::experts
+    with relu2, decomposed to standard ONNX ops, run by onnxruntime."""
+    torch._dynamo.reset()
+    model = PlainRelu2MoE().eval()
+    x = torch.randn(13, 1, 16, generator=torch.Generator().manual_seed(1))
+    written = lynx_compile.to_onnx(model, (x,), tmp_path / "relu2.onnx", {"policy": "exact"})
+    assert written.lynx_ops == 2  # lynx::route and lynx::experts
+    assert onnxruntime_error(written) < ONNX_RTOL
+    with np.load(written.expected_path) as expected:
+        got = torch.from_numpy(expected[written.output_names[0]])
+    torch.testing.assert_close(got, model(x).detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_ops_sharing_a_schema_export_as_one_op():
     assert DEVICE_NEUTRAL
     for fast, neutral in DEVICE_NEUTRAL.items():

@@ -85,6 +85,8 @@ def _experts_samples():
             yield (x, ids, w, w_up, w_gate, w_down, "silu", form != "plain")
     x, ids, w, w_up, w_down, w_gate = experts_case(3, 6, 2, 16, 8, "gated", torch.float16)
     yield (x, ids, w, w_up, None, w_down, "gelu_tanh", True)  # the native op's ATen path
+    x, ids, w, w_up, w_down, _ = experts_case(13, 6, 2, 16, 8, "plain", torch.bfloat16)
+    yield (x, ids, w, w_up, None, w_down, "relu2", False)  # NemotronH's experts
     for dtype in (torch.float32, torch.bfloat16):  # GPT-OSS: biases, interleaved views
         x, ids, w, w_up, w_down, _ = experts_case(13, 6, 2, 16, 8, "gated", dtype)
         b_up, b_down = torch.randn(6, 16).to(dtype), torch.randn(6, 16).to(dtype)

@@ -14,8 +14,14 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from lynx_compile.lowering.constants import MIN_BIN
+from lynx_compile.lowering.constants import (
+    ACTIVATION_NAMES,
+    ELEMENTWISE_ACTIVATIONS,
+    GLU_ACTIVATIONS,
+    MIN_BIN,
+)
 from lynx_compile.lowering.reference import (
+    ACTIVATIONS,
     RoutingPolicy,
     distinct_experts,
     experts_reference,
@@ -329,7 +335,18 @@ def test_bad_shapes_and_values_raise_clear_errors():
         route_reference(torch.randn(2, 4), 1, RoutingPolicy("fastest"))
 
 
-@pytest.mark.parametrize("gated,activation", [(True, "silu"), (False, "gelu")])
+# The activations restated from their definitions (relu2: transformers'
+# ReLUSquaredActivation, relu(x) ** 2).
+DEFINED_ACTIVATIONS = {
+    "silu": lambda v: v * torch.sigmoid(v),
+    "gelu": torch.nn.functional.gelu,
+    "relu2": lambda v: torch.clamp(v, min=0) ** 2,
+}
+
+
+@pytest.mark.parametrize(
+    "gated,activation", [(True, "silu"), (False, "gelu"), (False, "relu2"), (True, "relu2")]
+)
 def test_experts_reference_matches_dense_loop(gated, activation):
     gen = torch.Generator().manual_seed(0)
     n, d, inter, e, k = 5, 8, 6, 4, 2
@@ -339,7 +356,7 @@ def test_experts_reference_matches_dense_loop(gated, activation):
     w_up = torch.randn(e, 2 * inter if gated else inter, d, generator=gen)
     w_down = torch.randn(e, d, inter, generator=gen)
     out = experts_reference(x, ids, w, w_up, w_down, activation, gated)
-    act = torch.nn.functional.silu if activation == "silu" else torch.nn.functional.gelu
+    act = DEFINED_ACTIVATIONS[activation]
     expected = torch.zeros(n, d)
     for t in range(n):
         for s in range(k):
@@ -347,6 +364,14 @@ def test_experts_reference_matches_dense_loop(gated, activation):
             h = act(h[:inter]) * h[inter:] if gated else act(h)
             expected[t] += w[t, s] * (w_down[ids[t, s]] @ h)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)  # fp32, reordered sums
+
+
+def test_every_activation_name_has_one_code_and_the_codes_never_move():
+    """The C and Triton kernels switch on ACTIVATION_NAMES' codes: a new activation is
+    appended, so a kernel built against the earlier codes keeps its meaning."""
+    assert ACTIVATION_NAMES[:6] == ("silu", "gelu", "gelu_tanh", "relu", "swiglu_clamped", "relu2")
+    assert set(ACTIVATIONS) == set(ELEMENTWISE_ACTIVATIONS)
+    assert set(ELEMENTWISE_ACTIVATIONS) | set(GLU_ACTIVATIONS) == set(ACTIVATION_NAMES)
 
 
 @settings(max_examples=100, deadline=None)

@@ -22,6 +22,18 @@ FP32_TOL = dict(rtol=1e-4, atol=1e-5)  # reordered fp32 sums only
 BF16_TOL = dict(rtol=3e-2, atol=3e-2)
 
 
+# The plain variants' activations: NemotronH's relu(h) ** 2 in the spellings models use,
+# and relu-based ones that are not relu2 (cubed; relu2 plus relu).
+PLAIN_ACTIVATIONS = {
+    "plain_gelu": F.gelu,
+    "plain_relu2": lambda h: torch.square(F.relu(h)),  # transformers' ReLUSquaredActivation
+    "plain_relu_pow2": lambda h: torch.relu(h) ** 2,
+    "plain_relu_cubed": lambda h: F.relu(h) * F.relu(h) * F.relu(h),
+    "plain_relu_pow3": lambda h: F.relu(h).pow(3),
+    "plain_relu2_plus_relu": lambda h: F.relu(h) ** 2 + F.relu(h),
+}
+
+
 class GatherBmmMoE(nn.Module):
     """softmax top-k router + gather the 3-D expert weights by id + bmm, with a variant."""
 
@@ -29,7 +41,7 @@ class GatherBmmMoE(nn.Module):
         super().__init__()
         self.variant, self.top_k = variant, top_k
         self.router = nn.Linear(dim, experts, bias=False)
-        gated = 2 if variant != "plain_gelu" else 1
+        gated = 1 if variant in PLAIN_ACTIVATIONS else 2
         self.w_up = nn.Parameter(torch.randn(experts, gated * inter, dim) / dim**0.5)
         self.w_down = nn.Parameter(torch.randn(experts, dim, inter) / inter**0.5)
         self.bias = nn.Parameter(torch.randn(experts, dim))
@@ -47,13 +59,16 @@ class GatherBmmMoE(nn.Module):
         h = torch.bmm(self.w_up[flat_ids], xs.unsqueeze(-1)).squeeze(-1)
         if self.variant == "weight_inside_activation":
             h = h * flat_w
-        if self.variant == "plain_gelu":
-            h = F.gelu(h)
+        if self.variant in PLAIN_ACTIVATIONS:
+            h = PLAIN_ACTIVATIONS[self.variant](h)
         else:
             gate, up = h.chunk(2, dim=-1)
             if self.variant == "clamped_silu":  # HY-V4: clamped at 10, never at scale 1
                 gate, up = gate.clamp(max=10.0), up.clamp(-10.0, 10.0)
-            h = F.silu(gate) * up
+            if self.variant == "gated_relu2":
+                h = F.relu(gate) * F.relu(gate) * up
+            else:
+                h = F.silu(gate) * up
         y = torch.bmm(self.w_down[flat_ids], h.unsqueeze(-1)).squeeze(-1)
         if self.variant == "per_expert_bias":
             y = y + self.bias[flat_ids]
@@ -84,6 +99,9 @@ def _run(module, batches=(1, 3, 13)):
     [
         ("swiglu", "gated silu"),
         ("plain_gelu", "plain gelu"),
+        ("plain_relu2", "plain relu2"),  # NemotronH
+        ("plain_relu_pow2", "plain relu2"),
+        ("gated_relu2", "gated relu2"),
         ("returns_ids", "gated silu"),
         ("per_expert_bias", "gated silu, biased down"),  # an [E, d] bias after the down proj
     ],
@@ -103,6 +121,10 @@ def test_gather_bmm_dispatch_is_fused(variant, pattern):
         # no lynx::experts form clamps a SiLU GLU; plain "gated silu" agrees at scale 1
         # (nothing reaches the clamp) and must be refused where activations reach it
         ("clamped_silu", "reproduces"),
+        # relu-based but not relu2: the relu and relu2 plans are both checked and refused
+        ("plain_relu_cubed", "reproduces"),
+        ("plain_relu_pow3", "reproduces"),
+        ("plain_relu2_plus_relu", "reproduces"),
     ],
 )
 def test_dispatch_that_is_not_lynx_experts_is_kept_and_reported(variant, reason):
@@ -124,6 +146,23 @@ def test_bf16_fused_dispatch_matches_eager(impl):
             torch.testing.assert_close(compiled(x), block(x), **BF16_TOL)
     sites = sites_of(lynx_compile.report(), kind="dispatch")
     assert sites and all(s["status"] == "rewritten" for s in sites), sites
+
+
+def test_bf16_relu2_dispatch_is_fused_and_matches_eager():
+    """NemotronH's plain relu(h) ** 2 experts in bf16: the relu plan differs by far more than
+    bf16's tolerance, so only relu2 is taken."""
+    torch.manual_seed(0)
+    module = GatherBmmMoE("plain_relu2").eval().to(torch.bfloat16)
+    torch._dynamo.reset()
+    lynx_compile.clear_report()
+    compiled = torch.compile(module, backend="lynx", options={"policy": "exact"})
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for batch in (1, 13, 33):
+            x = torch.randn(batch, 1, 16, generator=gen).to(torch.bfloat16)
+            torch.testing.assert_close(compiled(x), module(x), **BF16_TOL)
+    sites = sites_of(lynx_compile.report(), kind="dispatch")
+    assert sites and all(s["reason"] == "sparse_experts(plain relu2)" for s in sites), sites
 
 
 # ------------------------------------------ router scores with leading dims ([B, T, E])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lynx_compile.lowering import cpu_native, reference
+from lynx_compile.lowering import cpu_native, ops, reference
 
 from tests.helpers import EXPERTS_TOL as TOL
 from tests.helpers import REPO_ROOT
@@ -275,7 +275,23 @@ def test_experts_match_the_reference(tokens, form, act, dtype):
     torch.testing.assert_close(got, want, **TOL[dtype])
 
 
-@pytest.mark.parametrize("act", ["gelu_tanh", "relu", "silu", "gelu"])
+@pytest.mark.parametrize("tokens", [1, 3, 13, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu2_experts_native_and_composite_match_the_reference(tokens, dtype):
+    # NemotronH's plain experts, relu(h)**2. d = 40, inter = 20: a vector body and a masked
+    # tail; at 33 tokens (fp32) some experts reach the GEMM path.
+    x, ids, w, w_up, w_down, _ = _case(tokens, 8, 2, 40, 20, "plain", dtype)
+    want = reference.experts_general_reference(x, ids, w, None, w_up, w_down, "relu2", False)
+    native = torch.ops.lynx.experts(x, ids, w, w_up, None, w_down, "relu2", False)
+    composite = ops.experts_composite(x, ids, w, w_up, None, w_down, "relu2", False)
+    relu = reference.experts_general_reference(x, ids, w, None, w_up, w_down, "relu", False)
+    assert not torch.allclose(want, relu, **TOL[dtype])  # the square is taken
+    for got in (native, composite):
+        assert got.dtype == dtype and got.shape == x.shape
+        torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("act", ["gelu_tanh", "relu", "silu", "gelu", "relu2"])
 def test_experts_activations_and_model_sized_shapes(act):
     x, ids, w, w_up, w_down, w_gate = _case(33, 32, 4, 128, 64, "gated", torch.float32)
     ids[:5] = 7  # many tokens on one expert (more than one token block)
@@ -285,7 +301,7 @@ def test_experts_activations_and_model_sized_shapes(act):
     torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("act", ["gelu_tanh", "relu", "silu"])
+@pytest.mark.parametrize("act", ["gelu_tanh", "relu", "silu", "relu2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_experts_vector_activations_over_the_whole_range(act, dtype):
     # Pre-activations up to about +-300 (x scaled by 60): the vector exp saturates to inf and
@@ -319,7 +335,9 @@ def test_experts_dealt_out_to_threads_match_the_reference(dtype):
 
 
 @pytest.mark.parametrize("tokens", [3, 13, 33])
-@pytest.mark.parametrize("form,act", [("gated", "silu"), ("plain", "gelu_tanh"), ("split", "silu")])
+@pytest.mark.parametrize(
+    "form,act", [("gated", "silu"), ("plain", "gelu_tanh"), ("split", "silu"), ("plain", "relu2")]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_experts_with_many_tokens_run_as_gemms_and_match_the_reference(tokens, form, act, dtype):
     # Experts with at least 8 (fp32) or 32 (bf16) tokens run as at::mm GEMMs, the others
@@ -441,7 +459,9 @@ from tests.helpers import EXPERTS_TOL, experts_case
 assert cpu_native.available()
 for tokens, form, act, dtype in [(13, "gated", "silu", torch.float32),
                                  (33, "split", "gelu_tanh", torch.float32),
-                                 (3, "plain", "relu", torch.bfloat16)]:
+                                 (3, "plain", "relu", torch.bfloat16),
+                                 (13, "plain", "relu2", torch.bfloat16),
+                                 (33, "gated", "relu2", torch.float32)]:
     x, ids, w, w_up, w_down, w_gate = experts_case(tokens, 8, 2, 40, 20, form, dtype)
     gated = form != "plain"
     got = torch.ops.lynx.experts(x, ids, w, w_up, w_gate, w_down, act, gated)

@@ -70,6 +70,18 @@ def test_experts_match_reference(
     assert_close_to_reference(triton_experts.experts(*args, activation, gated), want, dtype)
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 13, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_relu2_plain_experts_match_reference(monkeypatch, tokens, dtype):
+    """NemotronH's plain relu(h)**2 experts; odd d and I (masked tile edges)."""
+    poison(monkeypatch)
+    args = make_inputs(tokens, 16, 2, 40, 24, dtype, False, seed=tokens)
+    want = reference.experts_reference(*args, "relu2", False)
+    assert_close_to_reference(triton_experts.experts(*args, "relu2", False), want, dtype)
+    relu = reference.experts_reference(*args, "relu", False)
+    assert (want - relu).abs().max() > 0.1 * want.abs().max()  # the square is taken
+
+
 def test_several_tiles_per_expert_and_strided_weights(monkeypatch):
     """block_m 16 with 33 tokens on 8 experts at k=8 (3 tiles each); w_down stored as the
     transpose of [E, I, d] (stride 1 along d), fp32 routing weights with fp16 x."""
