@@ -10,7 +10,8 @@ shares with a functional all_reduce. Checked per rank:
 - without it, each rank routes its own batch (ids == the reference on its tokens) and the
   report says so;
 - a scored router (sigmoid, top-k) under routing_group: the same against
-  route_scored_reference on the concatenated batch;
+  route_scored_reference on the concatenated batch; a router alone with unequal batches
+  (1 and 5 tokens): the same against route_reference;
 - the report carries each rank's experts touched (telemetry) and the collective's bytes.
 Beside them, single-process tests of the three routing steps (votes, kept, remap): summed
 over any split of a batch they route it as lynx::route / lynx::route_scored do.
@@ -34,6 +35,7 @@ from lynx_compile.config import parse_options
 
 WORLD = 2
 TOKENS = (3, 13)
+UNEQUAL = ((1, 5),)  # tokens on rank 0, rank 1 (empty parts: the split test below)
 LAYER = dict(num_experts=16, top_k=4)
 DEFAULT = reference.RoutingPolicy("affinity", 3.0, 2.0, 1, 16)  # the options' defaults
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)  # reordered fp32 sums (gather, shares, all_reduce)
@@ -145,11 +147,23 @@ def _rank_main(rank: int, port: int, results) -> None:
                     collectives[name] = collectives.get(name, 0) + (
                         counters["lynx"]["routing_group_all_reduce"] - emitted
                     )
+        sites = lynx_compile.report()["sites"]  # before the router alone below
+        # Unequal batches, a rank with one token: the router alone (the example's
+        # all_gather wants equal batches), ids recorded from the opaque remap.
+        torch.manual_seed(0)
+        router = compiled(moe_modules.TopKRouter(32, 16, 4).eval(), routing_group=group,
+                          telemetry=True)  # fmt: skip
+        for sizes in UNEQUAL:
+            group_seen.clear()
+            x = torch.randn(sizes[rank], 1, 32, generator=torch.Generator().manual_seed(rank))
+            with torch.no_grad():
+                router(x)
+            seen[("unequal", sizes)] = group_seen[:]
         results[rank] = dict(
             outputs=out,
             seen=seen,
             collectives=collectives,
-            sites=lynx_compile.report()["sites"],
+            sites=sites,
             errors=_option_errors(),
             group_name=group.group_name,
         )
@@ -182,6 +196,16 @@ def test_group_routing_equals_single_process_routing_of_the_concatenated_batch(r
         got = ranks[rank]["outputs"][n]
         torch.testing.assert_close(got["group"], got["single"], **FP32_TOL)
         torch.testing.assert_close(got["group_traced"], got["single"], **FP32_TOL)
+
+
+@pytest.mark.parametrize("sizes", UNEQUAL)
+def test_group_routing_with_unequal_batches_and_a_one_token_rank(ranks, sizes):
+    seen = [ranks[r]["seen"][("unequal", sizes)] for r in range(WORLD)]
+    assert [len(s) for s in seen] == [1, 1]
+    logits = torch.cat([s[0][0] for s in seen])
+    assert logits.shape[0] == sum(sizes)
+    _, want = reference.route_reference(logits, 4, DEFAULT)
+    assert torch.equal(torch.cat([s[0][1] for s in seen]), want)
 
 
 def test_the_group_batch_is_not_what_each_rank_would_choose_alone(ranks):
