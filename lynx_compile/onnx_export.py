@@ -58,6 +58,13 @@ def route_affinity_cpu_decomposed(logits, probs, top_k, alpha, beta, renorm, k0=
     return route_reference(logits, top_k, policy, weights, ties="lower_index", probs=probs)
 
 
+def route_scored_affinity_cpu_decomposed(scores, top_k, space, alpha, beta, k0):
+    """lynx::route_scored_affinity_cpu: lynx::route_scored with the affinity policy, its
+    top-k ties to the lower index as the kernel orders them."""
+    pol = RoutingPolicy("affinity", alpha, beta, k0)
+    return reference.route_scored_reference(scores, top_k, space, pol, ties="lower_index")
+
+
 def _dense_experts(x, ids, weights, w_gate, w_up, w_down, activation, gated, **extras):
     """Every expert on every token, combined by routing weight: x [N, d], ids/weights [N, k],
     w_up [E, U, d] (U = 2I when gated without w_gate), w_gate [E, I, d] or None,
@@ -116,6 +123,7 @@ DECOMPOSITIONS = {
     # Emitted by the CPU lowering inside Inductor, so never seen by export; here so that
     # graphs captured after lowering (or written by hand) still convert.
     "route_affinity_cpu": route_affinity_cpu_decomposed,
+    "route_scored_affinity_cpu": route_scored_affinity_cpu_decomposed,
 }
 DECOMPOSITIONS.update({fast: DECOMPOSITIONS[neutral] for fast, neutral in DEVICE_NEUTRAL.items()})
 

@@ -218,6 +218,21 @@ def test_every_lynx_op_has_an_onnx_decomposition():
     assert names and names <= set(DECOMPOSITIONS), names - set(DECOMPOSITIONS)
 
 
+@pytest.mark.parametrize("space", ["logit", "prob", "score"])
+def test_the_native_scored_route_converts_to_what_it_computes(space):
+    """A graph holding the CPU lowering's lynx::route_scored_affinity_cpu (captured after
+    lowering, or written by hand) exports as the reference with the kernel's tie order."""
+    from lynx_compile.lowering import cpu_native
+
+    assert cpu_native.available()
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(13, 16, generator=gen)
+    scores = torch.softmax(scores, -1) if space == "prob" else scores
+    decomposed = DECOMPOSITIONS["route_scored_affinity_cpu"](scores, 4, space, 3.0, 2.0, 1)
+    native = torch.ops.lynx.route_scored_affinity_cpu(scores, 4, space, 3.0, 2.0, 1)
+    assert torch.equal(decomposed[1], native[1]) and torch.equal(decomposed[0], native[0])
+
+
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("split,gated", [(False, True), (False, False), (True, True)])
 def test_dense_experts_match_the_reference(activation, split, gated):
