@@ -11,6 +11,14 @@
     route_scored_affinity_cpu(scores, top_k, space, alpha, beta, k0) -> (values, ids)
                                                 route_scored's affinity policy: the same for
                                                 scored routers
+    route_votes(logits, policy, alpha, beta) -> int32 [D*E + 1]
+    route_kept(logits, votes, top_k, policy, alpha, beta, k0, budget) -> int32 [E]
+    route_remap(logits, votes, kept, top_k, policy, beta, weights, telemetry_site)
+        -> (weights, ids)                       lynx::route as three steps for ranks that
+                                                route one batch together (option
+                                                routing_group; the passes all_reduce votes
+                                                and kept between them); route_scored_votes,
+                                                _kept, _remap: the same for route_scored
     experts(x, ids, weights, w_up, w_gate?, w_down, activation, gated,
             b_up?, b_gate?, b_down?, act_alpha?, act_limit?) -> [N, d]
                                                 the sparse experts: fused gate/up (w_up
@@ -34,7 +42,8 @@ The body of each op is its composite kernel (every device, from the plain-PyTorc
 reference.py and cpu_kernels.py). Per-device kernels are registered from their own modules
 under their dispatch keys: CUDA from triton_ops.py (Triton), CPU from the C++ library
 lynx_ops.cpp (loaded by cpu_native.py). Inductor lowerings live in decompositions.py (CPU)
-and triton_ops.py (CUDA). The passes emit ops only through the selector at the bottom.
+and triton_ops.py (CUDA); the routing steps' in distributed_route.py. The passes emit ops
+only through the selector at the bottom.
 
 Fake kernels check their inputs with torch._check* (ValueError / TypeError messages that say
 what is wrong) and derive output shapes from input shapes only, so symbolic token counts work.
@@ -603,6 +612,23 @@ def route_op(telemetry: bool) -> torch._ops.OpOverload:
 def route_scored_op() -> torch._ops.OpOverload:
     """The scored-router op to emit (it records telemetry itself when given a site)."""
     return torch.ops.lynx.route_scored.default
+
+
+def group_route_ops(scored: bool) -> tuple[torch._ops.OpOverload, ...]:
+    """The three routing steps across ranks to emit, (votes, kept, remap): lynx::route_*
+    for softmax routers, lynx::route_scored_* for scored ones. Their Inductor lowering
+    (distributed_route.py) is loaded on first use, when the passes emit them."""
+    from lynx_compile.lowering import distributed_route
+
+    distributed_route.register_fallbacks()
+    lynx = torch.ops.lynx
+    if scored:
+        return (
+            lynx.route_scored_votes.default,
+            lynx.route_scored_kept.default,
+            lynx.route_scored_remap.default,
+        )
+    return lynx.route_votes.default, lynx.route_kept.default, lynx.route_remap.default
 
 
 def experts_op() -> torch._ops.OpOverload:

@@ -23,10 +23,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.fx as fx
-from lynx_compile.lowering import (
-    distributed_route,  # the steps' Inductor lowering
-    reference,
-)
+from lynx_compile.lowering import reference
+from lynx_compile.lowering.ops import group_route_ops
 from torch._dynamo.utils import counters
 
 from lynx_compile.config import LynxConfig
@@ -108,24 +106,19 @@ def emit_group_route(
 
     weights: a softmax router's weight convention (lynx::route_votes/_kept/_remap); space:
     a scored router's score space (lynx::route_scored_votes/_kept/_remap)."""
-    distributed_route.register_fallbacks()
     alpha = float(policy.alpha)
     beta = None if policy.beta is None else float(policy.beta)
     name, k0, budget = policy.name, int(policy.k0), int(policy.budget)
-    lynx = torch.ops.lynx
+    votes_op, kept_op, remap_op = group_route_ops(scored=space is not None)
     if space is None:
-        votes = graph.call_function(lynx.route_votes.default, (scores, name, alpha, beta))
-        votes = _all_reduce(graph, votes, group_name)
-        kept_args = (scores, votes, top_k, name, alpha, beta, k0, budget)
-        kept = _all_reduce(
-            graph, graph.call_function(lynx.route_kept.default, kept_args), group_name
-        )
-        remap_args = (scores, votes, kept, top_k, name, beta, weights, telemetry_site)
-        return graph.call_function(lynx.route_remap.default, remap_args)
-    votes = graph.call_function(lynx.route_scored_votes.default, (scores, space, name, alpha, beta))
-    votes = _all_reduce(graph, votes, group_name)
-    kept_args = (scores, votes, top_k, space, name, alpha, beta, k0, budget)
-    kept = graph.call_function(lynx.route_scored_kept.default, kept_args)
+        votes_args = (scores, name, alpha, beta)
+        kept_tail = (top_k, name, alpha, beta, k0, budget)
+        remap_tail = (top_k, name, beta, weights, telemetry_site)
+    else:
+        votes_args = (scores, space, name, alpha, beta)
+        kept_tail = (top_k, space, name, alpha, beta, k0, budget)
+        remap_tail = (top_k, name, beta, telemetry_site)
+    votes = _all_reduce(graph, graph.call_function(votes_op, votes_args), group_name)
+    kept = graph.call_function(kept_op, (scores, votes, *kept_tail))
     kept = _all_reduce(graph, kept, group_name)
-    remap_args = (scores, votes, kept, top_k, name, beta, telemetry_site)
-    return graph.call_function(lynx.route_scored_remap.default, remap_args)
+    return graph.call_function(remap_op, (scores, votes, kept, *remap_tail))
