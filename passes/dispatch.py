@@ -5,14 +5,16 @@ Rather than one pattern per spelling (transformers' grouped_mm and batched_mm fo
 all-experts einsums, gather + bmm, ...), the pass works on meaning:
 
 1. region:    the nodes downstream of the routing outputs, up to a node O whose value
-              is [tokens, d] and that closes the region (no region node other than O
+              is [tokens, d'] and that closes the region (d' the experts' width: the
+              router's hidden size d, tried first, or a projection's that the model runs
+              its experts on, MuseSpark / NemotronH latent; no region node other than O
               is used outside it; the routing outputs themselves may be: a module that
               also returns its ids keeps them), grown backwards over side nodes used only
               inside it (weight transposes, repeat_interleave of the tokens, aranges);
               candidates widest first, the first that passes 2 and 3 is taken. In-place
               accumulation into a fresh buffer (loops: out.index_add_, out[rows] += y)
               is put in functional form first;
-2. inputs:    the region must read exactly: the routing weights and ids, one [tokens, d]
+2. inputs:    the region must read exactly: the routing weights and ids, one [tokens, d']
               hidden-states tensor, two (gate_up, down) or three (gate, up, down) 3-D
               expert weights with leading dim E, up to three per-expert biases [E, width]
               (indexed by expert: GPT-OSS's gate_up_proj_bias, down_proj_bias), plus sizes;
@@ -448,16 +450,19 @@ def find_regions(
     weights: fx.Node,
     ids: fx.Node,
     route: fx.Node,
-    hidden_dim,
     weight_nodes: frozenset[fx.Node] = frozenset(),
     need_ids: bool = True,
 ) -> Iterator[tuple[fx.Node, set[fx.Node], list[fx.Node]]]:
     """Candidate dispatches consuming weights/ids, in graph order: (output node, region,
-    external inputs), where the output is a [*tokens, hidden_dim] node (tokens: the ids'
-    leading dims, [N] or e.g. [B, T]) that closes the region. Several can close (a
-    [tokens, E] gate matrix when E == d, a partial loop): the caller checks each.
-    `weight_nodes` (the model's own computation of `weights` from the top-k, see
-    model_weights) stay outside the region; a dense gate holds the ids (need_ids=False)."""
+    external inputs), where the output is a [*tokens, w] node (tokens: the ids' leading
+    dims, [N] or e.g. [B, T]) that closes the region, and the region grows back to the
+    [*tokens, w] hidden states it reads. w is the experts' width: the router's hidden size
+    d, or the width of a projection the model runs its experts on (MuseSpark, NemotronH's
+    latent experts: [N, d] -> [N, d'] -> experts -> [N, d'] -> [N, d]). Several can close
+    (a [tokens, E] gate matrix, a partial loop, the dispatch with the projections around
+    it): the caller checks each. `weight_nodes` (the model's own computation of `weights`
+    from the top-k, see model_weights) stay outside the region; a dense gate holds the ids
+    (need_ids=False)."""
     ids_val = example_value(ids)
     if ids_val is None:
         return
@@ -469,7 +474,7 @@ def find_regions(
         val = example_value(out)
         if val is None or val.dim() != len(tokens) + 1:
             continue
-        if not all(map(_same_size, val.shape, (*tokens, hidden_dim))):
+        if not all(map(_same_size, val.shape[:-1], tokens)):
             continue
         region = {n for n in slice_ if order[n] <= order[out]}
         if any(map(_is_collective, region)):
@@ -497,10 +502,12 @@ def _plan_candidates(
     ids: fx.Node,
     num_experts: int,
     real: dict[fx.Node, object],
+    width,
 ) -> list[ExpertsPlan] | str:
     """Every plausible lynx::experts call for a region's inputs, or why there is none;
     `real` holds the placeholders' values (a 0-d float input is a constant of the model:
-    Dynamo passes float attributes so under dynamic=True)."""
+    Dynamo passes float attributes so under dynamic=True); `width` is the region output's
+    (the op returns its input's width)."""
     order = {n: i for i, n in enumerate(next(iter(region)).graph.nodes)}
     tensors = [
         n
@@ -536,10 +543,20 @@ def _plan_candidates(
     others = [n for n in others if n not in biases]
     if len(biases) > 3:
         return f"dispatch reads {len(biases)} per-expert 2-D inputs, expected at most 3 biases"
+    vectors = [n for n in others if example_value(n).dim() == 1]
+    rest = [n for n in others if n not in vectors]
+    if vectors and len(rest) == 1 and is_hidden(rest[0]):
+        # MuseSpark's post-expert norm weight, read per (token, slot) before the combine
+        return (
+            f"dispatch reads {len(vectors)} 1-D tensor(s) beside the experts' weights (a norm "
+            "or scale of each expert's output: lynx::experts takes none)"
+        )
     if len(others) != 1 or not is_hidden(others[0]):
         return f"dispatch reads {len(others)} hidden-state tensors, expected one [tokens, d]"
     x = others[0]
     d = _hint(example_value(x).shape[-1])
+    if not _same_size(example_value(x).shape[-1], width):
+        return f"dispatch reads [tokens, {d}] hidden states and returns [tokens, {_hint(width)}]"
     experts.sort(key=lambda n: min(order[u] for u in n.users))  # first used = first matmul
     if len(experts) not in (2, 3):
         return f"dispatch reads {len(experts)} expert weight tensors, expected 2 or 3"
@@ -916,14 +933,22 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
         return False
     functionalize_accumulators(gm, [weights, ids])
     why = None  # the first candidate's reason, reported when none is taken
+    # the first reason for an experts region (reading 3-D weights) of another width than d
+    why_elsewhere = None
     checked = 0
-    regions = find_regions(gm, weights, ids, route, hidden_dim, weight_nodes, need_ids=not dense)
     # Widest first: a loop's partial sums close regions too (one per expert), and the
     # widest region that passes the structural checks is the whole dispatch, or the
-    # dispatch plus a residual or shared expert, which fails the numerical check.
-    for out, region, inputs in reversed(list(regions)):
+    # dispatch plus a residual or shared expert, which fails the numerical check. Regions
+    # of the router's width d before those of another width (experts on a projection of
+    # the hidden states: the region of width d holds the projections and fails the
+    # structural checks).
+    regions = list(find_regions(gm, weights, ids, route, weight_nodes, need_ids=not dense))
+    regions.reverse()
+    regions.sort(key=lambda r: not _same_size(example_value(r[0]).shape[-1], hidden_dim))
+    for out, region, inputs in regions:
         real = _placeholder_values(gm, example_inputs)
-        plans = _plan_candidates(inputs, region, weights, ids, num_experts, real)
+        width = example_value(out).shape[-1]
+        plans = _plan_candidates(inputs, region, weights, ids, num_experts, real, width)
         if not isinstance(plans, str) and top_k == 1:  # the weight may scale the input
             plans += [dataclasses.replace(p, scale_input=True) for p in plans]
         if not isinstance(plans, str):
@@ -931,27 +956,41 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
             plans = [p for p in plans if p.activation in acts] or (
                 f"no supported activation in the dispatch (found {sorted(acts)})"
             )
+        own_width = _same_size(width, hidden_dim)
         if isinstance(plans, str):
-            why = why or plans
+            why = why or (plans if own_width else None)
+            if not own_width and why_elsewhere is None and _reads_expert_weights(inputs):
+                why_elsewhere = f"at the experts' width {_hint(width)}: {plans}"
             continue
         chosen = _verified_plan(gm, region, inputs, out, plans, weights, ids, example_inputs, dense)
         if chosen is not None:
             _replace(gm, region, out, chosen, weights, ids, dense)
             report("rewritten", chosen.describe())
             return True
-        why = why or "no lynx::experts form reproduces the dispatch numerically"
+        why = why or (_NOT_REPRODUCED if own_width else None)
+        if not own_width and why_elsewhere is None:
+            why_elsewhere = f"at the experts' width {_hint(width)}: {_NOT_REPRODUCED}"
         checked += 1
         if checked == _MAX_CHECKED_REGIONS:
             break
+    reasons = [r for r in (why, why_elsewhere) if r is not None]
     report(
         "skipped",
-        why
+        "; ".join(reasons)
         or (
             "no closed [tokens, d] expert computation consumes the routing in this graph "
             "(the experts run elsewhere: router-only rewrite)"
         ),
     )
     return False
+
+
+_NOT_REPRODUCED = "no lynx::experts form reproduces the dispatch numerically"
+
+
+def _reads_expert_weights(inputs: list[fx.Node]) -> bool:
+    """Whether a region reads two or more 3-D tensors (an experts computation's weights)."""
+    return sum(1 for n in inputs if (v := example_value(n)) is not None and v.dim() == 3) >= 2
 
 
 def _verified_plan(gm, region, inputs, out, plans, weights, ids, example_inputs, dense=False):

@@ -14,7 +14,9 @@ from lynx_compile.tools import hf_tiny
 from torch import nn
 
 import lynx_compile
-from tests.helpers import sites_of
+from lynx_compile.backend import apply_lynx_passes
+from lynx_compile.config import parse_options
+from tests.helpers import dynamo_graph, sites_of
 
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)  # reordered fp32 sums only
 # bf16 has 8 mantissa bits (eps 7.8e-3); fused and unfused paths round intermediates
@@ -163,6 +165,74 @@ def test_bf16_relu2_dispatch_is_fused_and_matches_eager():
             torch.testing.assert_close(compiled(x), module(x), **BF16_TOL)
     sites = sites_of(lynx_compile.report(), kind="dispatch")
     assert sites and all(s["reason"] == "sparse_experts(plain relu2)" for s in sites), sites
+
+
+# ------------------------------- experts on a projection of the hidden states (MuseSpark)
+
+
+class ProjectedExpertsMoE(nn.Module):
+    """Router on the hidden states [N, d]; the experts on the model's own projection and
+    norm of them, [N, d'] -> [N, d'], then projected back to d (MuseSpark's pre/post expert
+    projections, NemotronH's latent experts), gather + bmm, with a variant."""
+
+    def __init__(self, variant: str, dim=16, width=24, inter=20, experts=8, top_k=2):
+        super().__init__()
+        self.variant, self.top_k, self.width = variant, top_k, width
+        self.router = nn.Linear(dim, experts, bias=False)
+        self.pre = nn.Linear(dim, width, bias=False)
+        self.norm = nn.RMSNorm(width)
+        self.post = nn.Linear(width, dim, bias=False)
+        self.shared = nn.Linear(dim, dim, bias=False)
+        self.w_up = nn.Parameter(torch.randn(experts, 2 * inter, width) / width**0.5)
+        self.w_down = nn.Parameter(torch.randn(experts, width, inter) / inter**0.5)
+        self.out_scale = nn.Parameter(torch.randn(width) * 0.1)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        tokens = x.reshape(-1, d)
+        probs = F.softmax(self.router(tokens).float(), dim=-1)
+        w, ids = torch.topk(probs, self.top_k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        flat_ids, flat_w = ids.reshape(-1), w.reshape(-1, 1)
+        h = self.norm(self.pre(tokens))  # [N, d']
+        xs = h.repeat_interleave(self.top_k, dim=0)  # [N*k, d']
+        gate, up = torch.bmm(self.w_up[flat_ids], xs.unsqueeze(-1)).squeeze(-1).chunk(2, dim=-1)
+        y = torch.bmm(self.w_down[flat_ids], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
+        if self.variant == "expert_output_norm":  # MuseSpark: a norm of each expert's output
+            y = F.rms_norm(y * (1 + self.out_scale), (self.width,))
+        out = (y * flat_w).view(-1, self.top_k, self.width).sum(dim=1)  # [N, d']
+        if self.variant == "residual":  # at the experts' width: the model's, not the experts'
+            out = out + h
+        out = self.post(out).view(b, t, d)
+        if self.variant == "shared_and_residual":  # at the router's width
+            out = out + x + self.shared(x)
+        return out
+
+
+@pytest.mark.parametrize("variant", ["plain", "residual", "shared_and_residual"])
+def test_experts_on_a_projected_width_are_fused(variant):
+    """The region of width d holds the projections (refused: it reads them as hidden
+    states); the experts' own region, [N, d'] -> [N, d'], is fused, and the projections,
+    the norm, residuals and the shared expert stay the model's."""
+    torch.manual_seed(0)
+    module = ProjectedExpertsMoE(variant).eval()
+    sites = _run(module, batches=(1, 3, 13, 33))
+    assert sites and all(s["reason"] == "sparse_experts(gated silu)" for s in sites), sites
+    with torch.no_grad():  # lynx rewrites inference graphs
+        gm, example_inputs = dynamo_graph(module, torch.randn(13, 1, 16))
+        rewritten = apply_lynx_passes(gm, example_inputs, parse_options({"policy": "exact"}))
+    targets = [str(n.target) for n in rewritten.graph.nodes]
+    assert "lynx.experts.default" in targets and "bmm" not in " ".join(targets), targets
+    kept = ["linear", "rms_norm"] + (["add"] if variant != "plain" else [])
+    assert all(any(k in t for t in targets) for k in kept), targets
+
+
+def test_experts_that_norm_each_output_on_a_projected_width_are_kept():
+    torch.manual_seed(0)
+    sites = _run(ProjectedExpertsMoE("expert_output_norm").eval())
+    assert sites and all(s["status"] == "skipped" for s in sites), sites
+    why = "at the experts' width 24: dispatch reads 1 1-D tensor"
+    assert all(why in s["reason"] for s in sites), sites
 
 
 # ------------------------------------------ router scores with leading dims ([B, T, E])
