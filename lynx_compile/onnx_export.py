@@ -24,7 +24,7 @@ import torch.utils._pytree as pytree
 
 from lynx_compile._extras import require
 from lynx_compile.export import ExportError, capture_rewritten, describe_error, export_graph
-from lynx_compile.lowering import reference
+from lynx_compile.lowering import distributed_route, reference
 from lynx_compile.lowering.reference import RoutingPolicy, route_reference
 
 # The ONNX stack is the [onnx] extra; torch.onnx.export(dynamo=True) runs on onnxscript.
@@ -63,6 +63,16 @@ def route_scored_affinity_cpu_decomposed(scores, top_k, space, alpha, beta, k0):
     top-k ties to the lower index as the kernel orders them."""
     pol = RoutingPolicy("affinity", alpha, beta, k0)
     return reference.route_scored_reference(scores, top_k, space, pol, ties="lower_index")
+
+
+def route_remap_decomposed(logits, votes, kept, top_k, policy, beta, weights, telemetry_site):
+    """lynx::route_remap (routing across ranks, step 3): its reference; telemetry dropped."""
+    return reference.route_group_remap_reference(logits, top_k, votes, kept, weights)
+
+
+def route_scored_remap_decomposed(scores, votes, kept, top_k, policy, beta, telemetry_site):
+    """lynx::route_scored_remap: its reference; telemetry dropped."""
+    return reference.scored_group_remap_reference(scores, top_k, votes, kept)
 
 
 def _dense_experts(x, ids, weights, w_gate, w_up, w_down, activation, gated, **extras):
@@ -124,6 +134,14 @@ DECOMPOSITIONS = {
     # graphs captured after lowering (or written by hand) still convert.
     "route_affinity_cpu": route_affinity_cpu_decomposed,
     "route_scored_affinity_cpu": route_scored_affinity_cpu_decomposed,
+    # The steps of routing across ranks (options routing_group): each converts; the
+    # collectives between them are torch.distributed's, which ONNX has no operator for.
+    "route_votes": distributed_route.route_votes_traced,
+    "route_kept": distributed_route.route_kept_traced,
+    "route_remap": route_remap_decomposed,
+    "route_scored_votes": distributed_route.route_scored_votes_traced,
+    "route_scored_kept": distributed_route.route_scored_kept_traced,
+    "route_scored_remap": route_scored_remap_decomposed,
 }
 DECOMPOSITIONS.update({fast: DECOMPOSITIONS[neutral] for fast, neutral in DEVICE_NEUTRAL.items()})
 

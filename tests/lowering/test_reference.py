@@ -103,7 +103,10 @@ def brute_force_route(logits: torch.Tensor, k: int, policy: RoutingPolicy):
             )
             kept.update(rest[: k - len(own[t])])
     elif policy.name == "static":
-        totals = [sum(probs[t][j] for t in range(n) if valid[t]) for j in range(e)]
+        # Summed in the logits' dtype, as the policy is specified: rounding decides between
+        # totals closer than an ulp (a double sum would split ties that float32 keeps).
+        mask = torch.tensor(valid)[:, None]
+        totals = torch.where(mask, probs_t, 0).sum(dim=0).tolist()
         m = min(max(policy.budget, k), e)
         kept.update(sorted(range(e), key=lambda j: (-totals[j], j))[:m])
     final = []
