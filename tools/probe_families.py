@@ -46,6 +46,7 @@ TINY = dict(
     intermediate_size=48,
     moe_intermediate_size=24,
     expert_intermediate_size=24,
+    moe_hidden_size=24,
     shared_expert_intermediate_size=24,
     num_experts=16,
     num_local_experts=16,
