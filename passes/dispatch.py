@@ -488,7 +488,10 @@ def find_regions(
 
         def is_hidden(node: fx.Node, shape=val.shape) -> bool:  # the experts' x: [*tokens, d]
             v = example_value(node)
-            fresh = node.op == "call_function" and node.target in _LIKE_OPS  # an output buffer
+            # an output buffer (zeros_like(x), torch.zeros(N, d): JetMoE's index_add target)
+            fresh = _is_fresh_buffer(node) or (
+                node.op == "call_function" and node.target in _LIKE_OPS
+            )
             return v is not None and v.shape == shape and not fresh
 
         _grow_backwards(region, protected, is_hidden)

@@ -92,7 +92,6 @@ REWRITTEN = {
 DISPATCH_KEPT = {
     "dbrx": "routing leaves the graph",  # its router module is a graph of its own
     "longcat_flash": "routing leaves the graph",  # .item() in its expert loop splits it
-    "jetmoe": "hidden-state tensors",  # its own expert kernels over a second token tensor
 }
 NOT_REWRITTEN = ("phimoe", "switch_transformers")
 
