@@ -328,6 +328,72 @@ static int64_t affinity_after_bins(route_scratch *s, const float *f, const float
   return kept_count;
 }
 
+enum { SPACE_SOFTMAX = -1, SPACE_LOGIT = 0, SPACE_PROB = 1, SPACE_SCORE = 2 };
+
+/* What a scored router's bins are taken on (reference.score_bins): the score (a logit),
+ * its log (a probability), or 4 x the score (a sigmoid, maybe plus a bias): 4 is
+ * constants.SCORE_BINS_PER_UNIT. */
+static inline double ranked_score(float v, int space) {
+  return space == SPACE_PROB ? log((double)v) : space == SPACE_SCORE ? 4.0 * (double)v : (double)v;
+}
+
+/* A scored router's bins of one valid row (reference.score_bins): they hang from the row's
+ * largest finite ranked score; a non-finite one (-inf, log of 0) gets MIN_BIN and never
+ * votes. `ranked` is scratch for e doubles. */
+static void scored_row_bins(const float *row, int64_t e, int space, double alpha,
+                            double floor_q, double *ranked, int64_t *q) {
+  double mx = -INFINITY;
+  for (int64_t j = 0; j < e; ++j) {
+    ranked[j] = ranked_score(row[j], space);
+    if (isfinite(ranked[j]) && ranked[j] > mx) mx = ranked[j];
+  }
+  for (int64_t j = 0; j < e; ++j) {
+    if (!isfinite(ranked[j])) {
+      q[j] = MIN_BIN;
+      continue;
+    }
+    double c = ceil(alpha * (ranked[j] - mx));
+    c = c != c ? 0.0 : c;
+    c = c < floor_q ? floor_q : c;
+    q[j] = (int64_t)(c > 0.0 ? 0.0 : c);
+  }
+}
+
+/* Both routers' AffinityBinning: `binned` [n, e] is what the bins and validity are taken
+ * on (softmax routers: the logits, SPACE_SOFTMAX; scored ones: the scores, in `space`), `f`
+ * what ranks after the bins (the probabilities, or the scores). */
+static int64_t affinity_route(const float *binned, const float *f, int space,
+                              const int64_t *exact_ids, int64_t n, int64_t e, int64_t k,
+                              double alpha, double beta, int64_t k0, int64_t *ids,
+                              uint8_t *same) {
+  if (n == 1) { /* a batch of one token routes exactly: nothing to share */
+    memcpy(ids, exact_ids, sizeof(int64_t) * (size_t)k);
+    same[0] = 1;
+    return k;
+  }
+  route_scratch s;
+  if (scratch_alloc(&s, n, e)) return -1;
+  const double floor_q = beta < 0 ? (double)MIN_BIN : -floor(beta);
+  double *ranked = (double *)s.pop; /* scratch until the popularity key is built */
+  for (int64_t t = 0; t < n; ++t) {
+    const float *row = binned + t * e;
+    int64_t *qt = s.q + t * e;
+    /* Rows that may be remapped: finite maximum, no NaN. */
+    float mx = row_max(row, e, &s.valid[t]);
+    if (!s.valid[t]) {
+      memset(qt, 0, sizeof(int64_t) * (size_t)e);
+    } else if (space == SPACE_SOFTMAX) {
+      row_bins(row, e, alpha, (double)mx, floor_q, qt);
+    } else {
+      scored_row_bins(row, e, space, alpha, floor_q, ranked, qt);
+    }
+  }
+  const int scored = space != SPACE_SOFTMAX;
+  int64_t kept = affinity_after_bins(&s, f, binned, exact_ids, n, e, k, beta, k0, scored, ids, same);
+  free(s.q);
+  return kept;
+}
+
 /* Affinity routing for n tokens over e experts (reference.route_reference, policy
  * "affinity", everything after the softmax and the model's top-k):
  *   logits, probs  [n, e] float32 (exact conversions of the model's dtype)
@@ -342,85 +408,19 @@ static int64_t affinity_after_bins(route_scratch *s, const float *f, const float
 int64_t lynx_affinity_ids(const float *logits, const float *probs, const int64_t *exact_ids,
                           int64_t n, int64_t e, int64_t k, double alpha, double beta,
                           int64_t k0, int64_t *ids, uint8_t *same) {
-  if (n == 1) { /* a batch of one token routes exactly: nothing to share */
-    memcpy(ids, exact_ids, sizeof(int64_t) * (size_t)k);
-    same[0] = 1;
-    return k;
-  }
-  route_scratch s;
-  if (scratch_alloc(&s, n, e)) return -1;
-  const double floor_q = beta < 0 ? (double)MIN_BIN : -floor(beta);
-  for (int64_t t = 0; t < n; ++t) {
-    const float *row = logits + t * e;
-    int64_t *qt = s.q + t * e;
-    /* Rows that may be remapped: finite maximum, no NaN. */
-    float mx = row_max(row, e, &s.valid[t]);
-    if (!s.valid[t]) {
-      memset(qt, 0, sizeof(int64_t) * (size_t)e);
-      continue;
-    }
-    row_bins(row, e, alpha, (double)mx, floor_q, qt);
-  }
-  int64_t kept = affinity_after_bins(&s, probs, logits, exact_ids, n, e, k, beta, k0, 0, ids, same);
-  free(s.q);
-  return kept;
-}
-
-enum { SPACE_LOGIT = 0, SPACE_PROB = 1, SPACE_SCORE = 2 };
-
-/* What a scored router's bins are taken on (reference.score_bins): the score (a logit),
- * its log (a probability), or 4 x the score (a sigmoid, maybe plus a bias): 4 is
- * constants.SCORE_BINS_PER_UNIT. */
-static inline double ranked_score(float v, int space) {
-  return space == SPACE_PROB ? log((double)v) : space == SPACE_SCORE ? 4.0 * (double)v : (double)v;
+  return affinity_route(logits, probs, SPACE_SOFTMAX, exact_ids, n, e, k, alpha, beta, k0, ids,
+                        same);
 }
 
 /* Affinity routing of a scored router (reference.route_scored_reference, policy "affinity",
  * everything after the model's top-k):
  *   scores     [n, e] float32 (exact conversions of the model's dtype)
  *   space      SPACE_LOGIT, SPACE_PROB or SPACE_SCORE: what the bins are taken on
- * and the rest as lynx_affinity_ids, the scores ranking where the probabilities do there.
- * A non-finite ranked score (-inf, log of 0) gets MIN_BIN and never votes. */
+ * and the rest as lynx_affinity_ids, the scores ranking where the probabilities do there. */
 int64_t lynx_scored_affinity_ids(const float *scores, const int64_t *exact_ids, int64_t n,
                                  int64_t e, int64_t k, int space, double alpha, double beta,
                                  int64_t k0, int64_t *ids, uint8_t *same) {
-  if (n == 1) { /* a batch of one token routes exactly: nothing to share */
-    memcpy(ids, exact_ids, sizeof(int64_t) * (size_t)k);
-    same[0] = 1;
-    return k;
-  }
-  route_scratch s;
-  if (scratch_alloc(&s, n, e)) return -1;
-  const double floor_q = beta < 0 ? (double)MIN_BIN : -floor(beta);
-  double *ranked = (double *)s.pop; /* scratch until the popularity key is built */
-  for (int64_t t = 0; t < n; ++t) {
-    const float *row = scores + t * e;
-    int64_t *qt = s.q + t * e;
-    row_max(row, e, &s.valid[t]);
-    if (!s.valid[t]) {
-      memset(qt, 0, sizeof(int64_t) * (size_t)e);
-      continue;
-    }
-    /* The bins hang from the row's largest finite ranked score. */
-    double mx = -INFINITY;
-    for (int64_t j = 0; j < e; ++j) {
-      ranked[j] = ranked_score(row[j], space);
-      if (isfinite(ranked[j]) && ranked[j] > mx) mx = ranked[j];
-    }
-    for (int64_t j = 0; j < e; ++j) {
-      if (!isfinite(ranked[j])) {
-        qt[j] = MIN_BIN;
-        continue;
-      }
-      double c = ceil(alpha * (ranked[j] - mx));
-      c = c != c ? 0.0 : c;
-      c = c < floor_q ? floor_q : c;
-      qt[j] = (int64_t)(c > 0.0 ? 0.0 : c);
-    }
-  }
-  int64_t kept = affinity_after_bins(&s, scores, scores, exact_ids, n, e, k, beta, k0, 1, ids, same);
-  free(s.q);
-  return kept;
+  return affinity_route(scores, scores, space, exact_ids, n, e, k, alpha, beta, k0, ids, same);
 }
 
 /* ------------------------------------------------------------------ sparse experts */
