@@ -801,13 +801,24 @@ def _biases(plan: ExpertsPlan) -> tuple:
     return plan.b_up, plan.b_gate, plan.b_down
 
 
+def local_routing(ids: torch.Tensor, weights: torch.Tensor, offset: int, held: int):
+    """(local ids, weights) [N, k] for an expert-parallel slice holding experts [offset,
+    offset + held): ids - offset where the slot's expert is held here; a slot routed to
+    another rank weighs 0 and points at an expert this rank reads anyway (the token's own
+    lowest local one, else the batch's, else 0), so it makes the kernel read no extra
+    expert. Static shapes, no host sync (traced into the compiled graph)."""
+    local = (ids >= offset) & (ids < offset + held)
+    shifted = ids - offset
+    candidate = torch.where(local, shifted, torch.full_like(ids, held))
+    own = candidate.amin(dim=-1, keepdim=True)  # [N, 1]: held where the token has none
+    batch = torch.cat([candidate.reshape(-1), candidate.new_full((1,), held)]).amin()
+    fallback = torch.where(batch < held, batch, torch.zeros_like(batch))
+    fill = torch.where(own < held, own, fallback)
+    return torch.where(local, shifted, fill), torch.where(local, weights, 0)
+
+
 def _local_routing(plan: ExpertsPlan, ids: torch.Tensor, weights: torch.Tensor):
-    """(local ids, weights) for an expert-parallel slice: ids - offset where the slot's
-    expert is held here, else id 0 with weight 0."""
-    held = example_value(plan.w_up).shape[0]
-    local = (ids >= plan.expert_offset) & (ids < plan.expert_offset + held)
-    local_ids = torch.where(local, ids - plan.expert_offset, torch.zeros_like(ids))
-    return local_ids, torch.where(local, weights, torch.zeros_like(weights))
+    return local_routing(ids, weights, plan.expert_offset, example_value(plan.w_up).shape[0])
 
 
 def plan_dtype(plan: ExpertsPlan) -> torch.dtype:
@@ -1051,15 +1062,12 @@ def _replace(gm, region, out, plan: ExpertsPlan, weights, ids, dense: bool = Fal
             flat_ids = graph.call_method("reshape", (ids, -1, example_value(ids).shape[-1]))
             flat_weights = graph.call_method("reshape_as", (weights, flat_ids))
         if plan.expert_offset is not None:  # this rank's experts: the others weigh 0
-            off, held = plan.expert_offset, example_value(plan.w_up).shape[0]
-            ge = graph.call_function(operator.ge, (flat_ids, off))
-            lt = graph.call_function(operator.lt, (flat_ids, off + held))
-            local = graph.call_function(operator.and_, (ge, lt))
-            shifted = graph.call_function(operator.sub, (flat_ids, off))
-            zero_ids = graph.call_function(torch.zeros_like, (flat_ids,))
-            zero_w = graph.call_function(torch.zeros_like, (flat_weights,))
-            flat_ids = graph.call_function(torch.where, (local, shifted, zero_ids))
-            flat_weights = graph.call_function(torch.where, (local, flat_weights, zero_w))
+            held = _hint(example_value(plan.w_up).shape[0])
+            routed = graph.call_function(
+                local_routing, (flat_ids, flat_weights, plan.expert_offset, held)
+            )
+            flat_ids = graph.call_function(operator.getitem, (routed, 0))
+            flat_weights = graph.call_function(operator.getitem, (routed, 1))
         if plan.scale_input:  # top-1: the expert reads x * w and its output is kept as is
             x = graph.call_function(
                 operator.mul, (x, graph.call_method("to", (flat_weights, plan_dtype(plan))))

@@ -412,3 +412,35 @@ def test_compiled_gpt_oss_block_reads_its_expert_weights_in_place(impl):
             for d in dims:
                 numel *= int(d)
             assert numel < smallest, f"a buffer of {numel} elements: a copy of the weights?"
+
+
+def test_expert_parallel_slots_routed_elsewhere_read_no_extra_expert():
+    """An expert-parallel rank holding experts [4, 8): slots routed to other ranks weigh 0
+    and point at an expert the rank reads anyway, so the experts it touches are exactly the
+    local ones its tokens chose (the old mapping to local expert 0 read one more); outputs
+    are unchanged (the reference with the model's own mapping to expert 0)."""
+    from lynx_compile.lowering import reference
+    from lynx_compile.passes.dispatch import local_routing
+
+    from tests.helpers import experts_case
+
+    gen = torch.Generator().manual_seed(0)
+    for tokens in (1, 3, 13):
+        ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(tokens)])
+        ids[0] = torch.tensor([0, 6])  # one token with one local and one remote slot
+        w = torch.rand(tokens, 2, generator=gen)
+        local_ids, local_w = local_routing(ids, w, 4, 4)
+        here = (ids >= 4) & (ids < 8)
+        assert torch.equal(local_w, torch.where(here, w, 0))
+        assert set(local_ids.unique().tolist()) == set((ids[here] - 4).tolist())
+        x, _, _, w_up, w_down, _ = experts_case(tokens, 4, 2, 16, 8, "gated", torch.float32)
+        model_ids = torch.where(here, ids - 4, 0)  # what ExpertParallelMoE itself computes
+        want = reference.experts_general_reference(
+            x, model_ids, local_w, None, w_up, w_down, "silu", True
+        )
+        got = reference.experts_general_reference(
+            x, local_ids, local_w, None, w_up, w_down, "silu", True
+        )
+        # fp32: the same nonzero terms; a GEMM over another set of rows may round each
+        # row's products differently (a few ulps)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
