@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import torch
@@ -62,3 +64,31 @@ def dynamo_graph(module: nn.Module, x: torch.Tensor):
     torch._dynamo.reset()
     torch.compile(module, backend=capture)(x)
     return captured[0]
+
+
+# ------------------------------------------------------------- 2-process gloo tests
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(rank_main, world: int) -> dict:
+    """Run rank_main(rank, port, results) in `world` processes and return what they put in
+    `results` (a shared dict); `port` is a free loopback port for join_gloo."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(rank_main, args=(_free_port(), results), nprocs=world, join=True)
+    return dict(results)
+
+
+def join_gloo(rank: int, port: int, world: int) -> None:
+    """Join this spawned rank to a gloo process group on loopback, one intra-op thread."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)

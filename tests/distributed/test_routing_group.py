@@ -19,19 +19,16 @@ over any split of a batch they route it as lynx::route / lynx::route_scored do.
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lynx_compile.lowering import reference
 from torch._subclasses import FakeTensor
 
 from lynx_compile.config import parse_options
+from tests.helpers import join_gloo, spawn_ranks
 
 WORLD = 2
 TOKENS = (3, 13)
@@ -39,12 +36,6 @@ UNEQUAL = ((1, 5),)  # tokens on rank 0, rank 1 (empty parts: the split test bel
 LAYER = dict(num_experts=16, top_k=4)
 DEFAULT = reference.RoutingPolicy("affinity", 3.0, 2.0, 1, 16)  # the options' defaults
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)  # reordered fp32 sums (gather, shares, all_reduce)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _recorder(module, name: str, seen: list):
@@ -93,9 +84,7 @@ class SigmoidRouter(torch.nn.Module):
 
 
 def _rank_main(rank: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+    join_gloo(rank, port, WORLD)
     try:
         from lynx_compile.examples import moe_modules
         from torch._dynamo.utils import counters
@@ -173,9 +162,7 @@ def _rank_main(rank: int, port: int, results) -> None:
 
 @pytest.fixture(scope="module")
 def ranks():
-    results = mp.Manager().dict()
-    mp.spawn(_rank_main, args=(_free_port(), results), nprocs=WORLD, join=True)
-    return dict(results)
+    return spawn_ranks(_rank_main, WORLD)
 
 
 def _routers(sites: list, **fields) -> list:

@@ -12,13 +12,11 @@ the outputs agree bit for bit) and equal single-process lynx on the whole layer.
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.helpers import join_gloo, spawn_ranks
 
 WORLD = 2
 TOKENS = (3, 13)
@@ -26,16 +24,8 @@ LAYOUTS = ("TensorParallelMoE", "ExpertParallelMoE")
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)  # reordered fp32 sums (shards, then all_reduce)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+    join_gloo(rank, port, WORLD)
     try:
         from lynx_compile.examples import moe_modules
         from lynx_compile.lowering import reference
@@ -82,9 +72,7 @@ def _rank_main(rank: int, port: int, results) -> None:
 
 @pytest.fixture(scope="module")
 def ranks():
-    results = mp.Manager().dict()
-    mp.spawn(_rank_main, args=(_free_port(), results), nprocs=WORLD, join=True)
-    return dict(results)
+    return spawn_ranks(_rank_main, WORLD)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
