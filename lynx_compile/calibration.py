@@ -11,11 +11,19 @@ A file is JSON:
      "model": {"name": str, "num_layers": int, "num_experts": int, "top_k": int},
      "choice": {"policy": str, "alpha": float, "beta": float | null, "k0": int, "budget": int},
      "choice_by_batch": {"8": {... as choice}, ...},
+     "layers": ["layers.0.moe.router.proj", ...],
+     "choice_by_layer": {"layers.0.moe.router.proj": {... as choice}, ...},
+     "choice_by_layer_by_batch": {"8": {"layers.0.moe.router.proj": {...}, ...}, ...},
      "budget": {...}, "batches": [int, ...], "candidates": [...], ...}
 
-Only "format", "model", "choice" and "choice_by_batch" (option calibration_batch) are read
-by the backend; the rest records how the
-choice was made (the distortion of every candidate at every decode batch size).
+The backend reads "format", "model", "choice", "choice_by_batch" (option
+calibration_batch) and, where present, "layers" (the router module paths the file was
+made for: every router the backend rewrites must be one of them) and "choice_by_layer"
+(one policy per router, overriding "choice"; "choice_by_layer_by_batch" with
+calibration_batch). Files written before the per-layer fields load unchanged (one policy
+for every router); a reader that predates them applies "choice" everywhere, which is the
+best single policy within the same budget. The rest records how the choice was made (the
+distortion of every candidate at every decode batch size).
 """
 
 from __future__ import annotations
@@ -65,9 +73,38 @@ def load(source: str | Path | dict) -> dict:
         raise ValueError(
             f"{where} lacks {', '.join(missing)}; rewrite it with `lynx-compile calibrate`"
         )
+    _check_layer_fields(cal, where)
     cal = dict(cal)
     cal.setdefault("name", model.get("name", "calibration") if where != str(source) else where)
     return cal
+
+
+def _check_layer_fields(cal: dict, where: str) -> None:
+    """ValueError unless the optional per-layer fields are well formed: "layers" a list of
+    module paths, every per-layer choice a full policy for one of them."""
+    layers = cal.get("layers")
+    if layers is not None and not (
+        isinstance(layers, list) and all(isinstance(k, str) for k in layers)
+    ):
+        raise ValueError(f"{where}: 'layers' must be a list of router module paths")
+    tables = [("choice_by_layer", cal.get("choice_by_layer"))]
+    tables += [
+        (f"choice_by_layer_by_batch.{b}", t)
+        for b, t in (cal.get("choice_by_layer_by_batch") or {}).items()
+    ]
+    for field, table in tables:
+        if table is None:
+            continue
+        if layers is None:
+            raise ValueError(f"{where} has {field} but no 'layers'; rewrite it with calibrate")
+        unknown = sorted(set(table) - set(layers))
+        short = [k for k, v in table.items() if any(f not in v for f in _POLICY_FIELDS)]
+        if unknown or short or set(table) != set(layers):
+            raise ValueError(
+                f"{where}: {field} must hold a full policy ({', '.join(_POLICY_FIELDS)}) for "
+                f"each of its 'layers' {layers}; unknown {unknown}, incomplete {short}, "
+                f"missing {sorted(set(layers) - set(table))}; rewrite it with calibrate"
+            )
 
 
 def policy_options(cal: dict, batch: int | None = None) -> dict:
@@ -85,12 +122,54 @@ def policy_options(cal: dict, batch: int | None = None) -> dict:
     return {k: by_batch[str(batch)][k] for k in _POLICY_FIELDS}
 
 
+def layer_choices(cal: dict, batch: int | None = None) -> dict[str, dict] | None:
+    """The per-layer policies a calibration sets (router module path -> policy options),
+    for every calibrated batch or for one decode batch size; None for one policy."""
+    if batch is None:
+        table = cal.get("choice_by_layer")
+    else:
+        table = (cal.get("choice_by_layer_by_batch") or {}).get(str(batch))
+        if table is None and cal.get("choice_by_layer") is not None:
+            raise ValueError(
+                f"lynx calibration {cal['name']} holds per-layer choices but none for decode "
+                f"batch {batch}; calibrated at "
+                f"{sorted(int(b) for b in cal.get('choice_by_layer_by_batch') or {})} "
+                "(calibrate with --per-layer --batch to add one, or leave calibration_batch out)"
+            )
+    return (
+        None if table is None else {k: {f: v[f] for f in _POLICY_FIELDS} for k, v in table.items()}
+    )
+
+
+def layer_policy(cal: dict, batch: int | None, layer: str | None) -> dict:
+    """The policy options a calibration gives the router at module path `layer`: its
+    per-layer choice, or the one choice; CalibrationMismatchError for a router the file
+    was not made for (a module path not among its "layers")."""
+    known = cal.get("layers")
+    if known is not None and layer not in known:
+        found = (
+            "records no module path (nn_module_stack) for its router"
+            if layer is None
+            else f"has a router at {layer!r}"
+        )
+        raise CalibrationMismatchError(
+            f"lynx calibration {cal['name']} was made for the routers {known}, but the "
+            f"compiled graph {found}, which is not one of them: the file belongs to another "
+            "model, or the model was compiled from another root module (compile the module "
+            "the file was calibrated on); calibrate this model with `lynx-compile calibrate`"
+        )
+    table = layer_choices(cal, batch)
+    return policy_options(cal, batch) if table is None else table[layer]
+
+
 def describe(cal: dict, batch: int | None = None) -> dict:
-    """What report() shows of a calibration in use (its choice for `batch`, or overall)."""
+    """What report() shows of a calibration in use (its choice for `batch`, or overall, and
+    the per-layer choices where the file has them)."""
     return {
         "name": cal["name"],
         "model": dict(cal["model"]),
         "choice": policy_options(cal, batch),
+        "choice_by_layer": layer_choices(cal, batch),
         "calibration_batch": batch,
         "budget": cal.get("budget"),
         "batches": cal.get("batches"),

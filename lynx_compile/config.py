@@ -73,11 +73,19 @@ class LynxConfig:
     mode: str | None = None
     inductor: dict = dataclasses.field(default_factory=dict)
 
-    def routing_policy(self, decode: bool) -> RoutingPolicy:
-        """The policy a router site gets: approximate only for decode (unless decode_only off)."""
-        name = self.policy if (decode or not self.decode_only) else "exact"
-        k0 = default_k0(self.policy) if self.k0 is None else self.k0
-        return RoutingPolicy(name, self.alpha, self.beta, k0, self.budget)
+    def routing_policy(self, decode: bool, layer: str | None = None) -> RoutingPolicy:
+        """The policy a router site gets: approximate only for decode (unless decode_only
+        off); with a calibration, its choice for the router at module path `layer`
+        (CalibrationMismatchError for a router the file was not made for)."""
+        chosen = self
+        if self.calibration is not None:
+            from lynx_compile import calibration
+
+            options = calibration.layer_policy(self.calibration, self.calibration_batch, layer)
+            chosen = dataclasses.replace(self, **options)
+        name = chosen.policy if (decode or not self.decode_only) else "exact"
+        k0 = default_k0(chosen.policy) if chosen.k0 is None else chosen.k0
+        return RoutingPolicy(name, chosen.alpha, chosen.beta, k0, chosen.budget)
 
     def cache_key(self) -> str:
         """Stable hash of the options, so Inductor's FX graph cache tells configs apart."""
@@ -112,6 +120,7 @@ def _apply_calibration(options: dict) -> dict:
     if batch is not None and not (_is_int(batch) and batch >= 1):
         raise _bad("calibration_batch", batch)
     chosen = calibration.policy_options(loaded, batch)
+    calibration.layer_choices(loaded, batch)  # a batch the per-layer choices lack: now
     return {**options, "calibration": loaded, **chosen}
 
 

@@ -8,6 +8,7 @@ Dynamo hands the backend torch-level graphs, where one operation has many spelli
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Iterable
 
 import torch
@@ -100,6 +101,22 @@ def example_value(node) -> torch.Tensor | None:
         return None
     val = node.meta.get("example_value", node.meta.get("val"))
     return val if isinstance(val, torch.Tensor) else None
+
+
+_ROOT = re.compile(r"^[LG]\[(['\"])[^'\"]*\1\]\.?")  # Dynamo's root: L['self'], G['model']
+_INDEX = re.compile(r"\.?(?:_modules)?\[(['\"]?)([^\]'\"]+)\1\]")  # [0], ['x'], _modules['x']
+
+
+def module_path(node: fx.Node) -> str | None:
+    """The dotted path of the innermost module a node was traced in, relative to the
+    compiled root (Dynamo's `L['self'].layers.2.moe.gate` -> `layers.2.moe.gate`; '' for
+    the root itself), or None when the graph does not record it (nn_module_stack)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    path = _ROOT.sub("", path)
+    return _INDEX.sub(lambda m: "." + m.group(2), path).strip(".")
 
 
 def last_dim(dim, ndim: int) -> bool:

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from lynx_compile.lowering.ops import route_op
 from lynx_compile.passes import report as report_mod
-from lynx_compile.passes.fx_utils import arg, canonical_op, example_value, last_dim
+from lynx_compile.passes.fx_utils import arg, canonical_op, example_value, last_dim, module_path
 from lynx_compile.passes.group_routing import emit_group_route, routing_scope
 
 from lynx_compile.config import LynxConfig
@@ -212,6 +212,18 @@ def router_hidden_dim(logits: fx.Node) -> int | None:
     return None if val is None else val.shape[-1]
 
 
+def router_layer(site) -> str | None:
+    """The router's module path, the key a per-layer calibration names it by (e.g.
+    `layers.2.moe.gate`): its linear projection's module where the graph shows one, else
+    the module that calls top-k; None when the graph records no module stack."""
+    projection = _projection_of(site.logits)
+    if projection is not None and canonical_op(projection) == "linear":
+        path = module_path(projection)
+        if path is not None:
+            return path
+    return module_path(site.topk)
+
+
 def find_router_sites(gm: fx.GraphModule, graph_id: int) -> list[RouterSite]:
     """Every softmax -> top-k router in the graph (others are reported as skipped)."""
     sites = []
@@ -230,7 +242,8 @@ def report_rewritten_router(site, config: LynxConfig, graph_id: int, **extra):
     top_k and its topk node; `extra` adds kind-specific report fields. The entry also says
     which batch the policy sees (passes/group_routing.py: routing_scope)."""
     decode = is_decode_step(site.logits)
-    policy = config.routing_policy(bool(decode))
+    layer = router_layer(site)
+    policy = config.routing_policy(bool(decode), layer)
     extra.update(routing_scope(config, policy, site.num_experts))
     entry = report_mod.add_site(
         kind="router",
@@ -240,7 +253,14 @@ def report_rewritten_router(site, config: LynxConfig, graph_id: int, **extra):
         top_k=site.top_k,
         graph=graph_id,
         node=site.topk.name,
+        layer=layer,
         policy=policy.name,
+        policy_params={
+            "alpha": policy.alpha,
+            "beta": policy.beta,
+            "k0": policy.k0,
+            "budget": policy.budget,
+        },
         decode=decode,
         telemetry_on=config.telemetry,
         **extra,
