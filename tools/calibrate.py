@@ -1,4 +1,5 @@
-"""`lynx-compile calibrate`: the cheapest routing policy within a distortion budget, per model.
+"""`lynx-compile calibrate`: the cheapest routing policy within a distortion budget, per
+model (and, with --per-layer, per router layer).
 
 No labels: the model decodes calibration prompts (teacher-forced, B sequences per decode
 step, as the accuracy harness and a server decode) once with exact routing and once per
@@ -18,15 +19,23 @@ decode routers are opaque lynx::route_recorded calls, and each measurement route
 with the candidate (lowering.ops.decode_policy_override). The routing is the reference's,
 which every kernel matches.
 
-The model needs TinyMoE's decode interface: new_cache(batch, max_len) and
-model(tokens [B, T], cache, start). Prompts: a text file (.txt: its bytes) or JSONL (one
-string, or an object with "text", per line) for byte-level models, or token ids (.json: a
-list of lists of ints); the embedded model's default set is drawn from its training split
-(the accuracy harness's held-out files are never read).
+Per layer (--per-layer, per_layer=True): each router layer is measured with each candidate
+while the other layers route exactly; the layers' KLs, taken as adding up, are spent
+greedily on the largest experts saving per nat (choose_per_layer); the combination is
+measured again and chosen anew within a smaller budget while it exceeds the real one. The
+file then names a policy per router module path (lynx_compile/calibration.py).
 
-    lynx-compile calibrate --out tiny_moe.calibration.json
+Any model: the Python API takes decode_fn(compiled, tokens, prompt_len) -> next-token
+logits (calibrate's docstring); the CLI and the default decode_fn use TinyMoE's interface,
+new_cache(batch, max_len) and model(tokens [B, T], cache, start). Prompts: a text file
+(.txt: its bytes) or JSONL (one string, or an object with "text", per line) for byte-level
+models, or token ids (.json: a list of lists of ints); the embedded model's default set is
+drawn from its training split (the accuracy harness's held-out files are never read).
+
+    lynx-compile calibrate --out tiny_moe.calibration.json [--per-layer]
     python -m lynx_compile.tools.calibrate --checkpoint ckpt.safetensors --out cal.json
     cal = calibrate.calibrate(model, batches=(8, 16)); calibrate.save(cal, path)
+    cal = calibrate.calibrate(model, token_ids, decode_fn=my_decode, per_layer=True)
 """
 
 from __future__ import annotations
@@ -179,41 +188,79 @@ def load_prompts(path: Path, count: int, length: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------- measuring
 
 
-def _decode_sites() -> dict[int, tuple[int, int]]:
-    """Per decode router site: (exact distinct experts summed, chosen summed) so far."""
-    totals = {}
-    for site in lynx_compile.report()["sites"]:
+def _decode_routers() -> list[dict]:
+    """The rewritten decode router sites the report holds."""
+    return [
+        s
+        for s in lynx_compile.report()["sites"]
+        if s["kind"] == "router" and s["status"] == "rewritten" and s.get("decode")
+    ]
+
+
+def _layer_of(site: dict) -> str:
+    """A router site's layer key: its module path, or its site id where the graph has none."""
+    return site["layer"] if site.get("layer") is not None else f"site {site['site']}"
+
+
+def _decode_totals() -> dict[str, tuple[float, float]]:
+    """Per decode router layer (module path): (exact distinct experts summed, chosen summed)
+    so far, over every graph that routes it."""
+    totals: dict[str, tuple[float, float]] = {}
+    for site in _decode_routers():
         tel = site.get("telemetry")
-        if site.get("kind") == "router" and site.get("decode") and tel:
+        if tel:
             calls = tel["calls"]
-            exact, chosen = tel["mean_experts_exact"], tel["mean_experts_chosen"]
-            totals[site["site"]] = (exact * calls, chosen * calls)
+            old = totals.get(_layer_of(site), (0.0, 0.0))
+            exact, chosen = tel["mean_experts_exact"] * calls, tel["mean_experts_chosen"] * calls
+            totals[_layer_of(site)] = (old[0] + exact, old[1] + chosen)
     return totals
 
 
-@torch.no_grad()
-def decode_log_probs(model, compiled, prompts: torch.Tensor, batch: int, prompt_len: int):
-    """Teacher-forced decode of prompts [S, T] in batches of `batch`: next-token log-probs
-    [S/B * B * (T - prompt_len - 1), V] fp32, and the distinct-experts totals per decode
-    router site (exact, chosen) it added."""
-    before = _decode_sites()
-    out = []
-    for chunk in prompts.split(batch):
-        cache = model.new_cache(chunk.shape[0], max_len=prompts.shape[1])
+def tiny_moe_decode(model):
+    """The decode_fn of a model with TinyMoE's interface (new_cache(batch, max_len) and
+    model(tokens [B, T], cache, start)): prefill eagerly, then one compiled call per step."""
+
+    def decode(compiled, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """tokens [B, T] -> next-token logits [B, T - prompt_len - 1, V]."""
+        batch = tokens.shape[0]
+        cache = model.new_cache(batch, max_len=tokens.shape[1])
         if batch > 1:  # one compiled graph serves every batch size (1 is specialised)
             for tensor in (t for kv in cache for t in kv):
                 torch._dynamo.mark_dynamic(tensor, 0)
-        model(chunk[:, :prompt_len], cache, torch.tensor(0))
-        for t in range(prompt_len, prompts.shape[1] - 1):
-            step = chunk[:, t : t + 1]
+        model(tokens[:, :prompt_len], cache, torch.tensor(0))
+        out = []
+        for t in range(prompt_len, tokens.shape[1] - 1):
+            step = tokens[:, t : t + 1]
             if batch > 1:
                 torch._dynamo.mark_dynamic(step, 0)
-            logits = compiled(step, cache, torch.tensor(t))[:, 0].float()
-            out.append(F.log_softmax(logits, dim=-1))
-    after = _decode_sites()
+            out.append(compiled(step, cache, torch.tensor(t))[:, -1])
+        return torch.stack(out, dim=1)
+
+    return decode
+
+
+@torch.no_grad()
+def decode_log_probs(decode_fn, compiled, prompts: torch.Tensor, batch: int, prompt_len: int):
+    """Teacher-forced decode of prompts [S, T] in batches of `batch` through
+    decode_fn(compiled, tokens [B, T], prompt_len) -> logits [B, T - prompt_len - 1, V]:
+    next-token log-probs [S * (T - prompt_len - 1), V] fp32 (step-major within a batch),
+    and the distinct-experts totals per decode router layer (exact, chosen) it added."""
+    before = _decode_totals()
+    steps = prompts.shape[1] - prompt_len - 1
+    out = []
+    for chunk in prompts.split(batch):
+        logits = decode_fn(compiled, chunk, prompt_len)
+        if tuple(logits.shape[:2]) != (chunk.shape[0], steps):
+            raise ValueError(
+                f"decode_fn returned logits of shape {tuple(logits.shape)} for tokens "
+                f"{tuple(chunk.shape)}: want [B, T - prompt_len - 1, V] = "
+                f"[{chunk.shape[0]}, {steps}, V], one row per decode step"
+            )
+        out.append(F.log_softmax(logits.float().transpose(0, 1).reshape(-1, logits.shape[-1]), -1))
+    after = _decode_totals()
     added = {
-        s: (after[s][0] - before.get(s, (0, 0))[0], after[s][1] - before.get(s, (0, 0))[1])
-        for s in after
+        k: (after[k][0] - before.get(k, (0, 0))[0], after[k][1] - before.get(k, (0, 0))[1])
+        for k in after
     }
     return torch.cat(out), added
 
@@ -237,32 +284,31 @@ def distortion(exact: torch.Tensor, other: torch.Tensor) -> dict:
     }
 
 
-def _experts_ratio(sites: dict[int, tuple[int, int]]) -> tuple[float, list[float]]:
-    """Overall and per-layer (site order) chosen / exact distinct experts."""
-    exact = sum(v[0] for v in sites.values())
-    chosen = sum(v[1] for v in sites.values())
-    per_layer = [sites[s][1] / sites[s][0] for s in sorted(sites) if sites[s][0] > 0]
+def _experts_ratio(totals: dict[str, tuple[float, float]], layers: list[str]):
+    """Overall chosen / exact distinct experts, and per layer (in `layers` order)."""
+    exact = sum(v[0] for v in totals.values())
+    chosen = sum(v[1] for v in totals.values())
+    per_layer = [totals[k][1] / totals[k][0] for k in layers if totals.get(k, (0, 0))[0] > 0]
     return (chosen / exact if exact else 1.0), per_layer
 
 
-def _model_shape(name: str) -> dict:
-    """num_layers / num_experts / top_k of the compiled model, from its decode routers."""
-    routers = [
-        s
-        for s in lynx_compile.report()["sites"]
-        if s["kind"] == "router" and s["status"] == "rewritten" and s.get("decode")
-    ]
+def _model_shape(name: str) -> tuple[dict, list[str]]:
+    """num_layers / num_experts / top_k of the compiled model, from its decode routers, and
+    their layer keys (module paths) in graph order."""
+    routers = _decode_routers()
     if not routers:
         raise RuntimeError(
             "the lynx backend rewrote no decode router of this model, so there is nothing to "
-            "calibrate; inspect it with `lynx-compile dump`"
+            "calibrate: check that decode_fn runs the compiled model one new token per "
+            "sequence ([B, 1]), and inspect the graphs with `lynx-compile dump`"
         )
     shapes = {(s["num_experts"], s["top_k"]) for s in routers}
     if len(shapes) != 1:
         raise RuntimeError(f"the model's routers differ in (experts, top_k): {sorted(shapes)}")
     ((experts, top_k),) = shapes
-    layers = len({s["site"] for s in routers})
-    return {"name": name, "num_layers": layers, "num_experts": experts, "top_k": top_k}
+    layers = list(dict.fromkeys(_layer_of(s) for s in routers))
+    shape = {"name": name, "num_layers": len(layers), "num_experts": experts, "top_k": top_k}
+    return shape, layers
 
 
 def choose(candidates: list[dict], batches: list[int], budget: Budget) -> dict:
@@ -278,21 +324,99 @@ def choose(candidates: list[dict], batches: list[int], budget: Budget) -> dict:
     return best["choice"] if best else policy_options(RoutingPolicy("exact"))
 
 
+def choose_per_layer(
+    table: dict[str, list[dict]], weights: dict[str, float], batches: list[int], kl_budget: float
+) -> dict[str, int | None]:
+    """Greedy per-layer choice: layer -> candidate index (None: exact).
+
+    table[layer][i]["by_batch"][b] holds candidate i's kl and layer experts_ratio measured
+    with only that layer routed by it (the others exact); weights[layer] is the layer's
+    share of exact distinct experts. Layers' KLs are taken as adding up: starting from
+    exact everywhere, the move (one layer to a cheaper candidate) that saves the most
+    weighted experts ratio per nat of added KL (the largest added KL over the batches) is
+    taken while the summed KL stays within kl_budget at every batch.
+    """
+    current: dict[str, int | None] = dict.fromkeys(table)
+
+    def row(layer, index, batch):
+        if index is None:
+            return {"kl": 0.0, "experts_ratio": 1.0}
+        return table[layer][index]["by_batch"][str(batch)]
+
+    def ratio(layer, index):
+        return sum(row(layer, index, b)["experts_ratio"] for b in batches) / len(batches)
+
+    while True:
+        spent = {b: sum(row(k, current[k], b)["kl"] for k in table) for b in batches}
+        best, best_score = None, 0.0
+        for layer, cands in table.items():
+            for index in range(len(cands)):
+                saved = weights[layer] * (ratio(layer, current[layer]) - ratio(layer, index))
+                added = {
+                    b: row(layer, index, b)["kl"] - row(layer, current[layer], b)["kl"]
+                    for b in batches
+                }
+                if saved <= 0 or any(spent[b] + added[b] > kl_budget for b in batches):
+                    continue
+                score = saved / max(max(added.values()), 1e-9)
+                if score > best_score:
+                    best, best_score = (layer, index), score
+        if best is None:
+            return current
+        current[best[0]] = best[1]
+
+
 def calibrate(
     model,
-    prompts: torch.Tensor | None = None,
+    prompts: torch.Tensor | list[list[int]] | None = None,
     candidates: list[str] | tuple[str, ...] = DEFAULT_CANDIDATES,
     batches: tuple[int, ...] = (8, 16),
     budget: Budget = Budget(),
     prompt_len: int = 16,
     name: str = "model",
     progress: bool = True,
+    decode_fn=None,
+    per_layer: bool = False,
 ) -> dict:
-    """Measure every candidate policy at every decode batch size on `prompts` (int64
-    [S, T], S a multiple of every batch; default: default_prompts()) and choose one: the
-    calibration dict that save() writes and the backend's `calibration` option takes."""
+    """Measure every candidate policy at every decode batch size on `prompts` and choose
+    the cheapest within `budget`: the calibration dict that save() writes and the
+    backend's `calibration` option takes.
+
+    model      any nn.Module with softmax or scored top-k routers; it is compiled once
+               (backend="lynx", telemetry on) and that one compiled model serves every
+               candidate.
+    prompts    token ids, int64 [S, T] (or a list of S equal-length lists); S a multiple
+               of every batch. Default: default_prompts() (TinyMoE's byte-level set).
+    decode_fn  decode_fn(compiled, tokens [B, T], prompt_len) -> next-token logits
+               [B, T - prompt_len - 1, V]: the logits predicting tokens[:, prompt_len + 1:],
+               teacher-forced, each decode step one call of `compiled` on one new token per
+               sequence ([B, 1, ...] at the routers; prefill may run eagerly or compiled,
+               it is routed exactly). Default: tiny_moe_decode(model), for models with
+               TinyMoE's new_cache / model(tokens, cache, start) interface.
+    per_layer  also choose one policy per router (choose_per_layer): each layer measured
+               with each candidate and the other layers exact, the greedy combination
+               measured again and backed off until it fits; adds choice_by_layer and
+               choice_by_layer_by_batch to the file.
+
+    E.g. for a Hugging Face causal LM with a KV cache:
+
+        def decode_fn(compiled, tokens, prompt_len):
+            out = model(tokens[:, :prompt_len], use_cache=True)   # prefill, eager
+            past, logits = out.past_key_values, []
+            for t in range(prompt_len, tokens.shape[1] - 1):
+                out = compiled(tokens[:, t : t + 1], past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                logits.append(out.logits[:, -1])
+            return torch.stack(logits, dim=1)
+
+        cal = calibrate(model, token_ids, decode_fn=decode_fn, batches=(8,))
+    """
     start = time.perf_counter()
-    prompts = default_prompts() if prompts is None else prompts
+    prompts = default_prompts() if prompts is None else torch.as_tensor(prompts)
+    if prompts.dim() != 2 or prompts.dtype != torch.int64:
+        raise ValueError(
+            f"prompts must be int64 token ids [S, T], got {prompts.dtype} {list(prompts.shape)}"
+        )
     bad = [b for b in batches if b < 2 or prompts.shape[0] % b]
     if bad:
         raise ValueError(
@@ -301,50 +425,174 @@ def calibrate(
         )
     if prompts.shape[1] < prompt_len + 2:
         raise ValueError(f"prompts of {prompts.shape[1]} tokens leave no decode steps")
+    if decode_fn is None:
+        if not hasattr(model, "new_cache"):
+            raise TypeError(
+                f"{type(model).__name__} has no new_cache(batch, max_len): give calibrate a "
+                "decode_fn(compiled, tokens, prompt_len) -> logits (see its docstring)"
+            )
+        decode_fn = tiny_moe_decode(model)
     policies = [parse_policy(c) for c in candidates]
     torch._dynamo.reset()
     lynx_compile.clear_report()
     compiled = torch.compile(
         model, backend="lynx", options={"policy": "affinity", "k0": 0, "telemetry": True}
     )
+
+    def measure(policy_of_layer, batch):
+        """Decode with policy_of_layer(layer key) at each decode router: log-probs, totals."""
+        site_layer = {}
+
+        def chooser(site):
+            if site not in site_layer:
+                site_layer.update({s["site"]: _layer_of(s) for s in _decode_routers()})
+            return policy_of_layer(site_layer[site])
+
+        with ops.decode_policy_override(chooser):
+            return decode_log_probs(decode_fn, compiled, prompts, batch, prompt_len)
+
+    exact_pol = RoutingPolicy("exact")
     bar = _progress(len(batches) * (len(policies) + 1), progress)
     records = {i: {} for i in range(len(policies))}
+    exact_logp = {}
+    layers = None
     for batch in batches:
-        exact_pol = RoutingPolicy("exact")
-        with ops.decode_policy_override(lambda site, p=exact_pol: p):
-            exact, _ = decode_log_probs(model, compiled, prompts, batch, prompt_len)
+        exact_logp[batch], _ = measure(lambda layer: exact_pol, batch)
+        if layers is None:
+            shape, layers = _model_shape(name)
         bar.update(1)
         for i, pol in enumerate(policies):
             bar.set_postfix_str(f"B={batch} {policy_label(pol)}")
-            with ops.decode_policy_override(lambda site, p=pol: p):
-                logp, sites = decode_log_probs(model, compiled, prompts, batch, prompt_len)
-            ratio, per_layer = _experts_ratio(sites)
+            logp, totals = measure(lambda layer, p=pol: p, batch)
+            ratio, per_layer_ratio = _experts_ratio(totals, layers)
             records[i][str(batch)] = {
-                **distortion(exact, logp),
+                **distortion(exact_logp[batch], logp),
                 "experts_ratio": ratio,
-                "experts_ratio_per_layer": per_layer,
-                "tokens": exact.shape[0],
+                "experts_ratio_per_layer": per_layer_ratio,
+                "tokens": logp.shape[0],
             }
             bar.update(1)
     bar.close()
-    shape = _model_shape(name)
     cands = [
         {"label": policy_label(p), "choice": policy_options(p), "by_batch": records[i]}
         for i, p in enumerate(policies)
     ]
-    by_batch = {str(b): choose(cands, [b], budget) for b in batches}
-    return {
+    cal = {
         "format": calibration.FORMAT,
         "model": shape,
         "choice": choose(cands, list(batches), budget),
-        "choice_by_batch": by_batch,
+        "choice_by_batch": {str(b): choose(cands, [b], budget) for b in batches},
+        "layers": layers if all(not k.startswith("site ") for k in layers) else None,
         "budget": asdict(budget),
         "batches": list(batches),
         "prompts": {"sequences": prompts.shape[0], "length": prompts.shape[1]},
         "prompt_len": prompt_len,
         "candidates": cands,
-        "seconds": time.perf_counter() - start,
     }
+    if cal["layers"] is None:
+        del cal["layers"]
+    if per_layer:
+        cal.update(_calibrate_per_layer(cal, policies, measure, exact_logp, budget, progress))
+    cal["seconds"] = time.perf_counter() - start
+    return cal
+
+
+def _calibrate_per_layer(cal, policies, measure, exact_logp, budget, progress) -> dict:
+    """The per-layer fields of a calibration: each layer measured alone with each
+    candidate, the greedy choice for every batch and for each one, each verified."""
+    layers = cal.get("layers")
+    if not layers:
+        raise RuntimeError(
+            "per-layer calibration needs each router's module path, and this model's graphs "
+            "record none (nn_module_stack); calibrate without per_layer"
+        )
+    batches = cal["batches"]
+    exact_pol = RoutingPolicy("exact")
+    bar = _progress(len(batches) * len(layers) * len(policies), progress, "per layer")
+    table = {k: [{"label": policy_label(p), "by_batch": {}} for p in policies] for k in layers}
+    weights = dict.fromkeys(layers, 0.0)
+    for batch in batches:
+        for layer in layers:
+            for i, pol in enumerate(policies):
+                bar.set_postfix_str(f"B={batch} {layer} {policy_label(pol)}")
+                logp, totals = measure(
+                    lambda k, layer=layer, p=pol: p if k == layer else exact_pol, batch
+                )
+                exact, chosen = totals.get(layer, (0.0, 0.0))
+                table[layer][i]["by_batch"][str(batch)] = {
+                    **distortion(exact_logp[batch], logp),
+                    "experts_ratio": chosen / exact if exact else 1.0,
+                }
+                weights[layer] += exact / len(batches) / len(policies)
+                bar.update(1)
+    bar.close()
+    total = sum(weights.values()) or 1.0
+    weights = {k: w / total for k, w in weights.items()}
+    uniform = {b: cal["choice_by_batch"][str(b)] for b in batches}
+    overall = _verified_choice(
+        table, weights, batches, budget, policies, measure, exact_logp, cal["choice"], cal
+    )
+    by_batch = {
+        str(b): _verified_choice(
+            table, weights, [b], budget, policies, measure, exact_logp, uniform[b], cal
+        )
+        for b in batches
+    }
+    return {
+        "choice_by_layer": overall["choice"],
+        "choice_by_layer_by_batch": {b: v["choice"] for b, v in by_batch.items()},
+        "per_layer": {
+            "weights": weights,
+            "candidates": table,
+            "verified": overall["verified"],
+            "verified_by_batch": {b: v["verified"] for b, v in by_batch.items()},
+        },
+    }
+
+
+def _verified_choice(table, weights, batches, budget, policies, measure, exact_logp, one, cal):
+    """choose_per_layer within the budget, its combination measured at each batch; while
+    the measured KL (or flip) exceeds the budget, choose again within a budget scaled down
+    by budget / measured (3 tries), then fall back to `one` (the single choice) at every
+    layer. A combination that touches no fewer experts than `one` also falls back to it."""
+    cands = {c["label"]: c for c in cal["candidates"]}
+    one_label = next((lab for lab, c in cands.items() if c["choice"] == one), None)
+    one_ratio = (
+        1.0
+        if one_label is None
+        else sum(cands[one_label]["by_batch"][str(b)]["experts_ratio"] for b in batches)
+        / len(batches)
+    )
+    scale, tries = 1.0, []
+    for _ in range(3):
+        picks = choose_per_layer(table, weights, batches, budget.kl * scale)
+        pol = {k: RoutingPolicy("exact") if i is None else policies[i] for k, i in picks.items()}
+        rows = {}
+        for b in batches:
+            logp, totals = measure(lambda k, pol=pol: pol[k], b)
+            ratio, _ = _experts_ratio(totals, list(table))
+            rows[str(b)] = {**distortion(exact_logp[b], logp), "experts_ratio": ratio}
+        worst = max(r["kl"] for r in rows.values())
+        fits = all(r["kl"] <= budget.kl and r["flip"] <= budget.flip for r in rows.values())
+        tries.append(
+            {
+                "kl_budget": budget.kl * scale,
+                "picks": {k: policy_label(p) for k, p in pol.items()},
+                "by_batch": rows,
+                "fits": fits,
+            }
+        )
+        if fits:
+            mean = sum(r["experts_ratio"] for r in rows.values()) / len(rows)
+            if mean < one_ratio - 1e-6:  # telemetry sums differ in the last bits
+                choice = {k: policy_options(p) for k, p in pol.items()}
+                return {"choice": choice, "verified": {"tries": tries, "fallback": None}}
+            reason = f"experts ratio {mean:.3f}, not below the single choice's {one_ratio:.3f}"
+            break
+        reason = f"measured KL {worst:.4f} over the budget after {len(tries)} tries"
+        scale *= 0.9 * budget.kl / max(worst, 1e-12)
+    choice = dict.fromkeys(table, dict(one))
+    return {"choice": choice, "verified": {"tries": tries, "fallback": reason}}
 
 
 class _NoBar:
@@ -358,12 +606,12 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, show: bool):
+def _progress(total: int, show: bool, desc: str = "calibrate"):
     """A tqdm progress bar (the [demo] extra) or a silent stand-in."""
     if not show:
         return _NoBar()
     tqdm = require("tqdm", "demo", "the calibrate progress bar").tqdm
-    return tqdm(total=total, desc="calibrate", unit="run")
+    return tqdm(total=total, desc=desc, unit="run")
 
 
 def save(cal: dict, path: Path) -> None:
@@ -426,6 +674,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)"
     )
+    parser.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="also choose one policy per router layer within the same budget (about 3x the "
+        "runs; docs/results/accuracy.md, issue 18)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -448,6 +702,7 @@ def run(args: argparse.Namespace) -> int:
         args.prompt_len,
         name=args.checkpoint.name,
         progress=not args.no_progress,
+        per_layer=args.per_layer,
     )
     save(cal, args.out)
     print(format_table(cal))
@@ -473,7 +728,29 @@ def format_table(cal: dict) -> str:
     params = {k: v for k, v in cal["choice"].items() if k != "policy"}
     choice = RoutingPolicy(cal["choice"]["policy"], **params)
     lines.append(f"choice: {policy_label(choice)} (budget {cal['budget']})")
+    for batch, choice in cal["choice_by_batch"].items():
+        lines.append(f"choice for batch {batch}: {policy_label(policy_of(choice))}")
+    per_layer = cal.get("per_layer")
+    if per_layer:
+        tables = [("every batch", cal["choice_by_layer"], per_layer["verified"])]
+        tables += [
+            (f"batch {b}", cal["choice_by_layer_by_batch"][b], per_layer["verified_by_batch"][b])
+            for b in cal["choice_by_layer_by_batch"]
+        ]
+        for what, choice, verified in tables:
+            picks = ", ".join(f"{k}: {policy_label(policy_of(c))}" for k, c in choice.items())
+            last = verified["tries"][-1]["by_batch"] if verified["tries"] else {}
+            measured = " ".join(
+                f"B{b} kl {r['kl']:.4f} ratio {r['experts_ratio']:.3f}" for b, r in last.items()
+            )
+            note = f" (fallback: {verified['fallback']})" if verified["fallback"] else ""
+            lines.append(f"per layer, {what}: {picks}; measured {measured}{note}")
     return "\n".join(lines)
+
+
+def policy_of(choice: dict) -> RoutingPolicy:
+    """The RoutingPolicy of a file's choice dict."""
+    return RoutingPolicy(choice["policy"], **{k: v for k, v in choice.items() if k != "policy"})
 
 
 if __name__ == "__main__":

@@ -197,3 +197,138 @@ def test_calibrate_end_to_end_and_the_backend_uses_its_choice(tmp_path):
         wrong(prompts[:3, :4], cache, torch.tensor(0))
     inner = getattr(err.value, "inner_exception", err.value)
     assert isinstance(inner, calibration.CalibrationMismatchError)
+
+
+# ---------------------------------------------------------------- per layer, any model
+def _row(kl, ratio):
+    return {"by_batch": {"8": {"kl": kl, "experts_ratio": ratio}}}
+
+
+def test_per_layer_choice_spends_the_budget_where_it_saves_most_per_nat():
+    table = {
+        "a": [_row(0.030, 0.50), _row(0.010, 0.80)],  # a's big saving is dear
+        "b": [_row(0.005, 0.40), _row(0.040, 0.30)],  # b saves 0.6 for 0.005 nats
+    }
+    weights = {"a": 0.5, "b": 0.5}
+    assert calibrate.choose_per_layer(table, weights, [8], 0.05) == {"a": 0, "b": 0}
+    assert calibrate.choose_per_layer(table, weights, [8], 0.02) == {"a": 1, "b": 0}
+    assert calibrate.choose_per_layer(table, weights, [8], 0.004) == {"a": None, "b": None}
+    # a layer that touches few experts (small weight) is not worth the same KL
+    assert calibrate.choose_per_layer(table, {"a": 0.9, "b": 0.1}, [8], 0.035)["a"] == 0
+
+
+def test_per_layer_choice_keeps_the_summed_kl_within_budget_at_every_batch():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        table = {
+            layer: [
+                {"by_batch": {str(b): {"kl": 0.03 * float(torch.rand(1, generator=gen)),
+                                       "experts_ratio": float(torch.rand(1, generator=gen))}
+                              for b in (8, 16)}}
+                for _ in range(3)
+            ]
+            for layer in "abcd"
+        }  # fmt: skip
+        picks = calibrate.choose_per_layer(table, dict.fromkeys("abcd", 0.25), [8, 16], 0.05)
+        for b in ("8", "16"):
+            spent = sum(table[k][i]["by_batch"][b]["kl"] for k, i in picks.items() if i is not None)
+            assert spent <= 0.05
+
+        # no single move left that fits and saves: the greedy stopped at a local optimum
+        def kl_ratio(layer, index, b, table=table):
+            if index is None:
+                return 0.0, 1.0
+            row = table[layer][index]["by_batch"][b]
+            return row["kl"], row["experts_ratio"]
+
+        spent = {b: sum(kl_ratio(k, i, b)[0] for k, i in picks.items()) for b in ("8", "16")}
+        for layer, cands in table.items():
+            for index in range(len(cands)):
+                now = {b: kl_ratio(layer, picks[layer], b) for b in ("8", "16")}
+                new = {b: kl_ratio(layer, index, b) for b in ("8", "16")}
+                saves = sum(now[b][1] - new[b][1] for b in now) > 0
+                fits = all(spent[b] - now[b][0] + new[b][0] <= 0.05 for b in now)
+                assert not (saves and fits)
+
+
+class ToyLM(torch.nn.Module):
+    """Not TinyMoE: a stateless byte LM (each position sees only its own token), two MoE
+    layers under `blocks`, no cache: decode is one call per new token."""
+
+    def __init__(self, dim=16, experts=8, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.embed = torch.nn.Embedding(256, dim)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.ModuleDict(
+                {"gate": torch.nn.Linear(dim, experts, bias=False),
+                 "experts": torch.nn.ParameterDict(
+                     {"w": torch.nn.Parameter(torch.randn(experts, dim, dim) / dim**0.5)})}
+            )
+            for _ in range(2)
+        )  # fmt: skip
+        self.head = torch.nn.Linear(dim, 256)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)  # [B, T, d]
+        for block in self.blocks:
+            flat = x.reshape(-1, x.shape[-1])
+            probs = torch.softmax(block["gate"](flat), dim=-1)
+            weights, ids = torch.topk(probs, self.top_k, dim=-1)
+            weights = weights / weights.sum(-1, keepdim=True)
+            w = block["experts"]["w"][ids]  # [N, k, d, d]
+            y = torch.einsum("nd,nkde,nk->ne", flat, w, weights)
+            x = x + y.reshape(x.shape)
+        return self.head(x)
+
+
+def _toy_decode(compiled, tokens, prompt_len):
+    """ToyLM's decode_fn: the logits predicting tokens[:, prompt_len + 1:], one call per step."""
+    steps = range(prompt_len, tokens.shape[1] - 1)
+    return torch.cat([compiled(tokens[:, t : t + 1]) for t in steps], dim=1)
+
+
+def test_calibrate_any_model_per_layer_and_the_file_reproduces_its_measurement(tmp_path):
+    torch.manual_seed(0)
+    model = ToyLM().eval()
+    prompts = torch.randint(0, 256, (8, 10), generator=torch.Generator().manual_seed(4))
+    cands = ["oea:1", "affinity:1:1:0", "affinity:3:2:1"]
+    cal = calibrate.calibrate(
+        model, prompts.tolist(), cands, (4,), calibrate.Budget(kl=0.1), prompt_len=2,
+        progress=False, decode_fn=_toy_decode, per_layer=True,
+    )  # fmt: skip
+    layers = ["blocks.0.gate", "blocks.1.gate"]
+    assert cal["layers"] == layers and cal["model"]["num_layers"] == 2
+    assert set(cal["choice_by_layer"]) == set(layers) == set(cal["choice_by_layer_by_batch"]["4"])
+    table = cal["per_layer"]["candidates"]
+    assert all(len(table[k]) == 3 and "4" in table[k][0]["by_batch"] for k in layers)
+    verified = cal["per_layer"]["verified"]
+    print(calibrate.format_table(cal))
+
+    # the file, applied by the backend (no override), gives the KL calibrate measured
+    path = tmp_path / "cal.json"
+    calibrate.save(cal, path)
+    got = {}
+    for name, options in (("exact", {"policy": "exact"}), ("cal", {"calibration": str(path)})):
+        torch._dynamo.reset()
+        lynx_compile.clear_report()
+        compiled = torch.compile(model, backend="lynx", options=options)
+        with torch.no_grad():
+            logits = torch.cat([_toy_decode(compiled, c, 2) for c in prompts.split(4)])
+        got[name] = torch.log_softmax(logits.transpose(0, 1).reshape(-1, 256), -1)
+    kl = calibrate.distortion(got["exact"], got["cal"])["kl"]
+    # at this budget the layers take different policies (the one choice is a=3 b=2)
+    assert verified["fallback"] is None
+    assert len({json.dumps(c) for c in cal["choice_by_layer"].values()}) == 2
+    assert kl == pytest.approx(verified["tries"][-1]["by_batch"]["4"]["kl"], rel=1e-3, abs=1e-6)
+    assert kl <= 0.1
+    decode = [s for s in lynx_compile.report()["sites"] if s.get("decode")]
+    assert {s["layer"]: s["policy"] for s in decode} == {
+        k: c["policy"] for k, c in cal["choice_by_layer"].items()
+    }
+
+
+def test_calibrate_without_decode_fn_names_what_a_model_lacks():
+    with pytest.raises(TypeError, match="no new_cache.*give calibrate a decode_fn"):
+        prompts = torch.zeros(4, 8, dtype=torch.int64)
+        calibrate.calibrate(ToyLM(), prompts, batches=(4,), prompt_len=2, progress=False)
