@@ -55,6 +55,7 @@ class PolicySpec:
     params: dict = field(default_factory=dict)
     calibration: str | None = None  # a calibration file: the row is its calibrated choice
     calibration_batch: int | None = None  # ... for this decode batch (None: for every batch)
+    per_layer: bool = False  # ... its per-layer choice (else its one policy for every layer)
 
     @staticmethod
     def parse(text: str) -> PolicySpec:
@@ -73,7 +74,12 @@ class PolicySpec:
     def options(self) -> dict:
         """The backend options that set this policy."""
         if self.calibration is not None:
-            return {"calibration": self.calibration, "calibration_batch": self.calibration_batch}
+            cal = json.loads(Path(self.calibration).read_text())
+            if not self.per_layer:  # the file's one policy (per batch) at every router
+                for key in ("choice_by_layer", "choice_by_layer_by_batch"):
+                    cal.pop(key, None)
+            cal.setdefault("name", self.calibration)
+            return {"calibration": cal, "calibration_batch": self.calibration_batch}
         return {"policy": self.name, **self.params}
 
     def label(self) -> str:
@@ -82,7 +88,8 @@ class PolicySpec:
         text = " ".join([self.name] + [f"{short[k]}={_fmt(v)}" for k, v in self.params.items()])
         if self.calibration is None:
             return text
-        return f"cal{'' if self.calibration_batch is None else '@B'}: {text}"
+        where = "/layer" if self.per_layer else ""
+        return f"cal{where}{'' if self.calibration_batch is None else '@B'}: {text}"
 
     def is_default(self) -> bool:
         """Whether these are the backend's default policy and parameters."""
@@ -95,6 +102,9 @@ class PolicySpec:
             "budget": lynx_config.LynxConfig().budget,
         }
         return all(defaults[k] == v for k, v in self.params.items())
+
+
+PER_LAYER = "per-layer"  # the policy name of a per-layer calibration's rows
 
 
 def _fmt(value) -> str:
@@ -255,6 +265,7 @@ def run_accuracy(
                 "params": spec.params,
                 "calibration": spec.calibration,
                 "calibration_batch": spec.calibration_batch,
+                "per_layer": spec.per_layer,
                 "batch": batch,
                 "acc": result["acc"],
                 "acc_exact": 100.0 * hit_exact.float().mean().item(),
@@ -268,9 +279,19 @@ def run_accuracy(
                 "is_default": spec.is_default(),
                 "seconds": time.perf_counter() - start,
             }
+            if spec.per_layer:
+                row["choice_by_layer"] = layer_labels(spec.options()["calibration"], batch)
             rows.append(row)
             log(format_row(row))
     return rows
+
+
+def layer_labels(cal: dict, batch: int | None) -> dict[str, str]:
+    """A per-layer calibration's choice per router module path, as short labels."""
+    table = cal["choice_by_layer"]
+    if batch is not None and str(batch) in (cal.get("choice_by_layer_by_batch") or {}):
+        table = cal["choice_by_layer_by_batch"][str(batch)]
+    return {k: calibrate.policy_label(calibrate.policy_of(v)) for k, v in table.items()}
 
 
 TABLE_HEADER = (
@@ -283,7 +304,11 @@ def format_row(row: dict) -> str:
     """One table line: policy, batch, accuracy, change vs exact (and its paired standard
     error), NLL, distinct experts per layer per step, their ratio to exact, seconds."""
     spec = PolicySpec(
-        row["policy"], row["params"], row.get("calibration"), row.get("calibration_batch")
+        row["policy"],
+        row["params"],
+        row.get("calibration"),
+        row.get("calibration_batch"),
+        row.get("per_layer", False),
     )
     label = spec.label() + (" *" if row["is_default"] else "")
     return (
@@ -300,7 +325,13 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     plt = require("matplotlib.pyplot", "bench", "lynx-compile accuracy")
 
-    colours = {"exact": "black", "affinity": "tab:blue", "oea": "tab:orange", "static": "tab:green"}
+    colours = {
+        "exact": "black",
+        "affinity": "tab:blue",
+        "oea": "tab:orange",
+        "static": "tab:green",
+        PER_LAYER: "tab:purple",
+    }
     markers = ["o", "s", "^", "D", "v", "P"]
     batches = sorted({r["batch"] for r in rows})
     fig, ax = plt.subplots(figsize=(7.5, 5))
@@ -315,7 +346,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             s=90 if row["is_default"] else 40,
             edgecolors="red" if row["is_default"] else "none",
         )
-        if row["policy"] != "exact":
+        if row["policy"] not in ("exact", PER_LAYER):
             short = PolicySpec(row["policy"], row["params"]).label().split(" ", 1)[1]
             ax.annotate(short, (row["experts_ratio"], drop), fontsize=6, alpha=0.7)
     for name, colour in colours.items():
@@ -361,6 +392,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also calibrate each checkpoint (`lynx-compile calibrate` on its default "
         "prompts, never the held-out windows) and measure the calibrated choice",
+    )
+    parser.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="with --calibrate: calibrate per layer too and measure the per-layer choices",
     )
     parser.add_argument(
         "--policies",
@@ -418,7 +454,10 @@ def measure_checkpoint(args, checkpoint: Path, out: Path, policies, sequences, s
     meta = {}
     if args.calibrate:
         model = load_model(checkpoint)
-        cal = calibrate.calibrate(model, batches=tuple(args.batch), name=checkpoint.name)
+        per_layer = getattr(args, "per_layer", False)
+        cal = calibrate.calibrate(
+            model, batches=tuple(args.batch), name=checkpoint.name, per_layer=per_layer
+        )
         cal_path = out / "calibration.json"
         calibrate.save(cal, cal_path)
         print(calibrate.format_table(cal))
@@ -427,6 +466,9 @@ def measure_checkpoint(args, checkpoint: Path, out: Path, policies, sequences, s
         for batch in args.batch:  # the choice for each decode batch size
             one = PolicySpec.from_options(cal["choice_by_batch"][str(batch)])
             policies.append(PolicySpec(one.name, one.params, str(cal_path), batch))
+        if per_layer:  # the per-layer choices, for every batch and for each
+            for batch in (None, *args.batch):
+                policies.append(PolicySpec(PER_LAYER, {}, str(cal_path), batch, True))
         meta["calibration"] = {"path": str(cal_path), "seconds": cal["seconds"]}
     print(TABLE_HEADER)
     rows = run_accuracy(
