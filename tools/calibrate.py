@@ -413,44 +413,8 @@ def calibrate(
     """
     start = time.perf_counter()
     prompts = default_prompts() if prompts is None else torch.as_tensor(prompts)
-    if prompts.dim() != 2 or prompts.dtype != torch.int64:
-        raise ValueError(
-            f"prompts must be int64 token ids [S, T], got {prompts.dtype} {list(prompts.shape)}"
-        )
-    bad = [b for b in batches if b < 2 or prompts.shape[0] % b]
-    if bad:
-        raise ValueError(
-            f"decode batches {bad} do not split {prompts.shape[0]} prompts (each must be >= 2 "
-            "and divide the prompt count)"
-        )
-    if prompts.shape[1] < prompt_len + 2:
-        raise ValueError(f"prompts of {prompts.shape[1]} tokens leave no decode steps")
-    if decode_fn is None:
-        if not hasattr(model, "new_cache"):
-            raise TypeError(
-                f"{type(model).__name__} has no new_cache(batch, max_len): give calibrate a "
-                "decode_fn(compiled, tokens, prompt_len) -> logits (see its docstring)"
-            )
-        decode_fn = tiny_moe_decode(model)
+    measure = _measurer(model, prompts, batches, prompt_len, decode_fn)
     policies = [parse_policy(c) for c in candidates]
-    torch._dynamo.reset()
-    lynx_compile.clear_report()
-    compiled = torch.compile(
-        model, backend="lynx", options={"policy": "affinity", "k0": 0, "telemetry": True}
-    )
-
-    def measure(policy_of_layer, batch):
-        """Decode with policy_of_layer(layer key) at each decode router: log-probs, totals."""
-        site_layer = {}
-
-        def chooser(site):
-            if site not in site_layer:
-                site_layer.update({s["site"]: _layer_of(s) for s in _decode_routers()})
-            return policy_of_layer(site_layer[site])
-
-        with ops.decode_policy_override(chooser):
-            return decode_log_probs(decode_fn, compiled, prompts, batch, prompt_len)
-
     exact_pol = RoutingPolicy("exact")
     bar = _progress(len(batches) * (len(policies) + 1), progress)
     records = {i: {} for i in range(len(policies))}
@@ -495,6 +459,80 @@ def calibrate(
         cal.update(_calibrate_per_layer(cal, policies, measure, exact_logp, budget, progress))
     cal["seconds"] = time.perf_counter() - start
     return cal
+
+
+def _measurer(model, prompts: torch.Tensor, batches, prompt_len: int, decode_fn):
+    """The prompts checked, the model compiled once (telemetry on, so decode routers are
+    opaque calls the override reaches): measure(policy_of_layer, batch) -> (log-probs,
+    distinct-experts totals per layer) of a decode with policy_of_layer(module path) at
+    each decode router."""
+    if prompts.dim() != 2 or prompts.dtype != torch.int64:
+        raise ValueError(
+            f"prompts must be int64 token ids [S, T], got {prompts.dtype} {list(prompts.shape)}"
+        )
+    bad = [b for b in batches if b < 2 or prompts.shape[0] % b]
+    if bad:
+        raise ValueError(
+            f"decode batches {bad} do not split {prompts.shape[0]} prompts (each must be >= 2 "
+            "and divide the prompt count)"
+        )
+    if prompts.shape[1] < prompt_len + 2:
+        raise ValueError(f"prompts of {prompts.shape[1]} tokens leave no decode steps")
+    if decode_fn is None:
+        if not hasattr(model, "new_cache"):
+            raise TypeError(
+                f"{type(model).__name__} has no new_cache(batch, max_len): give calibrate a "
+                "decode_fn(compiled, tokens, prompt_len) -> logits (see its docstring)"
+            )
+        decode_fn = tiny_moe_decode(model)
+    torch._dynamo.reset()
+    lynx_compile.clear_report()
+    compiled = torch.compile(
+        model, backend="lynx", options={"policy": "affinity", "k0": 0, "telemetry": True}
+    )
+
+    def measure(policy_of_layer, batch):
+        site_layer = {}
+
+        def chooser(site):
+            if site not in site_layer:
+                site_layer.update({s["site"]: _layer_of(s) for s in _decode_routers()})
+            return policy_of_layer(site_layer[site])
+
+        with ops.decode_policy_override(chooser):
+            return decode_log_probs(decode_fn, compiled, prompts, batch, prompt_len)
+
+    return measure
+
+
+def check_choices(
+    model, cal: dict, prompts: torch.Tensor, prompt_len: int = 16, decode_fn=None
+) -> dict:
+    """Each choice a calibration holds (one policy, per batch, per layer, per layer per
+    batch), decoded on other prompts than it was chosen on: {what: {batch: distortion and
+    experts_ratio}}, to see whether the budget holds out of sample."""
+    batches = cal["batches"]
+    measure = _measurer(model, torch.as_tensor(prompts), batches, prompt_len, decode_fn)
+    exact = {b: measure(lambda k: RoutingPolicy("exact"), b)[0] for b in batches}
+    choices = {"one": {b: cal["choice"] for b in batches}}
+    choices["for the batch"] = {b: cal["choice_by_batch"][str(b)] for b in batches}
+    if cal.get("choice_by_layer"):
+        choices["per layer"] = {b: cal["choice_by_layer"] for b in batches}
+        choices["per layer, for the batch"] = {
+            b: cal["choice_by_layer_by_batch"][str(b)] for b in batches
+        }
+    out = {}
+    for what, by_batch in choices.items():
+        out[what] = {}
+        for b, choice in by_batch.items():
+            if "policy" in choice:  # one policy for every layer
+                pol = {None: policy_of(choice)}
+            else:
+                pol = {k: policy_of(c) for k, c in choice.items()}
+            logp, totals = measure(lambda k, pol=pol: pol.get(k, pol.get(None)), b)
+            ratio, _ = _experts_ratio(totals, list(totals))
+            out[what][str(b)] = {**distortion(exact[b], logp), "experts_ratio": ratio}
+    return out
 
 
 def _calibrate_per_layer(cal, policies, measure, exact_logp, budget, progress) -> dict:
@@ -680,6 +718,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also choose one policy per router layer within the same budget (about 3x the "
         "runs; docs/results/accuracy.md, issue 18)",
     )
+    parser.add_argument(
+        "--check-seed",
+        type=int,
+        default=None,
+        help="then decode the file's choices on another draw of the default prompts (this "
+        "seed; the choice used seed 1) and record their distortion under 'check'",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -704,6 +749,12 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         per_layer=args.per_layer,
     )
+    if args.check_seed is not None:
+        if args.prompts is not None:
+            raise SystemExit("--check-seed draws other default prompts: leave --prompts out")
+        other = default_prompts(args.sequences, length, seed=args.check_seed)
+        checked = check_choices(model, cal, other, args.prompt_len)
+        cal["check"] = {"seed": args.check_seed, "by_choice": checked}
     save(cal, args.out)
     print(format_table(cal))
     usage = f"options={{'calibration': '{args.out}'}}"
@@ -745,6 +796,13 @@ def format_table(cal: dict) -> str:
             )
             note = f" (fallback: {verified['fallback']})" if verified["fallback"] else ""
             lines.append(f"per layer, {what}: {picks}; measured {measured}{note}")
+    if cal.get("check"):
+        lines.append(f"the choices on other prompts (seed {cal['check']['seed']}):")
+        for what, rows in cal["check"]["by_choice"].items():
+            cells = " ".join(
+                f"B{b} kl {r['kl']:.4f} ratio {r['experts_ratio']:.3f}" for b, r in rows.items()
+            )
+            lines.append(f"  {what}: {cells}")
     return "\n".join(lines)
 
 

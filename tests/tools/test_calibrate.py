@@ -326,6 +326,14 @@ def test_calibrate_any_model_per_layer_and_the_file_reproduces_its_measurement(t
     assert {s["layer"]: s["policy"] for s in decode} == {
         k: c["policy"] for k, c in cal["choice_by_layer"].items()
     }
+    # check_choices on the calibration prompts restates what calibrate measured
+    checked = calibrate.check_choices(model, cal, prompts, prompt_len=2, decode_fn=_toy_decode)
+    assert checked["per layer"]["4"]["kl"] == pytest.approx(kl, rel=1e-3, abs=1e-6)
+    (one,) = [c for c in cal["candidates"] if c["choice"] == cal["choice"]]
+    assert checked["one"]["4"]["kl"] == pytest.approx(one["by_batch"]["4"]["kl"], rel=1e-5)
+    assert checked["one"]["4"]["experts_ratio"] == pytest.approx(
+        one["by_batch"]["4"]["experts_ratio"], rel=1e-5
+    )
 
 
 def test_calibrate_without_decode_fn_names_what_a_model_lacks():
