@@ -713,6 +713,92 @@ static inline __attribute__((always_inline)) void blockbf(const int TB, const in
     }
   }
 }
+
+/* The 4 lane sums of a0..a3 in order: halves added, then two rounds of pairwise adds. */
+static inline __attribute__((always_inline)) __m128 reduce4z(__m512 a0, __m512 a1, __m512 a2,
+                                                             __m512 a3) {
+#define HALF(a) _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1))
+  __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(HALF(a0), HALF(a1)), _mm256_hadd_ps(HALF(a2), HALF(a3)));
+#undef HALF
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* Three to six tokens (TB) against RB (4 or 1) rows in column order: each 32-weight vector
+ * feeds TB dot products, each token vector RB of them (TB * RB <= 24 accumulators, in
+ * registers). Column order walks RB rows at once, streams the hardware prefetcher trains on
+ * too late at decode lengths, so pfw (or NULL) names the rows read after these: each
+ * iteration prefetches their line at the same column into L2, one block ahead. On Zen 4 from
+ * DRAM, 1 thread, 4 to 6 tokens: 17-21 GB/s against 9-10 for 8-row blocks of 3 tokens and
+ * the rest (cpu v12 in docs/perf-notes.md). */
+static inline __attribute__((always_inline)) void blockbf4(const int TB, const int RB,
+                                                           const uint16_t *const *x,
+                                                           const uint16_t *w, int64_t r0,
+                                                           int64_t len, int64_t ld, float *out,
+                                                           int64_t ostride, const uint16_t *pfw) {
+  __m512 acc[6][4];
+  for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < RB; ++r) acc[t][r] = _mm512_setzero_ps();
+  const uint16_t *wr = w + r0 * ld;
+  int64_t c = 0;
+  for (; c + 32 <= len; c += 32) {
+    if (pfw)
+      for (int r = 0; r < RB; ++r) _mm_prefetch((const char *)(pfw + r * ld + c), _MM_HINT_T1);
+    __m512i wv[4];
+    for (int r = 0; r < RB; ++r) wv[r] = _mm512_loadu_si512(wr + r * ld + c);
+    for (int t = 0; t < TB; ++t) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(x[t] + c);
+      for (int r = 0; r < RB; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv, (__m512bh)wv[r]);
+    }
+  }
+  if (c < len) {
+    const __mmask32 m = (__mmask32)((1ull << (len - c)) - 1ull);
+    __m512i wv[4];
+    for (int r = 0; r < RB; ++r) wv[r] = _mm512_maskz_loadu_epi16(m, wr + r * ld + c);
+    for (int t = 0; t < TB; ++t) {
+      __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x[t] + c);
+      for (int r = 0; r < RB; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv, (__m512bh)wv[r]);
+    }
+  }
+  for (int t = 0; t < TB; ++t) {
+    if (RB == 4)
+      _mm_storeu_ps(out + t * ostride, reduce4z(acc[t][0], acc[t][1], acc[t][2], acc[t][3]));
+    else
+      out[t * ostride] = _mm512_reduce_add_ps(acc[t][0]);
+  }
+}
+
+/* y[t * rows + r] = dot(x[t], w[r]) for m >= 3 bf16 tokens (MODE_BF16DOT): 4-row groups,
+ * the tokens in near-equal blocks of 3 to 6, the first block's pass prefetching the next
+ * group (later blocks find the group in L1/L2). */
+static void matmul_rows_bf_many(const uint16_t *const *x, int64_t m, const uint16_t *w,
+                                int64_t rows, int64_t len, int64_t ld, float *y) {
+  const int64_t nb = (m + 5) / 6, base = m / nb, extra = m % nb;
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    const int rb = r0 + 4 <= rows ? 4 : 1;
+    const int64_t rend = rb == 4 ? r0 + 4 : rows;
+    const uint16_t *pfw = rend + 4 <= rows ? w + rend * ld : NULL;
+    int64_t t0 = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t tb = base + (b < extra);
+      const uint16_t *const *xt = x + t0;
+      for (int64_t r = r0; r < rend; r += rb) {
+        float *o = y + t0 * rows + r;
+        const uint16_t *p = b == 0 && rb == 4 ? pfw : NULL;
+        switch (tb * 16 + rb) { /* constant block shapes: accumulators stay in registers */
+          case 6 * 16 + 4: blockbf4(6, 4, xt, w, r, len, ld, o, rows, p); break;
+          case 5 * 16 + 4: blockbf4(5, 4, xt, w, r, len, ld, o, rows, p); break;
+          case 4 * 16 + 4: blockbf4(4, 4, xt, w, r, len, ld, o, rows, p); break;
+          case 3 * 16 + 4: blockbf4(3, 4, xt, w, r, len, ld, o, rows, p); break;
+          case 6 * 16 + 1: blockbf4(6, 1, xt, w, r, len, ld, o, rows, NULL); break;
+          case 5 * 16 + 1: blockbf4(5, 1, xt, w, r, len, ld, o, rows, NULL); break;
+          case 4 * 16 + 1: blockbf4(4, 1, xt, w, r, len, ld, o, rows, NULL); break;
+          default: blockbf4(3, 1, xt, w, r, len, ld, o, rows, NULL); break;
+        }
+      }
+      t0 += tb;
+    }
+  }
+}
 #endif
 
 /* exp(v) for 16 lanes: v = n ln2 + r with |r| <= ln2/2 (ln2 in two parts), a degree-6
@@ -822,6 +908,12 @@ static inline void pf_run(pf_stream *p, size_t bytes) {
 static inline __attribute__((always_inline)) void matmul_rows_dt(
     const void *const *x, int64_t m, const void *w, int64_t rows, int64_t len, int64_t ld,
     const int mode, float *y, pf_stream *pf) {
+#ifdef LYNX_BF16DOT
+  if (mode == MODE_BF16DOT && m >= 3) {
+    matmul_rows_bf_many((const uint16_t *const *)x, m, (const uint16_t *)w, rows, len, ld, y);
+    return;
+  }
+#endif
   size_t esz = mode == MODE_F32 ? sizeof(float) : sizeof(uint16_t);
   const int64_t blocks = (m + 2) / 3; /* token blocks per row group */
   for (int64_t r0 = 0; r0 < rows; r0 += 8) {

@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <limits>
 #include <map>
+#include <numeric>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -295,6 +296,12 @@ at::Tensor experts_aten(const at::Tensor &x, const at::Tensor &ids, const at::Te
 #endif
 constexpr int64_t kGemmTokensBF16 = LYNX_GEMM_TOKENS_BF16;
 constexpr int64_t kGemmTokensF32 = LYNX_GEMM_TOKENS_F32;
+// Streamed weights from which an unevenly dealt call slices every expert across the threads
+// (below, the slices' extra partial sums and shorter rows cost more than the imbalance).
+#ifndef LYNX_SLICE_BYTES
+#define LYNX_SLICE_BYTES (4 << 20)
+#endif
+constexpr int64_t kSliceBytes = LYNX_SLICE_BYTES;
 
 // Whether an optional per-expert bias is [E, width] (or absent).
 bool bias_fits(const std::optional<at::Tensor> &b, int64_t e, int64_t width) {
@@ -393,7 +400,8 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
       for (int64_t j : stream) c += count[j];
       return c;
     }();
-    int64_t parts = std::min<int64_t>(at::get_num_threads(), stream.size());
+    const int64_t threads = at::get_num_threads();
+    int64_t parts = std::min<int64_t>(threads, stream.size());
     if (expert_bytes * static_cast<int64_t>(stream.size()) < (int64_t{1} << 20))
       parts = std::min<int64_t>(parts, stream_slots / 4);
     parts = std::max<int64_t>(parts, 1);
@@ -410,6 +418,19 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
       const int64_t part = std::min_element(load.begin(), load.end()) - load.begin();
       take[part][j] = 1, load[part] += work(j);
     }
+    // Whole experts keep each thread on whole rows. Where that deal leaves the busiest
+    // thread more than 1/8 above an even share (a few large experts: Mixtral's 2 to 8 on 2
+    // threads), every thread takes a slice of every streamed expert's intermediate dim
+    // instead, as tensor parallelism would: its gate/up rows and the matching columns of
+    // the down projection, whose partial sums at::sum_out adds. Equal reads per thread at
+    // any expert count; worth it from kSliceBytes of streamed weights.
+    const int64_t total = std::accumulate(load.begin(), load.end(), int64_t{0});
+    const int64_t busiest = *std::max_element(load.begin(), load.end());
+    const int64_t stream_bytes = expert_bytes * static_cast<int64_t>(stream.size());
+    const int64_t chunk = ((i + threads - 1) / threads + 31) & ~int64_t{31};  // 64 B aligned
+    const bool slice = threads > 1 && stream_bytes >= kSliceBytes && chunk < i &&
+                       busiest * threads * 8 > total * 9;
+    if (slice) parts = threads;
     at::Tensor partial = at::empty({parts, n, d}, out.options());
     std::vector<int> status(parts, 0);
     auto run = [&](int64_t part) {
@@ -422,11 +443,46 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
           static_cast<float>(params.alpha), static_cast<float>(params.limit), code, code,
           partial.data_ptr<float>() + part * n * d);
     };
+    std::vector<uint8_t> streamed(e, 0);
+    for (int64_t j : stream) streamed[j] = 1;
+    const size_t esz = x.element_size();
+    // Part p's slice [i0, i1) of the intermediate dim, as a split-gate call on views: a
+    // fused [gate; up] matrix becomes its two halves' rows, the down projection the slice's
+    // columns (rows stay strides[5] apart), biases the matching elements; b_down is added once.
+    auto run_slice = [&](int64_t part) {
+      float *dst = partial.data_ptr<float>() + part * n * d;
+      const int64_t i0 = part * chunk, i1 = std::min(i, i0 + chunk), width = i1 - i0;
+      if (width <= 0) {
+        std::fill(dst, dst + n * d, 0.0f);
+        return;
+      }
+      const auto at_row = [&](const void *base, int64_t row, int64_t stride) {
+        return static_cast<const void *>(static_cast<const char *>(base) + row * stride * esz);
+      };
+      const bool fused = gated && !w_gate;
+      const void *wg = w_gate ? at_row(w_gate->data_ptr(), i0, strides[3])
+                              : fused ? at_row(w_up.data_ptr(), i0, strides[1]) : nullptr;
+      const void *wu = at_row(w_up.data_ptr(), fused ? i + i0 : i0, strides[1]);
+      const void *wd = at_row(w_down.data_ptr(), i0, 1);
+      const int64_t st[6] = {strides[0], strides[1], fused ? strides[0] : strides[2],
+                             fused ? strides[1] : strides[3], strides[4], strides[5]};
+      const void *bu = b_up ? at_row(b_up->data_ptr(), fused ? i + i0 : i0, bstrides[1]) : nullptr;
+      const void *bg = b_gate ? at_row(b_gate->data_ptr(), i0, bstrides[3])
+                       : fused && b_up ? at_row(b_up->data_ptr(), i0, bstrides[1]) : nullptr;
+      const int64_t bst[6] = {bstrides[0], bstrides[1], b_gate ? bstrides[2] : bstrides[0],
+                              b_gate ? bstrides[3] : bstrides[1], bstrides[4], bstrides[5]};
+      status[part] = lynx_experts(
+          xs.data_ptr<float>(),
+          xb.defined() ? static_cast<const uint16_t *>(xb.data_ptr()) : nullptr, id,
+          wts.data_ptr<float>(), wu, wg, wd, st, bu, bg, part == 0 ? bias_ptr(b_down) : nullptr,
+          bst, streamed.data(), n, k, e, d, width, width, gated ? 1 : 0, act,
+          static_cast<float>(params.alpha), static_cast<float>(params.limit), code, code, dst);
+    };
     if (parts == 1) {
       run(0);
     } else {
       at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t part = lo; part < hi; ++part) run(part);
+        for (int64_t part = lo; part < hi; ++part) slice ? run_slice(part) : run(part);
       });
     }
     for (int st : status) TORCH_CHECK(st == 0, "lynx::experts: out of memory for its scratch buffers");

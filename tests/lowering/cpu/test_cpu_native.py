@@ -333,6 +333,61 @@ def test_experts_dealt_out_to_threads_match_the_reference(dtype):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("form", ["gated", "split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_every_token_block_shape_matches_the_reference(form, dtype):
+    # Expert j gets COUNTS[j] tokens: each streamed block shape (1-2 tokens row by row; 3-6
+    # in one column block; 7 and 13 split into blocks of 4+3 and 5+4+4). d = 45 and
+    # inter = 23: rows not a multiple of the 4- and 8-row groups and dot products with a
+    # masked tail; 1 and 2 threads.
+    counts = [1, 2, 3, 4, 5, 6, 7, 13]
+    n = sum(counts)
+    x, _, w, w_up, w_down, w_gate = _case(n, len(counts), 1, 45, 23, form, dtype)
+    ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    ids = ids[torch.randperm(n, generator=torch.Generator().manual_seed(1))][:, None]
+    assert torch.bincount(ids.flatten()).tolist() == counts
+    want = reference.experts_general_reference(x, ids, w, w_gate, w_up, w_down, "silu", True)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = torch.ops.lynx.experts(x, ids, w, w_up, w_gate, w_down, "silu", True)
+            torch.testing.assert_close(got, want, **TOL[dtype])
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("form", ["gated", "split", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_sliced_across_threads_match_the_reference(form, dtype):
+    # Three experts of 3 tokens each, >= 4 MiB in all, deal out unevenly to 2 threads (2 + 1),
+    # so each thread takes a slice of every expert's intermediate dim (lynx_ops.cpp,
+    # kSliceBytes): inter = 2000 gives slices of 1024 and 976; d = 264 a masked tail. With
+    # biases: each slice reads its own bias elements and b_down is added once.
+    x, ids, w, w_up, w_down, w_gate = _case(9, 3, 1, 264, 2000, form, dtype)
+    ids = torch.arange(9)[:, None] % 3
+    gen = torch.Generator().manual_seed(2)
+    b_up = torch.randn(3, w_up.shape[1], generator=gen).to(dtype)
+    b_gate = torch.randn(3, 2000, generator=gen).to(dtype) if form == "split" else None
+    b_down = torch.randn(3, 264, generator=gen).to(dtype)
+    gated = form != "plain"
+    want = reference.experts_general_reference(
+        x, ids, w, w_gate, w_up, w_down, "silu", gated, b_up=b_up, b_gate=b_gate, b_down=b_down
+    )
+    plain = reference.experts_general_reference(x, ids, w, w_gate, w_up, w_down, "silu", gated)
+    assert not torch.allclose(want, plain, **TOL[dtype])  # the biases matter
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = torch.ops.lynx.experts(
+                x, ids, w, w_up, w_gate, w_down, "silu", gated, b_up, b_gate, b_down
+            )
+            torch.testing.assert_close(got, want, **TOL[dtype])
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("tokens", [3, 13, 33])
 @pytest.mark.parametrize(
     "form,act", [("gated", "silu"), ("plain", "gelu_tanh"), ("split", "silu"), ("plain", "relu2")]
