@@ -641,7 +641,8 @@ static inline __attribute__((always_inline)) void blockz(const int TB, const int
 /* blockz for bf16 tokens and weights with AVX512-BF16 dot products: each vdpbf16ps takes 32
  * weights straight from memory (no widening) and adds pairs of exact bf16 x bf16 products
  * into 16 float lanes, twice blockz's multiply-adds per instruction and a quarter of its
- * uops per weight byte. */
+ * uops per weight byte. matmul_rows_dt calls it for one token only: two or more take
+ * matmul_rows_bf_many's 4-row column blocks with prefetch (cpu v12). */
 static inline __attribute__((always_inline)) void blockbf(const int TB, const int RB,
                                                           const uint16_t *const *x,
                                                           const uint16_t *w, int64_t r0,
@@ -723,7 +724,7 @@ static inline __attribute__((always_inline)) __m128 reduce4z(__m512 a0, __m512 a
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-/* Three to six tokens (TB) against RB (4 or 1) rows in column order: each 32-weight vector
+/* Two to six tokens (TB) against RB (4 or 1) rows in column order: each 32-weight vector
  * feeds TB dot products, each token vector RB of them (TB * RB <= 24 accumulators, in
  * registers). Column order walks RB rows at once, streams the hardware prefetcher trains on
  * too late at decode lengths, so pfw (or NULL) names the rows read after these: each
@@ -767,8 +768,8 @@ static inline __attribute__((always_inline)) void blockbf4(const int TB, const i
   }
 }
 
-/* y[t * rows + r] = dot(x[t], w[r]) for m >= 3 bf16 tokens (MODE_BF16DOT): 4-row groups,
- * the tokens in near-equal blocks of 3 to 6, the first block's pass prefetching the next
+/* y[t * rows + r] = dot(x[t], w[r]) for m >= 2 bf16 tokens (MODE_BF16DOT): 4-row groups,
+ * the tokens in near-equal blocks of 2 to 6, the first block's pass prefetching the next
  * group (later blocks find the group in L1/L2). */
 static void matmul_rows_bf_many(const uint16_t *const *x, int64_t m, const uint16_t *w,
                                 int64_t rows, int64_t len, int64_t ld, float *y) {
@@ -789,10 +790,12 @@ static void matmul_rows_bf_many(const uint16_t *const *x, int64_t m, const uint1
           case 5 * 16 + 4: blockbf4(5, 4, xt, w, r, len, ld, o, rows, p); break;
           case 4 * 16 + 4: blockbf4(4, 4, xt, w, r, len, ld, o, rows, p); break;
           case 3 * 16 + 4: blockbf4(3, 4, xt, w, r, len, ld, o, rows, p); break;
+          case 2 * 16 + 4: blockbf4(2, 4, xt, w, r, len, ld, o, rows, p); break;
           case 6 * 16 + 1: blockbf4(6, 1, xt, w, r, len, ld, o, rows, NULL); break;
           case 5 * 16 + 1: blockbf4(5, 1, xt, w, r, len, ld, o, rows, NULL); break;
           case 4 * 16 + 1: blockbf4(4, 1, xt, w, r, len, ld, o, rows, NULL); break;
-          default: blockbf4(3, 1, xt, w, r, len, ld, o, rows, NULL); break;
+          case 3 * 16 + 1: blockbf4(3, 1, xt, w, r, len, ld, o, rows, NULL); break;
+          default: blockbf4(2, 1, xt, w, r, len, ld, o, rows, NULL); break;
         }
       }
       t0 += tb;
@@ -909,7 +912,7 @@ static inline __attribute__((always_inline)) void matmul_rows_dt(
     const void *const *x, int64_t m, const void *w, int64_t rows, int64_t len, int64_t ld,
     const int mode, float *y, pf_stream *pf) {
 #ifdef LYNX_BF16DOT
-  if (mode == MODE_BF16DOT && m >= 3) {
+  if (mode == MODE_BF16DOT && m >= 2) {
     matmul_rows_bf_many((const uint16_t *const *)x, m, (const uint16_t *)w, rows, len, ld, y);
     return;
   }
