@@ -1,0 +1,107 @@
+"""lynx::experts' native CPU kernel alone at real expert sizes: GB/s against the read floor.
+
+    python benchmarks/cpu_experts.py --shape mixtral --threads 1 --tokens 1 2 4 6 8 16
+    python benchmarks/cpu_experts.py --shape qwen3 --threads 2 --batch 1 4 16
+
+`--tokens m`: every call sends m tokens to one expert, cycling through ~3 GB of experts so
+each call reads its weights from DRAM (the per-token-count cost of the streaming kernel;
+docs/perf-notes.md cpu v12). `--batch B`: a decode batch of B tokens routed top-k over all
+experts with a skewed popularity, as `lynx-compile bench --suite real` does (the op only,
+no router). The floor is the best pass of a 1 GiB float32 sum on the same threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from lynx_compile.lowering import cpu_native
+
+SHAPES = {  # experts, d, intermediate, top-k (published dimensions)
+    "qwen3": (128, 2048, 768, 8),
+    "mixtral": (8, 4096, 14336, 2),
+    "olmoe": (64, 2048, 1024, 8),
+}
+
+
+def read_floor() -> float:
+    """Bytes per second of the best of 5 passes of a 1 GiB float32 sum."""
+    a = torch.ones(1 << 28)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t0)
+    return a.numel() * 4 / best
+
+
+def bf16_experts(count: int, d: int, inter: int, gen: torch.Generator):
+    """Random fused gate/up [count, 2I, d] and down [count, d, I] weights in bf16."""
+    w_up = torch.empty(count, 2 * inter, d, dtype=torch.bfloat16).normal_(0, 0.02, generator=gen)
+    w_down = torch.empty(count, d, inter, dtype=torch.bfloat16).normal_(0, 0.02, generator=gen)
+    return w_up, w_down
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="mixtral")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tokens", type=int, nargs="*", default=[])
+    parser.add_argument("--batch", type=int, nargs="*", default=[])
+    parser.add_argument("--reps", type=int, default=9)
+    args = parser.parse_args()
+    if not cpu_native.available():
+        raise SystemExit("the native CPU kernels are not built here (see lowering/cpu_native.py)")
+    torch.set_num_threads(args.threads)
+    experts, d, inter, top_k = SHAPES[args.shape]
+    per_expert = 3 * inter * d * 2  # bf16 gate, up, down
+    floor = read_floor()
+    print(
+        f"{args.shape}: d {d}, intermediate {inter}, {per_expert / 2**20:.1f} MiB per expert; "
+        f"{args.threads} threads; read floor {floor / 1e9:.1f} GB/s"
+    )
+    gen = torch.Generator().manual_seed(0)
+    if args.tokens:
+        pool = max(2, min(experts, (3 << 30) // per_expert))  # ~3 GB: reads come from DRAM
+        w_up, w_down = bf16_experts(pool, d, inter, gen)
+        for m in args.tokens:
+            x = torch.randn(m, d, generator=gen).bfloat16()
+            weights = torch.ones(m, 1)
+            times = []
+            for rep in range(pool + args.reps):
+                ids = torch.full((m, 1), rep % pool, dtype=torch.int64)
+                t0 = time.perf_counter()
+                torch.ops.lynx.experts(x, ids, weights, w_up, None, w_down, "silu", True)
+                times.append(time.perf_counter() - t0)
+            t = statistics.median(times[pool:])
+            print(
+                f"  {m:3d} tokens on one expert: {t * 1e3:7.2f} ms, {per_expert / t / 1e9:5.1f} "
+                f"GB/s, {per_expert / t / floor:.2f} of the floor"
+            )
+    if args.batch:
+        w_up, w_down = bf16_experts(experts, d, inter, gen)
+        popularity = torch.randn(experts, generator=gen) * 0.5
+        for batch in args.batch:
+            logits = torch.randn(batch, experts, generator=gen) + popularity
+            ids = logits.topk(top_k, dim=-1).indices
+            weights = torch.softmax(logits.gather(1, ids), -1)
+            x = torch.randn(batch, d, generator=gen).bfloat16()
+            touched = ids.unique().numel()
+            times = []
+            for _ in range(2 + args.reps):
+                t0 = time.perf_counter()
+                torch.ops.lynx.experts(x, ids, weights, w_up, None, w_down, "silu", True)
+                times.append(time.perf_counter() - t0)
+            t = statistics.median(times[2:])
+            most = torch.bincount(ids.flatten(), minlength=experts).max().item()
+            read = touched * per_expert
+            print(
+                f"  batch {batch:3d}: {touched} experts (<= {most} tokens each), {t * 1e3:7.2f} "
+                f"ms, {read / t / 1e9:5.1f} GB/s, {read / t / floor:.2f} of the floor"
+            )
+
+
+if __name__ == "__main__":
+    main()
