@@ -445,6 +445,46 @@ def _is_collective(node: fx.Node) -> bool:
     return node.op == "call_function" and module.startswith("torch.distributed")
 
 
+def _collective_name(node: fx.Node) -> str | None:
+    """'namespace::op' of a call to a torch op (an OpOverload or an OpOverloadPacket)."""
+    if node.op != "call_function":
+        return None
+    target = node.target
+    schema = getattr(target, "_schema", None)
+    return schema.name if schema is not None else getattr(target, "_qualified_op_name", None)
+
+
+def _gathered(node: fx.Node) -> tuple[fx.Node, tuple] | None:
+    """(wait, (group size, group)) where node's only use is a functional all_gather along
+    dim 0 whose result is read only through its wait_tensor; else None."""
+    if len(node.users) != 1:
+        return None
+    (gather,) = node.users
+    if _collective_name(gather) not in _ALL_GATHERS or len(gather.users) != 1:
+        return None
+    (wait,) = gather.users
+    if _collective_name(wait) not in _WAITS:
+        return None
+    return wait, tuple(gather.args[1:3])
+
+
+def gathered_routing(weights: fx.Node, ids: fx.Node) -> tuple[fx.Node, fx.Node, int] | None:
+    """Routing all_gathered before the experts (data-parallel attention + expert parallelism:
+    each rank routes its own tokens, then every rank's tokens, weights and ids are gathered
+    and each rank computes its experts' share of the whole batch, examples
+    DataParallelExpertsMoE): (gathered weights, gathered ids, group size) when both are
+    gathered over the same group; the dispatch is then sought on the gathered tensors (its
+    hidden states are the gathered tokens), between the model's collectives."""
+    found = [_gathered(weights), _gathered(ids)]
+    if None in found or found[0][1] != found[1][1]:
+        return None
+    return found[0][0], found[1][0], found[0][1][0]
+
+
+_ALL_GATHERS = ("_c10d_functional::all_gather_into_tensor",)
+_WAITS = ("_c10d_functional::wait_tensor",)
+
+
 def find_regions(
     gm: fx.GraphModule,
     weights: fx.Node,
@@ -945,48 +985,59 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
     if hidden_dim is None:
         report("skipped", "the router's input (hidden size) is not visible in the graph")
         return False
-    functionalize_accumulators(gm, [weights, ids])
+    # The routing as the dispatch reads it: lynx's outputs, or (when the model gathers them
+    # across ranks first) the gathered copies, whose region lies between the collectives.
+    seeds = [(weights, ids, "")]
+    gathered = gathered_routing(weights, ids)
+    if gathered is not None:
+        seeds.append(
+            (gathered[0], gathered[1], f"; on the routing all_gathered from {gathered[2]} ranks")
+        )
     why = None  # the first candidate's reason, reported when none is taken
     # the first reason for an experts region (reading 3-D weights) of another width than d
     why_elsewhere = None
     checked = 0
-    # Widest first: a loop's partial sums close regions too (one per expert), and the
-    # widest region that passes the structural checks is the whole dispatch, or the
-    # dispatch plus a residual or shared expert, which fails the numerical check. Regions
-    # of the router's width d before those of another width (experts on a projection of
-    # the hidden states: the region of width d holds the projections and fails the
-    # structural checks).
-    regions = list(find_regions(gm, weights, ids, route, weight_nodes, need_ids=not dense))
-    regions.reverse()
-    regions.sort(key=lambda r: not _same_size(example_value(r[0]).shape[-1], hidden_dim))
-    for out, region, inputs in regions:
-        real = _placeholder_values(gm, example_inputs)
-        width = example_value(out).shape[-1]
-        plans = _plan_candidates(inputs, region, weights, ids, num_experts, real, width)
-        if not isinstance(plans, str) and top_k == 1:  # the weight may scale the input
-            plans += [dataclasses.replace(p, scale_input=True) for p in plans]
-        if not isinstance(plans, str):
-            acts = _activations_in(region)
-            plans = [p for p in plans if p.activation in acts] or (
-                f"no supported activation in the dispatch (found {sorted(acts)})"
+    for weights, ids, where in seeds:
+        functionalize_accumulators(gm, [weights, ids])
+        # Widest first: a loop's partial sums close regions too (one per expert), and the
+        # widest region that passes the structural checks is the whole dispatch, or the
+        # dispatch plus a residual or shared expert, which fails the numerical check.
+        # Regions of the router's width d before those of another width (experts on a
+        # projection of the hidden states: the region of width d holds the projections and
+        # fails the structural checks).
+        regions = list(find_regions(gm, weights, ids, route, weight_nodes, need_ids=not dense))
+        regions.reverse()
+        regions.sort(key=lambda r: not _same_size(example_value(r[0]).shape[-1], hidden_dim))
+        for out, region, inputs in regions:
+            real = _placeholder_values(gm, example_inputs)
+            width = example_value(out).shape[-1]
+            plans = _plan_candidates(inputs, region, weights, ids, num_experts, real, width)
+            if not isinstance(plans, str) and top_k == 1:  # the weight may scale the input
+                plans += [dataclasses.replace(p, scale_input=True) for p in plans]
+            if not isinstance(plans, str):
+                acts = _activations_in(region)
+                plans = [p for p in plans if p.activation in acts] or (
+                    f"no supported activation in the dispatch (found {sorted(acts)})"
+                )
+            own_width = _same_size(width, hidden_dim)
+            if isinstance(plans, str):
+                why = why or (plans if own_width else None)
+                if not own_width and why_elsewhere is None and _reads_expert_weights(inputs):
+                    why_elsewhere = f"at the experts' width {_hint(width)}: {plans}"
+                continue
+            chosen = _verified_plan(
+                gm, region, inputs, out, plans, weights, ids, example_inputs, dense
             )
-        own_width = _same_size(width, hidden_dim)
-        if isinstance(plans, str):
-            why = why or (plans if own_width else None)
-            if not own_width and why_elsewhere is None and _reads_expert_weights(inputs):
-                why_elsewhere = f"at the experts' width {_hint(width)}: {plans}"
-            continue
-        chosen = _verified_plan(gm, region, inputs, out, plans, weights, ids, example_inputs, dense)
-        if chosen is not None:
-            _replace(gm, region, out, chosen, weights, ids, dense)
-            report("rewritten", chosen.describe())
-            return True
-        why = why or (_NOT_REPRODUCED if own_width else None)
-        if not own_width and why_elsewhere is None:
-            why_elsewhere = f"at the experts' width {_hint(width)}: {_NOT_REPRODUCED}"
-        checked += 1
-        if checked == _MAX_CHECKED_REGIONS:
-            break
+            if chosen is not None:
+                _replace(gm, region, out, chosen, weights, ids, dense)
+                report("rewritten", chosen.describe() + where)
+                return True
+            why = why or (_NOT_REPRODUCED if own_width else None)
+            if not own_width and why_elsewhere is None:
+                why_elsewhere = f"at the experts' width {_hint(width)}: {_NOT_REPRODUCED}"
+            checked += 1
+            if checked == _MAX_CHECKED_REGIONS:
+                break
     reasons = [r for r in (why, why_elsewhere) if r is not None]
     report(
         "skipped",

@@ -12,7 +12,9 @@ shares with a functional all_reduce. Checked per rank:
 - a scored router (sigmoid, top-k) under routing_group: the same against
   route_scored_reference on the concatenated batch; a router alone with unequal batches
   (1 and 5 tokens): the same against route_reference;
-- the report carries each rank's experts touched (telemetry) and the collective's bytes.
+- the report carries each rank's experts touched (telemetry) and the collective's bytes;
+- the dispatch, which reads the routing all_gathered from both ranks, is fused on each rank
+  to its own experts.
 Beside them, single-process tests of the three routing steps (votes, kept, remap): summed
 over any split of a batch they route it as lynx::route / lynx::route_scored do.
 """
@@ -255,6 +257,21 @@ def test_the_report_says_which_batch_each_router_sees_and_its_experts_touched(ra
             tally = site["telemetry"]
             assert tally["calls"] == len(TOKENS) and tally["tokens"] == sum(TOKENS)
             assert 0 < tally["mean_experts_chosen"] <= tally["mean_experts_exact"] <= 16
+
+
+def test_the_gathered_dispatch_is_fused_to_each_ranks_own_experts(ranks):
+    """The dispatch reads the routing all_gathered from both ranks: fused between the
+    model's collectives, each rank's lynx::experts over its own expert range; every variant
+    of the layer (with and without the option, exact) and the single-process block too (the
+    routers compiled alone have no experts)."""
+    for rank in range(WORLD):
+        dispatch = [s for s in ranks[rank]["sites"] if s["kind"] == "dispatch"]
+        alone = [s for s in dispatch if s["reason"].startswith("routing leaves the graph")]
+        assert all(s["status"] == "rewritten" for s in dispatch if s not in alone), dispatch
+        gathered = [s for s in dispatch if "all_gathered from 2 ranks" in s["reason"]]
+        assert len(gathered) == 4, dispatch  # group, group_traced, group_exact, per_rank
+        own = f"experts {8 * rank}..{8 * rank + 7}"
+        assert all(own in s["reason"] for s in gathered), gathered
 
 
 def test_routing_group_validation_says_what_to_do(ranks):

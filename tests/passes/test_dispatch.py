@@ -444,3 +444,29 @@ def test_expert_parallel_slots_routed_elsewhere_read_no_extra_expert():
         # fp32: the same nonzero terms; a GEMM over another set of rows may round each
         # row's products differently (a few ulps)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _gather_graph(weights_group: str, ids_group: str, extra_use: bool = False):
+    """placeholders weights, ids; each all_gathered (functional) over its group, waited."""
+    graph = torch.fx.Graph()
+    weights, ids = graph.placeholder("weights"), graph.placeholder("ids")
+    c10d = torch.ops._c10d_functional
+    waits = []
+    for node, group in ((weights, weights_group), (ids, ids_group)):
+        gathered = graph.call_function(c10d.all_gather_into_tensor.default, (node, 2, group))
+        waits.append(graph.call_function(c10d.wait_tensor.default, (gathered,)))
+    if extra_use:  # the ids also read before the gather
+        waits.append(graph.call_function(torch.add, (ids, 1)))
+    graph.output(tuple(waits))
+    return weights, ids, waits
+
+
+def test_gathered_routing_needs_both_gathered_over_one_group_and_read_only_gathered():
+    from lynx_compile.passes.dispatch import gathered_routing
+
+    weights, ids, waits = _gather_graph("0", "0")
+    assert gathered_routing(weights, ids) == (waits[0], waits[1], 2)
+    weights, ids, _ = _gather_graph("0", "1")  # gathered over different groups
+    assert gathered_routing(weights, ids) is None
+    weights, ids, _ = _gather_graph("0", "0", extra_use=True)
+    assert gathered_routing(weights, ids) is None
