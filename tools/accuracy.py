@@ -280,7 +280,8 @@ def run_accuracy(
                 "seconds": time.perf_counter() - start,
             }
             if spec.per_layer:
-                row["choice_by_layer"] = layer_labels(spec.options()["calibration"], batch)
+                cal = spec.options()["calibration"]
+                row["choice_by_layer"] = layer_labels(cal, spec.calibration_batch)
             rows.append(row)
             log(format_row(row))
     return rows
