@@ -37,10 +37,10 @@ def read_floor() -> float:
     return a.numel() * 4 / best
 
 
-def bf16_experts(count: int, d: int, inter: int, gen: torch.Generator):
-    """Random fused gate/up [count, 2I, d] and down [count, d, I] weights in bf16."""
-    w_up = torch.empty(count, 2 * inter, d, dtype=torch.bfloat16).normal_(0, 0.02, generator=gen)
-    w_down = torch.empty(count, d, inter, dtype=torch.bfloat16).normal_(0, 0.02, generator=gen)
+def random_experts(count: int, d: int, inter: int, dtype: torch.dtype, gen: torch.Generator):
+    """Random fused gate/up [count, 2I, d] and down [count, d, I] weights."""
+    w_up = torch.empty(count, 2 * inter, d, dtype=dtype).normal_(0, 0.02, generator=gen)
+    w_down = torch.empty(count, d, inter, dtype=dtype).normal_(0, 0.02, generator=gen)
     return w_up, w_down
 
 
@@ -50,24 +50,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tokens", type=int, nargs="*", default=[])
     parser.add_argument("--batch", type=int, nargs="*", default=[])
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--reps", type=int, default=9)
     args = parser.parse_args()
     if not cpu_native.available():
         raise SystemExit("the native CPU kernels are not built here (see lowering/cpu_native.py)")
     torch.set_num_threads(args.threads)
     experts, d, inter, top_k = SHAPES[args.shape]
-    per_expert = 3 * inter * d * 2  # bf16 gate, up, down
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    per_expert = 3 * inter * d * dtype.itemsize  # gate, up, down
     floor = read_floor()
     print(
-        f"{args.shape}: d {d}, intermediate {inter}, {per_expert / 2**20:.1f} MiB per expert; "
-        f"{args.threads} threads; read floor {floor / 1e9:.1f} GB/s"
+        f"{args.shape} {args.dtype}: d {d}, intermediate {inter}, "
+        f"{per_expert / 2**20:.1f} MiB per expert; {args.threads} threads; "
+        f"read floor {floor / 1e9:.1f} GB/s"
     )
     gen = torch.Generator().manual_seed(0)
     if args.tokens:
         pool = max(2, min(experts, (3 << 30) // per_expert))  # ~3 GB: reads come from DRAM
-        w_up, w_down = bf16_experts(pool, d, inter, gen)
+        w_up, w_down = random_experts(pool, d, inter, dtype, gen)
         for m in args.tokens:
-            x = torch.randn(m, d, generator=gen).bfloat16()
+            x = torch.randn(m, d, generator=gen).to(dtype)
             weights = torch.ones(m, 1)
             times = []
             for rep in range(pool + args.reps):
@@ -81,13 +84,13 @@ def main() -> None:
                 f"GB/s, {per_expert / t / floor:.2f} of the floor"
             )
     if args.batch:
-        w_up, w_down = bf16_experts(experts, d, inter, gen)
+        w_up, w_down = random_experts(experts, d, inter, dtype, gen)
         popularity = torch.randn(experts, generator=gen) * 0.5
         for batch in args.batch:
             logits = torch.randn(batch, experts, generator=gen) + popularity
             ids = logits.topk(top_k, dim=-1).indices
             weights = torch.softmax(logits.gather(1, ids), -1)
-            x = torch.randn(batch, d, generator=gen).bfloat16()
+            x = torch.randn(batch, d, generator=gen).to(dtype)
             touched = ids.unique().numel()
             times = []
             for _ in range(2 + args.reps):

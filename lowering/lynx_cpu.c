@@ -636,6 +636,92 @@ static inline __attribute__((always_inline)) void blockz(const int TB, const int
   }
 }
 
+
+/* The 4 lane sums of a0..a3 in order: halves added, then two rounds of pairwise adds. */
+static inline __attribute__((always_inline)) __m128 reduce4z(__m512 a0, __m512 a1, __m512 a2,
+                                                             __m512 a3) {
+#define HALF(a) _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1))
+  __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(HALF(a0), HALF(a1)), _mm256_hadd_ps(HALF(a2), HALF(a3)));
+#undef HALF
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* blockbf4 for float32 weights and tokens (MODE_F32): TB (1 to 6) tokens against RB (4 or
+ * 1) rows in column order, 16 weights per fused multiply-add, the next rows (pfw, or NULL)
+ * prefetched into L2 at the same column, one block ahead. */
+static inline __attribute__((always_inline)) void blockf4(const int TB, const int RB,
+                                                          const float *const *x, const float *w,
+                                                          int64_t r0, int64_t len, int64_t ld,
+                                                          float *out, int64_t ostride,
+                                                          const float *pfw) {
+  __m512 acc[6][4];
+  for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < RB; ++r) acc[t][r] = _mm512_setzero_ps();
+  const float *wr = w + r0 * ld;
+  int64_t c = 0;
+  for (; c + 16 <= len; c += 16) {
+    if (pfw)
+      for (int r = 0; r < RB; ++r) _mm_prefetch((const char *)(pfw + r * ld + c), _MM_HINT_T1);
+    __m512 wv[4];
+    for (int r = 0; r < RB; ++r) wv[r] = _mm512_loadu_ps(wr + r * ld + c);
+    for (int t = 0; t < TB; ++t) {
+      __m512 xv = _mm512_loadu_ps(x[t] + c);
+      for (int r = 0; r < RB; ++r) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
+    }
+  }
+  if (c < len) {
+    const __mmask16 m = (__mmask16)((1u << (len - c)) - 1u);
+    __m512 wv[4];
+    for (int r = 0; r < RB; ++r) wv[r] = _mm512_maskz_loadu_ps(m, wr + r * ld + c);
+    for (int t = 0; t < TB; ++t) {
+      __m512 xv = _mm512_maskz_loadu_ps(m, x[t] + c);
+      for (int r = 0; r < RB; ++r) acc[t][r] = _mm512_fmadd_ps(xv, wv[r], acc[t][r]);
+    }
+  }
+  for (int t = 0; t < TB; ++t) {
+    if (RB == 4)
+      _mm_storeu_ps(out + t * ostride, reduce4z(acc[t][0], acc[t][1], acc[t][2], acc[t][3]));
+    else
+      out[t * ostride] = _mm512_reduce_add_ps(acc[t][0]);
+  }
+}
+
+/* y[t * rows + r] = dot(x[t], w[r]) for float32 tokens and weights (MODE_F32): 4-row
+ * groups, the tokens in near-equal blocks of 1 to 6, as matmul_rows_bf_many. */
+static void matmul_rows_f32_many(const float *const *x, int64_t m, const float *w, int64_t rows,
+                                 int64_t len, int64_t ld, float *y) {
+  const int64_t nb = (m + 5) / 6, base = m / nb, extra = m % nb;
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    const int rb = r0 + 4 <= rows ? 4 : 1;
+    const int64_t rend = rb == 4 ? r0 + 4 : rows;
+    const float *pfw = rend + 4 <= rows ? w + rend * ld : NULL;
+    int64_t t0 = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t tb = base + (b < extra);
+      const float *const *xt = x + t0;
+      for (int64_t r = r0; r < rend; r += rb) {
+        float *o = y + t0 * rows + r;
+        const float *p = b == 0 && rb == 4 ? pfw : NULL;
+        switch (tb * 16 + rb) { /* constant block shapes: accumulators stay in registers */
+          case 6 * 16 + 4: blockf4(6, 4, xt, w, r, len, ld, o, rows, p); break;
+          case 5 * 16 + 4: blockf4(5, 4, xt, w, r, len, ld, o, rows, p); break;
+          case 4 * 16 + 4: blockf4(4, 4, xt, w, r, len, ld, o, rows, p); break;
+          case 3 * 16 + 4: blockf4(3, 4, xt, w, r, len, ld, o, rows, p); break;
+          case 2 * 16 + 4: blockf4(2, 4, xt, w, r, len, ld, o, rows, p); break;
+          case 1 * 16 + 4: blockf4(1, 4, xt, w, r, len, ld, o, rows, p); break;
+          case 6 * 16 + 1: blockf4(6, 1, xt, w, r, len, ld, o, rows, NULL); break;
+          case 5 * 16 + 1: blockf4(5, 1, xt, w, r, len, ld, o, rows, NULL); break;
+          case 4 * 16 + 1: blockf4(4, 1, xt, w, r, len, ld, o, rows, NULL); break;
+          case 3 * 16 + 1: blockf4(3, 1, xt, w, r, len, ld, o, rows, NULL); break;
+          case 2 * 16 + 1: blockf4(2, 1, xt, w, r, len, ld, o, rows, NULL); break;
+          default: blockf4(1, 1, xt, w, r, len, ld, o, rows, NULL); break;
+        }
+      }
+      t0 += tb;
+    }
+  }
+}
+
 #if defined(__AVX512BF16__)
 #define LYNX_BF16DOT 1
 /* blockz for bf16 tokens and weights with AVX512-BF16 dot products: each vdpbf16ps takes 32
@@ -713,15 +799,6 @@ static inline __attribute__((always_inline)) void blockbf(const int TB, const in
       out[t * ostride] = _mm512_reduce_add_ps(acc[t][0]);
     }
   }
-}
-
-/* The 4 lane sums of a0..a3 in order: halves added, then two rounds of pairwise adds. */
-static inline __attribute__((always_inline)) __m128 reduce4z(__m512 a0, __m512 a1, __m512 a2,
-                                                             __m512 a3) {
-#define HALF(a) _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1))
-  __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(HALF(a0), HALF(a1)), _mm256_hadd_ps(HALF(a2), HALF(a3)));
-#undef HALF
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
 /* Two to six tokens (TB) against RB (4 or 1) rows in column order: each 32-weight vector
@@ -911,6 +988,12 @@ static inline void pf_run(pf_stream *p, size_t bytes) {
 static inline __attribute__((always_inline)) void matmul_rows_dt(
     const void *const *x, int64_t m, const void *w, int64_t rows, int64_t len, int64_t ld,
     const int mode, float *y, pf_stream *pf) {
+#ifdef LYNX_AVX512
+  if (mode == MODE_F32) {
+    matmul_rows_f32_many((const float *const *)x, m, (const float *)w, rows, len, ld, y);
+    return;
+  }
+#endif
 #ifdef LYNX_BF16DOT
   if (mode == MODE_BF16DOT && m >= 2) {
     matmul_rows_bf_many((const uint16_t *const *)x, m, (const uint16_t *)w, rows, len, ld, y);
