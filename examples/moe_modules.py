@@ -14,6 +14,9 @@
 
 `TensorParallelMoE` every expert's intermediate dim sharded over torch.distributed ranks,
                    the rank's partial outputs summed by a functional all_reduce.
+`DTensorParallelMoE` TensorParallelMoE with torch.distributed.tensor: every expert weight a
+                   DTensor sharded along the intermediate dim on a 1-D device mesh; the
+                   dispatch reads each rank's local shards (to_local).
 `ExpertParallelMoE` each rank holds a contiguous range of the experts; slots routed to
                    other ranks' experts weigh 0 here; a functional all_reduce sums.
 `DataParallelExpertsMoE` each rank holds its own tokens (data-parallel attention) and a
@@ -32,6 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed import _functional_collectives as funcol
+from torch.distributed.tensor import DTensor
 
 
 class ExpertMLP(nn.Module):
@@ -242,6 +246,37 @@ class TensorParallelMoE(_ShardedMoE):
         part = slice(rank * hidden // world, (rank + 1) * hidden // world)
         self.shard(w_gate=(slice(None), part), w_up=(slice(None), part))
         self.shard(w_down=(slice(None), slice(None), part))
+
+
+class DTensorParallelMoE(_ShardedMoE):
+    """Tensor parallel with torch.distributed.tensor, as `distribute_tensor` (or a
+    parallelize_module plan) lays it out: w_gate and w_up DTensors sharded along the
+    intermediate dim (Shard(1)), w_down along its last dim (Shard(2)), on a 1-D device mesh
+    over the ranks. The dispatch reads each rank's local shards (`to_local()`, no copy) and
+    a functional all_reduce sums the ranks' shares. world 1: plain parameters."""
+
+    def __init__(self, rank: int, world: int, seed: int = 0, **kwargs):
+        super().__init__(world, seed, **kwargs)
+        if world > 1:
+            from torch.distributed.device_mesh import DeviceMesh
+            from torch.distributed.tensor import Shard, distribute_tensor
+
+            mesh = DeviceMesh("cpu", list(range(world)))
+            with torch.no_grad():
+                for name, dim in (("w_gate", 1), ("w_up", 1), ("w_down", 2)):
+                    full = getattr(self, name).data
+                    setattr(self, name, nn.Parameter(distribute_tensor(full, mesh, [Shard(dim)])))
+
+    def local_share(self, tokens, weights, ids):
+        def local(w):
+            return w.to_local() if isinstance(w, DTensor) else w
+
+        w_gate, w_up, w_down = local(self.w_gate), local(self.w_up), local(self.w_down)
+        flat = ids.reshape(-1)
+        xs = tokens.repeat_interleave(self.top_k, dim=0).unsqueeze(-1)  # [N*k, d, 1]
+        h = F.silu(torch.bmm(w_gate[flat], xs)) * torch.bmm(w_up[flat], xs)
+        y = torch.bmm(w_down[flat], h).squeeze(-1) * weights.reshape(-1, 1)
+        return y.view(-1, self.top_k, tokens.shape[-1]).sum(dim=1)
 
 
 class ExpertParallelMoE(_ShardedMoE):

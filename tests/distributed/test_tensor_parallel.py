@@ -1,13 +1,15 @@
 """backend="lynx" on sharded MoE blocks: 2 processes, gloo on loopback, CPU.
 
 Tensor parallel (examples TensorParallelMoE): each rank holds a slice of every expert's
-intermediate dim. Expert parallel (ExpertParallelMoE): each rank holds half the experts,
-slots routed to the other rank's experts weigh 0. Tokens and router replicated, the
-ranks' shares summed by a functional all_reduce. Checked per rank and layout: policy
-"exact" equals the single-process eager layer; the dispatch is fused (lynx::experts on
-the rank's shard or expert range) and the collective stays the model's; under the
-default policy both ranks route identically (the ids the routing op returned are equal,
-the outputs agree bit for bit) and equal single-process lynx on the whole layer.
+intermediate dim; DTensorParallelMoE the same with DTensor-sharded weights (Shard(1) /
+Shard(2) on a 1-D device mesh), read through to_local(). Expert parallel
+(ExpertParallelMoE): each rank holds half the experts, slots routed to the other rank's
+experts weigh 0. Tokens and router replicated, the ranks' shares summed by a functional
+all_reduce. Checked per rank and layout: policy "exact" equals the single-process eager
+layer; the dispatch is fused (lynx::experts on the rank's shard or expert range) and the
+collective stays the model's; under the default policy both ranks route identically (the
+ids the routing op returned are equal, the outputs agree bit for bit) and equal
+single-process lynx on the whole layer.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from tests.helpers import join_gloo, spawn_ranks
 
 WORLD = 2
 TOKENS = (3, 13)
-LAYOUTS = ("TensorParallelMoE", "ExpertParallelMoE")
+LAYOUTS = ("TensorParallelMoE", "DTensorParallelMoE", "ExpertParallelMoE")
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)  # reordered fp32 sums (shards, then all_reduce)
 
 
