@@ -286,13 +286,14 @@ at::Tensor experts_aten(const at::Tensor &x, const at::Tensor &ids, const at::Te
 
 // Tokens per expert from which lynx::experts runs an expert as GEMMs (at::mm) rather than the
 // streaming kernel: where the two cross at real sizes on this project's CPU (AVX512-BF16, no
-// AMX), measured in docs/perf-notes.md (cpu v10). -DLYNX_GEMM_TOKENS_BF16=... (and _F32)
+// AMX), measured in docs/perf-notes.md (cpu v10; float32 since cpu v12, whose streaming path
+// beat at::mm up to ~48 tokens). -DLYNX_GEMM_TOKENS_BF16=... (and _F32)
 // override them, for measuring the crossing elsewhere.
 #ifndef LYNX_GEMM_TOKENS_BF16
 #define LYNX_GEMM_TOKENS_BF16 32
 #endif
 #ifndef LYNX_GEMM_TOKENS_F32
-#define LYNX_GEMM_TOKENS_F32 8
+#define LYNX_GEMM_TOKENS_F32 64
 #endif
 constexpr int64_t kGemmTokensBF16 = LYNX_GEMM_TOKENS_BF16;
 constexpr int64_t kGemmTokensF32 = LYNX_GEMM_TOKENS_F32;

@@ -388,16 +388,16 @@ def test_experts_sliced_across_threads_match_the_reference(form, dtype):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("tokens", [3, 13, 33])
+@pytest.mark.parametrize("tokens", [3, 33, 65])
 @pytest.mark.parametrize(
     "form,act", [("gated", "silu"), ("plain", "gelu_tanh"), ("split", "silu"), ("plain", "relu2")]
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_experts_with_many_tokens_run_as_gemms_and_match_the_reference(tokens, form, act, dtype):
-    # Experts with at least 8 (fp32) or 32 (bf16) tokens run as at::mm GEMMs, the others
-    # stream: expert 5 takes every token's first slot (3, 13 or 33 tokens: below, between
-    # and above both crossings), experts 6 and 7 share the second slots (33 tokens, fp32:
-    # three GEMM experts, dealt out to 2 threads; bf16: one GEMM, two streamed). 1 and 2
+    # Experts with at least 32 (bf16) or 64 (fp32) tokens run as at::mm GEMMs, the others
+    # stream: expert 5 takes every token's first slot (3, 33 or 65 tokens: below, between
+    # and above both crossings), experts 6 and 7 share the second slots (65 tokens, bf16:
+    # three GEMM experts, dealt out to 2 threads; fp32: one GEMM, two streamed). 1 and 2
     # threads.
     x, ids, w, w_up, w_down, w_gate = _case(tokens, 8, 2, 48, 40, form, dtype, seed=4)
     ids[:, 0] = 5
