@@ -23,7 +23,9 @@ made for: every router the backend rewrites must be one of them) and "choice_by_
 calibration_batch). Files written before the per-layer fields load unchanged (one policy
 for every router); a reader that predates them applies "choice" everywhere, which is the
 best single policy within the same budget. The rest records how the choice was made (the
-distortion of every candidate at every decode batch size).
+distortion of every candidate at every decode batch size on the draw of prompts it was
+chosen on, and under "two_draws" and "by_batch_draw_b" what the choices measured on the
+second draw they were confirmed on).
 """
 
 from __future__ import annotations

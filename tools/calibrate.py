@@ -11,6 +11,15 @@ candidate policy, and each candidate is scored at each decode batch size by
 
 A candidate fits the budget when kl and flip stay within it at every batch size; the
 choice is the fitting candidate with the lowest mean experts_ratio (exact when none fits).
+
+Two draws (the default; --one-draw, two_draws=False to skip): the cheapest candidate on
+one draw of prompts is biased towards prompts that favour it, so every choice is made on
+draw A and then decoded on draw B, other windows of the same source (the training split's
+seed-2 windows, none overlapping draw A's; the next --sequences windows of --prompts; or
+confirm_prompts). Where it exceeds the budget on draw B, the next cheapest candidate that
+fits on A is decoded there, until one fits both (confirm_choice; exact if none does). The
+file records both draws' measurements ("two_draws", each candidate's "by_batch_draw_b").
+
 The choice is written as a small JSON file that the backend takes through
 options={"calibration": path}; lynx_compile.report() then names it.
 
@@ -22,8 +31,9 @@ which every kernel matches.
 Per layer (--per-layer, per_layer=True): each router layer is measured with each candidate
 while the other layers route exactly; the layers' KLs, taken as adding up, are spent
 greedily on the largest experts saving per nat (choose_per_layer); the combination is
-measured again and chosen anew within a smaller budget while it exceeds the real one. The
-file then names a policy per router module path (lynx_compile/calibration.py).
+decoded as a whole on draw A and, where it fits there, on draw B, and chosen anew within a
+smaller budget while it exceeds the real one on either. The file then names a policy per
+router module path (lynx_compile/calibration.py).
 
 Any model: the Python API takes decode_fn(compiled, tokens, prompt_len) -> next-token
 logits (calibrate's docstring); the CLI and the default decode_fn use TinyMoE's interface,
@@ -32,10 +42,10 @@ new_cache(batch, max_len) and model(tokens [B, T], cache, start). Prompts: a tex
 models, or token ids (.json: a list of lists of ints); the embedded model's default set is
 drawn from its training split (the accuracy harness's held-out files are never read).
 
-    lynx-compile calibrate --out tiny_moe.calibration.json [--per-layer]
+    lynx-compile calibrate --out tiny_moe.calibration.json [--per-layer] [--one-draw]
     python -m lynx_compile.tools.calibrate --checkpoint ckpt.safetensors --out cal.json
     cal = calibrate.calibrate(model, batches=(8, 16)); calibrate.save(cal, path)
-    cal = calibrate.calibrate(model, token_ids, decode_fn=my_decode, per_layer=True)
+    cal = calibrate.calibrate(model, ids[:32], confirm_prompts=ids[32:64], decode_fn=my_decode)
 """
 
 from __future__ import annotations
@@ -140,21 +150,48 @@ def policy_label(policy: RoutingPolicy) -> str:
 # ------------------------------------------------------------------------------ prompts
 
 
+def _window_starts(data_len: int, count: int, length: int, seed: int, avoid=()) -> list[int]:
+    """`count` random window starts in a corpus of data_len tokens (seed `seed`), each
+    window overlapping none of the windows starting at `avoid` (drawn again until so)."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, data_len - length, (count,), generator=gen).tolist()
+    avoid = sorted(avoid)
+
+    def clear(start):
+        return all(abs(start - a) >= length for a in avoid)
+
+    for i, start in enumerate(starts):
+        while not clear(start):
+            start = int(torch.randint(0, data_len - length, (1,), generator=gen))
+        starts[i] = start
+    return starts
+
+
 def default_prompts(count: int = 32, length: int = 49, seed: int = 1) -> torch.Tensor:
     """The embedded model's calibration set: `count` windows of `length` bytes from its
     training split (never the held-out files the accuracy harness scores): int64."""
     data = load_bytes(split_files("train"))
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, data.numel() - length, (count,), generator=gen).tolist()
+    starts = _window_starts(data.numel(), count, length, seed)
     return torch.stack([data[s : s + length] for s in starts]).long()
 
 
-def load_prompts(path: Path, count: int, length: int) -> torch.Tensor:
+def default_prompt_draws(count: int = 32, length: int = 49) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedded model's two calibration draws, int64 [count, length] each: draw A is
+    default_prompts(seed=1), the windows a choice is made on; draw B (seed 2) the windows it
+    is confirmed on, each overlapping no window of draw A. Both from the training split."""
+    data = load_bytes(split_files("train"))
+    first = _window_starts(data.numel(), count, length, 1)
+    second = _window_starts(data.numel(), count, length, 2, avoid=first)
+    return tuple(torch.stack([data[s : s + length] for s in w]).long() for w in (first, second))
+
+
+def load_prompts(path: Path, count: int, length: int, skip: int = 0) -> torch.Tensor:
     """Calibration prompts from a file, as int64 [count, length] token windows.
 
     .json: token ids, a list of lists of ints; .jsonl: one string (or {"text": ...}) per
     line; anything else: text. Text is taken as bytes (byte-level models such as TinyMoE).
-    Sequences are cut into windows of `length`; the first `count` windows are used.
+    Sequences are cut into windows of `length`; windows skip .. skip + count - 1 are used
+    (skip=count: the second draw, disjoint from the first).
     """
     path = Path(path)
     if not path.is_file():
@@ -177,12 +214,14 @@ def load_prompts(path: Path, count: int, length: int) -> torch.Tensor:
     else:
         seqs = [torch.tensor(list(path.read_bytes()), dtype=torch.int64)]
     windows = [w for s in seqs for w in s.split(length) if w.numel() == length]
-    if len(windows) < count:
+    if len(windows) < skip + count:
+        draws = "" if skip == 0 else f", {count} per draw for two draws"
         raise ValueError(
             f"{path} holds {len(windows)} windows of {length} tokens; calibration needs "
-            f"{count} (give more text, or lower --sequences / --steps)"
+            f"{skip + count}{draws} (give more text, or lower --sequences / --steps"
+            f"{'' if skip == 0 else ', or --one-draw'})"
         )
-    return torch.stack(windows[:count])
+    return torch.stack(windows[skip : skip + count])
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -311,17 +350,59 @@ def _model_shape(name: str) -> tuple[dict, list[str]]:
     return shape, layers
 
 
+def fits(rows, budget: Budget) -> bool:
+    """Whether measured rows (kl, flip) all keep the budget."""
+    return all(r["kl"] <= budget.kl and r["flip"] <= budget.flip for r in rows)
+
+
+def fitting_by_cost(candidates: list[dict], batches: list[int], budget: Budget) -> list[int]:
+    """Indices of the candidates (as calibrate() records them) that fit the budget at every
+    batch on the draw they were measured on and touch fewer experts than exact, cheapest
+    (lowest mean experts_ratio over the batches) first, ties in candidate order."""
+    ratios = {}
+    for i, cand in enumerate(candidates):
+        rows = [cand["by_batch"][str(b)] for b in batches]
+        ratio = sum(r["experts_ratio"] for r in rows) / len(rows)
+        if fits(rows, budget) and ratio < 1.0:
+            ratios[i] = ratio
+    return sorted(ratios, key=ratios.__getitem__)
+
+
 def choose(candidates: list[dict], batches: list[int], budget: Budget) -> dict:
     """The fitting candidate with the lowest mean experts_ratio over the batches (candidates
     as calibrate() records them); exact when none fits."""
-    best, best_ratio = None, 1.0
-    for cand in candidates:
-        rows = [cand["by_batch"][str(b)] for b in batches]
-        fits = all(r["kl"] <= budget.kl and r["flip"] <= budget.flip for r in rows)
-        ratio = sum(r["experts_ratio"] for r in rows) / len(rows)
-        if fits and ratio < best_ratio:
-            best, best_ratio = cand, ratio
-    return best["choice"] if best else policy_options(RoutingPolicy("exact"))
+    order = fitting_by_cost(candidates, batches, budget)
+    return candidates[order[0]]["choice"] if order else policy_options(RoutingPolicy("exact"))
+
+
+def _brief(row: dict) -> dict:
+    """The budgeted fields of a measured row: kl, flip, experts_ratio."""
+    return {k: row[k] for k in ("kl", "flip", "experts_ratio") if k in row}
+
+
+def confirm_choice(
+    candidates: list[dict], batches: list[int], budget: Budget, rows_on_b
+) -> tuple[dict, list[dict]]:
+    """The choice that holds on two draws: the cheapest candidate fitting the budget at every
+    batch on draw A (candidates' by_batch, where they were chosen), decoded on draw B by
+    rows_on_b(index, batches) -> {batch: row}; while it exceeds the budget there, the next
+    cheapest fitting on A; exact when none fits both. Returns the choice and the tries
+    (label, what each draw measured, whether it fits both), in the order made."""
+    tries = []
+    for i in fitting_by_cost(candidates, batches, budget):
+        on_b = rows_on_b(i, batches)
+        ok = fits(on_b.values(), budget)
+        tries.append(
+            {
+                "label": candidates[i]["label"],
+                "draw_a": {str(b): _brief(candidates[i]["by_batch"][str(b)]) for b in batches},
+                "draw_b": {b: _brief(r) for b, r in on_b.items()},
+                "fits": ok,
+            }
+        )
+        if ok:
+            return candidates[i]["choice"], tries
+    return policy_options(RoutingPolicy("exact")), tries
 
 
 def choose_per_layer(
@@ -377,16 +458,26 @@ def calibrate(
     progress: bool = True,
     decode_fn=None,
     per_layer: bool = False,
+    confirm_prompts: torch.Tensor | list[list[int]] | None = None,
+    two_draws: bool = True,
 ) -> dict:
     """Measure every candidate policy at every decode batch size on `prompts` and choose
-    the cheapest within `budget`: the calibration dict that save() writes and the
-    backend's `calibration` option takes.
+    the cheapest within `budget` that also keeps it on `confirm_prompts`: the calibration
+    dict that save() writes and the backend's `calibration` option takes.
 
     model      any nn.Module with softmax or scored top-k routers; it is compiled once
                (backend="lynx", telemetry on) and that one compiled model serves every
                candidate.
-    prompts    token ids, int64 [S, T] (or a list of S equal-length lists); S a multiple
-               of every batch. Default: default_prompts() (TinyMoE's byte-level set).
+    prompts    draw A, token ids, int64 [S, T] (or a list of S equal-length lists); S a
+               multiple of every batch. Default: default_prompt_draws()'s first (TinyMoE's
+               byte-level set).
+    confirm_prompts  draw B, other windows of the same source, shaped like prompts: each
+               choice made on draw A is decoded on it and, where it exceeds the budget
+               there, replaced by the next cheaper-on-A candidate (confirm_choice; per
+               layer, re-chosen within a smaller budget). Default: default_prompt_draws()'s
+               second when prompts is None; required with prompts unless two_draws=False.
+    two_draws  False: choose on draw A alone (half the decodes of the check, less robust:
+               docs/results/accuracy.md, issue 18).
     decode_fn  decode_fn(compiled, tokens [B, T], prompt_len) -> next-token logits
                [B, T - prompt_len - 1, V]: the logits predicting tokens[:, prompt_len + 1:],
                teacher-forced, each decode step one call of `compiled` on one new token per
@@ -394,9 +485,9 @@ def calibrate(
                it is routed exactly). Default: tiny_moe_decode(model), for models with
                TinyMoE's new_cache / model(tokens, cache, start) interface.
     per_layer  also choose one policy per router (choose_per_layer): each layer measured
-               with each candidate and the other layers exact, the greedy combination
-               measured again and backed off until it fits; adds choice_by_layer and
-               choice_by_layer_by_batch to the file.
+               with each candidate and the other layers exact (on draw A), the greedy
+               combination decoded as a whole on both draws and backed off until it fits;
+               adds choice_by_layer and choice_by_layer_by_batch to the file.
 
     E.g. for a Hugging Face causal LM with a KV cache:
 
@@ -409,34 +500,35 @@ def calibrate(
                 logits.append(out.logits[:, -1])
             return torch.stack(logits, dim=1)
 
-        cal = calibrate(model, token_ids, decode_fn=decode_fn, batches=(8,))
+        cal = calibrate(model, ids[:32], confirm_prompts=ids[32:64], decode_fn=decode_fn)
     """
     start = time.perf_counter()
-    prompts = default_prompts() if prompts is None else torch.as_tensor(prompts)
-    measure = _measurer(model, prompts, batches, prompt_len, decode_fn)
+    draws = _prompt_draws(prompts, confirm_prompts, two_draws)
+    measure = _measurer(model, draws, batches, prompt_len, decode_fn)
     policies = [parse_policy(c) for c in candidates]
     exact_pol = RoutingPolicy("exact")
     bar = _progress(len(batches) * (len(policies) + 1), progress)
     records = {i: {} for i in range(len(policies))}
-    exact_logp = {}
+    exact_logp = {draw: {} for draw in draws}  # draw -> batch -> log-probs of exact routing
     layers = None
     for batch in batches:
-        exact_logp[batch], _ = measure(lambda layer: exact_pol, batch)
+        exact_logp["a"][batch], _ = measure(lambda layer: exact_pol, batch, "a")
         if layers is None:
             shape, layers = _model_shape(name)
         bar.update(1)
         for i, pol in enumerate(policies):
             bar.set_postfix_str(f"B={batch} {policy_label(pol)}")
-            logp, totals = measure(lambda layer, p=pol: p, batch)
+            logp, totals = measure(lambda layer, p=pol: p, batch, "a")
             ratio, per_layer_ratio = _experts_ratio(totals, layers)
             records[i][str(batch)] = {
-                **distortion(exact_logp[batch], logp),
+                **distortion(exact_logp["a"][batch], logp),
                 "experts_ratio": ratio,
                 "experts_ratio_per_layer": per_layer_ratio,
                 "tokens": logp.shape[0],
             }
             bar.update(1)
     bar.close()
+    rows_of = _RowMeasurer(measure, exact_logp, layers)
     cands = [
         {"label": policy_label(p), "choice": policy_options(p), "by_batch": records[i]}
         for i, p in enumerate(policies)
@@ -444,15 +536,35 @@ def calibrate(
     cal = {
         "format": calibration.FORMAT,
         "model": shape,
-        "choice": choose(cands, list(batches), budget),
-        "choice_by_batch": {str(b): choose(cands, [b], budget) for b in batches},
         "layers": layers if all(not k.startswith("site ") for k in layers) else None,
         "budget": asdict(budget),
         "batches": list(batches),
-        "prompts": {"sequences": prompts.shape[0], "length": prompts.shape[1]},
+        "prompts": {"sequences": draws["a"].shape[0], "length": draws["a"].shape[1]},
         "prompt_len": prompt_len,
         "candidates": cands,
     }
+    if "b" in draws:
+        rows_of.bar = _progress(None, progress, "draw B")
+        cal["prompts"]["draw_b"] = {"sequences": draws["b"].shape[0]}
+
+        def rows_on_b(index, batch_list):
+            return rows_of(policies[index], batch_list, "b")
+
+        cal["choice"], tries = confirm_choice(cands, list(batches), budget, rows_on_b)
+        by_batch = {str(b): confirm_choice(cands, [b], budget, rows_on_b) for b in batches}
+        cal["choice_by_batch"] = {b: choice for b, (choice, _) in by_batch.items()}
+        cal["two_draws"] = {
+            "choice": tries,
+            "choice_by_batch": {b: t for b, (_, t) in by_batch.items()},
+        }
+        for i, pol in enumerate(policies):  # every candidate decoded on draw B, as measured
+            on_b = {str(b): rows_of.memo.get((pol, b, "b")) for b in batches}
+            if any(on_b.values()):
+                cands[i]["by_batch_draw_b"] = {b: r for b, r in on_b.items() if r}
+        rows_of.bar.close()
+    else:
+        cal["choice"] = choose(cands, list(batches), budget)
+        cal["choice_by_batch"] = {str(b): choose(cands, [b], budget) for b in batches}
     if cal["layers"] is None:
         del cal["layers"]
     if per_layer:
@@ -461,23 +573,59 @@ def calibrate(
     return cal
 
 
-def _measurer(model, prompts: torch.Tensor, batches, prompt_len: int, decode_fn):
-    """The prompts checked, the model compiled once (telemetry on, so decode routers are
-    opaque calls the override reaches): measure(policy_of_layer, batch) -> (log-probs,
-    distinct-experts totals per layer) of a decode with policy_of_layer(module path) at
-    each decode router."""
-    if prompts.dim() != 2 or prompts.dtype != torch.int64:
+def _prompt_draws(prompts, confirm_prompts, two_draws: bool) -> dict[str, torch.Tensor]:
+    """{"a": the prompts choices are made on, "b": the other prompts they must hold on
+    (with two_draws)}: the default draws, or the caller's, checked to be other windows."""
+    if prompts is None:
+        if confirm_prompts is not None:
+            raise ValueError("confirm_prompts without prompts: give both, or neither")
+        first, second = default_prompt_draws()
+        return {"a": first, "b": second} if two_draws else {"a": first}
+    first = torch.as_tensor(prompts)
+    if not two_draws:
+        if confirm_prompts is not None:
+            raise ValueError("confirm_prompts with two_draws=False: leave one of them out")
+        return {"a": first}
+    if confirm_prompts is None:
         raise ValueError(
-            f"prompts must be int64 token ids [S, T], got {prompts.dtype} {list(prompts.shape)}"
+            "a two-draw calibration needs confirm_prompts: as many other windows of the same "
+            "source as prompts (e.g. the next S windows of the text), on which every choice "
+            "made on prompts must keep the budget; or pass two_draws=False to choose on "
+            "prompts alone"
         )
-    bad = [b for b in batches if b < 2 or prompts.shape[0] % b]
-    if bad:
+    second = torch.as_tensor(confirm_prompts)
+    if second.shape != first.shape:
         raise ValueError(
-            f"decode batches {bad} do not split {prompts.shape[0]} prompts (each must be >= 2 "
-            "and divide the prompt count)"
+            f"confirm_prompts {list(second.shape)} must be shaped like prompts "
+            f"{list(first.shape)} (the same windows per draw and decode steps)"
         )
-    if prompts.shape[1] < prompt_len + 2:
-        raise ValueError(f"prompts of {prompts.shape[1]} tokens leave no decode steps")
+    shared = {tuple(r) for r in first.tolist()} & {tuple(r) for r in second.tolist()}
+    if shared:
+        raise ValueError(
+            f"confirm_prompts repeat {len(shared)} of prompts' windows: the second draw must "
+            "be other windows (e.g. the next S windows of the text)"
+        )
+    return {"a": first, "b": second}
+
+
+def _measurer(model, draws: dict[str, torch.Tensor], batches, prompt_len: int, decode_fn):
+    """The prompts of each draw checked, the model compiled once (telemetry on, so decode
+    routers are opaque calls the override reaches): measure(policy_of_layer, batch, draw)
+    -> (log-probs, distinct-experts totals per layer) of a decode of draw's prompts with
+    policy_of_layer(module path) at each decode router."""
+    for prompts in draws.values():
+        if prompts.dim() != 2 or prompts.dtype != torch.int64:
+            raise ValueError(
+                f"prompts must be int64 token ids [S, T], got {prompts.dtype} {list(prompts.shape)}"
+            )
+        bad = [b for b in batches if b < 2 or prompts.shape[0] % b]
+        if bad:
+            raise ValueError(
+                f"decode batches {bad} do not split {prompts.shape[0]} prompts (each must be "
+                ">= 2 and divide the prompt count)"
+            )
+        if prompts.shape[1] < prompt_len + 2:
+            raise ValueError(f"prompts of {prompts.shape[1]} tokens leave no decode steps")
     if decode_fn is None:
         if not hasattr(model, "new_cache"):
             raise TypeError(
@@ -491,7 +639,7 @@ def _measurer(model, prompts: torch.Tensor, batches, prompt_len: int, decode_fn)
         model, backend="lynx", options={"policy": "affinity", "k0": 0, "telemetry": True}
     )
 
-    def measure(policy_of_layer, batch):
+    def measure(policy_of_layer, batch, draw="a"):
         site_layer = {}
 
         def chooser(site):
@@ -500,9 +648,43 @@ def _measurer(model, prompts: torch.Tensor, batches, prompt_len: int, decode_fn)
             return policy_of_layer(site_layer[site])
 
         with ops.decode_policy_override(chooser):
-            return decode_log_probs(decode_fn, compiled, prompts, batch, prompt_len)
+            return decode_log_probs(decode_fn, compiled, draws[draw], batch, prompt_len)
 
     return measure
+
+
+class _RowMeasurer:
+    """rows(policy, batches, draw) -> {batch: distortion and experts_ratio} of routing with
+    `policy` (a RoutingPolicy for every layer, or layer -> RoutingPolicy) on one draw,
+    against exact routing on that draw; each (policy, batch, draw) decoded once (memo)."""
+
+    def __init__(self, measure, exact_logp: dict, layers: list[str]):
+        self.measure, self.exact_logp, self.layers = measure, exact_logp, layers
+        self.memo: dict[tuple, dict] = {}
+        self.bar = _NoBar()
+
+    def exact(self, batch: int, draw: str) -> torch.Tensor:
+        """Exact routing's log-probs on a draw (decoded on first use)."""
+        if batch not in self.exact_logp[draw]:
+            exact = RoutingPolicy("exact")
+            self.exact_logp[draw][batch], _ = self.measure(lambda k: exact, batch, draw)
+            self.bar.update(1)
+        return self.exact_logp[draw][batch]
+
+    def __call__(self, policy, batches, draw: str) -> dict[str, dict]:
+        one = isinstance(policy, RoutingPolicy)
+        key = policy if one else tuple(sorted(policy.items()))
+        out = {}
+        for b in batches:
+            if (key, b, draw) not in self.memo:
+                at = (lambda k: policy) if one else policy.__getitem__
+                logp, totals = self.measure(at, b, draw)
+                ratio, _ = _experts_ratio(totals, self.layers)
+                row = {**distortion(self.exact(b, draw), logp), "experts_ratio": ratio}
+                self.memo[(key, b, draw)] = row
+                self.bar.update(1)
+            out[str(b)] = self.memo[(key, b, draw)]
+        return out
 
 
 def check_choices(
@@ -512,7 +694,8 @@ def check_choices(
     batch), decoded on other prompts than it was chosen on: {what: {batch: distortion and
     experts_ratio}}, to see whether the budget holds out of sample."""
     batches = cal["batches"]
-    measure = _measurer(model, torch.as_tensor(prompts), batches, prompt_len, decode_fn)
+    draws = {"a": torch.as_tensor(prompts)}
+    measure = _measurer(model, draws, batches, prompt_len, decode_fn)
     exact = {b: measure(lambda k: RoutingPolicy("exact"), b)[0] for b in batches}
     choices = {"one": {b: cal["choice"] for b in batches}}
     choices["for the batch"] = {b: cal["choice_by_batch"][str(b)] for b in batches}
@@ -537,7 +720,8 @@ def check_choices(
 
 def _calibrate_per_layer(cal, policies, measure, exact_logp, budget, progress) -> dict:
     """The per-layer fields of a calibration: each layer measured alone with each
-    candidate, the greedy choice for every batch and for each one, each verified."""
+    candidate on draw A, the greedy choice for every batch and for each one, each decoded
+    as a whole on draw A and, where there is one, draw B, and backed off until it fits."""
     layers = cal.get("layers")
     if not layers:
         raise RuntimeError(
@@ -554,11 +738,11 @@ def _calibrate_per_layer(cal, policies, measure, exact_logp, budget, progress) -
             for i, pol in enumerate(policies):
                 bar.set_postfix_str(f"B={batch} {layer} {policy_label(pol)}")
                 logp, totals = measure(
-                    lambda k, layer=layer, p=pol: p if k == layer else exact_pol, batch
+                    lambda k, layer=layer, p=pol: p if k == layer else exact_pol, batch, "a"
                 )
                 exact, chosen = totals.get(layer, (0.0, 0.0))
                 table[layer][i]["by_batch"][str(batch)] = {
-                    **distortion(exact_logp[batch], logp),
+                    **distortion(exact_logp["a"][batch], logp),
                     "experts_ratio": chosen / exact if exact else 1.0,
                 }
                 weights[layer] += exact / len(batches) / len(policies)
@@ -566,16 +750,18 @@ def _calibrate_per_layer(cal, policies, measure, exact_logp, budget, progress) -
     bar.close()
     total = sum(weights.values()) or 1.0
     weights = {k: w / total for k, w in weights.items()}
-    uniform = {b: cal["choice_by_batch"][str(b)] for b in batches}
-    overall = _verified_choice(
-        table, weights, batches, budget, policies, measure, exact_logp, cal["choice"], cal
-    )
-    by_batch = {
-        str(b): _verified_choice(
-            table, weights, [b], budget, policies, measure, exact_logp, uniform[b], cal
-        )
-        for b in batches
-    }
+    rows_of = _RowMeasurer(measure, exact_logp, layers)
+    rows_of.bar = _progress(None, progress, "per layer, verify")
+    draws = list(exact_logp)
+
+    def verified(batch_list, one):
+        one_ratio = _mean_ratio(cal["candidates"], one, batch_list)
+        args = (budget, policies, rows_of, draws, one, one_ratio)
+        return _verified_choice(table, weights, batch_list, *args)
+
+    overall = verified(batches, cal["choice"])
+    by_batch = {str(b): verified([b], cal["choice_by_batch"][str(b)]) for b in batches}
+    rows_of.bar.close()
     return {
         "choice_by_layer": overall["choice"],
         "choice_by_layer_by_batch": {b: v["choice"] for b, v in by_batch.items()},
@@ -588,47 +774,54 @@ def _calibrate_per_layer(cal, policies, measure, exact_logp, budget, progress) -
     }
 
 
-def _verified_choice(table, weights, batches, budget, policies, measure, exact_logp, one, cal):
-    """choose_per_layer within the budget, its combination measured at each batch; while
-    the measured KL (or flip) exceeds the budget, choose again within a budget scaled down
-    by budget / measured (3 tries), then fall back to `one` (the single choice) at every
-    layer. A combination that touches no fewer experts than `one` also falls back to it."""
-    cands = {c["label"]: c for c in cal["candidates"]}
-    one_label = next((lab for lab, c in cands.items() if c["choice"] == one), None)
-    one_ratio = (
-        1.0
-        if one_label is None
-        else sum(cands[one_label]["by_batch"][str(b)]["experts_ratio"] for b in batches)
-        / len(batches)
-    )
+def _mean_ratio(candidates: list[dict], choice: dict, batches: list[int]) -> float:
+    """The mean experts ratio over the batches the candidate `choice` measured on draw A
+    (1.0 for exact, or a choice that is no candidate)."""
+    for cand in candidates:
+        if cand["choice"] == choice:
+            return sum(cand["by_batch"][str(b)]["experts_ratio"] for b in batches) / len(batches)
+    return 1.0
+
+
+PER_LAYER_TRIES = 4  # combinations decoded per per-layer choice before the fallback
+
+
+def _verified_choice(table, weights, batches, budget, policies, rows_of, draws, one, one_ratio):
+    """choose_per_layer within the budget, its combination decoded as a whole at each
+    batch on draw A (rows_of(layer -> policy, batches, draw)) and, where it fits there and
+    `draws` holds "b", on draw B. While the measured KL (or flip) exceeds the budget on
+    either draw, choose again within a budget scaled down by 0.9 x budget / the worst
+    measured KL (PER_LAYER_TRIES combinations in all), then fall back to `one` (the single
+    choice, already held on both draws) at every layer. A combination that touches no
+    fewer experts than `one` (one_ratio, on draw A) also falls back to it."""
     scale, tries = 1.0, []
-    for _ in range(3):
+    for _ in range(PER_LAYER_TRIES):
         picks = choose_per_layer(table, weights, batches, budget.kl * scale)
         pol = {k: RoutingPolicy("exact") if i is None else policies[i] for k, i in picks.items()}
-        rows = {}
-        for b in batches:
-            logp, totals = measure(lambda k, pol=pol: pol[k], b)
-            ratio, _ = _experts_ratio(totals, list(table))
-            rows[str(b)] = {**distortion(exact_logp[b], logp), "experts_ratio": ratio}
-        worst = max(r["kl"] for r in rows.values())
-        fits = all(r["kl"] <= budget.kl and r["flip"] <= budget.flip for r in rows.values())
-        tries.append(
-            {
-                "kl_budget": budget.kl * scale,
-                "picks": {k: policy_label(p) for k, p in pol.items()},
-                "by_batch": rows,
-                "fits": fits,
-            }
-        )
-        if fits:
+        rows = rows_of(pol, batches, "a")
+        record = {
+            "kl_budget": budget.kl * scale,
+            "picks": {k: policy_label(p) for k, p in pol.items()},
+            "by_batch": rows,
+        }
+        measured, ok = list(rows.values()), fits(rows.values(), budget)
+        if ok and "b" in draws:
+            record["by_batch_draw_b"] = rows_of(pol, batches, "b")
+            measured = list(record["by_batch_draw_b"].values())
+            ok = fits(measured, budget)
+        record["fits"] = ok
+        tries.append(record)
+        if ok:
             mean = sum(r["experts_ratio"] for r in rows.values()) / len(rows)
             if mean < one_ratio - 1e-6:  # telemetry sums differ in the last bits
                 choice = {k: policy_options(p) for k, p in pol.items()}
                 return {"choice": choice, "verified": {"tries": tries, "fallback": None}}
             reason = f"experts ratio {mean:.3f}, not below the single choice's {one_ratio:.3f}"
             break
-        reason = f"measured KL {worst:.4f} over the budget after {len(tries)} tries"
-        scale *= 0.9 * budget.kl / max(worst, 1e-12)
+        worst = max(r["kl"] for r in measured)
+        where = "draw B" if "by_batch_draw_b" in record else "draw A"
+        reason = f"measured KL {worst:.4f} over the budget on {where} after {len(tries)} tries"
+        scale *= min(0.9, 0.9 * budget.kl / max(worst, 1e-12))
     choice = dict.fromkeys(table, dict(one))
     return {"choice": choice, "verified": {"tries": tries, "fallback": reason}}
 
@@ -644,8 +837,8 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, show: bool, desc: str = "calibrate"):
-    """A tqdm progress bar (the [demo] extra) or a silent stand-in."""
+def _progress(total: int | None, show: bool, desc: str = "calibrate"):
+    """A tqdm progress bar (the [demo] extra; total None: a counter) or a silent stand-in."""
     if not show:
         return _NoBar()
     tqdm = require("tqdm", "demo", "the calibrate progress bar").tqdm
@@ -719,11 +912,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "runs; docs/results/accuracy.md, issue 18)",
     )
     parser.add_argument(
+        "--one-draw",
+        action="store_true",
+        help="choose on one draw of prompts only; default: every choice must also keep the "
+        "budget on a second, disjoint draw (the training split's seed-2 windows, or the "
+        "next --sequences windows of --prompts), else the next safer one is taken",
+    )
+    parser.add_argument(
         "--check-seed",
         type=int,
         default=None,
         help="then decode the file's choices on another draw of the default prompts (this "
-        "seed; the choice used seed 1) and record their distortion under 'check'",
+        "seed; the choice used seeds 1 and 2, or 1 with --one-draw) and record their "
+        "distortion under 'check'",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -733,11 +934,30 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     length = args.prompt_len + args.steps + 1
+    used_seeds = (1,) if args.one_draw else (1, 2)
+    if args.check_seed is not None:
+        if args.prompts is not None:
+            raise SystemExit("--check-seed draws other default prompts: leave --prompts out")
+        if args.check_seed in used_seeds:
+            raise SystemExit(
+                f"--check-seed {args.check_seed} is a draw the choice was made or confirmed "
+                f"on (seeds {', '.join(map(str, used_seeds))}): pick another, e.g. 3"
+            )
     model = load_model(args.checkpoint)
-    if args.prompts is None:
-        prompts = default_prompts(args.sequences, length)
+    n, confirm = args.sequences, None
+    if args.prompts is None and args.one_draw:
+        prompts, source = default_prompts(n, length), "the training split's seed-1 windows"
+    elif args.prompts is None:
+        prompts, confirm = default_prompt_draws(n, length)
+        source = "draw A: the training split's seed-1 windows; draw B: its seed-2 windows"
     else:
-        prompts = load_prompts(args.prompts, args.sequences, length)
+        prompts, source = (
+            load_prompts(args.prompts, n, length),
+            f"{args.prompts} windows 0..{n - 1}",
+        )
+        if not args.one_draw:
+            confirm = load_prompts(args.prompts, n, length, skip=n)
+            source = f"draw A: {source}; draw B: windows {n}..{2 * n - 1}"
     cal = calibrate(
         model,
         prompts,
@@ -748,10 +968,11 @@ def run(args: argparse.Namespace) -> int:
         name=args.checkpoint.name,
         progress=not args.no_progress,
         per_layer=args.per_layer,
+        confirm_prompts=confirm,
+        two_draws=not args.one_draw,
     )
+    cal["prompts"]["source"] = source
     if args.check_seed is not None:
-        if args.prompts is not None:
-            raise SystemExit("--check-seed draws other default prompts: leave --prompts out")
         other = default_prompts(args.sequences, length, seed=args.check_seed)
         checked = check_choices(model, cal, other, args.prompt_len)
         cal["check"] = {"seed": args.check_seed, "by_choice": checked}
@@ -781,6 +1002,22 @@ def format_table(cal: dict) -> str:
     lines.append(f"choice: {policy_label(choice)} (budget {cal['budget']})")
     for batch, choice in cal["choice_by_batch"].items():
         lines.append(f"choice for batch {batch}: {policy_label(policy_of(choice))}")
+    two = cal.get("two_draws")
+    if two:
+        lines.append("confirmed on draw B (tries, cheapest on draw A first; kl A / B):")
+        tables = [("every batch", two["choice"])]
+        tables += [(f"batch {b}", tries) for b, tries in two["choice_by_batch"].items()]
+        for what, tries in tables:
+            cells = "; ".join(
+                f"{t['label']}: "
+                + " ".join(
+                    f"B{b} {t['draw_a'][b]['kl']:.4f} / {t['draw_b'][b]['kl']:.4f}"
+                    for b in t["draw_b"]
+                )
+                + ("" if t["fits"] else " over")
+                for t in tries
+            )
+            lines.append(f"  {what}: {cells or 'nothing fits draw A: exact'}")
     per_layer = cal.get("per_layer")
     if per_layer:
         tables = [("every batch", cal["choice_by_layer"], per_layer["verified"])]
@@ -790,9 +1027,13 @@ def format_table(cal: dict) -> str:
         ]
         for what, choice, verified in tables:
             picks = ", ".join(f"{k}: {policy_label(policy_of(c))}" for k, c in choice.items())
-            last = verified["tries"][-1]["by_batch"] if verified["tries"] else {}
+            last = verified["tries"][-1] if verified["tries"] else {"by_batch": {}}
+            on_b = last.get("by_batch_draw_b", {})
             measured = " ".join(
-                f"B{b} kl {r['kl']:.4f} ratio {r['experts_ratio']:.3f}" for b, r in last.items()
+                f"B{b} kl {r['kl']:.4f}"
+                + (f" / {on_b[b]['kl']:.4f} (draw B)" if b in on_b else "")
+                + f" ratio {r['experts_ratio']:.3f}"
+                for b, r in last["by_batch"].items()
             )
             note = f" (fallback: {verified['fallback']})" if verified["fallback"] else ""
             lines.append(f"per layer, {what}: {picks}; measured {measured}{note}")

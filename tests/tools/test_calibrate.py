@@ -157,8 +157,11 @@ def test_load_prompts_reads_text_jsonl_and_token_ids(tmp_path):
 def test_calibrate_end_to_end_and_the_backend_uses_its_choice(tmp_path):
     model = _small_model()
     prompts = torch.randint(0, 256, (6, 13), generator=torch.Generator().manual_seed(1))
+    other = torch.randint(0, 256, (6, 13), generator=torch.Generator().manual_seed(2))
     cands = ["exact", "oea:1", "affinity:1:1:0"]
-    cal = calibrate.calibrate(model, prompts, cands, (2, 3), prompt_len=4, progress=False)
+    cal = calibrate.calibrate(
+        model, prompts, cands, (2, 3), prompt_len=4, progress=False, confirm_prompts=other
+    )
     assert cal["model"] == {"name": "model", "num_layers": 2, "num_experts": 8, "top_k": 2}
     by = {c["label"]: c["by_batch"] for c in cal["candidates"]}
     for batch in ("2", "3"):
@@ -169,8 +172,18 @@ def test_calibrate_end_to_end_and_the_backend_uses_its_choice(tmp_path):
         assert len(by["oea k0=1"][batch]["experts_ratio_per_layer"]) == 2
     # an oea k0=1 that changes routing changes the next-token distributions
     assert by["oea k0=1"]["2"]["kl"] > 0.0
+    # the file records what each draw measured for every choice it tried
+    assert cal["prompts"]["draw_b"] == {"sequences": 6}
+    for tries in [cal["two_draws"]["choice"], *cal["two_draws"]["choice_by_batch"].values()]:
+        for t in tries:
+            (cand,) = [c for c in cal["candidates"] if c["label"] == t["label"]]
+            for b, row in t["draw_b"].items():
+                assert t["draw_a"][b]["kl"] == cand["by_batch"][b]["kl"]
+                assert row == {k: cand["by_batch_draw_b"][b][k] for k in row}
+                assert row["kl"] > 0.0 and row["experts_ratio"] < 1.0
     path = tmp_path / "cal.json"
     calibrate.save(cal, path)
+    assert json.loads(path.read_text())["two_draws"] == cal["two_draws"]
     assert calibrate.load_for_model(path, model)["choice"] == cal["choice"]
     with pytest.raises(calibration.CalibrationMismatchError, match="num_experts 8"):
         calibrate.load_for_model(path, _small_model(num_experts=4))
@@ -292,10 +305,11 @@ def test_calibrate_any_model_per_layer_and_the_file_reproduces_its_measurement(t
     torch.manual_seed(0)
     model = ToyLM().eval()
     prompts = torch.randint(0, 256, (8, 10), generator=torch.Generator().manual_seed(4))
+    other = torch.randint(0, 256, (8, 10), generator=torch.Generator().manual_seed(5))
     cands = ["oea:1", "affinity:1:1:0", "affinity:3:2:1"]
     cal = calibrate.calibrate(
         model, prompts.tolist(), cands, (4,), calibrate.Budget(kl=0.1), prompt_len=2,
-        progress=False, decode_fn=_toy_decode, per_layer=True,
+        progress=False, decode_fn=_toy_decode, per_layer=True, confirm_prompts=other.tolist(),
     )  # fmt: skip
     layers = ["blocks.0.gate", "blocks.1.gate"]
     assert cal["layers"] == layers and cal["model"]["num_layers"] == 2
@@ -322,6 +336,7 @@ def test_calibrate_any_model_per_layer_and_the_file_reproduces_its_measurement(t
     assert len({json.dumps(c) for c in cal["choice_by_layer"].values()}) == 2
     assert kl == pytest.approx(verified["tries"][-1]["by_batch"]["4"]["kl"], rel=1e-3, abs=1e-6)
     assert kl <= 0.1
+    assert verified["tries"][-1]["by_batch_draw_b"]["4"]["kl"] <= 0.1  # held on draw B too
     decode = [s for s in lynx_compile.report()["sites"] if s.get("decode")]
     assert {s["layer"]: s["policy"] for s in decode} == {
         k: c["policy"] for k, c in cal["choice_by_layer"].items()
@@ -339,4 +354,155 @@ def test_calibrate_any_model_per_layer_and_the_file_reproduces_its_measurement(t
 def test_calibrate_without_decode_fn_names_what_a_model_lacks():
     with pytest.raises(TypeError, match="no new_cache.*give calibrate a decode_fn"):
         prompts = torch.zeros(4, 8, dtype=torch.int64)
-        calibrate.calibrate(ToyLM(), prompts, batches=(4,), prompt_len=2, progress=False)
+        calibrate.calibrate(
+            ToyLM(), prompts, batches=(4,), prompt_len=2, progress=False, two_draws=False
+        )
+
+
+# ------------------------------------------------------------- two draws of prompts
+def test_a_choice_that_fits_draw_a_but_not_draw_b_backs_off_to_the_next_cheapest():
+    cands = [
+        _candidate("cheapest", "oea:1", {"8": (0.040, 0, 0.4), "16": (0.030, 0, 0.5)}),
+        _candidate("breaks on A", "affinity:1:1:0", {"8": (0.2, 0, 0.3), "16": (0.2, 0, 0.3)}),
+        _candidate("next", "affinity:6:1:1", {"8": (0.030, 0, 0.6), "16": (0.020, 0, 0.7)}),
+        _candidate("dearest", "affinity:3:2:1", {"8": (0.010, 0, 0.8), "16": (0.0, 0, 0.9)}),
+    ]
+    on_b = {  # what draw B measures (a stub of the decode)
+        "cheapest": {"8": 0.044, "16": 0.048},  # fits A, over the budget on B at batch 16
+        "next": {"8": 0.041, "16": 0.030},
+    }
+    asked = []
+
+    def rows_on_b(index, batches):
+        asked.append((cands[index]["label"], tuple(batches)))
+        label = cands[index]["label"]
+        return {str(b): {"kl": on_b[label][str(b)], "flip": 0.0, "experts_ratio": 0.5}
+                for b in batches}  # fmt: skip
+
+    budget = calibrate.Budget(kl=0.045)
+    assert calibrate.choose(cands, [8, 16], budget)["policy"] == "oea"  # draw A alone
+    choice, tries = calibrate.confirm_choice(cands, [8, 16], budget, rows_on_b)
+    assert (choice["policy"], choice["alpha"]) == ("affinity", 6.0)
+    assert [(t["label"], t["fits"]) for t in tries] == [("cheapest", False), ("next", True)]
+    assert tries[0]["draw_a"]["16"]["kl"] == 0.030 and tries[0]["draw_b"]["16"]["kl"] == 0.048
+    assert asked == [("cheapest", (8, 16)), ("next", (8, 16))]  # the dearest never decoded
+    # at batch 8 alone the cheapest holds on both draws
+    choice, tries = calibrate.confirm_choice(cands, [8], budget, rows_on_b)
+    assert choice["policy"] == "oea" and [t["fits"] for t in tries] == [True]
+    # nothing that fits A holds on B: exact, every try recorded
+    on_b["next"]["16"] = 0.046
+    on_b["dearest"] = {"8": 0.05, "16": 0.05}
+    choice, tries = calibrate.confirm_choice(cands, [8, 16], budget, rows_on_b)
+    assert choice["policy"] == "exact"
+    assert [t["label"] for t in tries] == ["cheapest", "next", "dearest"]
+
+
+def test_a_per_layer_combination_over_budget_on_draw_b_is_chosen_again_within_less():
+    table = {
+        "a": [_row(0.020, 0.40), _row(0.005, 0.70)],
+        "b": [_row(0.020, 0.40), _row(0.005, 0.70)],
+    }
+    policies = [calibrate.parse_policy("oea:1"), calibrate.parse_policy("affinity:3:2:1")]
+    labels = [calibrate.policy_label(p) for p in policies]
+
+    def rows_of(pol, batches, draw):
+        """Draw A: the layers' KLs add up; draw B: 25% more (the winner's curse)."""
+        kl = sum(table[k][labels.index(calibrate.policy_label(p))]["by_batch"]["8"]["kl"]
+                 for k, p in pol.items())  # fmt: skip
+        kl *= 1.25 if draw == "b" else 1.0
+        return {str(b): {"kl": kl, "flip": 0.0, "experts_ratio": 0.5} for b in batches}
+
+    budget, one = calibrate.Budget(kl=0.045), calibrate.policy_options(policies[1])
+    got = calibrate._verified_choice(
+        table, {"a": 0.5, "b": 0.5}, [8], budget, policies, rows_of, ["a", "b"], one, 0.8
+    )
+    first, second = got["verified"]["tries"]
+    assert set(first["picks"].values()) == {"oea k0=1"}  # 0.040 on A, 0.050 on B
+    assert first["by_batch"]["8"]["kl"] == pytest.approx(0.040)
+    assert first["by_batch_draw_b"]["8"]["kl"] == pytest.approx(0.050)
+    assert not first["fits"] and second["fits"]
+    assert second["kl_budget"] == pytest.approx(0.045 * 0.9 * 0.045 / 0.050)
+    assert sorted(second["picks"].values()) == ["affinity a=3 b=2 k0=1", "oea k0=1"]
+    assert got["verified"]["fallback"] is None
+    assert sorted(c["policy"] for c in got["choice"].values()) == ["affinity", "oea"]
+    # on draw A alone the first combination stands
+    alone = calibrate._verified_choice(
+        table, {"a": 0.5, "b": 0.5}, [8], budget, policies, rows_of, ["a"], one, 0.8
+    )
+    assert len(alone["verified"]["tries"]) == 1
+    assert {c["policy"] for c in alone["choice"].values()} == {"oea"}
+
+
+def test_calibrate_backs_off_and_the_file_records_both_draws(tmp_path, monkeypatch):
+    """A real decode, with draw B made to over-measure the first policy confirmed there (draw
+    A's cheapest): the file's choice backs off to the next candidate and records what each
+    draw measured."""
+    model = _small_model()
+    gen = torch.Generator().manual_seed(1)
+    prompts, other = torch.randint(0, 256, (2, 6, 13), generator=gen)
+    decode_rows, over = calibrate._RowMeasurer.__call__, []
+
+    def over_on_b(self, policy, batches, draw):
+        rows = decode_rows(self, policy, batches, draw)
+        if draw == "b" and (not over or over[0] == policy):
+            over[:] = [policy]
+            return {b: {**r, "kl": 1.0} for b, r in rows.items()}
+        return rows
+
+    monkeypatch.setattr(calibrate._RowMeasurer, "__call__", over_on_b)
+    budget = calibrate.Budget(kl=0.5)
+    cal = calibrate.calibrate(
+        model, prompts, ["oea:1", "affinity:1:1:0"], (2, 3), budget, prompt_len=4,
+        progress=False, confirm_prompts=other,
+    )  # fmt: skip
+    on_a = calibrate.choose(cal["candidates"], [2, 3], budget)  # draw A's choice
+    assert on_a != cal["choice"] and calibrate.policy_of(on_a) == over[0]
+    tries = cal["two_draws"]["choice"]
+    (second,) = [c for c in cal["candidates"] if c["choice"] == cal["choice"]]
+    assert [t["fits"] for t in tries] == [False, True] and tries[1]["label"] == second["label"]
+    assert tries[0]["draw_b"]["2"]["kl"] == 1.0 and tries[0]["draw_a"]["2"]["kl"] < 0.5
+    path = tmp_path / "cal.json"
+    calibrate.save(cal, path)
+    saved = json.loads(path.read_text())
+    assert saved["two_draws"]["choice"][0]["draw_b"]["3"]["kl"] == 1.0
+    assert all("by_batch_draw_b" in c for c in saved["candidates"])
+    assert f"{tries[0]['label']}: B2 " in calibrate.format_table(cal)
+
+
+def test_two_draws_need_other_windows():
+    prompts = torch.randint(0, 256, (4, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="needs confirm_prompts.*two_draws=False"):
+        calibrate._prompt_draws(prompts, None, True)
+    with pytest.raises(ValueError, match="repeat 1 of prompts' windows"):
+        calibrate._prompt_draws(prompts, torch.cat([prompts[:1], prompts[:3] + 1]), True)
+    with pytest.raises(ValueError, match=r"shaped like prompts \[4, 8\]"):
+        calibrate._prompt_draws(prompts, prompts[:2] + 1, True)
+    assert list(calibrate._prompt_draws(prompts, None, False)) == ["a"]
+
+
+def test_the_second_draw_of_windows_overlaps_none_of_the_first():
+    first = calibrate._window_starts(2000, 30, 49, 1)
+    second = calibrate._window_starts(2000, 30, 49, 2, avoid=first)
+    assert all(abs(a - b) >= 49 for a in first for b in second)
+    assert calibrate._window_starts(2000, 30, 49, 1) == first  # draw A as before
+
+
+def test_load_prompts_skips_to_the_second_draw(tmp_path):
+    (tmp_path / "p.txt").write_bytes(bytes(range(40)))
+    assert calibrate.load_prompts(tmp_path / "p.txt", 1, 13, skip=1).tolist() == [
+        list(range(13, 26))
+    ]
+    with pytest.raises(ValueError, match="needs 6, 3 per draw for two draws.*--one-draw"):
+        calibrate.load_prompts(tmp_path / "p.txt", 3, 10, skip=3)
+
+
+@pytest.mark.parametrize("seed, one_draw", [(1, False), (2, False), (1, True)])
+def test_check_seed_must_be_another_draw(seed, one_draw):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    calibrate.add_arguments(parser)
+    argv = ["--out", "x.json", "--threads", "0", "--check-seed", str(seed)]  # threads as set
+    argv += ["--one-draw"] * one_draw
+    with pytest.raises(SystemExit, match=f"--check-seed {seed} is a draw the choice"):
+        calibrate.run(parser.parse_args(argv))
