@@ -686,41 +686,46 @@ static inline __attribute__((always_inline)) void blockf4(const int TB, const in
   }
 }
 
-/* y[t * rows + r] = dot(x[t], w[r]) for float32 tokens and weights (MODE_F32): 4-row
- * groups, the tokens in near-equal blocks of 1 to 6, as matmul_rows_bf_many. */
-static void matmul_rows_f32_many(const float *const *x, int64_t m, const float *w, int64_t rows,
-                                 int64_t len, int64_t ld, float *y) {
-  const int64_t nb = (m + 5) / 6, base = m / nb, extra = m % nb;
-  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-    const int rb = r0 + 4 <= rows ? 4 : 1;
-    const int64_t rend = rb == 4 ? r0 + 4 : rows;
-    const float *pfw = rend + 4 <= rows ? w + rend * ld : NULL;
-    int64_t t0 = 0;
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t tb = base + (b < extra);
-      const float *const *xt = x + t0;
-      for (int64_t r = r0; r < rend; r += rb) {
-        float *o = y + t0 * rows + r;
-        const float *p = b == 0 && rb == 4 ? pfw : NULL;
-        switch (tb * 16 + rb) { /* constant block shapes: accumulators stay in registers */
-          case 6 * 16 + 4: blockf4(6, 4, xt, w, r, len, ld, o, rows, p); break;
-          case 5 * 16 + 4: blockf4(5, 4, xt, w, r, len, ld, o, rows, p); break;
-          case 4 * 16 + 4: blockf4(4, 4, xt, w, r, len, ld, o, rows, p); break;
-          case 3 * 16 + 4: blockf4(3, 4, xt, w, r, len, ld, o, rows, p); break;
-          case 2 * 16 + 4: blockf4(2, 4, xt, w, r, len, ld, o, rows, p); break;
-          case 1 * 16 + 4: blockf4(1, 4, xt, w, r, len, ld, o, rows, p); break;
-          case 6 * 16 + 1: blockf4(6, 1, xt, w, r, len, ld, o, rows, NULL); break;
-          case 5 * 16 + 1: blockf4(5, 1, xt, w, r, len, ld, o, rows, NULL); break;
-          case 4 * 16 + 1: blockf4(4, 1, xt, w, r, len, ld, o, rows, NULL); break;
-          case 3 * 16 + 1: blockf4(3, 1, xt, w, r, len, ld, o, rows, NULL); break;
-          case 2 * 16 + 1: blockf4(2, 1, xt, w, r, len, ld, o, rows, NULL); break;
-          default: blockf4(1, 1, xt, w, r, len, ld, o, rows, NULL); break;
-        }
-      }
-      t0 += tb;
-    }
+/* y[t * rows + r] = dot(x[t], w[r]) for m tokens of type T against every row of w, through
+ * BLOCK (blockf4 or blockbf4): 4-row groups, the tokens in near-equal blocks of 1 to 6, the
+ * first block's pass prefetching the next group (later blocks find it in L1/L2). */
+#define COLUMN_DRIVER(NAME, T, BLOCK)                                                          \
+  static void NAME(const T *const *x, int64_t m, const T *w, int64_t rows, int64_t len,       \
+                   int64_t ld, float *y) {                                                    \
+    const int64_t nb = (m + 5) / 6, base = m / nb, extra = m % nb;                             \
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {                                                 \
+      const int rb = r0 + 4 <= rows ? 4 : 1;                                                   \
+      const int64_t rend = rb == 4 ? r0 + 4 : rows;                                            \
+      const T *pfw = rend + 4 <= rows ? w + rend * ld : NULL;                                  \
+      int64_t t0 = 0;                                                                          \
+      for (int64_t b = 0; b < nb; ++b) {                                                       \
+        const int64_t tb = base + (b < extra);                                                 \
+        const T *const *xt = x + t0;                                                           \
+        for (int64_t r = r0; r < rend; r += rb) {                                              \
+          float *o = y + t0 * rows + r;                                                        \
+          const T *p = b == 0 && rb == 4 ? pfw : NULL;                                         \
+          switch (tb * 16 + rb) { /* constant shapes: accumulators stay in registers */       \
+            case 6 * 16 + 4: BLOCK(6, 4, xt, w, r, len, ld, o, rows, p); break;                \
+            case 5 * 16 + 4: BLOCK(5, 4, xt, w, r, len, ld, o, rows, p); break;                \
+            case 4 * 16 + 4: BLOCK(4, 4, xt, w, r, len, ld, o, rows, p); break;                \
+            case 3 * 16 + 4: BLOCK(3, 4, xt, w, r, len, ld, o, rows, p); break;                \
+            case 2 * 16 + 4: BLOCK(2, 4, xt, w, r, len, ld, o, rows, p); break;                \
+            case 1 * 16 + 4: BLOCK(1, 4, xt, w, r, len, ld, o, rows, p); break;                \
+            case 6 * 16 + 1: BLOCK(6, 1, xt, w, r, len, ld, o, rows, NULL); break;             \
+            case 5 * 16 + 1: BLOCK(5, 1, xt, w, r, len, ld, o, rows, NULL); break;             \
+            case 4 * 16 + 1: BLOCK(4, 1, xt, w, r, len, ld, o, rows, NULL); break;             \
+            case 3 * 16 + 1: BLOCK(3, 1, xt, w, r, len, ld, o, rows, NULL); break;             \
+            case 2 * 16 + 1: BLOCK(2, 1, xt, w, r, len, ld, o, rows, NULL); break;             \
+            default: BLOCK(1, 1, xt, w, r, len, ld, o, rows, NULL); break;                     \
+          }                                                                                    \
+        }                                                                                      \
+        t0 += tb;                                                                              \
+      }                                                                                        \
+    }                                                                                          \
   }
-}
+
+/* float32 tokens and weights (MODE_F32). */
+COLUMN_DRIVER(matmul_rows_f32_many, float, blockf4)
 
 #if defined(__AVX512BF16__)
 #define LYNX_BF16DOT 1
@@ -845,40 +850,8 @@ static inline __attribute__((always_inline)) void blockbf4(const int TB, const i
   }
 }
 
-/* y[t * rows + r] = dot(x[t], w[r]) for m >= 2 bf16 tokens (MODE_BF16DOT): 4-row groups,
- * the tokens in near-equal blocks of 2 to 6, the first block's pass prefetching the next
- * group (later blocks find the group in L1/L2). */
-static void matmul_rows_bf_many(const uint16_t *const *x, int64_t m, const uint16_t *w,
-                                int64_t rows, int64_t len, int64_t ld, float *y) {
-  const int64_t nb = (m + 5) / 6, base = m / nb, extra = m % nb;
-  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-    const int rb = r0 + 4 <= rows ? 4 : 1;
-    const int64_t rend = rb == 4 ? r0 + 4 : rows;
-    const uint16_t *pfw = rend + 4 <= rows ? w + rend * ld : NULL;
-    int64_t t0 = 0;
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t tb = base + (b < extra);
-      const uint16_t *const *xt = x + t0;
-      for (int64_t r = r0; r < rend; r += rb) {
-        float *o = y + t0 * rows + r;
-        const uint16_t *p = b == 0 && rb == 4 ? pfw : NULL;
-        switch (tb * 16 + rb) { /* constant block shapes: accumulators stay in registers */
-          case 6 * 16 + 4: blockbf4(6, 4, xt, w, r, len, ld, o, rows, p); break;
-          case 5 * 16 + 4: blockbf4(5, 4, xt, w, r, len, ld, o, rows, p); break;
-          case 4 * 16 + 4: blockbf4(4, 4, xt, w, r, len, ld, o, rows, p); break;
-          case 3 * 16 + 4: blockbf4(3, 4, xt, w, r, len, ld, o, rows, p); break;
-          case 2 * 16 + 4: blockbf4(2, 4, xt, w, r, len, ld, o, rows, p); break;
-          case 6 * 16 + 1: blockbf4(6, 1, xt, w, r, len, ld, o, rows, NULL); break;
-          case 5 * 16 + 1: blockbf4(5, 1, xt, w, r, len, ld, o, rows, NULL); break;
-          case 4 * 16 + 1: blockbf4(4, 1, xt, w, r, len, ld, o, rows, NULL); break;
-          case 3 * 16 + 1: blockbf4(3, 1, xt, w, r, len, ld, o, rows, NULL); break;
-          default: blockbf4(2, 1, xt, w, r, len, ld, o, rows, NULL); break;
-        }
-      }
-      t0 += tb;
-    }
-  }
-}
+/* bf16 tokens and weights (MODE_BF16DOT), two tokens or more (one streams row by row). */
+COLUMN_DRIVER(matmul_rows_bf_many, uint16_t, blockbf4)
 #endif
 
 /* exp(v) for 16 lanes: v = n ln2 + r with |r| <= ln2/2 (ln2 in two parts), a degree-6
