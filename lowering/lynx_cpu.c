@@ -742,59 +742,36 @@ static inline __attribute__((always_inline)) void blockbf(const int TB, const in
   __m512 acc[3][8];
   for (int t = 0; t < TB; ++t)
     for (int r = 0; r < RB; ++r) acc[t][r] = _mm512_setzero_ps();
-  if (TB <= 2) {
-    /* One or two tokens: row by row. The 8 rows are one contiguous run of memory, walked in
-     * address order, one stream for the hardware prefetcher (column order walks 8 streams
-     * that each end at a page; Zen 4 streamed 14 GB/s that way, 23 GB/s this way); two
-     * accumulators per token halve the dependency chains. With three tokens the column order
-     * is faster: each weight vector then feeds 3 dot products from one x load each. */
-    const int64_t full = len & ~(int64_t)63;
-    const __mmask32 m = (__mmask32)((1ull << (len & 31)) - 1ull);
-    for (int r = 0; r < RB; ++r) {
-      const uint16_t *wr = w + (r0 + r) * ld;
-      __m512 acc2[3];
-      for (int t = 0; t < TB; ++t) acc2[t] = _mm512_setzero_ps();
-      int64_t c = 0;
-      for (; c < full; c += 64) {
-        __m512i w0 = _mm512_loadu_si512(wr + c), w1 = _mm512_loadu_si512(wr + c + 32);
-        for (int t = 0; t < TB; ++t) {
-          acc[t][r] = _mm512_dpbf16_ps(acc[t][r], (__m512bh)_mm512_loadu_si512(x[t] + c), (__m512bh)w0);
-          acc2[t] = _mm512_dpbf16_ps(acc2[t], (__m512bh)_mm512_loadu_si512(x[t] + c + 32), (__m512bh)w1);
-        }
-      }
-      if (c + 32 <= len) {
-        __m512i w0 = _mm512_loadu_si512(wr + c);
-        for (int t = 0; t < TB; ++t)
-          acc[t][r] = _mm512_dpbf16_ps(acc[t][r], (__m512bh)_mm512_loadu_si512(x[t] + c), (__m512bh)w0);
-        c += 32;
-      }
-      if (c < len) {
-        __m512i w0 = _mm512_maskz_loadu_epi16(m, wr + c);
-        for (int t = 0; t < TB; ++t)
-          acc2[t] = _mm512_dpbf16_ps(acc2[t], (__m512bh)_mm512_maskz_loadu_epi16(m, x[t] + c), (__m512bh)w0);
-      }
-      for (int t = 0; t < TB; ++t) acc[t][r] = _mm512_add_ps(acc[t][r], acc2[t]);
-    }
-  } else {
+  /* Row by row: the 8 rows are one contiguous run of memory, walked in address order, one
+   * stream for the hardware prefetcher (8-row column order walks 8 streams that each end
+   * at a page; Zen 4 streamed 14 GB/s that way, 23 GB/s this way); two accumulators per
+   * token halve the dependency chains. */
+  const int64_t full = len & ~(int64_t)63;
+  const __mmask32 m = (__mmask32)((1ull << (len & 31)) - 1ull);
+  for (int r = 0; r < RB; ++r) {
+    const uint16_t *wr = w + (r0 + r) * ld;
+    __m512 acc2[3];
+    for (int t = 0; t < TB; ++t) acc2[t] = _mm512_setzero_ps();
     int64_t c = 0;
-    for (; c + 32 <= len; c += 32) {
-      __m512bh xv[3];
-      for (int t = 0; t < TB; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(x[t] + c);
-      for (int r = 0; r < RB; ++r) {
-        __m512i wv = _mm512_loadu_si512(w + (r0 + r) * ld + c);
-        __asm__("" : "+v"(wv)); /* one load for the TB tokens, as in blockz */
-        for (int t = 0; t < TB; ++t) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv[t], (__m512bh)wv);
+    for (; c < full; c += 64) {
+      __m512i w0 = _mm512_loadu_si512(wr + c), w1 = _mm512_loadu_si512(wr + c + 32);
+      for (int t = 0; t < TB; ++t) {
+        acc[t][r] = _mm512_dpbf16_ps(acc[t][r], (__m512bh)_mm512_loadu_si512(x[t] + c), (__m512bh)w0);
+        acc2[t] = _mm512_dpbf16_ps(acc2[t], (__m512bh)_mm512_loadu_si512(x[t] + c + 32), (__m512bh)w1);
       }
+    }
+    if (c + 32 <= len) {
+      __m512i w0 = _mm512_loadu_si512(wr + c);
+      for (int t = 0; t < TB; ++t)
+        acc[t][r] = _mm512_dpbf16_ps(acc[t][r], (__m512bh)_mm512_loadu_si512(x[t] + c), (__m512bh)w0);
+      c += 32;
     }
     if (c < len) {
-      const __mmask32 m = (__mmask32)((1ull << (len - c)) - 1ull);
-      __m512bh xv[3];
-      for (int t = 0; t < TB; ++t) xv[t] = (__m512bh)_mm512_maskz_loadu_epi16(m, x[t] + c);
-      for (int r = 0; r < RB; ++r) {
-        __m512i wv = _mm512_maskz_loadu_epi16(m, w + (r0 + r) * ld + c);
-        for (int t = 0; t < TB; ++t) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], xv[t], (__m512bh)wv);
-      }
+      __m512i w0 = _mm512_maskz_loadu_epi16(m, wr + c);
+      for (int t = 0; t < TB; ++t)
+        acc2[t] = _mm512_dpbf16_ps(acc2[t], (__m512bh)_mm512_maskz_loadu_epi16(m, x[t] + c), (__m512bh)w0);
     }
+    for (int t = 0; t < TB; ++t) acc[t][r] = _mm512_add_ps(acc[t][r], acc2[t]);
   }
   for (int t = 0; t < TB; ++t) {
     if (RB == 8) {
@@ -1089,9 +1066,14 @@ int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const f
     seg[pf.nseg] = (const char *)w_down + (size_t)(j * down_e) * esz;
     seglen[pf.nseg++] = (size_t)((d - 1) * down_r + i) * esz;
   }
-  /* MODE_BF16DOT reads each 8-row block in address order and leaves the prefetching to the
-   * hardware: software prefetch on top made it slower (Zen 4, cpu v10 in docs/perf-notes.md). */
+  /* This stream serves MODE_BF16 and the portable build only: MODE_BF16DOT's one token
+   * rows are left to the hardware prefetcher (software prefetch on top made them slower,
+   * cpu v10), and the AVX-512 column blocks (MODE_BF16DOT from two tokens, MODE_F32)
+   * prefetch the next row group themselves (cpu v12). */
   if (mode == MODE_BF16DOT) pf.nseg = 0;
+#ifdef LYNX_AVX512
+  if (mode == MODE_F32) pf.nseg = 0;
+#endif
   pf_run(&pf, PF_AHEAD);
   const char *const *next = seg; /* the matrices to compute, in the order listed above */
   for (int64_t j = 0; j < e; ++j) {

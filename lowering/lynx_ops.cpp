@@ -402,8 +402,9 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
       return c;
     }();
     const int64_t threads = at::get_num_threads();
+    const int64_t stream_bytes = expert_bytes * static_cast<int64_t>(stream.size());
     int64_t parts = std::min<int64_t>(threads, stream.size());
-    if (expert_bytes * static_cast<int64_t>(stream.size()) < (int64_t{1} << 20))
+    if (stream_bytes < (int64_t{1} << 20))
       parts = std::min<int64_t>(parts, stream_slots / 4);
     parts = std::max<int64_t>(parts, 1);
     // Dealt by work, not by count: most work first, each to the least loaded thread. An
@@ -427,25 +428,34 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
     // any expert count; worth it from kSliceBytes of streamed weights.
     const int64_t total = std::accumulate(load.begin(), load.end(), int64_t{0});
     const int64_t busiest = *std::max_element(load.begin(), load.end());
-    const int64_t stream_bytes = expert_bytes * static_cast<int64_t>(stream.size());
     const int64_t chunk = ((i + threads - 1) / threads + 31) & ~int64_t{31};  // 64 B aligned
     const bool slice = threads > 1 && stream_bytes >= kSliceBytes && chunk < i &&
                        busiest * threads * 8 > total * 9;
     if (slice) parts = threads;
     at::Tensor partial = at::empty({parts, n, d}, out.options());
     std::vector<int> status(parts, 0);
-    auto run = [&](int64_t part) {
+    // One part's call of the C kernel: weights and biases (as pointers, with their strides),
+    // the experts it takes, the up and intermediate widths it computes, into partial[part].
+    auto call = [&](int64_t part, const void *wu, const void *wg, const void *wd,
+                    const int64_t *st, const void *bu, const void *bg, const void *bd,
+                    const int64_t *bst, const uint8_t *takes, int64_t width_u, int64_t width_i) {
       status[part] = lynx_experts(
           xs.data_ptr<float>(),
           xb.defined() ? static_cast<const uint16_t *>(xb.data_ptr()) : nullptr, id,
-          wts.data_ptr<float>(), w_up.data_ptr(), w_gate ? w_gate->data_ptr() : nullptr,
-          w_down.data_ptr(), strides, bias_ptr(b_up), bias_ptr(b_gate), bias_ptr(b_down),
-          bstrides, take[part].data(), n, k, e, d, u, i, gated ? 1 : 0, act,
-          static_cast<float>(params.alpha), static_cast<float>(params.limit), code, code,
-          partial.data_ptr<float>() + part * n * d);
+          wts.data_ptr<float>(), wu, wg, wd, st, bu, bg, bd, bst, takes, n, k, e, d, width_u,
+          width_i, gated ? 1 : 0, act, static_cast<float>(params.alpha),
+          static_cast<float>(params.limit), code, code, partial.data_ptr<float>() + part * n * d);
     };
-    std::vector<uint8_t> streamed(e, 0);
-    for (int64_t j : stream) streamed[j] = 1;
+    auto run = [&](int64_t part) {  // whole experts: take[part]
+      call(part, w_up.data_ptr(), w_gate ? w_gate->data_ptr() : nullptr, w_down.data_ptr(),
+           strides, bias_ptr(b_up), bias_ptr(b_gate), bias_ptr(b_down), bstrides,
+           take[part].data(), u, i);
+    };
+    std::vector<uint8_t> streamed;  // a sliced call's experts: every streamed one
+    if (slice) {
+      streamed.assign(e, 0);
+      for (int64_t j : stream) streamed[j] = 1;
+    }
     const size_t esz = x.element_size();
     // Part p's slice [i0, i1) of the intermediate dim, as a split-gate call on views: a
     // fused [gate; up] matrix becomes its two halves' rows, the down projection the slice's
@@ -472,12 +482,8 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
                        : fused && b_up ? at_row(b_up->data_ptr(), i0, bstrides[1]) : nullptr;
       const int64_t bst[6] = {bstrides[0], bstrides[1], b_gate ? bstrides[2] : bstrides[0],
                               b_gate ? bstrides[3] : bstrides[1], bstrides[4], bstrides[5]};
-      status[part] = lynx_experts(
-          xs.data_ptr<float>(),
-          xb.defined() ? static_cast<const uint16_t *>(xb.data_ptr()) : nullptr, id,
-          wts.data_ptr<float>(), wu, wg, wd, st, bu, bg, part == 0 ? bias_ptr(b_down) : nullptr,
-          bst, streamed.data(), n, k, e, d, width, width, gated ? 1 : 0, act,
-          static_cast<float>(params.alpha), static_cast<float>(params.limit), code, code, dst);
+      call(part, wu, wg, wd, st, bu, bg, part == 0 ? bias_ptr(b_down) : nullptr, bst,
+           streamed.data(), width, width);
     };
     if (parts == 1) {
       run(0);
