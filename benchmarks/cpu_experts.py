@@ -7,7 +7,8 @@
 each call reads its weights from DRAM (the per-token-count cost of the streaming kernel;
 docs/perf-notes.md cpu v12). `--batch B`: a decode batch of B tokens routed top-k over all
 experts with a skewed popularity, as `lynx-compile bench --suite real` does (the op only,
-no router). The floor is the best pass of a 1 GiB float32 sum on the same threads.
+no router). The floor is the suite's: the best pass of a 1 GiB float32 sum on the same
+threads.
 """
 
 from __future__ import annotations
@@ -18,23 +19,13 @@ import time
 
 import torch
 from lynx_compile.lowering import cpu_native
+from lynx_compile.tools.bench_real import read_bandwidth
 
 SHAPES = {  # experts, d, intermediate, top-k (published dimensions)
     "qwen3": (128, 2048, 768, 8),
     "mixtral": (8, 4096, 14336, 2),
     "olmoe": (64, 2048, 1024, 8),
 }
-
-
-def read_floor() -> float:
-    """Bytes per second of the best of 5 passes of a 1 GiB float32 sum."""
-    a = torch.ones(1 << 28)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t0)
-    return a.numel() * 4 / best
 
 
 def random_experts(count: int, d: int, inter: int, dtype: torch.dtype, gen: torch.Generator):
@@ -59,7 +50,7 @@ def main() -> None:
     experts, d, inter, top_k = SHAPES[args.shape]
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     per_expert = 3 * inter * d * dtype.itemsize  # gate, up, down
-    floor = read_floor()
+    floor = read_bandwidth()  # the real-size suite's floor, on these threads
     print(
         f"{args.shape} {args.dtype}: d {d}, intermediate {inter}, "
         f"{per_expert / 2**20:.1f} MiB per expert; {args.threads} threads; "

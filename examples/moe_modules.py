@@ -219,13 +219,18 @@ class _ShardedMoE(StackedExperts):
         """(weights, ids) over this rank's experts."""
         return weights, ids
 
+    def local_weights(self):
+        """(w_gate, w_up, w_down) as this rank holds them."""
+        return self.w_gate, self.w_up, self.w_down
+
     def local_share(self, tokens, weights, ids):
         """tokens [N, d], weights/ids [N, k] -> [N, d]: this rank's experts' share."""
         weights, ids = self.local_routing(weights, ids)
+        w_gate, w_up, w_down = self.local_weights()
         flat = ids.reshape(-1)
         xs = tokens.repeat_interleave(self.top_k, dim=0).unsqueeze(-1)  # [N*k, d, 1]
-        h = F.silu(torch.bmm(self.w_gate[flat], xs)) * torch.bmm(self.w_up[flat], xs)
-        y = torch.bmm(self.w_down[flat], h).squeeze(-1) * weights.reshape(-1, 1)
+        h = F.silu(torch.bmm(w_gate[flat], xs)) * torch.bmm(w_up[flat], xs)
+        y = torch.bmm(w_down[flat], h).squeeze(-1) * weights.reshape(-1, 1)
         return y.view(-1, self.top_k, tokens.shape[-1]).sum(dim=1)
 
     def dispatch(self, tokens, weights, ids):
@@ -267,16 +272,11 @@ class DTensorParallelMoE(_ShardedMoE):
                     full = getattr(self, name).data
                     setattr(self, name, nn.Parameter(distribute_tensor(full, mesh, [Shard(dim)])))
 
-    def local_share(self, tokens, weights, ids):
+    def local_weights(self):
         def local(w):
             return w.to_local() if isinstance(w, DTensor) else w
 
-        w_gate, w_up, w_down = local(self.w_gate), local(self.w_up), local(self.w_down)
-        flat = ids.reshape(-1)
-        xs = tokens.repeat_interleave(self.top_k, dim=0).unsqueeze(-1)  # [N*k, d, 1]
-        h = F.silu(torch.bmm(w_gate[flat], xs)) * torch.bmm(w_up[flat], xs)
-        y = torch.bmm(w_down[flat], h).squeeze(-1) * weights.reshape(-1, 1)
-        return y.view(-1, self.top_k, tokens.shape[-1]).sum(dim=1)
+        return local(self.w_gate), local(self.w_up), local(self.w_down)
 
 
 class ExpertParallelMoE(_ShardedMoE):

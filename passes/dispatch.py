@@ -447,20 +447,7 @@ def model_weights(
 _COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional", "c10d", "_dtensor")
 
 
-def _is_collective(node: fx.Node) -> bool:
-    """A torch.distributed collective (functional or not): never inside a region."""
-    target = node.target
-    qualified = getattr(target, "_qualified_op_name", None) or getattr(target, "name", None)
-    namespace = getattr(target, "namespace", None)  # an OpOverload
-    if namespace is None and isinstance(qualified, str):  # an OpOverloadPacket
-        namespace = qualified.split("::")[0]
-    if namespace in _COLLECTIVE_NAMESPACES:
-        return True
-    module = getattr(target, "__module__", "") or ""
-    return node.op == "call_function" and module.startswith("torch.distributed")
-
-
-def _collective_name(node: fx.Node) -> str | None:
+def _op_name(node: fx.Node) -> str | None:
     """'namespace::op' of a call to a torch op (an OpOverload or an OpOverloadPacket)."""
     if node.op != "call_function":
         return None
@@ -469,16 +456,25 @@ def _collective_name(node: fx.Node) -> str | None:
     return schema.name if schema is not None else getattr(target, "_qualified_op_name", None)
 
 
+def _is_collective(node: fx.Node) -> bool:
+    """A torch.distributed collective (functional or not): never inside a region."""
+    name = _op_name(node)
+    if name is not None and name.split("::")[0] in _COLLECTIVE_NAMESPACES:
+        return True
+    module = getattr(node.target, "__module__", "") or ""
+    return node.op == "call_function" and module.startswith("torch.distributed")
+
+
 def _gathered(node: fx.Node) -> tuple[fx.Node, tuple] | None:
     """(wait, (group size, group)) where node's only use is a functional all_gather along
     dim 0 whose result is read only through its wait_tensor; else None."""
     if len(node.users) != 1:
         return None
     (gather,) = node.users
-    if _collective_name(gather) not in _ALL_GATHERS or len(gather.users) != 1:
+    if _op_name(gather) not in _ALL_GATHERS or len(gather.users) != 1:
         return None
     (wait,) = gather.users
-    if _collective_name(wait) not in _WAITS:
+    if _op_name(wait) not in _WAITS:
         return None
     return wait, tuple(gather.args[1:3])
 
@@ -1012,6 +1008,7 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
         seeds.append(
             (gathered[0], gathered[1], f"; on the routing all_gathered from {gathered[2]} ranks")
         )
+    real = _placeholder_values(gm, example_inputs)  # what each input holds, for the checks
     why = None  # the first candidate's reason, reported when none is taken
     # the first reason for an experts region (reading 3-D weights) of another width than d
     why_elsewhere = None
@@ -1028,7 +1025,6 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
         regions.reverse()
         regions.sort(key=lambda r: not _same_size(example_value(r[0]).shape[-1], hidden_dim))
         for out, region, inputs in regions:
-            real = _placeholder_values(gm, example_inputs)
             width = example_value(out).shape[-1]
             plans = _plan_candidates(inputs, region, weights, ids, num_experts, real, width)
             if not isinstance(plans, str) and top_k == 1:  # the weight may scale the input
@@ -1044,9 +1040,7 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
                 if not own_width and why_elsewhere is None and _reads_expert_weights(inputs):
                     why_elsewhere = f"at the experts' width {_hint(width)}: {plans}"
                 continue
-            chosen = _verified_plan(
-                gm, region, inputs, out, plans, weights, ids, example_inputs, dense
-            )
+            chosen = _verified_plan(gm, region, inputs, out, plans, weights, ids, real, dense)
             if chosen is not None:
                 _replace(gm, region, out, chosen, weights, ids, dense)
                 report("rewritten", chosen.describe() + where)
@@ -1077,8 +1071,7 @@ def _reads_expert_weights(inputs: list[fx.Node]) -> bool:
     return sum(1 for n in inputs if (v := example_value(n)) is not None and v.dim() == 3) >= 2
 
 
-def _verified_plan(gm, region, inputs, out, plans, weights, ids, example_inputs, dense=False):
-    real = _placeholder_values(gm, example_inputs)
+def _verified_plan(gm, region, inputs, out, plans, weights, ids, real, dense=False):
     num_experts = _hint(example_value(plans[0].w_up).shape[0])
     found = _random_inputs(inputs, weights, ids, num_experts, real, dense)
     if found is None:

@@ -36,6 +36,14 @@ PLAIN_ACTIVATIONS = {
 }
 
 
+def softmax_top_k(router: nn.Module, tokens: torch.Tensor, top_k: int):
+    """The router of this file's modules: softmax (fp32) over router(tokens), top-k,
+    renormalised: (weights [N, k], ids [N, k])."""
+    probs = F.softmax(router(tokens).float(), dim=-1)
+    w, ids = torch.topk(probs, top_k, dim=-1)
+    return w / w.sum(-1, keepdim=True), ids
+
+
 class GatherBmmMoE(nn.Module):
     """softmax top-k router + gather the 3-D expert weights by id + bmm, with a variant."""
 
@@ -51,9 +59,7 @@ class GatherBmmMoE(nn.Module):
     def forward(self, x):
         b, t, d = x.shape
         tokens = x.reshape(-1, d)
-        probs = F.softmax(self.router(tokens).float(), dim=-1)
-        w, ids = torch.topk(probs, self.top_k, dim=-1)
-        w = w / w.sum(-1, keepdim=True)
+        w, ids = softmax_top_k(self.router, tokens, self.top_k)
         flat_ids, flat_w = ids.reshape(-1), w.reshape(-1, 1)
         xs = tokens.repeat_interleave(self.top_k, dim=0)  # [N*k, d]
         if self.variant == "weight_before_experts":  # Llama-4 style: scale the input
@@ -190,9 +196,7 @@ class ProjectedExpertsMoE(nn.Module):
     def forward(self, x):
         b, t, d = x.shape
         tokens = x.reshape(-1, d)
-        probs = F.softmax(self.router(tokens).float(), dim=-1)
-        w, ids = torch.topk(probs, self.top_k, dim=-1)
-        w = w / w.sum(-1, keepdim=True)
+        w, ids = softmax_top_k(self.router, tokens, self.top_k)
         flat_ids, flat_w = ids.reshape(-1), w.reshape(-1, 1)
         h = self.norm(self.pre(tokens))  # [N, d']
         xs = h.repeat_interleave(self.top_k, dim=0)  # [N*k, d']
