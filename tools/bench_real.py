@@ -9,8 +9,16 @@ paired_vs_inductor (median over rounds of the within-round ratio), noise (half t
 interquartile range of those per-round ratios: two backends within it are a tie), experts
 (distinct routed experts per call: exact for eager / Inductor / lynx exact, lynx's choice for
 lynx default, from a telemetry compile), bytes (weights one call must read: routed experts
-touched, shared experts, router), floor_ms (bytes / the measured read bandwidth at that
-thread count), floor_fraction (floor_ms / ms) and gbps (bytes / ms).
+touched, shared experts, router), floor_ms (bytes / the read bandwidth measured in the same
+rounds), floor_fraction (median over rounds of that round's floor / the backend's median)
+and gbps (bytes / ms); lynx exact's row also holds read_gbps, the paired bandwidth.
+
+The floor is paired: a 1 GiB float32 sum at the row's thread count is one more "backend" in
+every interleaved round, so each round's fraction divides by the bandwidth of the same few
+hundred milliseconds. This machine's read bandwidth drifts by up to 1.5x within an hour
+(34.5 to 51.9 GB/s on 2 threads in one session), more than any kernel change; a floor
+measured once at the start of the run made the fractions of later rows depend on when
+they ran.
 
 Memory: one block is alive at a time; before building one the suite compares its bytes with
 MemAvailable and skips it (saying so in the results) when it would not fit with headroom.
@@ -35,6 +43,7 @@ from lynx_compile.tools.demo import decode_router_experts, ticking
 import lynx_compile
 
 BACKENDS = ("eager", "inductor", "lynx-exact", "lynx")
+FLOOR = "read-floor"  # the paired floor's turn in each round (not a backend)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,16 +236,44 @@ def expert_sizes(block: torch.nn.Module) -> tuple[int, int, int]:
     return routed, shared, router
 
 
+FLOOR_BYTES = 2**30  # the floor's buffer: far past the last-level cache a core reaches
+
+
+def floor_buffer() -> torch.Tensor:
+    """The 1 GiB of float32 the read floor sums."""
+    return torch.ones(FLOOR_BYTES // 4)
+
+
 def read_bandwidth(seconds: float = 2.0) -> float:
     """Bytes per second of reading 1 GiB (a float32 sum, torch's intra-op threads): the best
-    of repeated passes for `seconds`, the floor's denominator."""
-    buf = torch.ones(2**28)
+    of repeated passes for `seconds` (the run's start, in the results' header; each row's
+    floor is measured in its own rounds, see paired_floor)."""
+    buf = floor_buffer()
     best, start = math.inf, time.perf_counter()
     while time.perf_counter() - start < seconds:
         t = time.perf_counter()
         buf.sum()
         best = min(best, time.perf_counter() - t)
     return buf.numel() * buf.element_size() / best
+
+
+def _summing(buf: torch.Tensor):
+    """The floor's turn in a round: a sum of `buf`, whatever the backends' arguments."""
+    return lambda *_: buf.sum()
+
+
+def paired_floor(samples: list[float], floor_ms: list[float], nbytes: float, calls: int):
+    """(floor_ms, floor_fraction, bandwidth) of one backend against the floor timed in the
+    same rounds: per round, the bandwidth is FLOOR_BYTES / the median floor pass and the
+    fraction that round's floor time for `nbytes` / the backend's median; the fraction is
+    the median over rounds, floor_ms and the bandwidth use the median bandwidth."""
+    bandwidths = [FLOOR_BYTES / (m * 1e-3) for m in round_medians(floor_ms, calls)]
+    fractions = [
+        nbytes / bw * 1e3 / m
+        for bw, m in zip(bandwidths, round_medians(samples, calls), strict=True)
+    ]
+    bandwidth = statistics.median(bandwidths)
+    return nbytes / bandwidth * 1e3, statistics.median(fractions), bandwidth
 
 
 def mem_available() -> int:
@@ -258,11 +295,15 @@ def calls_per_round(probe_ms: list[float], config: RealConfig) -> int:
     return max(config.calls, min(10, need))
 
 
+def round_medians(samples: list[float], calls: int) -> list[float]:
+    """The median of each round's `calls` consecutive samples (time_interleaved's order)."""
+    return [statistics.median(samples[i : i + calls]) for i in range(0, len(samples), calls)]
+
+
 def round_ratios(samples: list[float], ref: list[float], calls: int) -> list[float]:
     """Per-round ratio of medians (bench.paired_ratio's terms)."""
     return [
-        statistics.median(samples[i : i + calls]) / statistics.median(ref[i : i + calls])
-        for i in range(0, len(ref), calls)
+        a / b for a, b in zip(round_medians(samples, calls), round_medians(ref, calls), strict=True)
     ]
 
 
@@ -322,7 +363,8 @@ def run_shape(shape: Shape, dtype: torch.dtype, config: RealConfig, rows: bench.
         for threads in config.threads:
             torch.set_num_threads(threads or all_threads)
             t = torch.get_num_threads()
-            bandwidth = meta["read_bandwidth"].setdefault(t, read_bandwidth())
+            meta["read_bandwidth"].setdefault(t, read_bandwidth())
+            read_floor = _summing(floor_buffer())
             fns = _compile_all(block)
             for batch in config.batches:
                 name = f"{label}/t{t}/b{batch}"
@@ -332,7 +374,9 @@ def run_shape(shape: Shape, dtype: torch.dtype, config: RealConfig, rows: bench.
                     for fn in fns.values():  # the first call compiles
                         bench.time_calls(fn, args, cpu, config.warmup)
                     calls = calls_per_round(bench.time_calls(fns["inductor"], args, cpu, 2), config)
-                    samples = bench.time_interleaved(fns, args, cpu, 0, config.rounds, calls)
+                    timed = {**fns, FLOOR: read_floor}
+                    samples = bench.time_interleaved(timed, args, cpu, 0, config.rounds, calls)
+                floor_samples = samples.pop(FLOOR)
                 exact, chosen = touched[batch]
                 for backend, ms in samples.items():
                     median = statistics.median(ms)
@@ -340,7 +384,9 @@ def run_shape(shape: Shape, dtype: torch.dtype, config: RealConfig, rows: bench.
                     experts = chosen if backend == "lynx" else exact
                     nbytes = (experts * routed if experts == experts else math.nan) + shared
                     nbytes += router
-                    floor = nbytes / bandwidth * 1e3
+                    floor, fraction, bandwidth = paired_floor(ms, floor_samples, nbytes, calls)
+                    if backend == "lynx-exact":
+                        rows.add("real", name, backend, "read_gbps", bandwidth / 1e9, "GB/s")
                     for metric, value, unit in (
                         ("ms", median, "ms"),
                         ("ms_min", min(ms), "ms"),
@@ -349,7 +395,7 @@ def run_shape(shape: Shape, dtype: torch.dtype, config: RealConfig, rows: bench.
                         ("experts", experts, "experts/call"),
                         ("bytes", nbytes, "B"),
                         ("floor_ms", floor, "ms"),
-                        ("floor_fraction", floor / median, ""),
+                        ("floor_fraction", fraction, ""),
                         ("gbps", nbytes / median / 1e6, "GB/s"),
                     ):
                         rows.add("real", name, backend, metric, value, unit)
@@ -357,7 +403,7 @@ def run_shape(shape: Shape, dtype: torch.dtype, config: RealConfig, rows: bench.
                 rows.add("real", name, "inductor", "calls_per_round", calls, "calls")
                 rows.add("real", name, "lynx", "paired_vs_exact", statistics.median(paired), "x")
                 rows.add("real", name, "lynx", "noise_vs_exact", noise(paired), "x")
-            del fns
+            del fns, read_floor
             torch._dynamo.reset()
     finally:
         torch.set_num_threads(all_threads)
@@ -419,8 +465,8 @@ def format_table(result: dict) -> str:
     out = [
         "| shape | dtype | threads | B | eager ms | Inductor ms | exact ms | default ms "
         "| exact / Inductor | default / Inductor | default / exact | noise | experts exact -> "
-        "default | exact GB/s | exact floor ms | exact floor fraction |",
-        "| --- " * 16 + "|",
+        "default | exact GB/s | read GB/s | exact floor ms | exact floor fraction |",
+        "| --- " * 17 + "|",
     ]
     for case in bench._cases(rows, "real"):
         shape, dtype, threads, batch = case.split("/")
@@ -438,7 +484,8 @@ def format_table(result: dict) -> str:
             f(g("lynx", "paired_vs_exact"), ".2f") + "x",
             f(g("lynx-exact", "noise"), ".2f"),
             f(g("lynx-exact", "experts"), ".1f") + " -> " + f(g("lynx", "experts"), ".1f"),
-            f(g("lynx-exact", "gbps"), ".1f"), f(g("lynx-exact", "floor_ms"), ".2f"),
+            f(g("lynx-exact", "gbps"), ".1f"), f(g("lynx-exact", "read_gbps"), ".1f"),
+            f(g("lynx-exact", "floor_ms"), ".2f"),
             f(g("lynx-exact", "floor_fraction"), ".2f"),
         ]  # fmt: skip
         out.append("| " + " | ".join(cells) + " |")
@@ -496,7 +543,10 @@ def write_results(result: dict, out: Path) -> list[Path]:
         f"Python {meta['python']}, lynx_compile {meta['source'] or 'version unknown'}; "
         f"{meta['seconds']:.0f} s in all. Load average at start {meta['load_avg_start'][0]:.1f}, "
         f"at end {meta['load_avg_end'][0]:.1f}.",
-        f"Read bandwidth (1 GiB float32 sum, best pass): {bw}.",
+        f"Read bandwidth at the start (1 GiB float32 sum, best pass over 2 s): {bw}. Each "
+        "row's floor is paired instead: the same sum timed in every round beside the "
+        "backends (read GB/s: the median over rounds of its median pass); the floor fraction "
+        "is the median over rounds of that round's floor time / lynx exact's median.",
         f"Timing: {meta['rounds']} interleaved rounds per row, each timing every backend for "
         f"as many calls as fill ~{meta['turn_ms']:.0f} ms (at least {meta['calls']}, at most 10); "
         "ratios are paired (median over rounds of the within-round ratio of medians); noise "

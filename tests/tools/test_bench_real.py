@@ -43,6 +43,7 @@ def test_real_suite_quick_writes_every_row_and_the_plot(tmp_path):
             assert {(backend, m) for m in METRICS} <= set(got), (case, backend)
             assert got[backend, "ms"] > 0 and got[backend, "floor_ms"] > 0
         assert got["inductor", "paired_vs_inductor"] == 1.0
+        assert got["lynx-exact", "read_gbps"] > 0  # the floor paired in the same rounds
         # lynx default never touches more experts than the exact routing
         assert got["lynx", "experts"] <= got["lynx-exact", "experts"]
         assert got["eager", "experts"] == got["lynx-exact", "experts"]
@@ -66,3 +67,21 @@ def test_a_shape_that_does_not_fit_in_memory_is_skipped_and_listed():
     bench_real.run_shape(shape, torch.bfloat16, config, rows, meta)
     assert rows.rows == [] and len(meta["skipped"]) == 1
     assert meta["skipped"][0].startswith("Mixtral-8x7B/bfloat16: 2.6 GiB of weights")
+
+
+def test_the_floor_fraction_pairs_each_round_with_the_floor_timed_in_it():
+    """Two rounds in which the machine's bandwidth halves: the backend reads at the floor in
+    both, so every round's fraction is 1, where a floor from the first round alone (or the
+    best pass) would have said 2/3."""
+    from lynx_compile.tools import bench_real
+
+    gib = bench_real.FLOOR_BYTES
+    floor_ms = [10.0, 10.0, 20.0, 20.0]  # 2 calls per round: 1 GiB in 10 ms, then in 20
+    samples = [5.0, 5.0, 10.0, 10.0]  # half a GiB each call: at the floor in both rounds
+    floor, fraction, bandwidth = bench_real.paired_floor(samples, floor_ms, gib / 2, calls=2)
+    assert math.isclose(fraction, 1.0)
+    assert math.isclose(bandwidth, gib * 75)  # the median of 100 and 50 GiB/s
+    assert math.isclose(floor, 1e3 / 150)  # half a GiB at 75 GiB/s, in ms
+    # a backend at half the floor's speed in the slow round only
+    _, fraction, _ = bench_real.paired_floor([5.0, 5.0, 20.0, 20.0], floor_ms, gib / 2, 2)
+    assert math.isclose(fraction, 0.75)  # the median of 1.0 and 0.5
