@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import lynx_compile.tools, torch, triton, pytest, tqdm, safetensors, transformers" 2>/dev/null; then
+if ! .venv/bin/python -c "import lynx_compile.tools, torch, triton, pytest, tqdm, safetensors, transformers, accelerate" 2>/dev/null; then
   .venv/bin/pip install --quiet "torch==2.13.0"
   .venv/bin/pip install --quiet -e ".[demo,test]"
 fi

@@ -1,0 +1,177 @@
+"""backend="lynx" on transformers' own parallel plans: 2 processes, gloo on loopback, CPU.
+
+What a transformers user runs under torchrun: a Qwen3-MoE causal LM (2 layers, 8 experts,
+top-2; seeded random weights saved to a local directory, never a hub) loaded with
+`from_pretrained(path, tp_plan="auto")` (the model's base_model_tp_plan: every expert's
+gate_up_proj "packed_colwise" and down_proj "rowwise" as DTensors over a 1-D mesh, the
+experts module "moe_tp_experts", which runs them on the local shards and all_reduces) or
+with `distributed_config=DistributedConfig(tp_size=2, ep_size=2)` (the base_model_ep_plan:
+each rank holds 4 of the 8 experts; ep_implementation "all_reduce", what "auto" picks when
+the ranks share one batch, or "all_to_all", which exchanges the routed tokens).
+
+Checked per rank and layout, on 3 and 13 decode tokens (one new token per sequence):
+- policy "exact" equals the single-process eager model;
+- the routers are rewritten; the dispatch is fused on the rank's shard (tp) or its expert
+  range (ep all_reduce, "experts 0..3" / "4..7" in the report); with all_to_all the token
+  exchange breaks the graph, so the dispatch is left to the model and the report says so;
+- the default policy routes identically on both ranks (the ids the routing op returned
+  are equal, the logits agree bit for bit) and equals single-process lynx on the model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.helpers import join_gloo, spawn_ranks
+
+WORLD = 2
+TOKENS = (3, 13)
+LAYOUTS = ("tp", "ep_all_reduce", "ep_all_to_all")
+FP32_TOL = dict(rtol=1e-4, atol=1e-5)  # reordered fp32 sums (shards, then all_reduce)
+MODEL_ENV = "LYNX_TEST_HF_PARALLEL_MODEL"  # the saved model's directory, for the ranks
+
+
+def _config():
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[],
+        max_position_embeddings=64,
+    )  # fmt: skip
+
+
+def _load(path: str, layout: str):
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    if layout == "whole":
+        kwargs = {}
+    elif layout == "tp":
+        kwargs = dict(tp_plan="auto")
+    else:
+        impl = layout.removeprefix("ep_")
+        config = DistributedConfig(tp_size=WORLD, ep_size=WORLD, ep_implementation=impl)
+        kwargs = dict(distributed_config=config)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+
+
+def _rank_main(rank: int, port: int, results) -> None:
+    join_gloo(rank, port, WORLD)
+    try:
+        from lynx_compile.lowering import reference
+
+        import lynx_compile
+
+        ids_seen = []  # the ids the default-policy routing op returned, call by call
+        route = reference.route_reference
+
+        def recording(logits, top_k, *args):
+            weights, ids = route(logits, top_k, *args)
+            ids_seen.append(ids.clone())
+            return weights, ids
+
+        reference.route_reference = recording
+        path = os.environ[MODEL_ENV]
+        # seed 1: at 13 tokens the default policy remaps some second choices (checked below)
+        inputs = {
+            n: torch.randint(0, 128, (n, 1), generator=torch.Generator().manual_seed(1))
+            for n in TOKENS
+        }
+        whole = _load(path, "whole")
+        torch._dynamo.reset()
+        single = torch.compile(whole, backend="lynx", dynamic=True)
+        with torch.no_grad():
+            eager = {n: whole(x).logits for n, x in inputs.items()}
+            single_out = {n: single(x).logits for n, x in inputs.items()}
+        for layout in LAYOUTS:
+            torch._dynamo.reset()
+            lynx_compile.clear_report()
+            model = _load(path, layout)
+            exact = torch.compile(model, backend="lynx", options={"policy": "exact"}, dynamic=True)
+            # telemetry keeps the routing op an opaque call (its reference records ids)
+            default = torch.compile(
+                model, backend="lynx", options={"telemetry": True}, dynamic=True
+            )
+            out, ids = {}, {}
+            with torch.no_grad():
+                for n, x in inputs.items():
+                    ids_seen.clear()
+                    default_out = default(x).logits
+                    ids[n] = [i for i in ids_seen if i.shape[0] == n]
+                    out[n] = (exact(x).logits, eager[n], default_out, single_out[n])
+            sites = lynx_compile.report()["sites"]
+            gathered = [None] * WORLD
+            dist.all_gather_object(gathered, {n: o[2] for n, o in out.items()})
+            results[(layout, rank)] = dict(outputs=out, ids=ids, sites=sites, peers=gathered)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    from transformers import Qwen3MoeForCausalLM
+
+    path = tmp_path_factory.mktemp("hf_parallel") / "qwen3_moe"
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(_config()).save_pretrained(path)
+    os.environ[MODEL_ENV] = str(path)  # the spawned ranks inherit it
+    try:
+        return spawn_ranks(_rank_main, WORLD)
+    finally:
+        del os.environ[MODEL_ENV]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_exact_equals_single_process_eager_on_every_rank(ranks, layout):
+    for rank in range(WORLD):
+        for n, (exact, eager, _, _) in ranks[(layout, rank)]["outputs"].items():
+            torch.testing.assert_close(exact, eager, **FP32_TOL, msg=f"rank {rank}, {n} tokens")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_each_rank_fuses_its_experts_where_they_sit_in_the_graph(ranks, layout):
+    for rank in range(WORLD):
+        sites = ranks[(layout, rank)]["sites"]
+        routers = [s for s in sites if s["kind"] == "router"]
+        dispatch = [s for s in sites if s["kind"] == "dispatch"]
+        assert len(routers) >= 2 and all(s["status"] == "rewritten" for s in routers), routers
+        assert dispatch, sites
+        if layout == "ep_all_to_all":  # the token exchange graph-breaks before the experts
+            assert all(s["status"] == "skipped" for s in dispatch), dispatch
+            assert all("another graph" in s["reason"] for s in dispatch), dispatch
+            continue
+        # both layers, in each compiled graph (exact, default, and a recompile for dynamic N)
+        assert len(dispatch) >= 2 and all(s["status"] == "rewritten" for s in dispatch), dispatch
+        if layout == "ep_all_reduce":  # the rank's own 4 experts, found numerically
+            first = rank * 4
+            assert all(f"experts {first}..{first + 3}" in s["reason"] for s in dispatch), dispatch
+        else:  # every expert, on this rank's shard of the intermediate dim
+            assert all("experts " not in s["reason"] for s in dispatch), dispatch
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_default_policy_routes_identically_on_both_ranks(ranks, layout):
+    """Replicated tokens: the ranks chose the same ids, their logits are identical and equal
+    single-process lynx (same policy) on the whole model."""
+    for n in TOKENS:
+        chosen = [ranks[(layout, r)]["ids"][n] for r in range(WORLD)]
+        assert chosen[0], f"{n} tokens: the routing op recorded no ids"
+        assert len(chosen[0]) == len(chosen[1])
+        assert all(torch.equal(a, b) for a, b in zip(*chosen, strict=True)), n
+        outs = [ranks[(layout, r)]["outputs"][n][2] for r in range(WORLD)]
+        assert torch.equal(outs[0], outs[1]), f"{n} tokens: the ranks disagree"
+        torch.testing.assert_close(outs[0], ranks[(layout, 0)]["outputs"][n][3], **FP32_TOL)
+        assert all(torch.equal(p[n], outs[0]) for p in ranks[(layout, 0)]["peers"])
+
+
+def test_the_default_policy_changes_routing_here(ranks):
+    """The check above could pass with a policy that never remaps: on 13 tokens the default
+    moves some choices (its logits differ from exact's beyond the fp32 tolerance)."""
+    exact, _, default, _ = ranks[("tp", 0)]["outputs"][13]
+    assert (exact - default).abs().max() > 1e-3
