@@ -92,3 +92,74 @@ def join_gloo(rank: int, port: int, world: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
+
+
+# The 2-process tests' world, decode token counts (odd, one new token per sequence) and
+# fp32 tolerance: each rank's partial sums, then the all_reduce, add in another order.
+GLOO_WORLD = 2
+DECODE_TOKENS = (3, 13)
+SHARDED_FP32_TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def record_route_ids() -> list[torch.Tensor]:
+    """In this (rank) process, make reference.route_reference append a copy of the ids it
+    returns to the list returned here: a compile with options={"telemetry": True} keeps the
+    routing op an opaque call into it, so the list holds the ids each call chose."""
+    from lynx_compile.lowering import reference
+
+    seen: list[torch.Tensor] = []
+    route = reference.route_reference
+
+    def recording(logits, top_k, *args):
+        weights, ids = route(logits, top_k, *args)
+        seen.append(ids.clone())
+        return weights, ids
+
+    reference.route_reference = recording
+    return seen
+
+
+def assert_exact_equals_eager(ranks: dict, layout: str, world: int, tol: dict) -> None:
+    """Every rank's policy-"exact" output ([0] of each token count's outputs) equals the
+    single-process eager one ([1])."""
+    for rank in range(world):
+        for n, (exact, eager, *_) in ranks[(layout, rank)]["outputs"].items():
+            torch.testing.assert_close(exact, eager, **tol, msg=f"rank {rank}, {n} tokens")
+
+
+def assert_ranks_route_alike(ranks: dict, layout: str, world: int, tokens, tol: dict) -> None:
+    """Replicated tokens under the default policy: every rank recorded the same ids (ids[n]),
+    their outputs ([2]) are identical, equal single-process lynx ([3]) and what each peer
+    gathered (peers)."""
+    for n in tokens:
+        chosen = [ranks[(layout, r)]["ids"][n] for r in range(world)]
+        assert chosen[0], f"{n} tokens: the routing op recorded no ids"
+        assert all(len(c) == len(chosen[0]) for c in chosen), n
+        pairs = [(a, b) for c in chosen[1:] for a, b in zip(chosen[0], c, strict=True)]
+        assert all(torch.equal(a, b) for a, b in pairs), n
+        outs = [ranks[(layout, r)]["outputs"][n][2] for r in range(world)]
+        assert all(torch.equal(outs[0], o) for o in outs[1:]), f"{n} tokens: the ranks disagree"
+        torch.testing.assert_close(outs[0], ranks[(layout, 0)]["outputs"][n][3], **tol)
+        assert all(torch.equal(p[n], outs[0]) for p in ranks[(layout, 0)]["peers"])
+
+
+def store_rank_result(results, layout: str, rank: int, outputs: dict, ids: dict) -> None:
+    """A rank's results for one layout: its outputs and recorded ids by token count, the
+    report's sites, and every rank's default-policy outputs ([2]) gathered here."""
+    import torch.distributed as dist
+
+    import lynx_compile
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {n: o[2] for n, o in outputs.items()})
+    sites = lynx_compile.report()["sites"]
+    results[(layout, rank)] = dict(outputs=outputs, ids=ids, sites=sites, peers=gathered)
+
+
+def rank_sites(ranks: dict, layout: str, rank: int) -> tuple[list[dict], list[dict]]:
+    """(router sites, dispatch sites) a rank reported for one layout."""
+    sites = ranks[(layout, rank)]["sites"]
+    return (
+        [s for s in sites if s["kind"] == "router"],
+        [s for s in sites if s["kind"] == "dispatch"],
+    )

@@ -26,12 +26,20 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.helpers import join_gloo, spawn_ranks
+from tests.helpers import (
+    DECODE_TOKENS,
+    GLOO_WORLD,
+    SHARDED_FP32_TOL,
+    assert_exact_equals_eager,
+    assert_ranks_route_alike,
+    join_gloo,
+    rank_sites,
+    record_route_ids,
+    spawn_ranks,
+    store_rank_result,
+)
 
-WORLD = 2
-TOKENS = (3, 13)
 LAYOUTS = ("tp", "ep_all_reduce", "ep_all_to_all")
-FP32_TOL = dict(rtol=1e-4, atol=1e-5)  # reordered fp32 sums (shards, then all_reduce)
 MODEL_ENV = "LYNX_TEST_HF_PARALLEL_MODEL"  # the saved model's directory, for the ranks
 
 
@@ -56,32 +64,22 @@ def _load(path: str, layout: str):
         kwargs = dict(tp_plan="auto")
     else:
         impl = layout.removeprefix("ep_")
-        config = DistributedConfig(tp_size=WORLD, ep_size=WORLD, ep_implementation=impl)
+        config = DistributedConfig(tp_size=GLOO_WORLD, ep_size=GLOO_WORLD, ep_implementation=impl)
         kwargs = dict(distributed_config=config)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
 
 
 def _rank_main(rank: int, port: int, results) -> None:
-    join_gloo(rank, port, WORLD)
+    join_gloo(rank, port, GLOO_WORLD)
     try:
-        from lynx_compile.lowering import reference
-
         import lynx_compile
 
-        ids_seen = []  # the ids the default-policy routing op returned, call by call
-        route = reference.route_reference
-
-        def recording(logits, top_k, *args):
-            weights, ids = route(logits, top_k, *args)
-            ids_seen.append(ids.clone())
-            return weights, ids
-
-        reference.route_reference = recording
+        ids_seen = record_route_ids()  # the ids the default-policy routing op returned
         path = os.environ[MODEL_ENV]
         # seed 1: at 13 tokens the default policy remaps some second choices (checked below)
         inputs = {
             n: torch.randint(0, 128, (n, 1), generator=torch.Generator().manual_seed(1))
-            for n in TOKENS
+            for n in DECODE_TOKENS
         }
         whole = _load(path, "whole")
         torch._dynamo.reset()
@@ -105,10 +103,7 @@ def _rank_main(rank: int, port: int, results) -> None:
                     default_out = default(x).logits
                     ids[n] = [i for i in ids_seen if i.shape[0] == n]
                     out[n] = (exact(x).logits, eager[n], default_out, single_out[n])
-            sites = lynx_compile.report()["sites"]
-            gathered = [None] * WORLD
-            dist.all_gather_object(gathered, {n: o[2] for n, o in out.items()})
-            results[(layout, rank)] = dict(outputs=out, ids=ids, sites=sites, peers=gathered)
+            store_rank_result(results, layout, rank, out, ids)
     finally:
         dist.destroy_process_group()
 
@@ -122,26 +117,22 @@ def ranks(tmp_path_factory):
     Qwen3MoeForCausalLM(_config()).save_pretrained(path)
     os.environ[MODEL_ENV] = str(path)  # the spawned ranks inherit it
     try:
-        return spawn_ranks(_rank_main, WORLD)
+        return spawn_ranks(_rank_main, GLOO_WORLD)
     finally:
         del os.environ[MODEL_ENV]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_exact_equals_single_process_eager_on_every_rank(ranks, layout):
-    for rank in range(WORLD):
-        for n, (exact, eager, _, _) in ranks[(layout, rank)]["outputs"].items():
-            torch.testing.assert_close(exact, eager, **FP32_TOL, msg=f"rank {rank}, {n} tokens")
+    assert_exact_equals_eager(ranks, layout, GLOO_WORLD, SHARDED_FP32_TOL)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_each_rank_fuses_its_experts_where_they_sit_in_the_graph(ranks, layout):
-    for rank in range(WORLD):
-        sites = ranks[(layout, rank)]["sites"]
-        routers = [s for s in sites if s["kind"] == "router"]
-        dispatch = [s for s in sites if s["kind"] == "dispatch"]
+    for rank in range(GLOO_WORLD):
+        routers, dispatch = rank_sites(ranks, layout, rank)
         assert len(routers) >= 2 and all(s["status"] == "rewritten" for s in routers), routers
-        assert dispatch, sites
+        assert dispatch, (rank, routers)
         if layout == "ep_all_to_all":  # the token exchange graph-breaks before the experts
             assert all(s["status"] == "skipped" for s in dispatch), dispatch
             assert all("another graph" in s["reason"] for s in dispatch), dispatch
@@ -159,15 +150,7 @@ def test_each_rank_fuses_its_experts_where_they_sit_in_the_graph(ranks, layout):
 def test_default_policy_routes_identically_on_both_ranks(ranks, layout):
     """Replicated tokens: the ranks chose the same ids, their logits are identical and equal
     single-process lynx (same policy) on the whole model."""
-    for n in TOKENS:
-        chosen = [ranks[(layout, r)]["ids"][n] for r in range(WORLD)]
-        assert chosen[0], f"{n} tokens: the routing op recorded no ids"
-        assert len(chosen[0]) == len(chosen[1])
-        assert all(torch.equal(a, b) for a, b in zip(*chosen, strict=True)), n
-        outs = [ranks[(layout, r)]["outputs"][n][2] for r in range(WORLD)]
-        assert torch.equal(outs[0], outs[1]), f"{n} tokens: the ranks disagree"
-        torch.testing.assert_close(outs[0], ranks[(layout, 0)]["outputs"][n][3], **FP32_TOL)
-        assert all(torch.equal(p[n], outs[0]) for p in ranks[(layout, 0)]["peers"])
+    assert_ranks_route_alike(ranks, layout, GLOO_WORLD, DECODE_TOKENS, SHARDED_FP32_TOL)
 
 
 def test_the_default_policy_changes_routing_here(ranks):
