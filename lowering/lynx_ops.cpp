@@ -49,6 +49,7 @@ int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const f
                  const void *b_down, const int64_t *bstrides, const uint8_t *take, int64_t n,
                  int64_t k, int64_t e, int64_t d, int64_t u, int64_t i, int gated, int act,
                  float alpha, float limit, int dt, int round_mid, float *out);
+int lynx_bf16_dot(void);
 }
 
 namespace {
@@ -309,6 +310,32 @@ bool bias_fits(const std::optional<at::Tensor> &b, int64_t e, int64_t width) {
   return !b || (b->dim() == 2 && b->size(0) == e && b->size(1) == width);
 }
 
+// The streamed parts' float32 outputs [parts, n, d] as one [n, d] in dtype dt: part 0 itself
+// for a single float32 part, else summed in part order and rounded once, as at::sum over
+// dim 0 then .to(dt) would (c10::BFloat16 rounds to nearest even, as that conversion does),
+// in one pass: at decode sizes every ATen call costs ~0.1 ms with the caches cold
+// (benchmarks/cpu_call_overhead.py), more than this loop.
+at::Tensor combine_parts(const at::Tensor &partial, at::ScalarType dt) {
+  const int64_t parts = partial.size(0), n = partial.size(1), d = partial.size(2);
+  if (parts == 1 && dt == at::kFloat) return partial[0];
+  at::Tensor res = at::empty({n, d}, partial.options().dtype(dt));
+  const float *p = partial.data_ptr<float>();
+  const int64_t m = n * d;
+  const auto sum = [&](int64_t r) {
+    float v = p[r];
+    for (int64_t q = 1; q < parts; ++q) v += p[q * m + r];
+    return v;
+  };
+  if (dt == at::kFloat) {
+    float *o = res.data_ptr<float>();
+    for (int64_t r = 0; r < m; ++r) o[r] = sum(r);
+  } else {
+    c10::BFloat16 *o = res.data_ptr<c10::BFloat16>();
+    for (int64_t r = 0; r < m; ++r) o[r] = c10::BFloat16(sum(r));
+  }
+  return res;
+}
+
 at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor &weights,
                    const at::Tensor &w_up, const std::optional<at::Tensor> &w_gate,
                    const at::Tensor &w_down, c10::string_view activation, bool gated,
@@ -349,8 +376,7 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
                       w_down.scalar_type() == dt && in_dt(w_gate) && in_dt(b_up) &&
                       in_dt(b_gate) && in_dt(b_down);
   if (!native) return experts_aten(x, ids, weights, w_up, w_gate, w_down, biases, params, gated);
-  at::Tensor out = at::zeros({n, d}, x.options().dtype(at::kFloat));
-  if (n == 0) return out.to(dt);
+  if (n == 0) return at::zeros({n, d}, x.options());
   at::Tensor idc = ids.contiguous();
   const int64_t *id = idc.data_ptr<int64_t>();
   std::vector<int64_t> count(static_cast<size_t>(e), 0);
@@ -375,9 +401,30 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
     (streamable && count[j] < gemm_tokens ? stream : gemm).push_back(j);
   }
   const int64_t expert_bytes = (u * d + (w_gate ? i * d : 0) + d * i) * x.element_size();
+  // float32 accumulator of the GEMM experts (and the streamed ones' sum beside them)
+  at::Tensor out = gemm.empty() ? at::Tensor() : at::zeros({n, d}, x.options().dtype(at::kFloat));
   if (!stream.empty()) {
-    at::Tensor xs = x.to(at::kFloat).contiguous(), wts = weights.to(at::kFloat).contiguous();
+    // The tokens as the kernel reads them: bf16 rows for its AVX512-BF16 dot products (bf16
+    // weights, where the build has them), else float32; the weights as float32 (a copy on
+    // the host, not an ATen call: each costs ~0.1 ms at decode with the caches cold).
+    const bool bf16_dot = dt == at::kBFloat16 && lynx_bf16_dot();
+    at::Tensor xs = bf16_dot ? at::Tensor() : x.to(at::kFloat).contiguous();
     at::Tensor xb = dt == at::kBFloat16 ? x.contiguous() : at::Tensor();
+    std::vector<float> wts(static_cast<size_t>(n * k));
+    {
+      const at::Tensor wc = weights.contiguous();
+      switch (wc.scalar_type()) {
+        case at::kFloat: std::copy_n(wc.data_ptr<float>(), n * k, wts.begin()); break;
+        case at::kBFloat16:
+          std::copy_n(wc.data_ptr<c10::BFloat16>(), n * k, wts.begin());
+          break;
+        case at::kHalf: std::copy_n(wc.data_ptr<c10::Half>(), n * k, wts.begin()); break;
+        default: {
+          const at::Tensor wf = wc.to(at::kFloat);
+          std::copy_n(wf.data_ptr<float>(), n * k, wts.begin());
+        }
+      }
+    }
     const int64_t strides[6] = {w_up.stride(0),
                                 w_up.stride(1),
                                 w_gate ? w_gate->stride(0) : 0,
@@ -432,7 +479,7 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
     const bool slice = threads > 1 && stream_bytes >= kSliceBytes && chunk < i &&
                        busiest * threads * 8 > total * 9;
     if (slice) parts = threads;
-    at::Tensor partial = at::empty({parts, n, d}, out.options());
+    at::Tensor partial = at::empty({parts, n, d}, x.options().dtype(at::kFloat));
     std::vector<int> status(parts, 0);
     // One part's call of the C kernel: weights and biases (as pointers, with their strides),
     // the experts it takes, the up and intermediate widths it computes, into partial[part].
@@ -440,9 +487,8 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
                     const int64_t *st, const void *bu, const void *bg, const void *bd,
                     const int64_t *bst, const uint8_t *takes, int64_t width_u, int64_t width_i) {
       status[part] = lynx_experts(
-          xs.data_ptr<float>(),
-          xb.defined() ? static_cast<const uint16_t *>(xb.data_ptr()) : nullptr, id,
-          wts.data_ptr<float>(), wu, wg, wd, st, bu, bg, bd, bst, takes, n, k, e, d, width_u,
+          xs.defined() ? xs.data_ptr<float>() : nullptr,
+          xb.defined() ? static_cast<const uint16_t *>(xb.data_ptr()) : nullptr, id, wts.data(), wu, wg, wd, st, bu, bg, bd, bst, takes, n, k, e, d, width_u,
           width_i, gated ? 1 : 0, act, static_cast<float>(params.alpha),
           static_cast<float>(params.limit), code, code, partial.data_ptr<float>() + part * n * d);
     };
@@ -493,6 +539,7 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
       });
     }
     for (int st : status) TORCH_CHECK(st == 0, "lynx::experts: out of memory for its scratch buffers");
+    if (gemm.empty()) return combine_parts(partial, dt);
     at::sum_out(out, partial, 0);
   }
   if (!gemm.empty()) {
