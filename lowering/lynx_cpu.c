@@ -988,6 +988,16 @@ static void matmul_rows(const void *const *x, int64_t m, const void *w, int64_t 
   else matmul_rows_dt(x, m, w, rows, len, ld, MODE_BF16, y, pf);
 }
 
+/* 1 where this build computes bf16 weights with AVX512-BF16 dot products (MODE_BF16DOT):
+ * lynx_experts then reads only xb, and its caller may pass x = NULL for bf16 weights. */
+int lynx_bf16_dot(void) {
+#ifdef LYNX_BF16DOT
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 /* Sparse experts (reference.experts_general_reference) for n tokens of width d:
  *   x        [n, d] float32 (bf16 inputs are widened by the caller); NULL where xb is
  *            given and the build has the dot products (lynx_bf16_dot), which read xb only
@@ -1011,16 +1021,6 @@ static void matmul_rows(const void *const *x, int64_t m, const void *w, int64_t 
  * all of its tokens. round_mid rounds intermediates to bf16 as a bf16 model does.
  * Returns 0; -1 when scratch memory could not be allocated; -2 for an id outside [0, e).
  */
-/* 1 where this build computes bf16 weights with AVX512-BF16 dot products (MODE_BF16DOT):
- * lynx_experts then reads only xb, and its caller may pass x = NULL for bf16 weights. */
-int lynx_bf16_dot(void) {
-#ifdef LYNX_BF16DOT
-  return 1;
-#else
-  return 0;
-#endif
-}
-
 int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const float *weights,
                  const void *w_up, const void *w_gate, const void *w_down,
                  const int64_t *strides, const void *b_up, const void *b_gate,

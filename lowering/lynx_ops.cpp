@@ -488,9 +488,10 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
                     const int64_t *bst, const uint8_t *takes, int64_t width_u, int64_t width_i) {
       status[part] = lynx_experts(
           xs.defined() ? xs.data_ptr<float>() : nullptr,
-          xb.defined() ? static_cast<const uint16_t *>(xb.data_ptr()) : nullptr, id, wts.data(), wu, wg, wd, st, bu, bg, bd, bst, takes, n, k, e, d, width_u,
-          width_i, gated ? 1 : 0, act, static_cast<float>(params.alpha),
-          static_cast<float>(params.limit), code, code, partial.data_ptr<float>() + part * n * d);
+          xb.defined() ? static_cast<const uint16_t *>(xb.data_ptr()) : nullptr, id, wts.data(),
+          wu, wg, wd, st, bu, bg, bd, bst, takes, n, k, e, d, width_u, width_i, gated ? 1 : 0,
+          act, static_cast<float>(params.alpha), static_cast<float>(params.limit), code, code,
+          partial.data_ptr<float>() + part * n * d);
     };
     auto run = [&](int64_t part) {  // whole experts: take[part]
       call(part, w_up.data_ptr(), w_gate ? w_gate->data_ptr() : nullptr, w_down.data_ptr(),
