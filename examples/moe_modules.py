@@ -23,6 +23,10 @@
                    range of the experts: it routes its tokens, all_gathers every rank's
                    tokens and routing, computes its experts' share, and an all_reduce
                    hands each rank back its tokens' sums.
+`AllToAllExpertsMoE` per-rank tokens and expert ranges, the tokens exchanged: one
+                   functional all_to_all (equal splits, static shapes) sends each rank
+                   every token with its routing into that rank's experts, a second one
+                   returns the experts' shares to the tokens' ranks.
 
 All take x [B, T, d] and return [B, T, d]; lynx_compile must rewrite their routers
 (and, where the dispatch is in one graph, the dispatch) without any change to this file.
@@ -225,7 +229,10 @@ class _ShardedMoE(StackedExperts):
 
     def local_share(self, tokens, weights, ids):
         """tokens [N, d], weights/ids [N, k] -> [N, d]: this rank's experts' share."""
-        weights, ids = self.local_routing(weights, ids)
+        return self.held_experts(tokens, *self.local_routing(weights, ids))
+
+    def held_experts(self, tokens, weights, ids):
+        """tokens [N, d], weights [N, k] and ids [N, k] into this rank's experts -> [N, d]."""
         w_gate, w_up, w_down = self.local_weights()
         flat = ids.reshape(-1)
         xs = tokens.repeat_interleave(self.top_k, dim=0).unsqueeze(-1)  # [N*k, d, 1]
@@ -317,3 +324,31 @@ class DataParallelExpertsMoE(ExpertParallelMoE):
         y = funcol.all_reduce(self.local_share(*gathered), "sum", group)  # [world * N, d]
         n = tokens.shape[0]
         return y[self.rank * n : (self.rank + 1) * n]  # this rank's tokens
+
+
+class AllToAllExpertsMoE(ExpertParallelMoE):
+    """Expert parallel with per-rank tokens and a token exchange, in static shapes (no host
+    sync: capturable in a CUDA graph, like the fixed-capacity buffers of serving stacks):
+    each rank routes its own tokens x [B, T, d] (B*T the same on every rank), sends every
+    rank all of them with their routing into that rank's experts (local ids; slots held
+    elsewhere weigh 0) in one functional all_to_all of equal splits, runs its experts on
+    what it received, and a second all_to_all returns each share to the token's rank, which
+    sums them. Batch-aware routing sees every rank's batch only with
+    options={"routing_group": group}."""
+
+    def dispatch(self, tokens, weights, ids):
+        if self.world == 1:
+            return self.local_share(tokens, weights, ids)
+        group, world, n = dist.group.WORLD, self.world, tokens.shape[0]
+        rank_of = torch.arange(world, device=ids.device).view(world, 1, 1)
+        held = (ids // self.local).unsqueeze(0) == rank_of  # [world, N, k]: slot -> rank
+        send_w = torch.where(held, weights.unsqueeze(0), torch.zeros_like(weights))
+        send_ids = torch.where(held, ids.unsqueeze(0) - rank_of * self.local, 0)
+        send_x = tokens.unsqueeze(0).expand(world, n, tokens.shape[-1])
+        recv_x, recv_w, recv_ids = (  # [world * N, ...]: every rank's rows for this one
+            funcol.all_to_all_single(t.reshape(world * n, -1), None, None, group)
+            for t in (send_x, send_w, send_ids)
+        )
+        shares = funcol.all_to_all_single(self.held_experts(recv_x, recv_w, recv_ids),
+                                          None, None, group)  # fmt: skip
+        return shares.view(world, n, -1).sum(dim=0)  # this rank's tokens, every rank's share

@@ -77,6 +77,9 @@ class ExpertsPlan:
     # expert-parallel slice: the weights hold experts [offset, offset + E_local) of the
     # router's; slots routed elsewhere get weight 0 (and local id 0)
     expert_offset: int | None = None
+    # routing received from other ranks, into these experts: a slot of weight 0 (held
+    # elsewhere) is pointed at an expert the call reads anyway
+    repoint_idle: bool = False
     # gate and up interleaved in w_up's rows (gate even, up odd: GPT-OSS); passed to the op
     # as split-gate views, and b_up (then [E, 2I]) split the same way
     interleaved: bool = False
@@ -105,7 +108,7 @@ class ExpertsPlan:
         scaled = f", biased {'+'.join(biased)}" if biased else ""
         scaled += ", input-scaled" if self.scale_input else ""
         if self.expert_offset is not None:
-            held = _hint(example_value(self.w_up).shape[0])
+            held = _held(self)
             scaled += f", experts {self.expert_offset}..{self.expert_offset + held - 1}"
         return f"sparse_experts({gate} {act}{scaled})"
 
@@ -492,7 +495,45 @@ def gathered_routing(weights: fx.Node, ids: fx.Node) -> tuple[fx.Node, fx.Node, 
     return found[0][0], found[1][0], found[0][1][0]
 
 
+def _received(seed: fx.Node, floating: bool) -> list[tuple[fx.Node, tuple]]:
+    """(wait, (group size, group)) of each functional all_to_all downstream of seed whose
+    2-D result, of the given kind (floating or integer), is read only through its wait."""
+    found = []
+    for node in _forward_slice([seed]):
+        if _op_name(node) not in _ALL_TO_ALLS or len(node.users) != 1:
+            continue
+        (wait,) = node.users
+        val = example_value(wait)
+        if _op_name(wait) not in _WAITS or val is None or val.dim() != 2:
+            continue
+        if val.dtype.is_floating_point == floating:
+            found.append((wait, (len(node.args[1]), node.args[3])))
+    order = {n: i for i, n in enumerate(seed.graph.nodes)}
+    return sorted(found, key=lambda f: order[f[0]])
+
+
+def exchanged_routing(weights: fx.Node, ids: fx.Node) -> tuple[fx.Node, fx.Node, int] | None:
+    """Routing sent to the experts' ranks before the experts (per-rank tokens and expert
+    parallelism with a token exchange, examples AllToAllExpertsMoE): (received weights,
+    received ids, group size) when functional all_to_alls over one group carry a float
+    tensor derived from the weights and an integer one derived from the ids, both [M, k]
+    (the first such pair in graph order); the dispatch is then sought on the received
+    tensors, whose ids index the receiving rank's own experts (its hidden states are the
+    received tokens), between the model's collectives. A wrong pick fails the numerical
+    check and leaves the dispatch the model's."""
+    got_ids = _received(ids, floating=False)
+    if not got_ids:
+        return None
+    recv_ids, group = got_ids[0]
+    shape = example_value(recv_ids).shape
+    for recv_w, w_group in _received(weights, floating=True):
+        if w_group == group and all(map(_same_size, example_value(recv_w).shape, shape)):
+            return recv_w, recv_ids, group[0]
+    return None
+
+
 _ALL_GATHERS = ("_c10d_functional::all_gather_into_tensor",)
+_ALL_TO_ALLS = ("_c10d_functional::all_to_all_single",)
 _WAITS = ("_c10d_functional::wait_tensor",)
 
 
@@ -554,14 +595,16 @@ def _plan_candidates(
     region: set[fx.Node],
     weights: fx.Node,
     ids: fx.Node,
-    num_experts: int,
+    num_experts: int | None,
     real: dict[fx.Node, object],
     width,
 ) -> list[ExpertsPlan] | str:
     """Every plausible lynx::experts call for a region's inputs, or why there is none;
     `real` holds the placeholders' values (a 0-d float input is a constant of the model:
     Dynamo passes float attributes so under dynamic=True); `width` is the region output's
-    (the op returns its input's width)."""
+    (the op returns its input's width). num_experts: the router's, which the ids index;
+    None where they index the experts the region reads (routing received from other
+    ranks: slots of weight 0 are then pointed at experts read anyway)."""
     order = {n: i for i, n in enumerate(next(iter(region)).graph.nodes)}
     tensors = [
         n
@@ -581,6 +624,11 @@ def _plan_candidates(
     others = [n for n in tensors if n not in experts]
     held = {_hint(example_value(n).shape[0]) for n in experts}
     offsets: list[int | None] = [None]
+    received = num_experts is None
+    if received:
+        if len(held) != 1:
+            return "the dispatch's 3-D inputs hold different expert counts"
+        (num_experts,) = held
     if held and held != {num_experts}:
         local = held.pop()
         if held or local > num_experts or num_experts % local:
@@ -640,7 +688,11 @@ def _plan_candidates(
                 for gate, up in ((experts[0], experts[1]), (experts[1], experts[0])):
                     plans.append(ExpertsPlan(x, up, experts[2], gate, up_t, down_t, True, **act))
     fitting = [q for p in plans if _shapes_fit(p, d) for q in _with_biases(p, biases, d)]
-    return [dataclasses.replace(p, expert_offset=o) for o in offsets for p in fitting]
+    return [
+        dataclasses.replace(p, expert_offset=o, repoint_idle=received)
+        for o in offsets
+        for p in fitting
+    ]
 
 
 def _with_biases(plan: ExpertsPlan, biases: list[fx.Node], d: int) -> list[ExpertsPlan]:
@@ -859,17 +911,33 @@ def local_routing(ids: torch.Tensor, weights: torch.Tensor, offset: int, held: i
     lowest local one, else the batch's, else 0), so it makes the kernel read no extra
     expert. Static shapes, no host sync (traced into the compiled graph)."""
     local = (ids >= offset) & (ids < offset + held)
-    shifted = ids - offset
-    candidate = torch.where(local, shifted, torch.full_like(ids, held))
+    return _point_idle(ids - offset, local, held), torch.where(local, weights, 0)
+
+
+def idle_routing(ids: torch.Tensor, weights: torch.Tensor, held: int):
+    """(ids, weights) [N, k] into `held` experts, with each slot of weight 0 (a slot the
+    sender routed to another rank's experts) pointed at an expert read anyway, as
+    local_routing does: it adds nothing to the output and makes the kernel read no extra
+    expert."""
+    return _point_idle(ids, weights != 0, held), weights
+
+
+def _point_idle(ids: torch.Tensor, active: torch.Tensor, held: int) -> torch.Tensor:
+    """ids where active; elsewhere the token's own lowest active id, else the batch's,
+    else 0. Static shapes, no host sync (traced into the compiled graph)."""
+    candidate = torch.where(active, ids, torch.full_like(ids, held))
     own = candidate.amin(dim=-1, keepdim=True)  # [N, 1]: held where the token has none
     batch = torch.cat([candidate.reshape(-1), candidate.new_full((1,), held)]).amin()
     fallback = torch.where(batch < held, batch, torch.zeros_like(batch))
-    fill = torch.where(own < held, own, fallback)
-    return torch.where(local, shifted, fill), torch.where(local, weights, 0)
+    return torch.where(active, ids, torch.where(own < held, own, fallback))
+
+
+def _held(plan: ExpertsPlan) -> int:
+    return _hint(example_value(plan.w_up).shape[0])
 
 
 def _local_routing(plan: ExpertsPlan, ids: torch.Tensor, weights: torch.Tensor):
-    return local_routing(ids, weights, plan.expert_offset, example_value(plan.w_up).shape[0])
+    return local_routing(ids, weights, plan.expert_offset, _held(plan))
 
 
 def plan_dtype(plan: ExpertsPlan) -> torch.dtype:
@@ -884,6 +952,8 @@ def call_experts(plan: ExpertsPlan, x, ids, weights, values) -> torch.Tensor:
     flat_w = weights.reshape(flat_ids.shape)
     if plan.expert_offset is not None:
         flat_ids, flat_w = _local_routing(plan, flat_ids, flat_w)
+    if plan.repoint_idle:
+        flat_ids, flat_w = idle_routing(flat_ids, flat_w, _held(plan))
     if plan.scale_input:  # top-1: x * w through the expert, weight 1 after it
         flat_x, flat_w = flat_x * flat_w.to(flat_x.dtype), torch.ones_like(flat_w)
     out = experts_op()(
@@ -1002,18 +1072,23 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
         return False
     # The routing as the dispatch reads it: lynx's outputs, or (when the model gathers them
     # across ranks first) the gathered copies, whose region lies between the collectives.
-    seeds = [(weights, ids, "")]
+    # The ids index the router's experts (None: the receiving rank's own, after a token
+    # exchange).
+    seeds = [(weights, ids, "", num_experts)]
     gathered = gathered_routing(weights, ids)
     if gathered is not None:
-        seeds.append(
-            (gathered[0], gathered[1], f"; on the routing all_gathered from {gathered[2]} ranks")
-        )
+        where = f"; on the routing all_gathered from {gathered[2]} ranks"
+        seeds.append((gathered[0], gathered[1], where, num_experts))
+    exchanged = exchanged_routing(weights, ids)
+    if exchanged is not None:
+        where = f"; on the routing exchanged (all_to_all) between {exchanged[2]} ranks"
+        seeds.append((exchanged[0], exchanged[1], where, None))
     real = _placeholder_values(gm, example_inputs)  # what each input holds, for the checks
     why = None  # the first candidate's reason, reported when none is taken
     # the first reason for an experts region (reading 3-D weights) of another width than d
     why_elsewhere = None
     checked = 0
-    for weights, ids, where in seeds:
+    for weights, ids, where, indexed in seeds:
         functionalize_accumulators(gm, [weights, ids])
         # Widest first: a loop's partial sums close regions too (one per expert), and the
         # widest region that passes the structural checks is the whole dispatch, or the
@@ -1026,7 +1101,7 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
         regions.sort(key=lambda r: not _same_size(example_value(r[0]).shape[-1], hidden_dim))
         for out, region, inputs in regions:
             width = example_value(out).shape[-1]
-            plans = _plan_candidates(inputs, region, weights, ids, num_experts, real, width)
+            plans = _plan_candidates(inputs, region, weights, ids, indexed, real, width)
             if not isinstance(plans, str) and top_k == 1:  # the weight may scale the input
                 plans += [dataclasses.replace(p, scale_input=True) for p in plans]
             if not isinstance(plans, str):
@@ -1130,11 +1205,13 @@ def _replace(gm, region, out, plan: ExpertsPlan, weights, ids, dense: bool = Fal
             x = graph.call_method("reshape", (plan.x, -1, example_value(plan.x).shape[-1]))
             flat_ids = graph.call_method("reshape", (ids, -1, example_value(ids).shape[-1]))
             flat_weights = graph.call_method("reshape_as", (weights, flat_ids))
+        routings = []
         if plan.expert_offset is not None:  # this rank's experts: the others weigh 0
-            held = _hint(example_value(plan.w_up).shape[0])
-            routed = graph.call_function(
-                local_routing, (flat_ids, flat_weights, plan.expert_offset, held)
-            )
+            routings.append((local_routing, plan.expert_offset, _held(plan)))
+        if plan.repoint_idle:  # received routing: its weight-0 slots read no extra expert
+            routings.append((idle_routing, _held(plan)))
+        for fn, *args in routings:
+            routed = graph.call_function(fn, (flat_ids, flat_weights, *args))
             flat_ids = graph.call_function(operator.getitem, (routed, 0))
             flat_weights = graph.call_function(operator.getitem, (routed, 1))
         if plan.scale_input:  # top-1: the expert reads x * w and its output is kept as is

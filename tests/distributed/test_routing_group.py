@@ -14,7 +14,12 @@ shares with a functional all_reduce. Checked per rank:
   (1 and 5 tokens): the same against route_reference;
 - the report carries each rank's experts touched (telemetry) and the collective's bytes;
 - the dispatch, which reads the routing all_gathered from both ranks, is fused on each rank
-  to its own experts.
+  to its own experts;
+- examples AllToAllExpertsMoE (the same layer with the tokens exchanged by functional
+  all_to_alls): exact equals single-process eager, the default policy with routing_group
+  equals single-process lynx, and the dispatch is fused on the received routing: each
+  rank's lynx::experts reads exactly the experts of its range that the group's routing
+  chose (the slots the senders routed elsewhere, of weight 0, read none).
 Beside them, single-process tests of the three routing steps (votes, kept, remap): summed
 over any split of a batch they route it as lynx::route / lynx::route_scored do.
 """
@@ -34,6 +39,7 @@ from tests.helpers import join_gloo, spawn_ranks
 
 WORLD = 2
 TOKENS = (3, 13)
+READ_SEED = 7  # one token per rank: some rank's tokens choose none of its first experts
 UNEQUAL = ((1, 5),)  # tokens on rank 0, rank 1 (empty parts: the split test below)
 LAYER = dict(num_experts=16, top_k=4)
 DEFAULT = reference.RoutingPolicy("affinity", 3.0, 2.0, 1, 16)  # the options' defaults
@@ -85,6 +91,32 @@ class SigmoidRouter(torch.nn.Module):
         return values / values.sum(dim=-1, keepdim=True), ids
 
 
+def _experts_read(model, x, group_seen: list) -> dict:
+    """A call of `model` (compiled; its dispatch fused) with lynx::experts' CPU
+    kernel replaced by one that records the ids and weights it is given and returns the
+    reference: {"experts": [(ids, weights)], "routing": the group remap's (logits, ids)}.
+    Last in the rank's run: the replacement stays for the process."""
+    calls = []
+
+    def recording(x, ids, weights, w_up, w_gate, w_down, activation, gated, *extras):
+        calls.append((ids.clone(), weights.clone()))
+        return reference.experts_general_reference(
+            x, ids, weights, w_gate, w_up, w_down, activation, gated
+        )
+
+    with torch.no_grad():
+        model(x)  # compiled for this size first: the pass's checks call the op too
+        library = torch.library.Library("lynx", "IMPL")
+        library.impl("experts", recording, "CPU")
+        group_seen.clear()
+        model(x)
+    _KEPT.append(library)
+    return {"experts": calls, "routing": group_seen[:]}
+
+
+_KEPT = []  # the replacement library of _experts_read (dropped, it would unregister)
+
+
 def _rank_main(rank: int, port: int, results) -> None:
     join_gloo(rank, port, WORLD)
     try:
@@ -106,11 +138,14 @@ def _rank_main(rank: int, port: int, results) -> None:
         def compiled(module, **options):
             return torch.compile(module, backend="lynx", options=options, dynamic=True)
 
+        exchanged = moe_modules.AllToAllExpertsMoE(rank, WORLD, **LAYER).eval()  # same seed
         variants = {
             "group": compiled(layer, routing_group=group, telemetry=True),  # remap opaque
             "group_traced": compiled(layer, routing_group=group),  # steps traced by Inductor
             "group_exact": compiled(layer, routing_group=group, policy="exact"),
             "per_rank": compiled(layer, telemetry=True),
+            "a2a_group": compiled(exchanged, routing_group=group, telemetry=True),
+            "a2a_exact": compiled(exchanged, policy="exact"),
         }
         single = compiled(whole)
         scored = compiled(SigmoidRouter().eval(), routing_group=group, telemetry=True)
@@ -134,11 +169,13 @@ def _rank_main(rank: int, port: int, results) -> None:
                     rank_seen.clear()
                     emitted = counters["lynx"]["routing_group_all_reduce"]
                     out[n][name] = model(xs[rank]).clone()  # compiles at the first size
-                    seen[(name, n)] = group_seen[:] if name.startswith("group") else rank_seen[:]
+                    seen[(name, n)] = group_seen[:] if "group" in name else rank_seen[:]
                     collectives[name] = collectives.get(name, 0) + (
                         counters["lynx"]["routing_group_all_reduce"] - emitted
                     )
         sites = lynx_compile.report()["sites"]  # before the router alone below
+        one = torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(READ_SEED + rank))
+        read = _experts_read(variants["a2a_group"], one, group_seen)
         # Unequal batches, a rank with one token: the router alone (the example's
         # all_gather wants equal batches), ids recorded from the opaque remap.
         torch.manual_seed(0)
@@ -157,6 +194,7 @@ def _rank_main(rank: int, port: int, results) -> None:
             sites=sites,
             errors=_option_errors(),
             group_name=group.group_name,
+            read=read,
         )
     finally:
         dist.destroy_process_group()
@@ -185,6 +223,7 @@ def test_group_routing_equals_single_process_routing_of_the_concatenated_batch(r
         got = ranks[rank]["outputs"][n]
         torch.testing.assert_close(got["group"], got["single"], **FP32_TOL)
         torch.testing.assert_close(got["group_traced"], got["single"], **FP32_TOL)
+        torch.testing.assert_close(got["a2a_group"], got["single"], **FP32_TOL)
 
 
 @pytest.mark.parametrize("sizes", UNEQUAL)
@@ -222,12 +261,15 @@ def test_exact_equals_single_process_eager_and_runs_no_routing_collective(ranks,
     for rank in range(WORLD):
         got = ranks[rank]["outputs"][n]
         torch.testing.assert_close(got["group_exact"], got["eager"], **FP32_TOL)
+        torch.testing.assert_close(got["a2a_exact"], got["eager"], **FP32_TOL)
     for rank in range(WORLD):  # all_reduces the passes emitted, over every compile
         assert ranks[rank]["collectives"] == {
             "group": 2,
             "group_traced": 2,
             "group_exact": 0,
             "per_rank": 0,
+            "a2a_group": 2,
+            "a2a_exact": 0,
         }
     exact = _routers(ranks[0]["sites"], policy="exact")
     assert exact and all(s["routing_scope"] == "token" for s in exact), exact
@@ -246,14 +288,17 @@ def test_without_the_option_each_rank_routes_its_own_batch(ranks, n):
 def test_the_report_says_which_batch_each_router_sees_and_its_experts_touched(ranks):
     for rank in range(WORLD):
         sites = ranks[rank]["sites"]
-        (grouped,) = _routers(sites, routing_scope="group", telemetry_on=True, weights="renorm")
-        assert grouped["routing_group"] == ranks[rank]["group_name"]
-        assert grouped["routing_world"] == WORLD
-        assert grouped["collective_bytes"] == 4 * (3 * 16 + 1 + 16)  # votes, then kept set
+        # the gathered and the exchanged layer's
+        grouped = _routers(sites, routing_scope="group", telemetry_on=True, weights="renorm")
+        assert len(grouped) == 2, grouped
+        for site in grouped:
+            assert site["routing_group"] == ranks[rank]["group_name"]
+            assert site["routing_world"] == WORLD
+            assert site["collective_bytes"] == 4 * (3 * 16 + 1 + 16)  # votes, then kept set
         (per_rank,) = _routers(sites, routing_scope="per_rank", telemetry_on=True)
         assert "each rank routes its own batch" in per_rank["routing_note"]
         assert "world size 2 and no routing_group" in per_rank["routing_note"]
-        for site in (grouped, per_rank):
+        for site in (*grouped, per_rank):
             tally = site["telemetry"]
             assert tally["calls"] == len(TOKENS) and tally["tokens"] == sum(TOKENS)
             assert 0 < tally["mean_experts_chosen"] <= tally["mean_experts_exact"] <= 16
@@ -272,6 +317,36 @@ def test_the_gathered_dispatch_is_fused_to_each_ranks_own_experts(ranks):
         assert len(gathered) == 4, dispatch  # group, group_traced, group_exact, per_rank
         own = f"experts {8 * rank}..{8 * rank + 7}"
         assert all(own in s["reason"] for s in gathered), gathered
+
+
+def test_the_exchanged_dispatch_is_fused_on_the_received_routing(ranks):
+    """AllToAllExpertsMoE: the dispatch reads the routing each rank received by all_to_all
+    (ids into its own experts): fused between the model's collectives in both variants."""
+    for rank in range(WORLD):
+        dispatch = [s for s in ranks[rank]["sites"] if s["kind"] == "dispatch"]
+        exchanged = [s for s in dispatch if "exchanged (all_to_all) between 2 ranks" in s["reason"]]
+        assert len(exchanged) == 2, dispatch  # a2a_group, a2a_exact
+        assert all(s["status"] == "rewritten" for s in exchanged), exchanged
+
+
+def test_each_rank_reads_only_its_experts_that_the_group_routing_chose(ranks):
+    """The received rows carry every token of both ranks (one each here), the slots routed
+    to the other rank's experts of weight 0, which the model sends as local expert 0:
+    lynx::experts reads exactly the local experts the group's routing chose, none for the
+    weight-0 slots (on some rank expert 0 is not among them, so a kernel reading the slots
+    as sent would read one more)."""
+    local = LAYER["num_experts"] // WORLD
+    chosen = torch.cat([ranks[r]["read"]["routing"][0][1] for r in range(WORLD)])  # group's
+    mine = {r: {e - r * local for e in chosen.unique().tolist() if e // local == r}
+            for r in range(WORLD)}  # fmt: skip
+    assert any(0 not in m for m in mine.values()), mine  # the case that tells
+    for rank in range(WORLD):
+        read = ranks[rank]["read"]
+        ((ids, weights),) = read["experts"]
+        assert ids.shape == (WORLD, LAYER["top_k"])  # one row per token of the group
+        assert (weights == 0).any() and (weights != 0).any()
+        assert set(ids.unique().tolist()) == mine[rank]
+        assert set(ids[weights != 0].unique().tolist()) == mine[rank]
 
 
 def test_routing_group_validation_says_what_to_do(ranks):

@@ -450,6 +450,74 @@ def test_expert_parallel_slots_routed_elsewhere_read_no_extra_expert():
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_received_slots_of_weight_zero_read_no_extra_expert():
+    """Routing received from other ranks (ids into this rank's 4 experts, slots routed
+    elsewhere sent as weight 0 and local id 0): idle_routing points those slots at an expert
+    read anyway, so the experts read are those of the weighted slots; the weights and the
+    output are unchanged (the reference on the routing as received)."""
+    from lynx_compile.lowering import reference
+    from lynx_compile.passes.dispatch import idle_routing
+
+    from tests.helpers import experts_case
+
+    gen = torch.Generator().manual_seed(0)
+    for tokens in (1, 3, 13):
+        ids = torch.randint(1, 4, (tokens, 2), generator=gen)
+        w = torch.rand(tokens, 2, generator=gen)
+        idle = torch.rand(tokens, 2, generator=gen) < 0.5
+        idle[0] = torch.tensor([True, False])  # one token with one idle, one weighted slot
+        if tokens > 1:
+            idle[1] = True  # a token with no weighted slot
+        ids, w = torch.where(idle, 0, ids), torch.where(idle, 0.0, w)  # as the sender wrote
+        got_ids, got_w = idle_routing(ids, w, 4)
+        assert torch.equal(got_w, w)
+        assert set(got_ids.unique().tolist()) == set(ids[w != 0].tolist())  # expert 0 not read
+        assert torch.equal(got_ids[w != 0], ids[w != 0])
+        x, _, _, w_up, w_down, _ = experts_case(tokens, 4, 2, 16, 8, "gated", torch.float32)
+        want = reference.experts_general_reference(x, ids, w, None, w_up, w_down, "silu", True)
+        got = reference.experts_general_reference(x, got_ids, w, None, w_up, w_down, "silu", True)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # as in the test above
+
+
+def _exchange_graph(weights_group: str, ids_group: str, ids_kind=torch.int64, k: int = 2):
+    """placeholders weights [4, 2], ids [4, 2]; each, masked to a rank, sent by a functional
+    all_to_all over its group (2 ranks) and waited; the ids' result of dtype ids_kind (a
+    float: not routing ids) and width k."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    graph = torch.fx.Graph()
+    c10d = torch.ops._c10d_functional
+    with FakeTensorMode():
+        vals = {"weights": torch.rand(4, 2), "ids": torch.zeros(4, 2, dtype=torch.int64)}
+        sent = {"weights": torch.rand(4, 2), "ids": torch.zeros(4, k, dtype=ids_kind)}
+    waits = []
+    for name, group in (("weights", weights_group), ("ids", ids_group)):
+        node = graph.placeholder(name)
+        node.meta["example_value"] = vals[name]
+        masked = graph.call_function(torch.mul, (node, 1))
+        masked.meta["example_value"] = sent[name]
+        a2a = graph.call_function(c10d.all_to_all_single.default, (masked, [2, 2], [2, 2], group))
+        a2a.meta["example_value"] = sent[name]
+        waits.append(graph.call_function(c10d.wait_tensor.default, (a2a,)))
+        waits[-1].meta["example_value"] = sent[name]
+    graph.output(tuple(waits))
+    weights, ids = (n for n in graph.nodes if n.op == "placeholder")
+    return weights, ids, waits
+
+
+def test_exchanged_routing_needs_float_weights_and_integer_ids_of_one_shape_and_group():
+    from lynx_compile.passes.dispatch import exchanged_routing
+
+    weights, ids, waits = _exchange_graph("0", "0")
+    assert exchanged_routing(weights, ids) == (waits[0], waits[1], 2)
+    weights, ids, _ = _exchange_graph("0", "1")  # sent over different groups
+    assert exchanged_routing(weights, ids) is None
+    weights, ids, _ = _exchange_graph("0", "0", ids_kind=torch.float32)  # no integer ids sent
+    assert exchanged_routing(weights, ids) is None
+    weights, ids, _ = _exchange_graph("0", "0", k=3)  # [4, 2] weights beside [4, 3] ids
+    assert exchanged_routing(weights, ids) is None
+
+
 def _gather_graph(weights_group: str, ids_group: str, extra_use: bool = False):
     """placeholders weights, ids; each all_gathered (functional) over its group, waited."""
     graph = torch.fx.Graph()
