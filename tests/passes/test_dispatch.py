@@ -505,17 +505,24 @@ def _exchange_graph(weights_group: str, ids_group: str, ids_kind=torch.int64, k:
     return weights, ids, waits
 
 
+def _found_only_in_the_first(find, graphs) -> None:
+    """find(weights, ids) on graphs[0] returns its waits and group size 2; on the others
+    (each with one thing wrong) None."""
+    weights, ids, waits = graphs[0]
+    assert find(weights, ids) == (waits[0], waits[1], 2)
+    for weights, ids, _ in graphs[1:]:
+        assert find(weights, ids) is None
+
+
 def test_exchanged_routing_needs_float_weights_and_integer_ids_of_one_shape_and_group():
     from lynx_compile.passes.dispatch import exchanged_routing
 
-    weights, ids, waits = _exchange_graph("0", "0")
-    assert exchanged_routing(weights, ids) == (waits[0], waits[1], 2)
-    weights, ids, _ = _exchange_graph("0", "1")  # sent over different groups
-    assert exchanged_routing(weights, ids) is None
-    weights, ids, _ = _exchange_graph("0", "0", ids_kind=torch.float32)  # no integer ids sent
-    assert exchanged_routing(weights, ids) is None
-    weights, ids, _ = _exchange_graph("0", "0", k=3)  # [4, 2] weights beside [4, 3] ids
-    assert exchanged_routing(weights, ids) is None
+    _found_only_in_the_first(exchanged_routing, [
+        _exchange_graph("0", "0"),
+        _exchange_graph("0", "1"),  # sent over different groups
+        _exchange_graph("0", "0", ids_kind=torch.float32),  # no integer ids sent
+        _exchange_graph("0", "0", k=3),  # [4, 2] weights beside [4, 3] ids
+    ])  # fmt: skip
 
 
 def _gather_graph(weights_group: str, ids_group: str, extra_use: bool = False):
@@ -536,9 +543,8 @@ def _gather_graph(weights_group: str, ids_group: str, extra_use: bool = False):
 def test_gathered_routing_needs_both_gathered_over_one_group_and_read_only_gathered():
     from lynx_compile.passes.dispatch import gathered_routing
 
-    weights, ids, waits = _gather_graph("0", "0")
-    assert gathered_routing(weights, ids) == (waits[0], waits[1], 2)
-    weights, ids, _ = _gather_graph("0", "1")  # gathered over different groups
-    assert gathered_routing(weights, ids) is None
-    weights, ids, _ = _gather_graph("0", "0", extra_use=True)
-    assert gathered_routing(weights, ids) is None
+    _found_only_in_the_first(gathered_routing, [
+        _gather_graph("0", "0"),
+        _gather_graph("0", "1"),  # gathered over different groups
+        _gather_graph("0", "0", extra_use=True),  # the ids also read ungathered
+    ])  # fmt: skip
