@@ -212,12 +212,16 @@ def time_interleaved(
     calls: int,
 ) -> dict[str, list[float]]:
     """Per-call ms of every fn, measured in `rounds` rounds that visit each fn in turn for
-    `calls` calls: load from other processes then lands on every fn alike."""
+    `calls` calls: load from other processes then lands on every fn alike. Odd rounds visit
+    the fns in reverse order, so no fn always runs right after the same other one (what the
+    one before leaves in the caches, or a drift within a round, moved an A/A pair's ratio by
+    2-4% on this VM: docs/perf-notes.md, "bench real, paired floor")."""
     for fn in fns.values():
         time_calls(fn, args, device, warmup)
     samples: dict[str, list[float]] = {label: [] for label in fns}
-    for _ in range(rounds):
-        for label, fn in fns.items():
+    order = list(fns.items())
+    for r in range(rounds):
+        for label, fn in order if r % 2 == 0 else reversed(order):
             samples[label] += time_calls(fn, args, device, calls)
     return samples
 

@@ -4,7 +4,8 @@ Each shape is one sparse-MoE block of its transformers family at the published m
 dimensions, with seeded random weights (never downloaded) and a router whose logits are
 spread like a trained router's (see `router_spread`). Per (shape, dtype, threads, decode
 batch B), eager / Inductor / lynx exact / lynx default are compiled side by side and timed in
-interleaved rounds (bench.time_interleaved). Rows per backend: ms (median), ms_min,
+interleaved rounds, odd rounds in reverse order (bench.time_interleaved). Rows per backend:
+ms (median), ms_min,
 paired_vs_inductor (median over rounds of the within-round ratio), noise (half the
 interquartile range of those per-round ratios: two backends within it are a tie), experts
 (distinct routed experts per call: exact for eager / Inductor / lynx exact, lynx's choice for
@@ -549,7 +550,8 @@ def write_results(result: dict, out: Path) -> list[Path]:
         "row's floor is paired instead: the same sum timed in every round beside the "
         "backends (read GB/s: the median over rounds of its median pass); the floor fraction "
         "is the median over rounds of that round's floor time / lynx exact's median.",
-        f"Timing: {meta['rounds']} interleaved rounds per row, each timing every backend for "
+        f"Timing: {meta['rounds']} interleaved rounds per row (odd rounds in reverse order), "
+        "each timing every backend for "
         f"as many calls as fill ~{meta['turn_ms']:.0f} ms (at least {meta['calls']}, at most 10); "
         "ratios are paired (median over rounds of the within-round ratio of medians); noise "
         "is half the interquartile range of lynx exact's per-round ratios to Inductor, noise "

@@ -85,3 +85,19 @@ def test_the_floor_fraction_pairs_each_round_with_the_floor_timed_in_it():
     # a backend at half the floor's speed in the slow round only
     _, fraction, _ = bench_real.paired_floor([5.0, 5.0, 20.0, 20.0], floor_ms, gib / 2, 2)
     assert math.isclose(fraction, 0.75)  # the median of 1.0 and 0.5
+
+
+def test_interleaved_rounds_alternate_the_order_of_the_backends():
+    """Odd rounds run the backends in reverse order (no backend always follows the same
+    other one), and each backend's samples stay `calls` consecutive calls per round."""
+    from lynx_compile.tools import bench
+
+    visits = []
+
+    def backend(label):
+        return lambda: visits.append(label)
+
+    fns = {label: backend(label) for label in ("a", "b", "c")}
+    samples = bench.time_interleaved(fns, (), torch.device("cpu"), 0, 3, 2)
+    assert "".join(visits) == "aabbcc" + "ccbbaa" + "aabbcc"
+    assert {label: len(s) for label, s in samples.items()} == {"a": 6, "b": 6, "c": 6}
