@@ -328,7 +328,7 @@ class DataParallelExpertsMoE(ExpertParallelMoE):
 
 class AllToAllExpertsMoE(ExpertParallelMoE):
     """Expert parallel with per-rank tokens and a token exchange, in static shapes (no host
-    sync: capturable in a CUDA graph, like the fixed-capacity buffers of serving stacks):
+    sync: capturable in a CUDA graph; at an all_gather's volume, every token to every rank):
     each rank routes its own tokens x [B, T, d] (B*T the same on every rank), sends every
     rank all of them with their routing into that rank's experts (local ids; slots held
     elsewhere weigh 0) in one functional all_to_all of equal splits, runs its experts on

@@ -75,7 +75,7 @@ class ExpertsPlan:
     # top-1 only: the weight scales the expert's input, not its output (Llama-4)
     scale_input: bool = False
     # expert-parallel slice: the weights hold experts [offset, offset + E_local) of the
-    # router's; slots routed elsewhere get weight 0 (and local id 0)
+    # router's; slots routed elsewhere get weight 0 (and an expert read anyway)
     expert_offset: int | None = None
     # routing received from other ranks, into these experts: a slot of weight 0 (held
     # elsewhere) is pointed at an expert the call reads anyway
@@ -496,18 +496,26 @@ def gathered_routing(weights: fx.Node, ids: fx.Node) -> tuple[fx.Node, fx.Node, 
 
 
 def _received(seed: fx.Node, floating: bool) -> list[tuple[fx.Node, tuple]]:
-    """(wait, (group size, group)) of each functional all_to_all downstream of seed whose
-    2-D result, of the given kind (floating or integer), is read only through its wait."""
-    found = []
-    for node in _forward_slice([seed]):
-        if _op_name(node) not in _ALL_TO_ALLS or len(node.users) != 1:
-            continue
-        (wait,) = node.users
-        val = example_value(wait)
-        if _op_name(wait) not in _WAITS or val is None or val.dim() != 2:
-            continue
-        if val.dtype.is_floating_point == floating:
-            found.append((wait, (len(node.args[1]), node.args[3])))
+    """(wait, (group size, group)) of each functional all_to_all that seed reaches before
+    any collective (so never the next layer's exchange), whose 2-D result of the given kind
+    (floating, or integer and not bool) is read only through its wait; in graph order."""
+    found, seen, todo = [], set(), [seed]
+    while todo:
+        for user in todo.pop().users:
+            if user in seen or user.op == "output":
+                continue
+            seen.add(user)
+            if not _is_collective(user):
+                todo.append(user)
+            elif _op_name(user) in _ALL_TO_ALLS and len(user.users) == 1:
+                (wait,) = user.users
+                val = example_value(wait)
+                if _op_name(wait) not in _WAITS or val is None or val.dim() != 2:
+                    continue
+                integer = not val.dtype.is_floating_point and val.dtype != torch.bool
+                wanted = val.dtype.is_floating_point if floating else integer
+                if wanted:
+                    found.append((wait, (len(user.args[1]), user.args[3])))
     order = {n: i for i, n in enumerate(seed.graph.nodes)}
     return sorted(found, key=lambda f: order[f[0]])
 
@@ -515,20 +523,20 @@ def _received(seed: fx.Node, floating: bool) -> list[tuple[fx.Node, tuple]]:
 def exchanged_routing(weights: fx.Node, ids: fx.Node) -> tuple[fx.Node, fx.Node, int] | None:
     """Routing sent to the experts' ranks before the experts (per-rank tokens and expert
     parallelism with a token exchange, examples AllToAllExpertsMoE): (received weights,
-    received ids, group size) when functional all_to_alls over one group carry a float
-    tensor derived from the weights and an integer one derived from the ids, both [M, k]
-    (the first such pair in graph order); the dispatch is then sought on the received
-    tensors, whose ids index the receiving rank's own experts (its hidden states are the
-    received tokens), between the model's collectives. A wrong pick fails the numerical
-    check and leaves the dispatch the model's."""
-    got_ids = _received(ids, floating=False)
-    if not got_ids:
-        return None
-    recv_ids, group = got_ids[0]
-    shape = example_value(recv_ids).shape
-    for recv_w, w_group in _received(weights, floating=True):
-        if w_group == group and all(map(_same_size, example_value(recv_w).shape, shape)):
-            return recv_w, recv_ids, group[0]
+    received ids, group size) for the first pair in graph order of functional all_to_alls
+    over one group, one carrying a float tensor derived from the weights, the other an
+    integer one derived from the ids, of one shape [M, k'] (k' the router's k, or 1 for one
+    row per slot), both before any other collective. The dispatch is then sought on the
+    received tensors (its hidden states are the received tokens), between the model's
+    collectives; whatever the pick, a plan is taken only where it reproduces the region on
+    random routing, and at run time slots of weight 0 or with ids outside the rank's
+    experts weigh 0 (idle_routing)."""
+    sent_w = _received(weights, floating=True)
+    for recv_ids, group in _received(ids, floating=False):
+        shape = example_value(recv_ids).shape
+        for recv_w, w_group in sent_w:
+            if w_group == group and all(map(_same_size, example_value(recv_w).shape, shape)):
+                return recv_w, recv_ids, group[0]
     return None
 
 
@@ -595,7 +603,7 @@ def _plan_candidates(
     region: set[fx.Node],
     weights: fx.Node,
     ids: fx.Node,
-    num_experts: int | None,
+    num_experts: int,
     real: dict[fx.Node, object],
     width,
 ) -> list[ExpertsPlan] | str:
@@ -603,8 +611,9 @@ def _plan_candidates(
     `real` holds the placeholders' values (a 0-d float input is a constant of the model:
     Dynamo passes float attributes so under dynamic=True); `width` is the region output's
     (the op returns its input's width). num_experts: the router's, which the ids index;
-    None where they index the experts the region reads (routing received from other
-    ranks: slots of weight 0 are then pointed at experts read anyway)."""
+    negated for routing received from other ranks (the ids index the experts the region
+    reads, or the router's, masked by the region; slots of weight 0 or held elsewhere are
+    then pointed at experts read anyway)."""
     order = {n: i for i, n in enumerate(next(iter(region)).graph.nodes)}
     tensors = [
         n
@@ -624,11 +633,14 @@ def _plan_candidates(
     others = [n for n in tensors if n not in experts]
     held = {_hint(example_value(n).shape[0]) for n in experts}
     offsets: list[int | None] = [None]
-    received = num_experts is None
-    if received:
-        if len(held) != 1:
-            return "the dispatch's 3-D inputs hold different expert counts"
-        (num_experts,) = held
+    received = num_experts is not None and num_experts < 0
+    if received:  # ids into the receiving rank's experts, or global ones the region masks
+        if len(held) > 1:
+            return "the dispatch's expert weights hold different expert counts"
+        num_experts = -num_experts
+        if held and not num_experts % next(iter(held)):
+            offsets += list(range(0, num_experts, next(iter(held))))
+        num_experts = next(iter(held), num_experts)
     if held and held != {num_experts}:
         local = held.pop()
         if held or local > num_experts or num_experts % local:
@@ -915,11 +927,14 @@ def local_routing(ids: torch.Tensor, weights: torch.Tensor, offset: int, held: i
 
 
 def idle_routing(ids: torch.Tensor, weights: torch.Tensor, held: int):
-    """(ids, weights) [N, k] into `held` experts, with each slot of weight 0 (a slot the
-    sender routed to another rank's experts) pointed at an expert read anyway, as
-    local_routing does: it adds nothing to the output and makes the kernel read no extra
-    expert."""
-    return _point_idle(ids, weights != 0, held), weights
+    """(ids, weights) [N, k] of routing received from other ranks, into `held` experts: a
+    slot of weight 0 (one the sender routed to another rank's experts) or of an id outside
+    [0, held) (one the model itself masks out, checked numerically) weighs 0 and points at
+    an expert read anyway, as local_routing does. Such a slot adds nothing to the output
+    (0 x a finite expert output, as the model computes it) and makes the kernel read no
+    extra expert."""
+    active = (weights != 0) & (ids >= 0) & (ids < held)
+    return _point_idle(ids, active, held), torch.where(active, weights, 0)
 
 
 def _point_idle(ids: torch.Tensor, active: torch.Tensor, held: int) -> torch.Tensor:
@@ -930,6 +945,11 @@ def _point_idle(ids: torch.Tensor, active: torch.Tensor, held: int) -> torch.Ten
     batch = torch.cat([candidate.reshape(-1), candidate.new_full((1,), held)]).amin()
     fallback = torch.where(batch < held, batch, torch.zeros_like(batch))
     return torch.where(active, ids, torch.where(own < held, own, fallback))
+
+
+def _repoints(plan: ExpertsPlan) -> bool:
+    """Whether the plan points slots of weight 0 at other experts than the model's."""
+    return plan.expert_offset is not None or plan.repoint_idle
 
 
 def _held(plan: ExpertsPlan) -> int:
@@ -969,27 +989,37 @@ def _routing_shape(val: torch.Tensor) -> list[int]:
     return [max(_hint(s), 1) for s in val.shape[:-1]] + [_hint(val.shape[-1])]
 
 
-def _random_routing(weights, ids, num_experts, dense: bool, gen) -> tuple:
+def _random_routing(weights, ids, num_experts, dense: bool, gen, first: int = 0) -> tuple:
     """(ids [*tokens, k], weights [*tokens, k], what the region reads as `weights`): a
-    random exact routing; a dense gate holds the weights at the ids and zeros elsewhere."""
+    random exact routing into experts [first, first + num_experts) (distinct per token, or
+    drawn with repeats where a slice holds fewer experts than k); a dense gate holds the
+    weights at the ids and zeros elsewhere."""
     ids_val, w_val = example_value(ids), example_value(weights)
     shape = _routing_shape(ids_val)
-    logits = torch.randn(*shape[:-1], num_experts, generator=gen)
-    chosen = torch.topk(logits, shape[-1], dim=-1).indices.to(ids_val.device)
+    if num_experts >= shape[-1]:
+        logits = torch.randn(*shape[:-1], num_experts, generator=gen)
+        chosen = torch.topk(logits, shape[-1], dim=-1).indices
+    else:
+        chosen = torch.randint(0, num_experts, shape, generator=gen)
+    chosen = (chosen + first).to(ids_val.device)
     # Not normalised: with k = 1 a normalised weight is 1, and a weight that scales the
     # expert's input could not be told from one that scales its output.
     w = (torch.rand(shape, generator=gen) * 0.9 + 0.1).to(w_val.dtype).to(w_val.device)
     if not dense:
         return chosen, w, w
-    gate = torch.zeros(*shape[:-1], num_experts, dtype=w.dtype, device=w.device)
+    width = _hint(w_val.shape[-1])  # the gate's: every expert of the router
+    gate = torch.zeros(*shape[:-1], width, dtype=w.dtype, device=w.device)
     return chosen, w, gate.scatter(-1, chosen, w)
 
 
-def _random_inputs(inputs, weights, ids, num_experts, real: dict, dense: bool = False):
-    """Random hidden states and a random exact routing; real tensors for placeholders.
-    Also returns the [*tokens, k] weights the experts op takes (the gate's, when dense)."""
+def _random_inputs(
+    inputs, weights, ids, num_experts, real: dict, dense: bool = False, first: int = 0
+):
+    """Random hidden states and a random exact routing into experts [first, first +
+    num_experts); real tensors for placeholders. Also returns the [*tokens, k] weights the
+    experts op takes (the gate's, when dense)."""
     gen = torch.Generator().manual_seed(0)
-    chosen, w_k, w_region = _random_routing(weights, ids, num_experts, dense, gen)
+    chosen, w_k, w_region = _random_routing(weights, ids, num_experts, dense, gen, first)
     values = {ids: chosen, weights: w_region}
     for node in inputs:
         val = example_value(node)
@@ -1015,8 +1045,12 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 def _matches(expected: torch.Tensor, got: torch.Tensor, compute_dtype: torch.dtype) -> bool:
     """Max error relative to the output's scale, within the tolerance of the dtype the
-    experts compute in (a bf16 block may return fp32 after an upcast)."""
+    experts compute in (a bf16 block may return fp32 after an upcast). An all-zero expected
+    output (a region that routed every slot elsewhere) matches nothing: it cannot tell the
+    plans apart."""
     if expected.shape != got.shape or not torch.isfinite(expected).all():
+        return False
+    if not expected.any():
         return False
     scale = expected.abs().max().clamp_min(1e-6)
     err = (expected.float() - got.float()).abs().max() / scale
@@ -1072,8 +1106,7 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
         return False
     # The routing as the dispatch reads it: lynx's outputs, or (when the model gathers them
     # across ranks first) the gathered copies, whose region lies between the collectives.
-    # The ids index the router's experts (None: the receiving rank's own, after a token
-    # exchange).
+    # The ids index the router's experts (negated: received, after a token exchange).
     seeds = [(weights, ids, "", num_experts)]
     gathered = gathered_routing(weights, ids)
     if gathered is not None:
@@ -1082,7 +1115,7 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
     exchanged = exchanged_routing(weights, ids)
     if exchanged is not None:
         where = f"; on the routing exchanged (all_to_all) between {exchanged[2]} ranks"
-        seeds.append((exchanged[0], exchanged[1], where, None))
+        seeds.append((exchanged[0], exchanged[1], where, -num_experts))
     real = _placeholder_values(gm, example_inputs)  # what each input holds, for the checks
     why = None  # the first candidate's reason, reported when none is taken
     # the first reason for an experts region (reading 3-D weights) of another width than d
@@ -1103,7 +1136,13 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
             width = example_value(out).shape[-1]
             plans = _plan_candidates(inputs, region, weights, ids, indexed, real, width)
             if not isinstance(plans, str) and top_k == 1:  # the weight may scale the input
-                plans += [dataclasses.replace(p, scale_input=True) for p in plans]
+                # (not where weight-0 slots are re-pointed at other experts and the experts
+                # are biased: f(0 * x) is then the other expert's bias path, not 0)
+                plans += [
+                    dataclasses.replace(p, scale_input=True)
+                    for p in plans
+                    if not (_repoints(p) and any(b is not None for b in _biases(p)))
+                ]
             if not isinstance(plans, str):
                 acts = _activations_in(region)
                 plans = [p for p in plans if p.activation in acts] or (
@@ -1147,24 +1186,39 @@ def _reads_expert_weights(inputs: list[fx.Node]) -> bool:
 
 
 def _verified_plan(gm, region, inputs, out, plans, weights, ids, real, dense=False):
-    num_experts = _hint(example_value(plans[0].w_up).shape[0])
-    found = _random_inputs(inputs, weights, ids, num_experts, real, dense)
-    if found is None:
-        return None
-    values, w_k = found
+    held = _held(plans[0])
     original = _extract(gm, region, inputs, out)
+    draws: dict[int, tuple | None] = {}
 
-    def reproduces(plan, scale=1.0) -> bool:
+    def drawn(plan):
+        """Random inputs whose ids fall in the experts the plan reads: [offset, offset +
+        held) of the router's for an expert-parallel slice, so that a slice at the wrong
+        offset sees the region route every slot elsewhere (an all-zero output) and fails."""
+        first = plan.expert_offset or 0
+        if first not in draws:
+            draws[first] = _random_inputs(inputs, weights, ids, held, real, dense, first)
+        return draws[first]
+
+    def reproduces(plan, scale=1.0, idle=False, beyond=False) -> bool:
+        found = drawn(plan)
+        if found is None:
+            return False
+        values, w_k = found
+        if idle:
+            values, w_k = _idle_slots(values, w_k, weights, ids, plan.expert_offset or 0)
+        if beyond:  # every other slot's id past the plan's experts, its weight kept
+            values = _slots_beyond(values, ids, held)
         scaled = dict(values)
         scaled[plan.x] = values[plan.x] * scale
         try:
             expected = original(*[scaled[n] for n in inputs])
             got = call_experts(plan, scaled[plan.x], values[ids], w_k, scaled)
-        except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
+        except _CHECK_ERRORS as err:
             # inputs the plan cannot take (a tensor subclass the op does not handle): the
             # region stays the model's, never a failed compile
             log.debug("lynx dispatch: plan %s not checked: %s", plan.describe(), err)
-            return False
+            # ids past its experts the region itself cannot take: nothing to match there
+            return beyond and _region_refuses(original, [scaled[n] for n in inputs])
         return _matches(expected, got.to(expected.dtype), values[plan.x].dtype)
 
     # A clamp random hidden states may never reach: where the region clamps, every plan is
@@ -1175,9 +1229,48 @@ def _verified_plan(gm, region, inputs, out, plans, weights, ids, real, dense=Fal
         for plan in plans:
             if not reproduces(plan):
                 continue
-            if not clamped or all(reproduces(plan, s) for s in _CLAMP_PROBES):
-                return plan
+            if clamped and not all(reproduces(plan, s) for s in _CLAMP_PROBES):
+                continue
+            # received routing: also where senders routed slots elsewhere (weight 0, id 0),
+            # which the plan points at experts read anyway, and where ids lie past the plan's
+            # experts, which it drops: the model must add nothing there either (or refuse
+            # such ids: it masks them, or would fail on them itself)
+            received = plan.repoint_idle and not dense
+            if received and not (reproduces(plan, idle=True) and reproduces(plan, beyond=True)):
+                continue
+            return plan
     return None
+
+
+_CHECK_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError)
+
+
+def _region_refuses(original, args) -> bool:
+    """Whether the model's own region fails on these inputs."""
+    try:
+        original(*args)
+    except _CHECK_ERRORS:
+        return True
+    return False
+
+
+def _slots_beyond(values: dict, ids: fx.Node, held: int) -> dict:
+    """values with every other slot's id (in row-major order, the first included) moved
+    `held` past its expert: outside the experts the slot's range holds."""
+    i = values[ids]
+    beyond = (torch.arange(i.numel(), device=i.device) % 2 == 0).reshape(i.shape)
+    return {**values, ids: torch.where(beyond, i + held, i)}
+
+
+def _idle_slots(values: dict, w_k, weights: fx.Node, ids: fx.Node, first: int):
+    """values and w_k with every other slot (in row-major order, the first included) of
+    weight 0 and id `first`, as a sender writes a slot held by another rank."""
+    w = values[weights]
+    idle = (torch.arange(w.numel(), device=w.device) % 2 == 0).reshape(w.shape)
+    out = dict(values)
+    out[weights] = torch.where(idle, torch.zeros_like(w), w)
+    out[ids] = torch.where(idle, torch.full_like(values[ids], first), values[ids])
+    return out, out[weights] if w_k is values[weights] else torch.where(idle, 0, w_k)
 
 
 def _replace(gm, region, out, plan: ExpertsPlan, weights, ids, dense: bool = False) -> None:

@@ -31,15 +31,18 @@ import torch
 import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lynx_compile.examples import moe_modules
 from lynx_compile.lowering import reference
 from torch._subclasses import FakeTensor
+from torch.distributed import _functional_collectives as funcol
 
 from lynx_compile.config import parse_options
 from tests.helpers import join_gloo, spawn_ranks
 
 WORLD = 2
 TOKENS = (3, 13)
-READ_SEED = 7  # one token per rank: some rank's tokens choose none of its first experts
+# one token per rank: on some rank, local expert 0 is chosen by neither rank's token
+READ_SEED = 7
 UNEQUAL = ((1, 5),)  # tokens on rank 0, rank 1 (empty parts: the split test below)
 LAYER = dict(num_experts=16, top_k=4)
 DEFAULT = reference.RoutingPolicy("affinity", 3.0, 2.0, 1, 16)  # the options' defaults
@@ -117,11 +120,35 @@ def _experts_read(model, x, group_seen: list) -> dict:
 _KEPT = []  # the replacement library of _experts_read (dropped, it would unregister)
 
 
+class _GlobalIdsExchange(moe_modules.AllToAllExpertsMoE):
+    """AllToAllExpertsMoE sending every rank the global ids and the unmasked weights: each
+    receiver masks the slots outside its range itself (local_routing)."""
+
+    def dispatch(self, tokens, weights, ids):
+        group, world, n = dist.group.WORLD, self.world, tokens.shape[0]
+        sent = [t.unsqueeze(0).expand(world, *t.shape).reshape(world * n, -1)
+                for t in (tokens, weights, ids)]  # fmt: skip
+        recv = [funcol.all_to_all_single(t, None, None, group) for t in sent]
+        shares = funcol.all_to_all_single(self.local_share(*recv), None, None, group)
+        return shares.view(world, n, -1).sum(dim=0)
+
+
+class _ModuloExchange(_GlobalIdsExchange):
+    """_GlobalIdsExchange whose receivers take every slot modulo their expert count, weight
+    kept (not expressible as lynx::experts on the rank's range: must stay the model's)."""
+
+    def local_routing(self, weights, ids):
+        return weights, ids % self.local
+
+
 def _rank_main(rank: int, port: int, results) -> None:
     join_gloo(rank, port, WORLD)
     try:
-        from lynx_compile.examples import moe_modules
         from torch._dynamo.utils import counters
+
+        # seven compiled variants share StackedExperts.forward's frame, each at 3, 13 and
+        # 1 token: past Dynamo's default limit of 8 entries it would run the rest eagerly
+        torch._dynamo.config.recompile_limit = 32
 
         import lynx_compile
 
@@ -146,6 +173,9 @@ def _rank_main(rank: int, port: int, results) -> None:
             "per_rank": compiled(layer, telemetry=True),
             "a2a_group": compiled(exchanged, routing_group=group, telemetry=True),
             "a2a_exact": compiled(exchanged, policy="exact"),
+            "a2a_global_exact": compiled(
+                _GlobalIdsExchange(rank, WORLD, **LAYER).eval(), policy="exact"
+            ),
         }
         single = compiled(whole)
         scored = compiled(SigmoidRouter().eval(), routing_group=group, telemetry=True)
@@ -174,6 +204,11 @@ def _rank_main(rank: int, port: int, results) -> None:
                         counters["lynx"]["routing_group_all_reduce"] - emitted
                     )
         sites = lynx_compile.report()["sites"]  # before the router alone below
+        modulo = _ModuloExchange(rank, WORLD, **LAYER).eval()
+        with torch.no_grad():
+            out["modulo"] = (compiled(modulo, policy="exact")(xs[rank]).clone(),
+                             modulo(xs[rank]).clone())  # fmt: skip
+        modulo_sites = lynx_compile.report()["sites"][len(sites) :]
         one = torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(READ_SEED + rank))
         read = _experts_read(variants["a2a_group"], one, group_seen)
         # Unequal batches, a rank with one token: the router alone (the example's
@@ -195,6 +230,7 @@ def _rank_main(rank: int, port: int, results) -> None:
             errors=_option_errors(),
             group_name=group.group_name,
             read=read,
+            modulo_sites=modulo_sites,
         )
     finally:
         dist.destroy_process_group()
@@ -262,6 +298,7 @@ def test_exact_equals_single_process_eager_and_runs_no_routing_collective(ranks,
         got = ranks[rank]["outputs"][n]
         torch.testing.assert_close(got["group_exact"], got["eager"], **FP32_TOL)
         torch.testing.assert_close(got["a2a_exact"], got["eager"], **FP32_TOL)
+        torch.testing.assert_close(got["a2a_global_exact"], got["eager"], **FP32_TOL)
     for rank in range(WORLD):  # all_reduces the passes emitted, over every compile
         assert ranks[rank]["collectives"] == {
             "group": 2,
@@ -270,6 +307,7 @@ def test_exact_equals_single_process_eager_and_runs_no_routing_collective(ranks,
             "per_rank": 0,
             "a2a_group": 2,
             "a2a_exact": 0,
+            "a2a_global_exact": 0,
         }
     exact = _routers(ranks[0]["sites"], policy="exact")
     assert exact and all(s["routing_scope"] == "token" for s in exact), exact
@@ -321,12 +359,29 @@ def test_the_gathered_dispatch_is_fused_to_each_ranks_own_experts(ranks):
 
 def test_the_exchanged_dispatch_is_fused_on_the_received_routing(ranks):
     """AllToAllExpertsMoE: the dispatch reads the routing each rank received by all_to_all
-    (ids into its own experts): fused between the model's collectives in both variants."""
+    (ids into its own experts): fused between the model's collectives in both variants; the
+    variant that sends global ids (each receiver masking the others' slots) is fused to the
+    rank's own range, found numerically."""
     for rank in range(WORLD):
         dispatch = [s for s in ranks[rank]["sites"] if s["kind"] == "dispatch"]
         exchanged = [s for s in dispatch if "exchanged (all_to_all) between 2 ranks" in s["reason"]]
-        assert len(exchanged) == 2, dispatch  # a2a_group, a2a_exact
+        assert len(exchanged) == 3, dispatch  # a2a_group, a2a_exact, a2a_global_exact
         assert all(s["status"] == "rewritten" for s in exchanged), exchanged
+        ranged = [s for s in exchanged if "experts " in s["reason"]]
+        assert len(ranged) <= 1, exchanged  # local ids: no range; global ids: rank 1's
+        if rank == 1:  # rank 0's range starts at 0: its ids index its experts as they are
+            assert ranged and "experts 8..15" in ranged[0]["reason"], exchanged
+
+
+def test_an_exchange_no_experts_op_reproduces_stays_the_models(ranks):
+    """Receivers that take global ids modulo their expert count (weights kept): at ids in
+    a rank's range that equals its experts, but past it the model still computes where the
+    fused op would drop the slot; the check with ids past the range refuses it."""
+    for rank in range(WORLD):
+        compiled_out, eager_out = ranks[rank]["outputs"]["modulo"]
+        torch.testing.assert_close(compiled_out, eager_out, **FP32_TOL)
+        dispatch = [s for s in ranks[rank]["modulo_sites"] if s["kind"] == "dispatch"]
+        assert dispatch and all(s["status"] == "skipped" for s in dispatch), dispatch
 
 
 def test_each_rank_reads_only_its_experts_that_the_group_routing_chose(ranks):
@@ -335,6 +390,8 @@ def test_each_rank_reads_only_its_experts_that_the_group_routing_chose(ranks):
     lynx::experts reads exactly the local experts the group's routing chose, none for the
     weight-0 slots (on some rank expert 0 is not among them, so a kernel reading the slots
     as sent would read one more)."""
+    # the recorder replaced the native kernel, which Inductor calls (the traced fallback,
+    # without a native build, would record nothing: then the unpacking below fails)
     local = LAYER["num_experts"] // WORLD
     chosen = torch.cat([ranks[r]["read"]["routing"][0][1] for r in range(WORLD)])  # group's
     mine = {r: {e - r * local for e in chosen.unique().tolist() if e // local == r}

@@ -144,3 +144,33 @@ def test_transformers_eager_experts_table_is_restored():
     assert moe.ExpertsInterface._global_mapping == before
     dispatches = sites_of(lynx_compile.report(), kind="dispatch")
     assert dispatches and all(s["status"] == "rewritten" for s in dispatches), dispatches
+
+
+class _RankShare(moe_modules.ExpertParallelMoE):
+    """One rank's share of ExpertParallelMoE (its expert range, slots routed elsewhere
+    weighing 0), without the all_reduce: an expert-parallel dispatch in one process."""
+
+    def dispatch(self, tokens, weights, ids):
+        return self.local_share(tokens, weights, ids)
+
+
+@pytest.mark.parametrize(
+    "rank, world, first, last",
+    [(2, 4, 8, 11), (2, 8, 4, 5)],  # 4 experts of 16 per rank; 2, fewer than top_k = 4
+)
+@torch.no_grad()
+def test_an_expert_parallel_slice_is_fused_at_its_own_offset(rank, world, first, last):
+    """The slice's offset is found numerically, each candidate on ids in its own range: a
+    check on ids from the first range only saw an all-zero region at every other offset and
+    took rank 2 of 4 as experts 4..7 (a wrong answer in exact mode). A slice of fewer
+    experts than top-k compiles too (the check draws ids with repeats)."""
+    torch._dynamo.reset()
+    lynx_compile.clear_report()
+    module = _RankShare(rank, world, num_experts=16, top_k=4).eval()
+    exact = torch.compile(module, backend="lynx", options={"policy": "exact"}, dynamic=True)
+    for tokens in (3, 13):
+        x = _inputs(tokens)
+        torch.testing.assert_close(exact(x), module(x), **FP32_TOL)
+    dispatches = sites_of(lynx_compile.report(), kind="dispatch")
+    assert dispatches and all(s["status"] == "rewritten" for s in dispatches), dispatches
+    assert all(f"experts {first}..{last}" in s["reason"] for s in dispatches), dispatches

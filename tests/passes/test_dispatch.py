@@ -479,10 +479,26 @@ def test_received_slots_of_weight_zero_read_no_extra_expert():
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # as in the test above
 
 
-def _exchange_graph(weights_group: str, ids_group: str, ids_kind=torch.int64, k: int = 2):
+def test_received_ids_outside_the_ranks_experts_weigh_zero():
+    """Received global ids that the model masks out itself (ids of another rank's range,
+    weight kept): idle_routing gives them weight 0 and an expert read anyway, never an id
+    out of range for the kernel."""
+    from lynx_compile.passes.dispatch import idle_routing
+
+    ids = torch.tensor([[1, 9], [12, 14], [-1, 3]])
+    w = torch.tensor([[0.5, 0.5], [0.7, 0.3], [0.2, 0.8]])
+    got_ids, got_w = idle_routing(ids, w, 4)
+    assert torch.equal(got_w, torch.tensor([[0.5, 0.0], [0.0, 0.0], [0.0, 0.8]]))
+    assert torch.equal(got_ids, torch.tensor([[1, 1], [1, 1], [3, 3]]))  # own, else batch's
+
+
+def _exchange_graph(
+    weights_group: str, ids_group: str, ids_kind=torch.int64, k: int = 2, behind=False
+):
     """placeholders weights [4, 2], ids [4, 2]; each, masked to a rank, sent by a functional
     all_to_all over its group (2 ranks) and waited; the ids' result of dtype ids_kind (a
-    float: not routing ids) and width k."""
+    float or bool: not routing ids) and width k; `behind`: the ids reach their all_to_all
+    only through an all_reduce (as the next layer's exchange would)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     graph = torch.fx.Graph()
@@ -496,6 +512,10 @@ def _exchange_graph(weights_group: str, ids_group: str, ids_kind=torch.int64, k:
         node.meta["example_value"] = vals[name]
         masked = graph.call_function(torch.mul, (node, 1))
         masked.meta["example_value"] = sent[name]
+        if behind and name == "ids":
+            reduced = graph.call_function(c10d.all_reduce.default, (masked, "sum", group))
+            masked = graph.call_function(c10d.wait_tensor.default, (reduced,))
+            masked.meta["example_value"] = sent[name]
         a2a = graph.call_function(c10d.all_to_all_single.default, (masked, [2, 2], [2, 2], group))
         a2a.meta["example_value"] = sent[name]
         waits.append(graph.call_function(c10d.wait_tensor.default, (a2a,)))
@@ -521,6 +541,8 @@ def test_exchanged_routing_needs_float_weights_and_integer_ids_of_one_shape_and_
         _exchange_graph("0", "0"),
         _exchange_graph("0", "1"),  # sent over different groups
         _exchange_graph("0", "0", ids_kind=torch.float32),  # no integer ids sent
+        _exchange_graph("0", "0", ids_kind=torch.bool),  # a mask, not ids
+        _exchange_graph("0", "0", behind=True),  # only past another collective
         _exchange_graph("0", "0", k=3),  # [4, 2] weights beside [4, 3] ids
     ])  # fmt: skip
 
