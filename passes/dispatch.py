@@ -1254,19 +1254,23 @@ def _region_refuses(original, args) -> bool:
     return False
 
 
+def _every_other(t: torch.Tensor) -> torch.Tensor:
+    """A mask of t's shape true at every other element in row-major order, the first too."""
+    return (torch.arange(t.numel(), device=t.device) % 2 == 0).reshape(t.shape)
+
+
 def _slots_beyond(values: dict, ids: fx.Node, held: int) -> dict:
     """values with every other slot's id (in row-major order, the first included) moved
     `held` past its expert: outside the experts the slot's range holds."""
     i = values[ids]
-    beyond = (torch.arange(i.numel(), device=i.device) % 2 == 0).reshape(i.shape)
-    return {**values, ids: torch.where(beyond, i + held, i)}
+    return {**values, ids: torch.where(_every_other(i), i + held, i)}
 
 
 def _idle_slots(values: dict, w_k, weights: fx.Node, ids: fx.Node, first: int):
     """values and w_k with every other slot (in row-major order, the first included) of
     weight 0 and id `first`, as a sender writes a slot held by another rank."""
     w = values[weights]
-    idle = (torch.arange(w.numel(), device=w.device) % 2 == 0).reshape(w.shape)
+    idle = _every_other(w)
     out = dict(values)
     out[weights] = torch.where(idle, torch.zeros_like(w), w)
     out[ids] = torch.where(idle, torch.full_like(values[ids], first), values[ids])
