@@ -340,15 +340,23 @@ class AllToAllExpertsMoE(ExpertParallelMoE):
         if self.world == 1:
             return self.local_share(tokens, weights, ids)
         group, world, n = dist.group.WORLD, self.world, tokens.shape[0]
+        received = (  # [world * N, ...]: every rank's rows for this one
+            funcol.all_to_all_single(t.reshape(world * n, -1), None, None, group)
+            for t in self.outgoing(tokens, weights, ids)
+        )
+        shares = funcol.all_to_all_single(self.received_share(*received), None, None, group)
+        return shares.view(world, n, -1).sum(dim=0)  # this rank's tokens, every rank's share
+
+    def outgoing(self, tokens, weights, ids):
+        """(tokens, weights, ids) for each rank, [world, N, ...]: every token, its routing
+        into that rank's experts (local ids, weight 0 for slots held elsewhere)."""
+        world, n = self.world, tokens.shape[0]
         rank_of = torch.arange(world, device=ids.device).view(world, 1, 1)
         held = (ids // self.local).unsqueeze(0) == rank_of  # [world, N, k]: slot -> rank
         send_w = torch.where(held, weights.unsqueeze(0), torch.zeros_like(weights))
         send_ids = torch.where(held, ids.unsqueeze(0) - rank_of * self.local, 0)
-        send_x = tokens.unsqueeze(0).expand(world, n, tokens.shape[-1])
-        recv_x, recv_w, recv_ids = (  # [world * N, ...]: every rank's rows for this one
-            funcol.all_to_all_single(t.reshape(world * n, -1), None, None, group)
-            for t in (send_x, send_w, send_ids)
-        )
-        shares = funcol.all_to_all_single(self.held_experts(recv_x, recv_w, recv_ids),
-                                          None, None, group)  # fmt: skip
-        return shares.view(world, n, -1).sum(dim=0)  # this rank's tokens, every rank's share
+        return tokens.unsqueeze(0).expand(world, n, tokens.shape[-1]), send_w, send_ids
+
+    def received_share(self, tokens, weights, ids):
+        """This rank's experts on the rows it received -> [world * N, d]."""
+        return self.held_experts(tokens, weights, ids)

@@ -34,7 +34,6 @@ from hypothesis import strategies as st
 from lynx_compile.examples import moe_modules
 from lynx_compile.lowering import reference
 from torch._subclasses import FakeTensor
-from torch.distributed import _functional_collectives as funcol
 
 from lynx_compile.config import parse_options
 from tests.helpers import join_gloo, spawn_ranks
@@ -124,13 +123,11 @@ class _GlobalIdsExchange(moe_modules.AllToAllExpertsMoE):
     """AllToAllExpertsMoE sending every rank the global ids and the unmasked weights: each
     receiver masks the slots outside its range itself (local_routing)."""
 
-    def dispatch(self, tokens, weights, ids):
-        group, world, n = dist.group.WORLD, self.world, tokens.shape[0]
-        sent = [t.unsqueeze(0).expand(world, *t.shape).reshape(world * n, -1)
-                for t in (tokens, weights, ids)]  # fmt: skip
-        recv = [funcol.all_to_all_single(t, None, None, group) for t in sent]
-        shares = funcol.all_to_all_single(self.local_share(*recv), None, None, group)
-        return shares.view(world, n, -1).sum(dim=0)
+    def outgoing(self, tokens, weights, ids):
+        return [t.unsqueeze(0).expand(self.world, *t.shape) for t in (tokens, weights, ids)]
+
+    def received_share(self, tokens, weights, ids):
+        return self.local_share(tokens, weights, ids)
 
 
 class _ModuloExchange(_GlobalIdsExchange):
