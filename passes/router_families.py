@@ -318,17 +318,38 @@ def match_scored_router(topk: fx.Node, graph_id: int) -> ScoredRouterSite | None
 def _feeds_another_topk(topk: fx.Node) -> bool:
     """Whether a later top-k reads what this one returns (Doge's product keys pick sub-keys
     per half, then a top-k over their sums picks the experts): this top-k is not the expert
-    choice. A grouped router's per-group top-k lies before its final top-k, not after."""
+    choice. A grouped router's per-group top-k lies before its final top-k, not after.
+
+    Only the routing arithmetic between the two counts: the walk stops at contractions
+    (the experts' matmuls, the next layer's router linear), so a later layer's router,
+    which reads this layer's output through them, does not make this top-k a sub-key pick."""
     seen, frontier = set(), list(topk.users)
     while frontier:
         node = frontier.pop()
-        if node in seen:
+        if node in seen or _is_contraction(node):
             continue
         seen.add(node)
         if canonical_op(node) == "topk":
             return True
         frontier.extend(node.users)
     return False
+
+
+# Matrix products under their Dynamo spellings (torch functions, tensor methods, modules):
+# where routing arithmetic ends and expert or layer compute begins.
+_CONTRACTION_FUNCTIONS = {
+    torch.bmm, torch.baddbmm, torch.addmm, torch.einsum, torch.nn.functional.bilinear,
+    *(f for f in (getattr(torch, "_grouped_mm", None),) if f is not None),
+}  # fmt: skip
+_CONTRACTION_METHODS = {"bmm", "baddbmm", "addmm", "matmul", "mm", "__matmul__"}
+
+
+def _is_contraction(node: fx.Node) -> bool:
+    if canonical_op(node) in ("linear", "matmul") or node.op == "call_module":
+        return True
+    if node.op == "call_method":
+        return node.target in _CONTRACTION_METHODS
+    return node.op == "call_function" and node.target in _CONTRACTION_FUNCTIONS
 
 
 def _report_max_routers(gm: fx.GraphModule, graph_id: int) -> None:

@@ -102,13 +102,47 @@ def build_block(family: str, implementation: str = "grouped_mm", seed: int = 0, 
     return block
 
 
+# Config fields that make the whole model build at toy size with every decoder layer an
+# MoE layer (the block configs above leave the families' dense first layers, layer
+# periods and attention kinds at their defaults; a block does not read them).
+_WHOLE_MODEL: dict[str, dict] = {
+    "deepseek_v2": dict(num_key_value_heads=4),  # MLA: as many KV heads as query heads
+    "deepseek_v3": dict(num_key_value_heads=4, first_k_dense_replace=0),
+    "longcat_flash": dict(num_key_value_heads=4, num_hidden_layers=4),  # 2 layers of 2 halves
+    "glm4_moe": dict(first_k_dense_replace=0),
+    "exaone_moe": dict(first_k_dense_replace=0),
+    "ernie4_5_moe": dict(moe_layer_start_index=0),
+    "flex_olmo": dict(pad_token_id=0, eos_token_id=1, bos_token_id=None),
+    "olmoe": dict(eos_token_id=1),
+    "jamba": dict(attn_layer_period=1, attn_layer_offset=0, expert_layer_period=1,
+                  expert_layer_offset=0),
+    "qwen3_next": dict(layer_types=["full_attention"] * 2),
+    "hunyuan_v1_moe": dict(head_dim=8),
+    "lfm2_moe": dict(layer_types=["full_attention"] * 2, num_dense_layers=0),
+    # transformers 5.24's DBRX attention reads rope_theta and clip_qkv from attn_config
+    "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0)),
+    "switch_transformers": dict(num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8,
+                                num_sparse_encoder_layers=2, num_sparse_decoder_layers=2),
+}  # fmt: skip
+
+
 def build_causal_lm(family: str, implementation: str = "grouped_mm", seed: int = 0, **overrides):
-    """A tiny random *ForCausalLM of `family` (eval mode, fp32)."""
+    """A tiny random *ForCausalLM of `family` (eval mode, fp32), two decoder layers, each
+    an MoE layer (Switch Transformers: its encoder-decoder, every layer sparse)."""
     transformers = require("transformers", "bench", FEATURE)
-    config = tiny_config(family, implementation, **overrides)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    config = tiny_config(family, implementation, **{**_WHOLE_MODEL.get(family, {}), **overrides})
+    auto = transformers.AutoModelForCausalLM
+    if family == "switch_transformers":  # no causal-LM head: the seq2seq model
+        auto = transformers.AutoModelForSeq2SeqLM
+    model = auto.from_config(config).eval()
     _randomize(model, seed)
     return model
+
+
+def moe_blocks(model: torch.nn.Module, family: str) -> list[str]:
+    """Module paths of the family's sparse-MoE blocks in `model`, in order."""
+    _, _, block_cls = _classes(family)
+    return [name for name, m in model.named_modules() if isinstance(m, block_cls)]
 
 
 # Every other router kind of transformers' MoE families (sigmoid + bias + groups, top-k on

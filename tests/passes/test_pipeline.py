@@ -101,6 +101,26 @@ class ProductKeys(nn.Module):
         return torch.softmax(values, dim=-1), experts.gather(-1, pos)
 
 
+class StackedScoredLayers(nn.Module):
+    """Must match twice: two layers, each a sigmoid top-k router over gathered-bmm experts.
+    The second layer's top-k reads the first's output through its experts' matmuls: that
+    is the next layer's router, not a product-key combination of the first's picks."""
+
+    def __init__(self, dim=16, experts=6, layers=2):
+        super().__init__()
+        self.gates = nn.ModuleList(nn.Linear(dim, experts, bias=False) for _ in range(layers))
+        self.w = nn.Parameter(torch.randn(layers, experts, dim, dim) / dim**0.5)
+
+    def forward(self, x):
+        tokens = x.reshape(-1, x.shape[-1])
+        for gate, w in zip(self.gates, self.w, strict=True):
+            values, ids = torch.topk(torch.sigmoid(gate(tokens)), 2, dim=-1)
+            xs = tokens.repeat_interleave(2, dim=0).unsqueeze(-1)  # [N*2, d, 1]
+            y = torch.bmm(w[ids.reshape(-1)], xs).view(tokens.shape[0], 2, -1)
+            tokens = tokens + (y * values.unsqueeze(-1)).sum(dim=1)
+        return tokens
+
+
 class SoftmaxOverTokens(nn.Module):
     """Must not match: the softmax normalises over tokens, not experts."""
 
@@ -216,6 +236,13 @@ def test_must_not_match_product_key_routing():
     assert not changed and lynx_targets(gm) == []
     assert got.get("router_rewritten", 0) == 0, got
     assert any(k.startswith("router_skipped:product-key routing") for k in got), got
+
+
+@torch.no_grad()
+def test_must_match_each_of_two_stacked_scored_routers():
+    gm, got, changed = run(StackedScoredLayers().eval(), torch.randn(5, 1, 16))
+    assert changed and got.get("router_rewritten") == 2, got
+    assert not any(k.startswith("router_skipped") for k in got), got
 
 
 @torch.no_grad()

@@ -1,0 +1,163 @@
+"""backend="lynx" on whole transformers models: every MoE layer's router and experts.
+
+test_families.py compiles one MoE block per family. A user compiles the whole model, and
+Dynamo hands the backend one graph holding every decoder layer, where each layer's router
+must be found among the others' (a later layer's router reads this layer's output, so a
+check that looks downstream of a top-k sees the next layer's top-k). Here each family's
+causal LM (tools/hf_tiny.build_causal_lm: 2 decoder layers, every one an MoE layer; Switch
+Transformers as its encoder-decoder, 4 sparse layers) is compiled, and per family:
+
+- policy "exact" equals the eager model on decode batches of 13 and 3 tokens (one new
+  token per sequence), fp32;
+- each MoE block of the model (counted from its modules, the independent reference) has
+  its router rewritten, reported under the block's module path, and no router in the model
+  is skipped; its dispatch is fused into lynx::experts, except the families whose block
+  test keeps it (DISPATCH_KEPT, where it stays the model's with the block test's reason);
+- the families lynx leaves exact (NOT_REWRITTEN) report every router skipped.
+
+Inductor's compile step is replaced by running the rewritten graph as it is (the lynx ops'
+kernels then run eagerly): the lowering is what the block matrix compiles; this file tests
+the passes on whole-model graphs at a few seconds per family.
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from lynx_compile.tools import hf_tiny
+
+import lynx_compile
+from tests.e2e.test_families import (
+    DISPATCH_KEPT,
+    FP32_TOL,
+    NOT_REWRITTEN,
+    REWRITTEN,
+    recorded_routes,
+)
+from tests.helpers import sites_of
+
+DECODE_BATCHES = (13, 3)
+# Modules besides the MoE blocks that route tokens to experts with a router of their own:
+# JetMoE's mixture of attention heads (top-k of attention experts per token). Its router is
+# rewritten like any other (passes/router.py does not look at what the experts compute);
+# its experts are attention projections, not an MLP, so their dispatch stays the model's.
+ROUTED_ATTENTION = {"jetmoe": "JetMoeMoA"}
+
+
+def _implementation(family: str) -> str:
+    """grouped_mm where the family has the switch (the form real checkpoints load with),
+    else its only implementation."""
+    impls = hf_tiny.FAMILIES[family].implementations
+    return "grouped_mm" if "grouped_mm" in impls else impls[0]
+
+
+def _tokens(batch: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, 1), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, family: str, tokens: torch.Tensor) -> torch.Tensor:
+    if family == "switch_transformers":  # encoder-decoder: the same tokens on both sides
+        return model(input_ids=tokens, decoder_input_ids=tokens).logits
+    return model(tokens).logits
+
+
+def _passes_only(gm, example_inputs, config_patches=None):
+    return gm.forward
+
+
+@pytest.fixture(scope="module", params=sorted({*REWRITTEN, *NOT_REWRITTEN}))
+def whole(request):
+    """(family, MoE block paths, routed attention paths, eager logits, exact logits,
+    routing-op calls per batch, report sites) per family."""
+    family = request.param
+    torch._dynamo.reset()
+    lynx_compile.clear_report()
+    model = hf_tiny.build_causal_lm(family, _implementation(family))
+    blocks = hf_tiny.moe_blocks(model, family)
+    attention = [
+        name
+        for name, module in model.named_modules()
+        if type(module).__name__ == ROUTED_ATTENTION.get(family)
+    ]
+    compiled = torch.compile(model, backend="lynx", options={"policy": "exact"}, dynamic=True)
+    eager, exact, calls = {}, {}, {}
+    with torch.no_grad(), mock.patch("torch._inductor.compile_fx.compile_fx", _passes_only):
+        for batch in DECODE_BATCHES:
+            tokens = _tokens(batch, seed=batch)
+            eager[batch] = _logits(model, family, tokens)
+            _logits(compiled, family, tokens)  # compiles (the passes' checks run the graph)
+            with recorded_routes() as routed:
+                exact[batch] = _logits(compiled, family, tokens)
+            calls[batch] = len(routed)
+    sites = lynx_compile.report()["sites"]
+    return family, blocks, attention, eager, exact, calls, sites
+
+
+def _block_of(path: str | None, blocks: list[str]) -> str | None:
+    """The MoE block a router's module path lies in."""
+    inside = [b for b in blocks if path is not None and (path + ".").startswith(b + ".")]
+    return max(inside, key=len) if inside else None
+
+
+def test_every_family_builds_with_every_layer_an_moe_layer(whole):
+    family, blocks, attention, *_ = whole
+    assert len(attention) == (2 if family in ROUTED_ATTENTION else 0), (family, attention)
+    expected = 4 if family == "switch_transformers" else 2
+    assert len(blocks) == expected, (family, blocks)
+
+
+@torch.no_grad()
+def test_exact_policy_equals_eager_on_the_whole_model(whole):
+    family, _, _, eager, exact, _, _ = whole
+    for batch in DECODE_BATCHES:
+        torch.testing.assert_close(exact[batch], eager[batch], **FP32_TOL, msg=family)
+
+
+def test_every_moe_layer_routes_through_the_lynx_routing_op(whole):
+    """Behaviour, not the report: one routing-op call per MoE block in each forward."""
+    family, blocks, attention, _, _, calls, _ = whole
+    expected = 0 if family in NOT_REWRITTEN else len(blocks) + len(attention)
+    assert calls == dict.fromkeys(DECODE_BATCHES, expected), (family, blocks, calls)
+
+
+def test_every_moe_layer_has_its_router_rewritten(whole):
+    family, blocks, attention, _, _, _, sites = whole
+    routers = sites_of({"sites": sites})
+    if family in NOT_REWRITTEN:
+        assert routers and all(s["status"] == "skipped" for s in routers), routers
+        return
+    assert all(s["status"] == "rewritten" for s in routers), [
+        (s.get("layer"), s["reason"]) for s in routers if s["status"] != "rewritten"
+    ]
+    pattern = REWRITTEN[family][0]
+    assert all(s["reason"] == pattern for s in routers), routers
+    if family in DISPATCH_KEPT:  # the router is a graph of its own, shared by the layers:
+        return  # its module path is the router's own (calls per block are checked above)
+    found = [_block_of(s.get("layer"), blocks + attention) for s in routers]
+    assert None not in found, (blocks, [s.get("layer") for s in routers])
+    assert set(found) == set(blocks + attention), (blocks, attention, found)
+
+
+def test_every_moe_layer_has_its_experts_fused(whole):
+    family, blocks, attention, _, _, _, sites = whole
+    if family in NOT_REWRITTEN:
+        assert not sites_of({"sites": sites}, kind="dispatch")
+        return
+    by_site = {(s["graph"], s["site"]): s for s in sites}
+    dispatch = sites_of({"sites": sites}, kind="dispatch")
+    if family in DISPATCH_KEPT:
+        assert dispatch and all(s["status"] == "skipped" for s in dispatch), dispatch
+        assert all(DISPATCH_KEPT[family] in s["reason"] for s in dispatch), dispatch
+        return
+    where = {
+        id(s): _block_of(by_site[(s["graph"], s["router_site"])].get("layer"), blocks + attention)
+        for s in dispatch
+    }
+    experts = [s for s in dispatch if where[id(s)] in blocks]
+    assert experts and all(s["status"] == "rewritten" for s in experts), experts
+    assert {where[id(s)] for s in experts} == set(blocks), (blocks, experts)
+    kept = [s for s in dispatch if where[id(s)] not in blocks]
+    assert {where[id(s)] for s in kept} <= set(attention), kept
+    assert all(s["status"] == "skipped" for s in kept), kept
