@@ -633,6 +633,7 @@ def _plan_candidates(
     others = [n for n in tensors if n not in experts]
     held = {_hint(example_value(n).shape[0]) for n in experts}
     offsets: list[int | None] = [None]
+    count = num_experts  # the experts the weights (and biases) hold
     received = num_experts is not None and num_experts < 0
     if received:  # ids into the receiving rank's experts, or global ones the region masks
         if len(held) > 1:
@@ -640,19 +641,19 @@ def _plan_candidates(
         num_experts = -num_experts
         if held and not num_experts % next(iter(held)):
             offsets += list(range(0, num_experts, next(iter(held))))
-        num_experts = next(iter(held), num_experts)
+        num_experts = count = next(iter(held), num_experts)
     if held and held != {num_experts}:
-        local = held.pop()
-        if held or local > num_experts or num_experts % local:
+        count = held.pop()
+        if held or count > num_experts or num_experts % count:
             return "a 3-D input of the dispatch is not indexed by expert"
         # an expert-parallel slice: which range it holds is checked numerically
-        offsets = list(range(0, num_experts, local))
-    biases = [
+        offsets = list(range(0, num_experts, count))
+    biases = [  # [experts held, width]: GPT-OSS's, sliced like the weights under EP
         n
         for n in others
         if example_value(n).dim() == 2
         and not is_hidden(n)
-        and _hint(example_value(n).shape[0]) == num_experts
+        and _hint(example_value(n).shape[0]) == count
     ]
     others = [n for n in others if n not in biases]
     if len(biases) > 3:
@@ -1110,11 +1111,11 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
     seeds = [(weights, ids, "", num_experts)]
     gathered = gathered_routing(weights, ids)
     if gathered is not None:
-        where = f"; on the routing all_gathered from {gathered[2]} ranks"
+        where = f"; on the routing all_gathered from {_ranks(gathered[2])}"
         seeds.append((gathered[0], gathered[1], where, num_experts))
     exchanged = exchanged_routing(weights, ids)
     if exchanged is not None:
-        where = f"; on the routing exchanged (all_to_all) between {exchanged[2]} ranks"
+        where = f"; on the routing exchanged (all_to_all) between {_ranks(exchanged[2])}"
         seeds.append((exchanged[0], exchanged[1], where, -num_experts))
     real = _placeholder_values(gm, example_inputs)  # what each input holds, for the checks
     why = None  # the first candidate's reason, reported when none is taken
@@ -1275,6 +1276,10 @@ def _idle_slots(values: dict, w_k, weights: fx.Node, ids: fx.Node, first: int):
     out[weights] = torch.where(idle, torch.zeros_like(w), w)
     out[ids] = torch.where(idle, torch.full_like(values[ids], first), values[ids])
     return out, out[weights] if w_k is values[weights] else torch.where(idle, 0, w_k)
+
+
+def _ranks(count) -> str:
+    return "1 rank" if count == 1 else f"{count} ranks"
 
 
 def _replace(gm, region, out, plan: ExpertsPlan, weights, ids, dense: bool = False) -> None:

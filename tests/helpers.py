@@ -102,20 +102,24 @@ SHARDED_FP32_TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def record_route_ids() -> list[torch.Tensor]:
-    """In this (rank) process, make reference.route_reference append a copy of the ids it
-    returns to the list returned here: a compile with options={"telemetry": True} keeps the
-    routing op an opaque call into it, so the list holds the ids each call chose."""
+    """In this (rank) process, make reference.route_reference and route_scored_reference
+    (softmax and scored routers) append a copy of the ids they return to the list returned
+    here: a compile with options={"telemetry": True} keeps the routing op an opaque call
+    into them, so the list holds the ids each call chose."""
     from lynx_compile.lowering import reference
 
     seen: list[torch.Tensor] = []
-    route = reference.route_reference
 
-    def recording(logits, top_k, *args):
-        weights, ids = route(logits, top_k, *args)
-        seen.append(ids.clone())
-        return weights, ids
+    def recording(route):
+        def wrapped(scores, top_k, *args, **kwargs):
+            values, ids = route(scores, top_k, *args, **kwargs)
+            seen.append(ids.clone())
+            return values, ids
 
-    reference.route_reference = recording
+        return wrapped
+
+    reference.route_reference = recording(reference.route_reference)
+    reference.route_scored_reference = recording(reference.route_scored_reference)
     return seen
 
 

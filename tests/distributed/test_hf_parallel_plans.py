@@ -1,15 +1,18 @@
 """backend="lynx" on transformers' own parallel plans: 2 processes, gloo on loopback, CPU.
 
-What a transformers user runs under torchrun: a Qwen3-MoE causal LM (2 layers, 8 experts,
-top-2; seeded random weights saved to a local directory, never a hub) loaded with
+What a transformers user runs under torchrun: a causal LM (2 layers, 8 experts, top-2;
+seeded random weights saved to a local directory, never a hub) loaded with
 `from_pretrained(path, tp_plan="auto")` (the model's base_model_tp_plan: every expert's
 gate_up_proj "packed_colwise" and down_proj "rowwise" as DTensors over a 1-D mesh, the
 experts module "moe_tp_experts", which runs them on the local shards and all_reduces) or
 with `distributed_config=DistributedConfig(tp_size=2, ep_size=2)` (the base_model_ep_plan:
 each rank holds 4 of the 8 experts; ep_implementation "all_reduce", what "auto" picks when
-the ranks share one batch, or "all_to_all", which exchanges the routed tokens).
+the ranks share one batch, or "all_to_all", which exchanges the routed tokens). Two
+models: Qwen3-MoE (softmax router, all three layouts) and GPT-OSS (top-k on biased logits,
+interleaved clamped SwiGLU experts with per-expert biases, which the EP plan slices like
+the weights; tp and ep all_reduce).
 
-Checked per rank and layout, on 3 and 13 decode tokens (one new token per sequence):
+Checked per model, rank and layout, on 3 and 13 decode tokens (one new token per sequence):
 - policy "exact" equals the single-process eager model;
 - the routers are rewritten; the dispatch is fused on the rank's shard (tp) or its expert
   range (ep all_reduce, "experts 0..3" / "4..7" in the report); with all_to_all the token
@@ -39,19 +42,47 @@ from tests.helpers import (
     store_rank_result,
 )
 
-LAYOUTS = ("tp", "ep_all_reduce", "ep_all_to_all")
 MODEL_ENV = "LYNX_TEST_HF_PARALLEL_MODEL"  # the saved model's directory, for the ranks
+LAYOUTS_ENV = "LYNX_TEST_HF_PARALLEL_LAYOUTS"
 
 
-def _config():
-    from transformers import Qwen3MoeConfig
+def _qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    return Qwen3MoeConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[],
-        max_position_embeddings=64,
+    return Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[],
+            max_position_embeddings=64,
+        )
     )  # fmt: skip
+
+
+def _gpt_oss():
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    model = GptOssForCausalLM(
+        GptOssConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=8,
+            num_experts_per_tok=2, max_position_embeddings=64,
+            layer_types=["full_attention"] * 2,
+        )
+    )  # fmt: skip
+    with torch.no_grad():  # its init leaves the biases at 0: give them values to check
+        for name, p in model.named_parameters():
+            if name.endswith("_bias") and "experts" in name:
+                p.normal_(0.0, 0.5)
+    return model
+
+
+# model -> (builder, layouts)
+MODELS = {
+    "qwen3_moe": (_qwen3_moe, ("tp", "ep_all_reduce", "ep_all_to_all")),
+    "gpt_oss": (_gpt_oss, ("tp", "ep_all_reduce")),
+}
+CASES = [(m, layout) for m, (_, layouts) in MODELS.items() for layout in layouts]
 
 
 def _load(path: str, layout: str):
@@ -87,7 +118,7 @@ def _rank_main(rank: int, port: int, results) -> None:
         with torch.no_grad():
             eager = {n: whole(x).logits for n, x in inputs.items()}
             single_out = {n: single(x).logits for n, x in inputs.items()}
-        for layout in LAYOUTS:
+        for layout in os.environ[LAYOUTS_ENV].split(","):
             torch._dynamo.reset()
             lynx_compile.clear_report()
             model = _load(path, layout)
@@ -109,26 +140,37 @@ def _rank_main(rank: int, port: int, results) -> None:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    from transformers import Qwen3MoeForCausalLM
+def ranks_of(tmp_path_factory):
+    """model -> every rank's results for it, by (layout, rank); each model's ranks are
+    spawned once, when a test first asks for them."""
+    done = {}
 
-    path = tmp_path_factory.mktemp("hf_parallel") / "qwen3_moe"
-    torch.manual_seed(0)
-    Qwen3MoeForCausalLM(_config()).save_pretrained(path)
-    os.environ[MODEL_ENV] = str(path)  # the spawned ranks inherit it
-    try:
-        return spawn_ranks(_rank_main, GLOO_WORLD)
-    finally:
-        del os.environ[MODEL_ENV]
+    def ranks(model: str) -> dict:
+        if model not in done:
+            build, layouts = MODELS[model]
+            path = tmp_path_factory.mktemp("hf_parallel") / model
+            torch.manual_seed(0)
+            build().save_pretrained(path)
+            os.environ[MODEL_ENV] = str(path)  # the spawned ranks inherit them
+            os.environ[LAYOUTS_ENV] = ",".join(layouts)
+            try:
+                done[model] = spawn_ranks(_rank_main, GLOO_WORLD)
+            finally:
+                del os.environ[MODEL_ENV], os.environ[LAYOUTS_ENV]
+        return done[model]
+
+    return ranks
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_exact_equals_single_process_eager_on_every_rank(ranks, layout):
+@pytest.mark.parametrize(("model", "layout"), CASES)
+def test_exact_equals_single_process_eager_on_every_rank(ranks_of, model, layout):
+    ranks = ranks_of(model)
     assert_exact_equals_eager(ranks, layout, GLOO_WORLD, SHARDED_FP32_TOL)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_each_rank_fuses_its_experts_where_they_sit_in_the_graph(ranks, layout):
+@pytest.mark.parametrize(("model", "layout"), CASES)
+def test_each_rank_fuses_its_experts_where_they_sit_in_the_graph(ranks_of, model, layout):
+    ranks = ranks_of(model)
     for rank in range(GLOO_WORLD):
         routers, dispatch = rank_sites(ranks, layout, rank)
         assert len(routers) >= 2 and all(s["status"] == "rewritten" for s in routers), routers
@@ -139,6 +181,8 @@ def test_each_rank_fuses_its_experts_where_they_sit_in_the_graph(ranks, layout):
             continue
         # both layers, in each compiled graph (exact, default, and a recompile for dynamic N)
         assert len(dispatch) >= 2 and all(s["status"] == "rewritten" for s in dispatch), dispatch
+        if model == "gpt_oss":  # its per-expert biases fused too (sliced with the experts)
+            assert all("biased gate_up+down" in s["reason"] for s in dispatch), dispatch
         if layout == "ep_all_reduce":  # the rank's own 4 experts, found numerically
             first = rank * 4
             assert all(f"experts {first}..{first + 3}" in s["reason"] for s in dispatch), dispatch
@@ -146,15 +190,16 @@ def test_each_rank_fuses_its_experts_where_they_sit_in_the_graph(ranks, layout):
             assert all("experts " not in s["reason"] for s in dispatch), dispatch
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_default_policy_routes_identically_on_both_ranks(ranks, layout):
+@pytest.mark.parametrize(("model", "layout"), CASES)
+def test_default_policy_routes_identically_on_both_ranks(ranks_of, model, layout):
     """Replicated tokens: the ranks chose the same ids, their logits are identical and equal
     single-process lynx (same policy) on the whole model."""
-    assert_ranks_route_alike(ranks, layout, GLOO_WORLD, DECODE_TOKENS, SHARDED_FP32_TOL)
+    assert_ranks_route_alike(ranks_of(model), layout, GLOO_WORLD, DECODE_TOKENS, SHARDED_FP32_TOL)
 
 
-def test_the_default_policy_changes_routing_here(ranks):
+@pytest.mark.parametrize("model", list(MODELS))
+def test_the_default_policy_changes_routing_here(ranks_of, model):
     """The check above could pass with a policy that never remaps: on 13 tokens the default
     moves some choices (its logits differ from exact's beyond the fp32 tolerance)."""
-    exact, _, default, _ = ranks[("tp", 0)]["outputs"][13]
+    exact, _, default, _ = ranks_of(model)[("tp", 0)]["outputs"][13]
     assert (exact - default).abs().max() > 1e-3
