@@ -277,6 +277,16 @@ def match_scored_router(topk: fx.Node, graph_id: int) -> ScoredRouterSite | None
         )
         return None
     inner = _group_topks(trace.mask, trace.logits) if trace.mask is not None else set()
+    if _ranks_topk_picks(scores, inner):
+        report_skipped_router(
+            topk,
+            "product-key routing: this top-k ranks combinations of an earlier top-k's picks "
+            "(sub-keys, not experts)",
+            graph_id,
+            e,
+            k,
+        )
+        return None
     pattern, space = _pattern_and_space(trace, grouped=bool(inner))
     values = ids = None
     for user in topk.users:
@@ -320,13 +330,15 @@ def _feeds_another_topk(topk: fx.Node) -> bool:
     per half, then a top-k over their sums picks the experts): this top-k is not the expert
     choice. A grouped router's per-group top-k lies before its final top-k, not after.
 
-    Only the routing arithmetic between the two counts: the walk stops at contractions
-    (the experts' matmuls, the next layer's router linear), so a later layer's router,
-    which reads this layer's output through them, does not make this top-k a sub-key pick."""
+    Only the routing arithmetic between the two counts: the walk stops where a contraction
+    sums over a dimension longer than 1 (the experts' matmuls, the next layer's router
+    linear), so a later layer's router, which reads this layer's output through them, does
+    not make this top-k a sub-key pick. An outer product (einsum "ni,nj->nij", a [n, i, 1]
+    @ [n, 1, j] matmul) sums over nothing: product keys combined that way are still found."""
     seen, frontier = set(), list(topk.users)
     while frontier:
         node = frontier.pop()
-        if node in seen or _is_contraction(node):
+        if node in seen or _sums_features(node):
             continue
         seen.add(node)
         if canonical_op(node) == "topk":
@@ -335,21 +347,77 @@ def _feeds_another_topk(topk: fx.Node) -> bool:
     return False
 
 
-# Matrix products under their Dynamo spellings (torch functions, tensor methods, modules):
-# where routing arithmetic ends and expert or layer compute begins.
-_CONTRACTION_FUNCTIONS = {
-    torch.bmm, torch.baddbmm, torch.addmm, torch.einsum, torch.nn.functional.bilinear,
-    *(f for f in (getattr(torch, "_grouped_mm", None),) if f is not None),
-}  # fmt: skip
-_CONTRACTION_METHODS = {"bmm", "baddbmm", "addmm", "matmul", "mm", "__matmul__"}
+def _ranks_topk_picks(scores: fx.Node, groups: set[fx.Node]) -> bool:
+    """Whether the scores a top-k ranks are computed from an earlier top-k's outputs (other
+    than a grouped router's per-group top-k, `groups`), within the routing arithmetic (the
+    walk up stops at contractions summing over features, as the walk down does): the
+    second top-k of product keys, whose positions index each token's own grid of sub-key
+    combinations, not the experts."""
+    seen, frontier = set(), [scores]
+    while frontier:
+        node = frontier.pop()
+        if node in seen or _sums_features(node):
+            continue
+        seen.add(node)
+        if canonical_op(node) == "topk" and node not in groups:
+            return True
+        if node not in groups:
+            frontier.extend(node.all_input_nodes)
+    return False
 
 
-def _is_contraction(node: fx.Node) -> bool:
-    if canonical_op(node) in ("linear", "matmul") or node.op == "call_module":
+# Matrix products under their Dynamo spellings, with the argument whose last dim they sum.
+_MATMUL_FUNCTIONS = {torch.bmm: 0, torch.baddbmm: 1, torch.addmm: 1}
+if hasattr(torch, "_grouped_mm"):
+    _MATMUL_FUNCTIONS[torch._grouped_mm] = 0
+_MATMUL_METHODS = {"bmm": 0, "matmul": 0, "mm": 0, "__matmul__": 0, "baddbmm": 1, "addmm": 1}
+
+
+def _sums_features(node: fx.Node) -> bool:
+    """Whether `node` is a contraction summing over a dimension longer than 1 (unknown or
+    symbolic lengths count as longer)."""
+    op = canonical_op(node)
+    if op == "linear":
         return True
-    if node.op == "call_method":
-        return node.target in _CONTRACTION_METHODS
-    return node.op == "call_function" and node.target in _CONTRACTION_FUNCTIONS
+    if op == "matmul":
+        summed = 0
+    elif node.op == "call_function" and node.target in _MATMUL_FUNCTIONS:
+        summed = _MATMUL_FUNCTIONS[node.target]
+    elif node.op == "call_method" and node.target in _MATMUL_METHODS:
+        summed = _MATMUL_METHODS[node.target]  # args[0] is the tensor the method is on
+    elif node.op == "call_function" and node.target is torch.einsum:
+        return _einsum_sums(node)
+    else:
+        return False
+    value = example_value(node.args[summed]) if len(node.args) > summed else None
+    return value is None or value.dim() == 0 or not _is_one(value.shape[-1])
+
+
+def _is_one(size) -> bool:
+    return isinstance(size, int) and size == 1
+
+
+def _einsum_sums(node: fx.Node) -> bool:
+    """Whether an einsum sums over an index of length > 1 (unparsable: True)."""
+    if not node.args or not isinstance(node.args[0], str):
+        return True
+    equation = node.args[0].replace(" ", "")
+    operands = node.args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = operands[0]
+    inputs, _, output = equation.partition("->")
+    terms = inputs.split(",")
+    if "." in equation or len(terms) != len(operands):
+        return True
+    if not _:  # implicit output: the indices that appear once
+        output = "".join(c for c in sorted(set(inputs) - {","}) if inputs.count(c) == 1)
+    for term, operand in zip(terms, operands, strict=True):
+        value = example_value(operand)
+        if value is None or value.dim() != len(term):
+            return True
+        if any(c not in output and not _is_one(n) for c, n in zip(term, value.shape, strict=True)):
+            return True
+    return False
 
 
 def _report_max_routers(gm: fx.GraphModule, graph_id: int) -> None:

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 from lynx_compile.examples.moe_modules import DenseMoE, LoopMoE
@@ -99,6 +100,29 @@ class ProductKeys(nn.Module):
         experts = (ix.unsqueeze(-1) * self.keys + iy.unsqueeze(-2)).flatten(1)
         values, pos = scores.topk(2, dim=-1)
         return torch.softmax(values, dim=-1), experts.gather(-1, pos)
+
+
+class OuterProductKeys(nn.Module):
+    """Must not match: product keys whose sub-key scores combine multiplicatively, by an
+    outer product (an einsum, or a [N, i, 1] @ [N, 1, j] matmul: contractions that sum over
+    nothing), then a top-k over the products picks the experts."""
+
+    def __init__(self, dim=16, keys=4, combine="einsum"):
+        super().__init__()
+        self.gate = nn.Linear(dim, 2 * keys, bias=False)
+        self.keys, self.combine = keys, combine
+
+    def forward(self, x):
+        tokens = x.reshape(-1, x.shape[-1])
+        scores = torch.sigmoid(self.gate(tokens)).view(2, tokens.shape[0], self.keys)
+        (sx, sy), (ix, iy) = scores.topk(2, dim=-1)
+        if self.combine == "einsum":
+            products = torch.einsum("ni,nj->nij", sx, sy).flatten(1)
+        else:
+            products = (sx.unsqueeze(-1) @ sy.unsqueeze(-2)).flatten(1)
+        experts = (ix.unsqueeze(-1) * self.keys + iy.unsqueeze(-2)).flatten(1)
+        values, pos = products.topk(2, dim=-1)
+        return values, experts.gather(-1, pos)
 
 
 class StackedScoredLayers(nn.Module):
@@ -234,6 +258,15 @@ def test_a_router_with_a_logit_multiplier_is_rewritten_under_dynamic_shapes():
 def test_must_not_match_product_key_routing():
     gm, got, changed = run(ProductKeys().eval(), torch.randn(5, 1, 16))
     assert not changed and lynx_targets(gm) == []
+    assert got.get("router_rewritten", 0) == 0, got
+    assert any(k.startswith("router_skipped:product-key routing") for k in got), got
+
+
+@pytest.mark.parametrize("combine", ["einsum", "matmul"])
+@torch.no_grad()
+def test_must_not_match_product_keys_combined_by_an_outer_product(combine):
+    gm, got, changed = run(OuterProductKeys(combine=combine).eval(), torch.randn(5, 1, 16))
+    assert not changed and lynx_targets(gm) == [], got
     assert got.get("router_rewritten", 0) == 0, got
     assert any(k.startswith("router_skipped:product-key routing") for k in got), got
 
