@@ -14,7 +14,10 @@ Transformers as its encoder-decoder, 4 sparse layers) is compiled, and per famil
   its router rewritten, reported under the block's module path, and no router in the model
   is skipped; its dispatch is fused into lynx::experts, except the families whose block
   test keeps it (DISPATCH_KEPT, where it stays the model's with the block test's reason);
-- the families lynx leaves exact (NOT_REWRITTEN) report every router skipped.
+- the families lynx leaves exact (NOT_REWRITTEN) report every router skipped;
+- under the default policy every MoE block's routing op gives each token k distinct
+  experts the model allows (finite scores), touches no more distinct experts than
+  torch.topk of the same scores does, and the logits are finite.
 
 Inductor's compile step is replaced by running the rewritten graph as it is (the lynx ops'
 kernels then run eagerly): the lowering is what the block matrix compiles; this file tests
@@ -109,6 +112,23 @@ def whole(request):
     return family, blocks, attention, eager, exact, calls, sites
 
 
+@pytest.fixture(scope="module")
+def default_policy(whole):
+    """{batch: (logits, [(scores, ids) per routing-op call])} under the default policy."""
+    family, *_ = whole
+    model = hf_tiny.build_causal_lm(family, _implementation(family)).to(whole[3][13].dtype)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="lynx", dynamic=True)
+    out = {}
+    with torch.no_grad(), mock.patch("torch._inductor.compile_fx.compile_fx", _passes_only):
+        for batch in DECODE_BATCHES:
+            tokens = _tokens(batch, seed=batch)
+            _logits(compiled, family, tokens)
+            with recorded_routes() as routed:
+                out[batch] = (_logits(compiled, family, tokens), routed)
+    return out
+
+
 def _block_of(path: str | None, blocks: list[str]) -> str | None:
     """The MoE block a router's module path lies in."""
     inside = [b for b in blocks if path is not None and (path + ".").startswith(b + ".")]
@@ -180,3 +200,28 @@ def test_every_moe_layer_has_its_experts_fused(whole):
     kept = [s for s in dispatch if where[id(s)] not in blocks]
     assert {where[id(s)] for s in kept} <= set(attention), kept
     assert all(s["status"] == "skipped" for s in kept), kept
+
+
+def test_default_policy_routes_every_layer_to_k_usable_experts(whole, default_policy):
+    family, blocks, attention, *_ = whole
+    for batch, (logits, routed) in default_policy.items():
+        assert torch.isfinite(logits).all(), (family, batch)
+        expected = 0 if family in NOT_REWRITTEN else len(blocks) + len(attention)
+        assert len(routed) == expected, (family, batch, len(routed))
+        for scores, ids in routed:
+            top_k = ids.shape[-1]
+            assert ids.shape == (batch, top_k), ids.shape
+            assert all(len(set(row)) == top_k for row in ids.tolist()), ids
+            # experts the model masks out (group limit) have -inf scores: never chosen
+            assert torch.isfinite(torch.gather(scores, 1, ids)).all(), (scores, ids)
+
+
+def test_default_policy_touches_no_more_experts_than_the_top_k(whole, default_policy):
+    """Per routing call: the distinct experts the default policy chose <= those torch.topk
+    of the same scores chooses (AffinityBinning keeps a subset of the batch's experts)."""
+    family, *_ = whole
+    for batch, (_, routed) in default_policy.items():
+        for layer, (scores, ids) in enumerate(routed):
+            exact = torch.topk(scores.float(), ids.shape[-1], dim=-1).indices
+            touched, bound = ids.unique().numel(), exact.unique().numel()
+            assert touched <= bound, (family, batch, layer, touched, bound)
