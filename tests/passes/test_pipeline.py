@@ -26,6 +26,13 @@ def lynx_targets(gm) -> list[str]:
     return [str(n.target) for n in gm.graph.nodes if str(n.target).startswith("lynx.")]
 
 
+# The weights come from the model's own ops (sigmoid, gather, renormalisation), compiled by
+# Inductor: its generated sigmoid may round the last bit unlike ATen's, depending on the
+# vector ISA it picks (1 ulp, 1.03e-7 relative, measured on an AVX-512/AMX host). So up to
+# ~4 ulps relative; the routing (ids) is compared exactly.
+MODEL_OPS_TOL = dict(rtol=5e-7, atol=0.0)
+
+
 def run(module, x, **options):
     """Run the lynx passes on module's graph with fresh counters: (gm, counters, changed)."""
     gm, inputs = dynamo_graph(module, x)
@@ -227,7 +234,7 @@ def test_scored_router_with_leading_dims_is_routed_flattened():
         x = torch.randn(*shape)
         (got_w, got_ids), (want_w, want_ids) = compiled(x), module(x)
         assert got_ids.shape == (*shape[:-1], 3) and torch.equal(got_ids, want_ids)
-        torch.testing.assert_close(got_w, want_w, rtol=0, atol=0)  # the model's own ops
+        torch.testing.assert_close(got_w, want_w, **MODEL_OPS_TOL)  # the model's own ops
 
 
 @torch.no_grad()
@@ -245,7 +252,7 @@ def test_a_router_with_a_logit_multiplier_is_rewritten_under_dynamic_shapes():
             x = torch.randn(tokens, 1, 16)
             (got_w, got_ids), (want_w, want_ids) = compiled(x), module(x)
             assert torch.equal(got_ids, want_ids)
-            torch.testing.assert_close(got_w, want_w, rtol=0, atol=0)  # the model's own ops
+            torch.testing.assert_close(got_w, want_w, **MODEL_OPS_TOL)  # the model's own ops
         sites = [s for s in lynx_compile.report()["sites"] if s["kind"] == "router"]
         if token_scale:  # must not match: the scale is token data
             assert sites and all(s["status"] == "skipped" for s in sites), sites
