@@ -666,6 +666,15 @@ def _plan_candidates(
             f"dispatch reads {len(vectors)} 1-D tensor(s) beside the experts' weights (a norm "
             "or scale of each expert's output: lynx::experts takes none)"
         )
+    matrices = [n for n in others if example_value(n).dim() == 2 and not is_hidden(n)]
+    if not experts and len(matrices) >= 2 * count:
+        # an nn.ModuleList of nn.Linear experts: one 2-D weight per expert and projection
+        return (
+            f"the experts are {len(matrices)} separate 2-D weights (per-expert nn.Linear "
+            "modules?): lynx::experts reads each projection's experts stacked in one 3-D "
+            "[E, out, in] parameter, and never copies weights to make one; the model's "
+            "expert code runs on lynx's routing"
+        )
     if len(others) != 1 or not is_hidden(others[0]):
         return f"dispatch reads {len(others)} hidden-state tensors, expected one [tokens, d]"
     x = others[0]

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -130,6 +131,22 @@ class OuterProductKeys(nn.Module):
         experts = (ix.unsqueeze(-1) * self.keys + iy.unsqueeze(-2)).flatten(1)
         values, pos = products.topk(2, dim=-1)
         return values, experts.gather(-1, pos)
+
+
+class ModuleListExperts(LoopMoE):
+    """Must not match (the dispatch): experts as an nn.ModuleList of nn.Linear MLPs, looped
+    over without a data-dependent branch (so the loop traces into one graph under lynx):
+    24 separate 2-D weights, no stacked 3-D parameter for lynx::experts to read."""
+
+    def forward(self, x):
+        b, t, d = x.shape
+        tokens = x.reshape(b * t, d)
+        weights, selected = self.router(x)
+        out = torch.zeros_like(tokens)
+        for i, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(selected == i)
+            out.index_add_(0, token_idx, expert(tokens[token_idx]) * weights[token_idx, slot, None])
+        return out.reshape(b, t, d)
 
 
 class StackedScoredLayers(nn.Module):
@@ -276,6 +293,27 @@ def test_must_not_match_product_keys_combined_by_an_outer_product(combine):
     assert not changed and lynx_targets(gm) == [], got
     assert got.get("router_rewritten", 0) == 0, got
     assert any(k.startswith("router_skipped:product-key routing") for k in got), got
+
+
+@torch.no_grad()
+def test_per_expert_linear_modules_keep_their_loop_and_the_report_says_why():
+    import lynx_compile
+
+    torch.manual_seed(0)
+    module = ModuleListExperts().eval()
+    torch._dynamo.reset()
+    lynx_compile.clear_report()
+    compiled = torch.compile(module, backend="lynx", options={"policy": "exact"})
+    x = torch.randn(13, 1, 32)
+    with mock.patch("torch._inductor.compile_fx.compile_fx", lambda gm, *a, **k: gm.forward):
+        # the model's own loop on lynx's exact routing (weights renormalised by the routing
+        # op, not the model's division: a few ulps in fp32)
+        torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-6)
+    sites = lynx_compile.report()["sites"]
+    assert [s["status"] for s in sites if s["kind"] == "router"] == ["rewritten"], sites
+    dispatch = [s for s in sites if s["kind"] == "dispatch"]
+    assert [s["status"] for s in dispatch] == ["skipped"], dispatch
+    assert "the experts are 24 separate 2-D weights" in dispatch[0]["reason"], dispatch
 
 
 @torch.no_grad()
