@@ -405,11 +405,11 @@ def _einsum_sums(node: fx.Node) -> bool:
     operands = node.args[1:]
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = operands[0]
-    inputs, _, output = equation.partition("->")
+    inputs, arrow, output = equation.partition("->")
     terms = inputs.split(",")
     if "." in equation or len(terms) != len(operands):
         return True
-    if not _:  # implicit output: the indices that appear once
+    if not arrow:  # implicit output: the indices that appear once
         output = "".join(c for c in sorted(set(inputs) - {","}) if inputs.count(c) == 1)
     for term, operand in zip(terms, operands, strict=True):
         value = example_value(operand)
