@@ -335,16 +335,7 @@ def _feeds_another_topk(topk: fx.Node) -> bool:
     linear), so a later layer's router, which reads this layer's output through them, does
     not make this top-k a sub-key pick. An outer product (einsum "ni,nj->nij", a [n, i, 1]
     @ [n, 1, j] matmul) sums over nothing: product keys combined that way are still found."""
-    seen, frontier = set(), list(topk.users)
-    while frontier:
-        node = frontier.pop()
-        if node in seen or _sums_features(node):
-            continue
-        seen.add(node)
-        if canonical_op(node) == "topk":
-            return True
-        frontier.extend(node.users)
-    return False
+    return _reaches_topk(list(topk.users), lambda node: node.users, set())
 
 
 def _ranks_topk_picks(scores: fx.Node, groups: set[fx.Node]) -> bool:
@@ -353,16 +344,22 @@ def _ranks_topk_picks(scores: fx.Node, groups: set[fx.Node]) -> bool:
     walk up stops at contractions summing over features, as the walk down does): the
     second top-k of product keys, whose positions index each token's own grid of sub-key
     combinations, not the experts."""
-    seen, frontier = set(), [scores]
+    return _reaches_topk([scores], lambda node: node.all_input_nodes, groups)
+
+
+def _reaches_topk(start: list[fx.Node], step, passed: set[fx.Node]) -> bool:
+    """Whether a walk from `start` along `step` (users, or inputs) meets a top-k other than
+    those in `passed` (not walked past either), stopping at contractions that sum over
+    features: the routing arithmetic around a top-k."""
+    seen, frontier = set(), list(start)
     while frontier:
         node = frontier.pop()
-        if node in seen or _sums_features(node):
+        if node in seen or node in passed or _sums_features(node):
             continue
         seen.add(node)
-        if canonical_op(node) == "topk" and node not in groups:
+        if canonical_op(node) == "topk":
             return True
-        if node not in groups:
-            frontier.extend(node.all_input_nodes)
+        frontier.extend(step(node))
     return False
 
 
