@@ -53,6 +53,15 @@ def poisoned_empty(shape, dtype, device) -> torch.Tensor:
     return torch.full(shape, fill, dtype=dtype, device=device)
 
 
+def lynx_passes_only():
+    """Within it, backend="lynx" runs its passes and then the rewritten graph as it is
+    (Inductor's compile_fx replaced): the passes on whole graphs at a few seconds a model,
+    the lynx ops' kernels run eagerly."""
+    from unittest import mock
+
+    return mock.patch("torch._inductor.compile_fx.compile_fx", lambda gm, *a, **k: gm.forward)
+
+
 def dynamo_graph(module: nn.Module, x: torch.Tensor):
     """(gm, example_inputs) of the first graph Dynamo captures for module(x)."""
     captured = []

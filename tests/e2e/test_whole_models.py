@@ -26,8 +26,6 @@ the passes on whole-model graphs at a few seconds per family.
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
 from lynx_compile.tools import hf_tiny
@@ -40,7 +38,7 @@ from tests.e2e.test_families import (
     REWRITTEN,
     recorded_routes,
 )
-from tests.helpers import sites_of
+from tests.helpers import lynx_passes_only, sites_of
 
 DECODE_BATCHES = (13, 3)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -76,10 +74,6 @@ def _logits(model, family: str, tokens: torch.Tensor) -> torch.Tensor:
     return model(tokens).logits
 
 
-def _passes_only(gm, example_inputs, config_patches=None):
-    return gm.forward
-
-
 @pytest.fixture(
     scope="module",
     params=[(f, d) for f in sorted({*REWRITTEN, *NOT_REWRITTEN}) for d in DTYPES],
@@ -100,7 +94,7 @@ def whole(request):
     ]
     compiled = torch.compile(model, backend="lynx", options={"policy": "exact"}, dynamic=True)
     eager, exact, calls = {}, {}, {}
-    with torch.no_grad(), mock.patch("torch._inductor.compile_fx.compile_fx", _passes_only):
+    with torch.no_grad(), lynx_passes_only():
         for batch in DECODE_BATCHES:
             tokens = _tokens(batch, seed=batch)
             eager[batch] = _logits(model, family, tokens)
@@ -115,12 +109,13 @@ def whole(request):
 @pytest.fixture(scope="module")
 def default_policy(whole):
     """{batch: (logits, [(scores, ids) per routing-op call])} under the default policy."""
-    family, *_ = whole
-    model = hf_tiny.build_causal_lm(family, _implementation(family)).to(whole[3][13].dtype)
+    family, _, _, eager, *_ = whole
+    dtype = eager[DECODE_BATCHES[0]].dtype  # the model's, as in `whole`
+    model = hf_tiny.build_causal_lm(family, _implementation(family)).to(dtype)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="lynx", dynamic=True)
     out = {}
-    with torch.no_grad(), mock.patch("torch._inductor.compile_fx.compile_fx", _passes_only):
+    with torch.no_grad(), lynx_passes_only():
         for batch in DECODE_BATCHES:
             tokens = _tokens(batch, seed=batch)
             _logits(compiled, family, tokens)
