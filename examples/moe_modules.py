@@ -11,6 +11,11 @@
 `MaskLoopMoE`      the loop with a boolean token mask: `out[rows] += expert(x[rows]) * w`.
 `SortedMoE`        tokens sorted by expert (argsort), split by per-expert counts, the
                    results scattered back with index_add (the "permute" style).
+`ModuleListMoE`    an nn.ModuleList of SwiGLU experts (w1, w3, w2 nn.Linear) looped over
+                   with a one-hot expert mask and no branch, as transformers' Mixtral was
+                   written before its experts interface (and much code copied from it).
+`BiasedModuleListMoE` an nn.ModuleList of GELU MLP experts (nn.Sequential of nn.Linear
+                   with their biases), looped over with `torch.where(ids == e)`.
 
 `TensorParallelMoE` every expert's intermediate dim sharded over torch.distributed ranks,
                    the rank's partial outputs summed by a functional all_reduce.
@@ -91,6 +96,64 @@ class LoopMoE(nn.Module):
                 continue
             y = expert(tokens[token_idx]) * weights[token_idx, slot, None]
             out.index_add_(0, token_idx, y)
+        return out.reshape(b, t, d)
+
+
+class _MixtralExpert(nn.Module):
+    """transformers 4.x's MixtralBlockSparseTop2MLP: w2(silu(w1(x)) * w3(x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class ModuleListMoE(nn.Module):
+    """An nn.ModuleList of experts and a loop over all of them, tokens picked from a one-hot
+    expert mask (transformers 4.x's MixtralSparseMoeBlock): no data-dependent branch."""
+
+    def __init__(self, dim: int = 32, hidden: int = 48, num_experts: int = 8, top_k: int = 2):
+        super().__init__()
+        self.router = TopKRouter(dim, num_experts, top_k)
+        self.experts = nn.ModuleList(_MixtralExpert(dim, hidden) for _ in range(num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        tokens = x.reshape(b * t, d)
+        weights, selected = self.router(x)
+        out = torch.zeros_like(tokens)
+        mask = F.one_hot(selected, num_classes=len(self.experts)).permute(2, 1, 0)  # [E, k, N]
+        for e in range(len(self.experts)):
+            slot, token = torch.where(mask[e])
+            y = self.experts[e](tokens[None, token].reshape(-1, d)) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(tokens.dtype))
+        return out.reshape(b, t, d)
+
+
+class BiasedModuleListMoE(nn.Module):
+    """An nn.ModuleList of GELU MLP experts with nn.Linear's default biases, looped over with
+    `torch.where(ids == e)` and index_add_."""
+
+    def __init__(self, dim: int = 32, hidden: int = 48, num_experts: int = 8, top_k: int = 2):
+        super().__init__()
+        self.router = TopKRouter(dim, num_experts, top_k)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+            for _ in range(num_experts)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        tokens = x.reshape(b * t, d)
+        weights, selected = self.router(x)
+        out = torch.zeros_like(tokens)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(selected == e)
+            out.index_add_(0, token, expert(tokens[token]) * weights[token, slot, None])
         return out.reshape(b, t, d)
 
 

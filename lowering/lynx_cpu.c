@@ -1004,14 +1004,15 @@ int lynx_bf16_dot(void) {
  *   xb       [n, d] the same tokens in bf16, or NULL: with bf16 weights and round_mid, the
  *            build's AVX512-BF16 dot products take them (MODE_BF16DOT)
  *   ids      [n, k] int64 in [0, e); weights [n, k] float32
- *   w_up     [e, u, d]; w_gate [e, i, d] or NULL; w_down [e, d, i]; dtype dt (0 f32, 1 bf16);
- *            rows contiguous, read in place at any expert and row strides: strides holds
- *            (expert, row) strides in elements of w_up, w_gate, w_down (6 values)
+ *   w_up     e pointers, expert j's [u, d] matrix at w_up[j]; w_gate e pointers to [i, d] or
+ *            NULL; w_down e pointers to [d, i]; dtype dt (0 f32, 1 bf16); rows contiguous,
+ *            read in place (one stacked parameter's experts, or separate tensors): rows
+ *            holds the row strides in elements of w_up, w_gate, w_down (3 values)
  *   gated    1: h = act(gate) * up with gate/up the halves of x @ w_up[e].T (u = 2i), or
  *            gate = x @ w_gate[e].T when w_gate is given (u = i); 0: h = act(x @ w_up[e].T)
- *   b_up, b_gate, b_down  per-expert biases [e, u], [e, i], [e, d] in dt, or NULL: added
- *            after their projections; bstrides holds (expert, element) strides of each
- *            (6 values: any strides, e.g. an interleaved gate/up's bias views)
+ *   b_up, b_gate, b_down  e pointers each to the experts' biases [u], [i], [d] in dt, or
+ *            NULL: added after their projections; bstrides holds the element stride of each
+ *            (3 values: any strides, e.g. an interleaved gate/up's bias views)
  *   act      constants.ACTIVATION_NAMES' code; ACT_SWIGLU_CLAMPED takes alpha and limit
  *            (+inf: unclamped) and combines gate and up as swiglu_clamped above
  *   take     [e] or NULL: computes only the touched experts j with take[j] != 0 (callers
@@ -1022,9 +1023,9 @@ int lynx_bf16_dot(void) {
  * Returns 0; -1 when scratch memory could not be allocated; -2 for an id outside [0, e).
  */
 int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const float *weights,
-                 const void *w_up, const void *w_gate, const void *w_down,
-                 const int64_t *strides, const void *b_up, const void *b_gate,
-                 const void *b_down, const int64_t *bstrides, const uint8_t *take, int64_t n,
+                 const void *const *w_up, const void *const *w_gate, const void *const *w_down,
+                 const int64_t *rows, const void *const *b_up, const void *const *b_gate,
+                 const void *const *b_down, const int64_t *bstrides, const uint8_t *take, int64_t n,
                  int64_t k, int64_t e, int64_t d, int64_t u, int64_t i, int gated, int act,
                  float alpha, float limit, int dt, int round_mid, float *out) {
   int64_t slots = n * k;
@@ -1062,19 +1063,18 @@ int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const f
   memcpy(fill, count, sizeof(int64_t) * (size_t)e);
   for (int64_t s = 0; s < slots; ++s) order[fill[ids[s]]++] = s;
   size_t esz = dt == 0 ? sizeof(float) : sizeof(uint16_t);
-  const int64_t up_e = strides[0], up_r = strides[1], gate_e = strides[2], gate_r = strides[3];
-  const int64_t down_e = strides[4], down_r = strides[5];
+  const int64_t up_r = rows[0], gate_r = rows[1], down_r = rows[2];
   /* The weights in the order they are read, prefetched PF_AHEAD bytes ahead. */
   pf_stream pf = {seg, seglen, 0, 0, 0};
   for (int64_t j = 0; j < e; ++j) {
     if (count[j + 1] == count[j] || (take && !take[j])) continue;
-    seg[pf.nseg] = (const char *)w_up + (size_t)(j * up_e) * esz;
+    seg[pf.nseg] = (const char *)w_up[j];
     seglen[pf.nseg++] = (size_t)((u - 1) * up_r + d) * esz;
     if (w_gate) {
-      seg[pf.nseg] = (const char *)w_gate + (size_t)(j * gate_e) * esz;
+      seg[pf.nseg] = (const char *)w_gate[j];
       seglen[pf.nseg++] = (size_t)((i - 1) * gate_r + d) * esz;
     }
-    seg[pf.nseg] = (const char *)w_down + (size_t)(j * down_e) * esz;
+    seg[pf.nseg] = (const char *)w_down[j];
     seglen[pf.nseg++] = (size_t)((d - 1) * down_r + i) * esz;
   }
   /* This stream serves MODE_BF16 and the portable build only: MODE_BF16DOT's one token
@@ -1094,11 +1094,10 @@ int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const f
     const char *wu = *next++, *wg = w_gate ? *next++ : NULL, *wd = *next++;
     /* This expert's bias rows (NULL: none) and their element strides: the gate's is b_gate
      * with a split gate, else b_up's first half (gated) or all of it (plain). */
-    const char *bu = b_up ? (const char *)b_up + (size_t)(j * bstrides[0]) * esz : NULL;
-    const char *bd = b_down ? (const char *)b_down + (size_t)(j * bstrides[4]) * esz : NULL;
-    const char *bg = wg ? (b_gate ? (const char *)b_gate + (size_t)(j * bstrides[2]) * esz : NULL)
-                        : bu;
-    const int64_t bu_s = bstrides[1], bg_s = wg ? bstrides[3] : bstrides[1], bd_s = bstrides[5];
+    const char *bu = b_up ? (const char *)b_up[j] : NULL;
+    const char *bd = b_down ? (const char *)b_down[j] : NULL;
+    const char *bg = wg ? (b_gate ? (const char *)b_gate[j] : NULL) : bu;
+    const int64_t bu_s = bstrides[0], bg_s = wg ? bstrides[1] : bstrides[0], bd_s = bstrides[2];
     const int64_t bu_off = wg || !gated ? 0 : i * bu_s; /* the up half of a fused b_up */
     for (int64_t t = 0; t < m; ++t)
       xrow[t] = mode == MODE_BF16DOT ? (const void *)(xb + (grp[t] / k) * d)

@@ -44,9 +44,9 @@ int64_t lynx_scored_affinity_ids(const float *scores, const int64_t *exact_ids, 
                                  int64_t e, int64_t k, int space, double alpha, double beta,
                                  int64_t k0, int64_t *ids, uint8_t *same);
 int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const float *weights,
-                 const void *w_up, const void *w_gate, const void *w_down,
-                 const int64_t *strides, const void *b_up, const void *b_gate,
-                 const void *b_down, const int64_t *bstrides, const uint8_t *take, int64_t n,
+                 const void *const *w_up, const void *const *w_gate, const void *const *w_down,
+                 const int64_t *rows, const void *const *b_up, const void *const *b_gate,
+                 const void *const *b_down, const int64_t *bstrides, const uint8_t *take, int64_t n,
                  int64_t k, int64_t e, int64_t d, int64_t u, int64_t i, int gated, int act,
                  float alpha, float limit, int dt, int round_mid, float *out);
 int lynx_bf16_dot(void);
@@ -217,14 +217,40 @@ at::Tensor gate_times_up(const at::Tensor &gate, const at::Tensor &up, const Act
   return u.add(1).mul(g.mul(g.mul(p.alpha).sigmoid()));
 }
 
-// h + the expert's bias row (an undefined bias: h unchanged).
-at::Tensor plus_bias(const at::Tensor &h, const std::optional<at::Tensor> &bias, int64_t j) {
-  return bias ? h.add((*bias)[j].to(h.scalar_type())) : h;
+// One projection's (or one bias's) experts, as the kernels read them in place: a stacked
+// tensor [E, ...] (a parameter, or a view of one), or E separate tensors of the same shape
+// and strides (an nn.ModuleList's per-expert nn.Linear weights, for lynx::experts_list);
+// none when neither is given. Sizes and strides are of one expert's tensor.
+struct Experts {
+  const at::Tensor *stacked = nullptr;
+  at::TensorList list;
+
+  static Experts of(const std::optional<at::Tensor> &t) { return {t ? &*t : nullptr, {}}; }
+  bool defined() const { return stacked != nullptr || !list.empty(); }
+  explicit operator bool() const { return defined(); }
+  int64_t count() const { return stacked ? stacked->size(0) : static_cast<int64_t>(list.size()); }
+  int64_t dim() const { return stacked ? stacked->dim() - 1 : list[0].dim(); }
+  int64_t size(int64_t d) const { return stacked ? stacked->size(d + 1) : list[0].size(d); }
+  int64_t stride(int64_t d) const { return stacked ? stacked->stride(d + 1) : list[0].stride(d); }
+  at::ScalarType dtype() const { return stacked ? stacked->scalar_type() : list[0].scalar_type(); }
+  // expert j's tensor (a view of the stacked one)
+  at::Tensor operator[](int64_t j) const { return stacked ? stacked->select(0, j) : list[j]; }
+  // expert j's first element
+  const void *ptr(int64_t j) const {
+    if (!stacked) return list[j].data_ptr();
+    return static_cast<const char *>(stacked->data_ptr()) +
+           j * stacked->stride(0) * static_cast<int64_t>(stacked->element_size());
+  }
+};
+
+// h + the expert's bias row (no bias: h unchanged).
+at::Tensor plus_bias(const at::Tensor &h, const Experts &bias, int64_t j) {
+  return bias ? h.add(bias[j].to(h.scalar_type())) : h;
 }
 
-// The per-expert biases of one call, each [E, width] or none.
+// The per-expert biases of one call, each [width] per expert or none.
 struct Biases {
-  const std::optional<at::Tensor> &up, &gate, &down;
+  const Experts &up, &gate, &down;
 };
 
 // The expert's hidden activation [m, I] from its up projection hu [m, U] and, with a split
@@ -240,25 +266,26 @@ at::Tensor hidden(at::Tensor hu, std::optional<at::Tensor> hg, const Biases &b, 
 
 // A split gate that is the even rows of one [E, 2I, d] matrix whose odd rows are w_up (an
 // interleaved gate/up: GPT-OSS's gate_up_proj, passed as views [:, 0::2] and [:, 1::2]):
-// that matrix, as a view of the same storage, or undefined. One GEMM against it reads
-// both in place, where at::mm would copy a gate or up view whose rows are 2 elements apart.
-at::Tensor interleaved_gate_up(const std::optional<at::Tensor> &w_gate, const at::Tensor &w_up) {
-  if (!w_gate || !w_gate->is_alias_of(w_up) || w_gate->strides() != w_up.strides())
-    return {};
-  const int64_t row = w_gate->stride(1);
-  if (row % 2 != 0 || w_up.storage_offset() - w_gate->storage_offset() != row / 2) return {};
-  return w_gate->as_strided({w_up.size(0), 2 * w_up.size(1), w_up.size(2)},
-                            {w_gate->stride(0), row / 2, w_gate->stride(2)});
+// that matrix, as a view of the same storage, or undefined (also for per-expert tensors).
+// One GEMM against it reads both in place, where at::mm would copy a gate or up view whose
+// rows are 2 elements apart.
+at::Tensor interleaved_gate_up(const Experts &gate, const Experts &up) {
+  if (!gate.stacked || !up.stacked) return {};
+  const at::Tensor &w_gate = *gate.stacked, &w_up = *up.stacked;
+  if (!w_gate.is_alias_of(w_up) || w_gate.strides() != w_up.strides()) return {};
+  const int64_t row = w_gate.stride(1);
+  if (row % 2 != 0 || w_up.storage_offset() - w_gate.storage_offset() != row / 2) return {};
+  return w_gate.as_strided({w_up.size(0), 2 * w_up.size(1), w_up.size(2)},
+                           {w_gate.stride(0), row / 2, w_gate.stride(2)});
 }
 
 // reference.experts_general_reference in ATen, for the dtypes the C kernel does not compute
 // on: per touched expert, its tokens' rows through its matrices (read in place; cast to x's
 // dtype only where they differ, as the reference does), the weighted sum in float32.
 at::Tensor experts_aten(const at::Tensor &x, const at::Tensor &ids, const at::Tensor &weights,
-                        const at::Tensor &w_up, const std::optional<at::Tensor> &w_gate,
-                        const at::Tensor &w_down, const Biases &b, const ActParams &p,
-                        bool gated) {
-  const int64_t n = x.size(0), k = ids.size(1), e = w_up.size(0), i = w_down.size(2);
+                        const Experts &w_up, const Experts &w_gate, const Experts &w_down,
+                        const Biases &b, const ActParams &p, bool gated) {
+  const int64_t n = x.size(0), k = ids.size(1), e = w_up.count(), i = w_down.size(1);
   const at::ScalarType dt = x.scalar_type();
   at::Tensor out = at::zeros({n, x.size(1)}, x.options().dtype(at::kFloat));
   at::Tensor idc = ids.contiguous();
@@ -276,7 +303,7 @@ at::Tensor experts_aten(const at::Tensor &x, const at::Tensor &ids, const at::Te
     const at::Tensor token = slot.div(k, "floor");
     const at::Tensor xt = x.index_select(0, token);
     std::optional<at::Tensor> hg;
-    if (w_gate) hg = xt.matmul((*w_gate)[expert].to(dt).t());
+    if (w_gate) hg = xt.matmul(w_gate[expert].to(dt).t());
     const at::Tensor h = hidden(xt.matmul(w_up[expert].to(dt).t()), hg, b, expert, i, gated, p);
     const at::Tensor y = plus_bias(h.matmul(w_down[expert].to(dt).t()), b.down, expert)
                              .to(at::kFloat);
@@ -336,45 +363,22 @@ at::Tensor combine_parts(const at::Tensor &partial, at::ScalarType dt) {
   return res;
 }
 
-at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor &weights,
-                   const at::Tensor &w_up, const std::optional<at::Tensor> &w_gate,
-                   const at::Tensor &w_down, c10::string_view activation, bool gated,
-                   const std::optional<at::Tensor> &b_up, const std::optional<at::Tensor> &b_gate,
-                   const std::optional<at::Tensor> &b_down, std::optional<double> act_alpha,
-                   std::optional<double> act_limit) {
-  const int act = activation_code(activation);
-  TORCH_CHECK_VALUE(act != kSwigluClamped ? !act_alpha && !act_limit : gated && act_alpha,
-                    "lynx::experts: swiglu_clamped needs gated=True and act_alpha; the other "
-                    "activations take neither act_alpha nor act_limit");
-  const ActParams params{act, act_alpha.value_or(1.0),
-                         act_limit.value_or(std::numeric_limits<double>::infinity())};
+// lynx::experts and lynx::experts_list once their inputs are checked: x [n, d], ids and
+// weights [n, k], each projection's E experts (w_up [U, d], w_gate [I, d] or none, w_down
+// [d, I] per expert) and biases ([U], [I], [d] per expert, or none).
+at::Tensor experts_core(const at::Tensor &x, const at::Tensor &ids, const at::Tensor &weights,
+                        const Experts &w_up, const Experts &w_gate, const Experts &w_down,
+                        const Experts &b_up, const Experts &b_gate, const Experts &b_down,
+                        const ActParams &params, bool gated) {
   const Biases biases{b_up, b_gate, b_down};
+  const int act = params.act;
   const at::ScalarType dt = x.scalar_type();
-  TORCH_CHECK(x.dim() == 2 && w_up.dim() == 3 && w_down.dim() == 3 && ids.dim() == 2,
-              "lynx::experts: want x [N, d], ids [N, k], w_up [E, U, d], w_down [E, d, I]");
-  const int64_t n = x.size(0), d = x.size(1), e = w_up.size(0), u = w_up.size(1);
-  const int64_t i = w_down.size(2), k = ids.size(1);
-  const int64_t want_u = gated && !w_gate ? 2 * i : i;
-  const bool gate_fits =
-      !w_gate || (w_gate->dim() == 3 && w_gate->size(0) == e && w_gate->size(1) == i &&
-                  w_gate->size(2) == d);
-  TORCH_CHECK(u == want_u && w_up.size(2) == d && w_down.size(0) == e && w_down.size(1) == d &&
-                  gate_fits && ids.size(0) == n && weights.sizes() == ids.sizes(),
-              "lynx::experts: inconsistent shapes x ", x.sizes(), ", ids ", ids.sizes(),
-              ", weights ", weights.sizes(), ", w_up ", w_up.sizes(), ", w_down ",
-              w_down.sizes(), " (gated=", gated, ", split gate ", w_gate.has_value(),
-              "): want w_up [E, ", want_u, ", ", d, "] and w_down [E, ", d, ", I]");
-  TORCH_CHECK(bias_fits(b_up, e, u) && bias_fits(b_gate, e, i) && bias_fits(b_down, e, d) &&
-                  (!b_gate || w_gate),
-              "lynx::experts: want biases b_up [E, ", u, "], b_gate [E, ", i,
-              "] (with a split gate only) and b_down [E, ", d, "]");
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "lynx::experts: ids must be int64");
-  const auto in_dt = [&](const std::optional<at::Tensor> &t) {
-    return !t || t->scalar_type() == dt;
-  };
-  const bool native = (dt == at::kFloat || dt == at::kBFloat16) && w_up.scalar_type() == dt &&
-                      w_down.scalar_type() == dt && in_dt(w_gate) && in_dt(b_up) &&
-                      in_dt(b_gate) && in_dt(b_down);
+  const int64_t n = x.size(0), d = x.size(1), e = w_up.count(), u = w_up.size(0);
+  const int64_t i = w_down.size(1), k = ids.size(1);
+  const auto in_dt = [&](const Experts &t) { return !t || t.dtype() == dt; };
+  const bool native = (dt == at::kFloat || dt == at::kBFloat16) && in_dt(w_up) &&
+                      in_dt(w_down) && in_dt(w_gate) && in_dt(b_up) && in_dt(b_gate) &&
+                      in_dt(b_down);
   if (!native) return experts_aten(x, ids, weights, w_up, w_gate, w_down, biases, params, gated);
   if (n == 0) return at::zeros({n, d}, x.options());
   at::Tensor idc = ids.contiguous();
@@ -391,9 +395,9 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
   // expert runs as GEMMs on views of its weights (oneDNN/MKL through at::mm). Weights whose
   // rows are not contiguous (a transposed layout) always take the GEMMs: they read strided
   // operands in place, where the streaming kernel would need a copy.
-  const auto rows_contiguous = [](const at::Tensor &w) { return w.stride(2) == 1; };
+  const auto rows_contiguous = [](const Experts &w) { return w.stride(1) == 1; };
   const bool streamable = rows_contiguous(w_up) && rows_contiguous(w_down) &&
-                          (!w_gate || rows_contiguous(*w_gate));
+                          (!w_gate || rows_contiguous(w_gate));
   const int64_t gemm_tokens = dt == at::kFloat ? kGemmTokensF32 : kGemmTokensBF16;
   std::vector<int64_t> stream, gemm;  // touched experts by way
   for (int64_t j = 0; j < e; ++j) {
@@ -425,20 +429,22 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
         }
       }
     }
-    const int64_t strides[6] = {w_up.stride(0),
-                                w_up.stride(1),
-                                w_gate ? w_gate->stride(0) : 0,
-                                w_gate ? w_gate->stride(1) : 0,
-                                w_down.stride(0),
-                                w_down.stride(1)};
-    const auto bstride = [](const std::optional<at::Tensor> &b, int dim) {
-      return b ? b->stride(dim) : int64_t{0};
+    // Each expert's matrices and bias rows where they lie (the kernel takes one pointer per
+    // expert), with the row strides of the matrices and the element strides of the biases.
+    const auto pointers = [&](const Experts &t) {
+      std::vector<const void *> p(t ? static_cast<size_t>(e) : 0);
+      for (size_t j = 0; j < p.size(); ++j) p[j] = t.ptr(static_cast<int64_t>(j));
+      return p;
     };
-    const int64_t bstrides[6] = {bstride(b_up, 0),   bstride(b_up, 1),   bstride(b_gate, 0),
-                                 bstride(b_gate, 1), bstride(b_down, 0), bstride(b_down, 1)};
-    const auto bias_ptr = [](const std::optional<at::Tensor> &b) -> const void * {
-      return b ? b->data_ptr() : nullptr;
+    const std::vector<const void *> pu = pointers(w_up), pg = pointers(w_gate),
+                                    pd = pointers(w_down), pbu = pointers(b_up),
+                                    pbg = pointers(b_gate), pbd = pointers(b_down);
+    const auto data = [](const std::vector<const void *> &p) {
+      return p.empty() ? nullptr : p.data();
     };
+    const int64_t rows[3] = {w_up.stride(0), w_gate ? w_gate.stride(0) : 0, w_down.stride(0)};
+    const auto bstride = [](const Experts &b) { return b ? b.stride(0) : int64_t{0}; };
+    const int64_t bstrides[3] = {bstride(b_up), bstride(b_gate), bstride(b_down)};
     const int code = dt == at::kFloat ? 0 : 1;  // the C kernel's weight dtype
     // With torch's intra-op threads, the streamed experts are dealt out to the threads (each
     // reads its experts' weights once, into its own output), then the outputs are summed. Below
@@ -481,11 +487,13 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
     if (slice) parts = threads;
     at::Tensor partial = at::empty({parts, n, d}, x.options().dtype(at::kFloat));
     std::vector<int> status(parts, 0);
-    // One part's call of the C kernel: weights and biases (as pointers, with their strides),
-    // the experts it takes, the up and intermediate widths it computes, into partial[part].
-    auto call = [&](int64_t part, const void *wu, const void *wg, const void *wd,
-                    const int64_t *st, const void *bu, const void *bg, const void *bd,
-                    const int64_t *bst, const uint8_t *takes, int64_t width_u, int64_t width_i) {
+    // One part's call of the C kernel: per-expert pointers to the weights and biases (with
+    // their strides), the experts it takes, the up and intermediate widths it computes, into
+    // partial[part].
+    auto call = [&](int64_t part, const void *const *wu, const void *const *wg,
+                    const void *const *wd, const int64_t *st, const void *const *bu,
+                    const void *const *bg, const void *const *bd, const int64_t *bst,
+                    const uint8_t *takes, int64_t width_u, int64_t width_i) {
       status[part] = lynx_experts(
           xs.defined() ? xs.data_ptr<float>() : nullptr,
           xb.defined() ? static_cast<const uint16_t *>(xb.data_ptr()) : nullptr, id, wts.data(),
@@ -494,19 +502,18 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
           partial.data_ptr<float>() + part * n * d);
     };
     auto run = [&](int64_t part) {  // whole experts: take[part]
-      call(part, w_up.data_ptr(), w_gate ? w_gate->data_ptr() : nullptr, w_down.data_ptr(),
-           strides, bias_ptr(b_up), bias_ptr(b_gate), bias_ptr(b_down), bstrides,
-           take[part].data(), u, i);
+      call(part, pu.data(), data(pg), pd.data(), rows, data(pbu), data(pbg), data(pbd),
+           bstrides, take[part].data(), u, i);
     };
     std::vector<uint8_t> streamed;  // a sliced call's experts: every streamed one
     if (slice) {
       streamed.assign(e, 0);
       for (int64_t j : stream) streamed[j] = 1;
     }
-    const size_t esz = x.element_size();
+    const int64_t esz = static_cast<int64_t>(x.element_size());
     // Part p's slice [i0, i1) of the intermediate dim, as a split-gate call on views: a
     // fused [gate; up] matrix becomes its two halves' rows, the down projection the slice's
-    // columns (rows stay strides[5] apart), biases the matching elements; b_down is added once.
+    // columns (rows stay rows[2] apart), biases the matching elements; b_down is added once.
     auto run_slice = [&](int64_t part) {
       float *dst = partial.data_ptr<float>() + part * n * d;
       const int64_t i0 = part * chunk, i1 = std::min(i, i0 + chunk), width = i1 - i0;
@@ -514,23 +521,27 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
         std::fill(dst, dst + n * d, 0.0f);
         return;
       }
-      const auto at_row = [&](const void *base, int64_t row, int64_t stride) {
-        return static_cast<const void *>(static_cast<const char *>(base) + row * stride * esz);
+      // each expert's pointers moved `offset` elements on (empty stays empty)
+      const auto moved = [&](const std::vector<const void *> &p, int64_t offset) {
+        std::vector<const void *> q(p.size());
+        for (size_t j = 0; j < p.size(); ++j)
+          q[j] = static_cast<const char *>(p[j]) + offset * esz;
+        return q;
       };
       const bool fused = gated && !w_gate;
-      const void *wg = w_gate ? at_row(w_gate->data_ptr(), i0, strides[3])
-                              : fused ? at_row(w_up.data_ptr(), i0, strides[1]) : nullptr;
-      const void *wu = at_row(w_up.data_ptr(), fused ? i + i0 : i0, strides[1]);
-      const void *wd = at_row(w_down.data_ptr(), i0, 1);
-      const int64_t st[6] = {strides[0], strides[1], fused ? strides[0] : strides[2],
-                             fused ? strides[1] : strides[3], strides[4], strides[5]};
-      const void *bu = b_up ? at_row(b_up->data_ptr(), fused ? i + i0 : i0, bstrides[1]) : nullptr;
-      const void *bg = b_gate ? at_row(b_gate->data_ptr(), i0, bstrides[3])
-                       : fused && b_up ? at_row(b_up->data_ptr(), i0, bstrides[1]) : nullptr;
-      const int64_t bst[6] = {bstrides[0], bstrides[1], b_gate ? bstrides[2] : bstrides[0],
-                              b_gate ? bstrides[3] : bstrides[1], bstrides[4], bstrides[5]};
-      call(part, wu, wg, wd, st, bu, bg, part == 0 ? bias_ptr(b_down) : nullptr, bst,
-           streamed.data(), width, width);
+      const std::vector<const void *> wg = w_gate ? moved(pg, i0 * rows[1])
+                                           : fused ? moved(pu, i0 * rows[0])
+                                                   : std::vector<const void *>();
+      const std::vector<const void *> wu = moved(pu, (fused ? i + i0 : i0) * rows[0]);
+      const std::vector<const void *> wd = moved(pd, i0);
+      const int64_t st[3] = {rows[0], fused ? rows[0] : rows[1], rows[2]};
+      const std::vector<const void *> bu = moved(pbu, (fused ? i + i0 : i0) * bstrides[0]);
+      const std::vector<const void *> bg = b_gate ? moved(pbg, i0 * bstrides[1])
+                                           : fused ? moved(pbu, i0 * bstrides[0])
+                                                   : std::vector<const void *>();
+      const int64_t bst[3] = {bstrides[0], b_gate ? bstrides[1] : bstrides[0], bstrides[2]};
+      call(part, wu.data(), data(wg), wd.data(), st, data(bu), data(bg),
+           part == 0 ? data(pbd) : nullptr, bst, streamed.data(), width, width);
     };
     if (parts == 1) {
       run(0);
@@ -567,7 +578,7 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
         hg = both.slice(1, 0, 2 * i, 2), hu = both.slice(1, 1, 2 * i, 2);
       } else {
         hu = at::mm(xt, w_up[j].t());
-        if (w_gate) hg = at::mm(xt, (*w_gate)[j].t());
+        if (w_gate) hg = at::mm(xt, w_gate[j].t());
       }
       const at::Tensor h = hidden(hu, hg, biases, j, i, gated, params);
       const at::Tensor y = plus_bias(at::mm(h, w_down[j].t()), b_down, j).to(at::kFloat);
@@ -594,12 +605,100 @@ at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor 
   return dt == at::kFloat ? out : out.to(dt);
 }
 
+// The activation's code and parameters, checked against the op's arguments.
+ActParams act_params(c10::string_view activation, bool gated, std::optional<double> act_alpha,
+                     std::optional<double> act_limit) {
+  const int act = activation_code(activation);
+  TORCH_CHECK_VALUE(act != kSwigluClamped ? !act_alpha && !act_limit : gated && act_alpha,
+                    "lynx::experts: swiglu_clamped needs gated=True and act_alpha; the other "
+                    "activations take neither act_alpha nor act_limit");
+  return {act, act_alpha.value_or(1.0),
+          act_limit.value_or(std::numeric_limits<double>::infinity())};
+}
+
+at::Tensor experts(const at::Tensor &x, const at::Tensor &ids, const at::Tensor &weights,
+                   const at::Tensor &w_up, const std::optional<at::Tensor> &w_gate,
+                   const at::Tensor &w_down, c10::string_view activation, bool gated,
+                   const std::optional<at::Tensor> &b_up, const std::optional<at::Tensor> &b_gate,
+                   const std::optional<at::Tensor> &b_down, std::optional<double> act_alpha,
+                   std::optional<double> act_limit) {
+  const ActParams params = act_params(activation, gated, act_alpha, act_limit);
+  TORCH_CHECK(x.dim() == 2 && w_up.dim() == 3 && w_down.dim() == 3 && ids.dim() == 2,
+              "lynx::experts: want x [N, d], ids [N, k], w_up [E, U, d], w_down [E, d, I]");
+  const int64_t n = x.size(0), d = x.size(1), e = w_up.size(0), u = w_up.size(1);
+  const int64_t i = w_down.size(2);
+  const int64_t want_u = gated && !w_gate ? 2 * i : i;
+  const bool gate_fits =
+      !w_gate || (w_gate->dim() == 3 && w_gate->size(0) == e && w_gate->size(1) == i &&
+                  w_gate->size(2) == d);
+  TORCH_CHECK(u == want_u && w_up.size(2) == d && w_down.size(0) == e && w_down.size(1) == d &&
+                  gate_fits && ids.size(0) == n && weights.sizes() == ids.sizes(),
+              "lynx::experts: inconsistent shapes x ", x.sizes(), ", ids ", ids.sizes(),
+              ", weights ", weights.sizes(), ", w_up ", w_up.sizes(), ", w_down ",
+              w_down.sizes(), " (gated=", gated, ", split gate ", w_gate.has_value(),
+              "): want w_up [E, ", want_u, ", ", d, "] and w_down [E, ", d, ", I]");
+  TORCH_CHECK(bias_fits(b_up, e, u) && bias_fits(b_gate, e, i) && bias_fits(b_down, e, d) &&
+                  (!b_gate || w_gate),
+              "lynx::experts: want biases b_up [E, ", u, "], b_gate [E, ", i,
+              "] (with a split gate only) and b_down [E, ", d, "]");
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "lynx::experts: ids must be int64");
+  return experts_core(x, ids, weights, Experts{&w_up, {}}, Experts::of(w_gate),
+                      Experts{&w_down, {}}, Experts::of(b_up), Experts::of(b_gate),
+                      Experts::of(b_down), params, gated);
+}
+
+// Whether `list` is E tensors (or none, where `optional`) of one shape, dtype and strides.
+void check_list(at::TensorList list, int64_t e, at::IntArrayRef shape, bool optional,
+                const char *name) {
+  TORCH_CHECK(list.size() == static_cast<size_t>(e) || (optional && list.empty()),
+              "lynx::experts_list: ", name, " holds ", list.size(), " tensors; want one per "
+              "expert (", e, ")", optional ? " or none" : "");
+  for (const at::Tensor &t : list)
+    TORCH_CHECK(t.sizes() == shape && t.strides() == list[0].strides() &&
+                    t.scalar_type() == list[0].scalar_type() && t.device() == list[0].device(),
+                "lynx::experts_list: every tensor of ", name, " must be ", shape,
+                " with the first one's dtype and strides; got ", t.sizes(), " ", t.scalar_type(),
+                " strides ", t.strides(), " against ", list[0].strides());
+}
+
+// lynx::experts with each projection's experts (and biases) as separate tensors, one per
+// expert: empty lists for an absent split gate or bias.
+at::Tensor experts_list(const at::Tensor &x, const at::Tensor &ids, const at::Tensor &weights,
+                        at::TensorList w_up, at::TensorList w_gate, at::TensorList w_down,
+                        at::TensorList b_up, at::TensorList b_gate, at::TensorList b_down,
+                        c10::string_view activation, bool gated, std::optional<double> act_alpha,
+                        std::optional<double> act_limit) {
+  const ActParams params = act_params(activation, gated, act_alpha, act_limit);
+  TORCH_CHECK(x.dim() == 2 && ids.dim() == 2 && weights.sizes() == ids.sizes() &&
+                  ids.size(0) == x.size(0) && !w_up.empty() && w_up[0].dim() == 2 &&
+                  !w_down.empty() && w_down[0].dim() == 2,
+              "lynx::experts_list: want x [N, d], ids and weights [N, k], per-expert w_up "
+              "[U, d] and w_down [d, I]; got x ", x.sizes(), ", ids ", ids.sizes(),
+              ", weights ", weights.sizes());
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "lynx::experts_list: ids must be int64");
+  const int64_t d = x.size(1), e = static_cast<int64_t>(w_up.size()), i = w_down[0].size(1);
+  const bool split = !w_gate.empty();
+  const int64_t u = gated && !split ? 2 * i : i;
+  check_list(w_up, e, {u, d}, false, "w_up");
+  check_list(w_gate, e, {i, d}, true, "w_gate");
+  check_list(w_down, e, {d, i}, false, "w_down");
+  check_list(b_up, e, {u}, true, "b_up");
+  check_list(b_gate, e, {i}, true, "b_gate");
+  check_list(b_down, e, {d}, true, "b_down");
+  TORCH_CHECK_VALUE(!split || gated, "lynx::experts_list: a split gate needs gated=True");
+  TORCH_CHECK_VALUE(b_gate.empty() || split, "lynx::experts_list: b_gate needs w_gate");
+  const auto of = [](at::TensorList l) { return Experts{nullptr, l}; };
+  return experts_core(x, ids, weights, of(w_up), of(w_gate), of(w_down), of(b_up), of(b_gate),
+                      of(b_down), params, gated);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lynx, CPU, m) {
   m.impl("route_affinity_cpu", &route_affinity_cpu);
   m.impl("route_scored_affinity_cpu", &route_scored_affinity_cpu);
   m.impl("experts", &experts);
+  m.impl("experts_list", &experts_list);
 }
 
 // Inference ops: their autograd kernel on CPU is torch's C++ "not implemented" fallback
@@ -610,4 +709,5 @@ TORCH_LIBRARY_IMPL(lynx, AutogradCPU, m) {
   m.impl("route_affinity_cpu", torch::autograd::autogradNotImplementedFallback());
   m.impl("route_scored_affinity_cpu", torch::autograd::autogradNotImplementedFallback());
   m.impl("experts", torch::autograd::autogradNotImplementedFallback());
+  m.impl("experts_list", torch::autograd::autogradNotImplementedFallback());
 }

@@ -31,6 +31,16 @@
                                                 (GPT-OSS: constants.GLU_ACTIVATIONS) and are
                                                 None for the elementwise ones
 
+    experts_list(x, ids, weights, w_up[], w_gate[], w_down[], b_up[], b_gate[], b_down[],
+                 activation, gated, act_alpha?, act_limit?) -> [N, d]
+                                                lynx::experts with each projection's experts
+                                                as E separate tensors (an nn.ModuleList of
+                                                per-expert nn.Linear modules: w_up[e] [U, d],
+                                                w_gate[e] [I, d], w_down[e] [d, I], biases
+                                                [U] / [I] / [d]), all of one shape, dtype and
+                                                strides; an empty list for an absent split
+                                                gate or bias
+
 lynx::experts reads its weights and biases in place, at any strides: an interleaved gate/up
 (GPT-OSS's gate_up_proj [E, d, 2I], gate = [..., ::2], up = [..., 1::2]) is passed as the
 split-gate views w_gate = gate_up_proj.transpose(1, 2)[:, 0::2] and w_up = [:, 1::2] (biases
@@ -582,6 +592,97 @@ def _experts_fake(x, ids, weights, w_up, w_gate, w_down, activation, gated, *ext
     return torch.empty_like(x)
 
 
+def experts_list_composite(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w_up: list[torch.Tensor],
+    w_gate: list[torch.Tensor],
+    w_down: list[torch.Tensor],
+    b_up: list[torch.Tensor],
+    b_gate: list[torch.Tensor],
+    b_down: list[torch.Tensor],
+    activation: str,
+    gated: bool,
+    act_alpha: float | None = None,
+    act_limit: float | None = None,
+) -> torch.Tensor:
+    """Sparse experts over per-expert tensors: x [N, d], ids/weights [N, k], w_up[e] [U, d],
+    w_gate[e] [I, d] (or []), w_down[e] [d, I], biases [U] / [I] / [d] per expert (or [])
+    -> [N, d] in x's dtype (reference.experts_general_reference, which reads w[e] of a list
+    as of a stacked tensor: nothing is stacked or copied)."""
+    flat = ids.reshape(-1)
+    if flat.numel():  # a list would take a negative id from its end: refuse it instead
+        low, high = int(flat.min()), int(flat.max())
+        if low < 0 or high >= len(w_up):
+            raise IndexError(f"lynx::experts_list: expert ids must be in [0, {len(w_up)}), "
+                             f"got ids in [{low}, {high}]")  # fmt: skip
+    return reference.experts_general_reference(
+        x, ids, weights, w_gate or None, w_up, w_down, activation, gated,
+        b_up or None, b_gate or None, b_down or None, act_alpha, act_limit,
+    )  # fmt: skip
+
+
+experts_list = torch.library.custom_op("lynx::experts_list", mutates_args=())(
+    experts_list_composite
+)
+
+
+@experts_list.register_fake
+def _experts_list_fake(x, ids, weights, w_up, w_gate, w_down, b_up, b_gate, b_down, *rest):
+    _check_experts_list(x, ids, weights, w_up, w_gate, w_down, b_up, b_gate, b_down, *rest)
+    return torch.empty_like(x)
+
+
+def _check_experts_list(x, ids, weights, w_up, w_gate, w_down, b_up, b_gate, b_down,
+                        activation, gated, act_alpha=None, act_limit=None) -> None:  # fmt: skip
+    """lynx::experts_list's inputs: lynx::experts' checks on expert 0's tensors seen as
+    one-expert stacks, then every list one tensor per expert of expert 0's shape, dtype and
+    strides (the kernel reads them with one set of strides)."""
+    num = len(w_up)
+    torch._check_value(
+        num > 0 and len(w_down) == num,
+        lambda: (
+            f"lynx::experts_list: w_up and w_down need one tensor per expert, got {len(w_up)} "
+            f"and {len(w_down)}"
+        ),
+    )
+    for name, tensors in (("w_gate", w_gate), ("b_up", b_up), ("b_gate", b_gate),
+                          ("b_down", b_down)):  # fmt: skip
+        torch._check_value(
+            len(tensors) in (0, num),
+            lambda name=name, tensors=tensors: (
+                f"lynx::experts_list: {name} holds {len(tensors)} tensors; want one per expert "
+                f"({num}) or none"
+            ),
+        )
+    for name, tensors in (("w_up", w_up), ("w_gate", w_gate), ("w_down", w_down),
+                          ("b_up", b_up), ("b_gate", b_gate), ("b_down", b_down)):  # fmt: skip
+        for t in tensors:
+            first = tensors[0]
+            torch._check(
+                t.shape == first.shape and t.dtype == first.dtype and t.stride() == first.stride(),
+                lambda name=name, t=t, first=first: (
+                    f"lynx::experts_list: every tensor of {name} must have the first one's shape, "
+                    f"dtype and strides ({tuple(first.shape)}, {first.dtype}, {first.stride()}); "
+                    f"got {tuple(t.shape)}, {t.dtype}, {t.stride()}"
+                ),
+            )
+    torch._check_value(
+        all(t.dim() == 2 for t in (*w_up, *w_gate, *w_down))
+        and all(t.dim() == 1 for t in (*b_up, *b_gate, *b_down)),
+        lambda: "lynx::experts_list: per-expert weights must be 2-D and biases 1-D",
+    )
+
+    def one(tensors):  # expert 0's tensor as a one-expert stack
+        return tensors[0].unsqueeze(0) if tensors else None
+
+    _check_experts(
+        x, ids, weights, one(w_up), one(w_gate), one(w_down), activation, gated,
+        one(b_up), one(b_gate), one(b_down), act_alpha, act_limit,
+    )  # fmt: skip
+
+
 ALL_OPS = (
     route,
     route_recorded,
@@ -595,6 +696,7 @@ ALL_OPS = (
     route_scored_kept,
     route_scored_remap,
     experts,
+    experts_list,
 )
 
 # ------------------------------------------------------------------ the passes' op selector
@@ -631,6 +733,7 @@ def group_route_ops(scored: bool) -> tuple[torch._ops.OpOverload, ...]:
     return lynx.route_votes.default, lynx.route_kept.default, lynx.route_remap.default
 
 
-def experts_op() -> torch._ops.OpOverload:
-    """The sparse-experts op to emit, for every expert form (fused gate/up, plain, split)."""
-    return torch.ops.lynx.experts.default
+def experts_op(per_expert: bool = False) -> torch._ops.OpOverload:
+    """The sparse-experts op to emit, for every expert form (fused gate/up, plain, split):
+    lynx::experts_list where each expert's weights are separate tensors."""
+    return torch.ops.lynx.experts_list.default if per_expert else torch.ops.lynx.experts.default

@@ -122,6 +122,42 @@ def experts_decomposed(
     )  # fmt: skip
 
 
+def experts_list_decomposed(
+    x,
+    ids,
+    weights,
+    w_up,
+    w_gate,
+    w_down,
+    b_up,
+    b_gate,
+    b_down,
+    activation,
+    gated,
+    act_alpha=None,
+    act_limit=None,
+):
+    """lynx::experts_list without data-dependent shapes: each expert (its own tensors, never
+    stacked) on every token, weighted by its column of the routing; the weighted sum in
+    fp32 like the reference."""
+    combine = torch.zeros(x.shape[0], len(w_up), dtype=torch.float32, device=x.device)
+    combine = combine.scatter_add(1, ids, weights.to(torch.float32))  # [N, E]
+
+    def project(rows, ws, bs, e):
+        y = rows @ ws[e].to(x.dtype).t()
+        return y + bs[e].to(x.dtype) if bs else y
+
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    for e in range(len(w_up)):
+        gate = project(x, w_gate, b_gate, e) if w_gate else None
+        h = reference.expert_activation(
+            project(x, w_up, b_up, e), gate, activation, gated, act_alpha, act_limit
+        )
+        y = project(h, w_down, b_down, e)
+        out = out + y.to(torch.float32) * combine[:, e : e + 1]
+    return out.to(x.dtype)
+
+
 # Ops with another op's schema and results, so an export writes that one.
 DEVICE_NEUTRAL = {"route_recorded": "route"}
 
@@ -130,6 +166,7 @@ DECOMPOSITIONS = {
     "route": route_decomposed,
     "route_scored": route_scored_decomposed,
     "experts": experts_decomposed,
+    "experts_list": experts_list_decomposed,
     # Emitted by the CPU lowering inside Inductor, so never seen by export; here so that
     # graphs captured after lowering (or written by hand) still convert.
     "route_affinity_cpu": route_affinity_cpu_decomposed,
@@ -279,6 +316,14 @@ def _domain_translations(gm: fx.GraphModule) -> dict:
         name = lynx_op_name(node.target) if node.op == "call_function" else None
         if name is not None:
             overload = getattr(torch.ops.lynx, DEVICE_NEUTRAL.get(name, name)).default
+            arguments = overload._schema.arguments
+            lists = [a.name for a in arguments if isinstance(a.type, torch._C.ListType)]
+            if lists:
+                raise ExportError(
+                    f"lynx::{name} takes tensor lists ({', '.join(lists)}: per-expert weights), "
+                    "which a lynx-domain ONNX node cannot hold (one variadic input at most); "
+                    "export with lynx_domain=False, which writes it as standard operators"
+                )
             node.target = overload  # one neutral spelling: one table entry serves every node
             table[overload] = _domain_translation(overload)
     gm.recompile()

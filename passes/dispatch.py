@@ -18,6 +18,9 @@ all-experts einsums, gather + bmm, ...), the pass works on meaning:
               hidden-states tensor, two (gate_up, down) or three (gate, up, down) 3-D
               expert weights with leading dim E, up to three per-expert biases [E, width]
               (indexed by expert: GPT-OSS's gate_up_proj_bias, down_proj_bias), plus sizes;
+              or, for an nn.ModuleList of nn.Linear experts, 2 or 3 2-D weights per expert
+              of the router (each expert's own tensors, read in place by
+              lynx::experts_list, never stacked) and their nn.Linear biases;
    For scored routers (lynx::route_scored returns what torch.topk returned), the routing
    weights are what the model computes from the top-k values after it (gather of unbiased
    scores, renormalisation, scaling, softmax over the k values): `model_weights` finds that
@@ -35,6 +38,7 @@ all-experts einsums, gather + bmm, ...), the pass works on meaning:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -60,14 +64,20 @@ _MAX_CHECKED_REGIONS = 3
 _CLAMP_PROBES = (8.0, 64.0)
 
 
+# One projection's experts: a stacked [E, ...] tensor's node, or E per-expert tensors' nodes.
+Weights = fx.Node | tuple[fx.Node, ...]
+
+
 @dataclass
 class ExpertsPlan:
     """How to call lynx::experts in place of one dispatch region."""
 
     x: fx.Node
-    w_up: fx.Node
-    w_down: fx.Node
-    w_gate: fx.Node | None
+    # each a stacked [E, ...] parameter's node, or a tuple of E per-expert tensors' nodes
+    # (an nn.ModuleList of nn.Linear experts: lynx::experts_list); biases likewise
+    w_up: Weights
+    w_down: Weights
+    w_gate: Weights | None
     up_transposed: bool
     down_transposed: bool
     gated: bool
@@ -84,9 +94,9 @@ class ExpertsPlan:
     # as split-gate views, and b_up (then [E, 2I]) split the same way
     interleaved: bool = False
     # per-expert biases [E, width] added after the up (gate) and down projections
-    b_up: fx.Node | None = None
-    b_gate: fx.Node | None = None
-    b_down: fx.Node | None = None
+    b_up: Weights | None = None
+    b_gate: Weights | None = None
+    b_down: Weights | None = None
     # swiglu_clamped's parameters, read from the region's constants
     act_alpha: float | None = None
     act_limit: float | None = None
@@ -110,7 +120,14 @@ class ExpertsPlan:
         if self.expert_offset is not None:
             held = _held(self)
             scaled += f", experts {self.expert_offset}..{self.expert_offset + held - 1}"
+        if self.per_expert:
+            scaled += ", per-expert tensors"
         return f"sparse_experts({gate} {act}{scaled})"
+
+    @property
+    def per_expert(self) -> bool:
+        """Whether each expert's weights are tensors of their own (lynx::experts_list)."""
+        return isinstance(self.w_up, tuple)
 
 
 def _hint(v):
@@ -631,7 +648,15 @@ def _plan_candidates(
 
     experts = [n for n in tensors if example_value(n).dim() == 3 and not is_hidden(n)]
     others = [n for n in tensors if n not in experts]
-    held = {_hint(example_value(n).shape[0]) for n in experts}
+    first_use = {n: min(order[u] for u in n.users if u in region) for n in tensors}
+    per_expert = None  # {matrix: its bias} when the experts are separate 2-D tensors
+    if not experts:
+        found = _per_expert_weights(others, is_hidden, first_use, num_experts)
+        if isinstance(found, str):
+            return found
+        if found is not None:
+            experts, per_expert, others = found
+    held = {_expert_count(n) for n in experts}
     offsets: list[int | None] = [None]
     count = num_experts  # the experts the weights (and biases) hold
     received = num_experts is not None and num_experts < 0
@@ -654,6 +679,7 @@ def _plan_candidates(
         if example_value(n).dim() == 2
         and not is_hidden(n)
         and _hint(example_value(n).shape[0]) == count
+        and per_expert is None
     ]
     others = [n for n in others if n not in biases]
     if len(biases) > 3:
@@ -666,22 +692,14 @@ def _plan_candidates(
             f"dispatch reads {len(vectors)} 1-D tensor(s) beside the experts' weights (a norm "
             "or scale of each expert's output: lynx::experts takes none)"
         )
-    matrices = [n for n in others if example_value(n).dim() == 2 and not is_hidden(n)]
-    if not experts and len(matrices) >= 2 * count:
-        # an nn.ModuleList of nn.Linear experts: one 2-D weight per expert and projection
-        return (
-            f"the experts are {len(matrices)} separate 2-D weights (per-expert nn.Linear "
-            "modules?): lynx::experts reads each projection's experts stacked in one 3-D "
-            "[E, out, in] parameter, and never copies weights to make one; the model's "
-            "expert code runs on lynx's routing"
-        )
     if len(others) != 1 or not is_hidden(others[0]):
         return f"dispatch reads {len(others)} hidden-state tensors, expected one [tokens, d]"
     x = others[0]
     d = _hint(example_value(x).shape[-1])
     if not _same_size(example_value(x).shape[-1], width):
         return f"dispatch reads [tokens, {d}] hidden states and returns [tokens, {_hint(width)}]"
-    experts.sort(key=lambda n: min(order[u] for u in n.users))  # first used = first matmul
+    if per_expert is None:
+        experts.sort(key=first_use.__getitem__)  # first used = first matmul
     if len(experts) not in (2, 3):
         return f"dispatch reads {len(experts)} expert weight tensors, expected 2 or 3"
     glu = _glu_parameters(region, real)
@@ -709,7 +727,10 @@ def _plan_candidates(
             else:
                 for gate, up in ((experts[0], experts[1]), (experts[1], experts[0])):
                     plans.append(ExpertsPlan(x, up, experts[2], gate, up_t, down_t, True, **act))
-    fitting = [q for p in plans if _shapes_fit(p, d) for q in _with_biases(p, biases, d)]
+    if per_expert is not None:
+        fitting = [q for p in plans if _shapes_fit(p, d) for q in _with_list_biases(p, per_expert)]
+    else:
+        fitting = [q for p in plans if _shapes_fit(p, d) for q in _with_biases(p, biases, d)]
     return [
         dataclasses.replace(p, expert_offset=o, repoint_idle=received)
         for o in offsets
@@ -733,6 +754,90 @@ def _with_biases(plan: ExpertsPlan, biases: list[fx.Node], d: int) -> list[Exper
         if all(_hint(example_value(b).shape[1]) == widths[r] for b, r in pairs):
             found.append(dataclasses.replace(plan, **{r: b for b, r in pairs}))
     return found
+
+
+def _expert_count(w: Weights) -> int:
+    """The experts a projection's weights hold."""
+    return len(w) if isinstance(w, tuple) else _hint(example_value(w).shape[0])
+
+
+def _expert_shape(w: Weights) -> list[int] | None:
+    """One expert's matrix (or bias) shape; None where per-expert tensors differ in shape,
+    dtype or strides (lynx::experts_list reads them all with one set of strides)."""
+    if not isinstance(w, tuple):
+        return [_hint(s) for s in example_value(w).shape[1:]]
+    vals = [example_value(n) for n in w]
+    first = vals[0]
+    if any(
+        v.shape != first.shape or v.dtype != first.dtype or v.stride() != first.stride()
+        for v in vals
+    ):
+        return None
+    return [_hint(s) for s in first.shape]
+
+
+def _per_expert_weights(others: list[fx.Node], is_hidden, first_use: dict, num_experts):
+    """Experts as separate 2-D tensors, one per expert and projection (an nn.ModuleList of
+    nn.Linear experts) of every expert of the router: (the projections' weights as tuples
+    in order of first use, {matrix: its bias or None}, the remaining inputs), None where the
+    region reads no such matrices, or why they cannot be read. The matrices are taken in the
+    order the region first uses them, m = 3 (gate, up, down) or 2 (up, down) per expert,
+    expert j's before expert j+1's as a loop over the experts computes them (the numerical
+    check confirms the order); an nn.Linear bias is the 1-D tensor its matrix's F.linear
+    also reads."""
+    matrices = sorted(
+        (n for n in others if example_value(n).dim() == 2 and not is_hidden(n)),
+        key=first_use.__getitem__,
+    )
+    if len(matrices) < 2:
+        return None
+    vectors = [n for n in others if example_value(n).dim() == 1]
+    bias_of: dict[fx.Node, fx.Node | None] = dict.fromkeys(matrices)
+    for v in vectors:
+        partners = [m for m in matrices if set(m.users) & set(v.users)]
+        if len(partners) != 1 or bias_of[partners[0]] is not None:
+            return (
+                f"dispatch reads {len(matrices)} per-expert 2-D weights and a 1-D tensor that "
+                "is not one of their nn.Linear biases"
+            )
+        bias_of[partners[0]] = v
+    rest = [n for n in others if n not in matrices and n not in vectors]
+    total = -num_experts if num_experts is not None and num_experts < 0 else num_experts
+    for per in (3, 2):
+        # every expert of the router: a region holding some of them is part of a loop (its
+        # partial sums close regions too), not a rank's slice of the experts
+        held = len(matrices) // per
+        if len(matrices) % per or held != total:
+            continue
+        chunks = [matrices[j * per : (j + 1) * per] for j in range(held)]
+        # by role across experts: expert j's first, second (and third) matrix
+        experts = [tuple(chunk[r] for chunk in chunks) for r in range(per)]
+        if any(_expert_shape(w) is None for w in experts):
+            return (
+                f"the experts' {len(matrices)} separate 2-D weights differ in shape, dtype or "
+                "strides between experts: lynx::experts_list reads every expert alike"
+            )
+        return experts, bias_of, rest
+    return (
+        f"the experts are {len(matrices)} separate 2-D weights, not 2 or 3 for each of the "
+        f"router's {total} experts"
+    )
+
+
+def _with_list_biases(plan: ExpertsPlan, bias_of: dict) -> list[ExpertsPlan]:
+    """The per-expert plan with each projection's nn.Linear biases (all of its experts have
+    one, or none); no plan where only some experts' projection has a bias."""
+    found = {}
+    for name, w in (("b_up", plan.w_up), ("b_gate", plan.w_gate), ("b_down", plan.w_down)):
+        if w is None:
+            continue
+        biases = [bias_of[n] for n in w]
+        if all(b is None for b in biases):
+            continue
+        if any(b is None for b in biases):
+            return []
+        found[name] = tuple(biases)
+    return [dataclasses.replace(plan, **found)]
 
 
 def _constant(value, real: dict[fx.Node, object]) -> float | None:
@@ -814,15 +919,18 @@ def _is_clamp(node: fx.Node) -> bool:
 
 
 def _shapes_fit(plan: ExpertsPlan, d: int) -> bool:
-    up = [_hint(s) for s in example_value(plan.w_up).shape[1:]]
-    down = [_hint(s) for s in example_value(plan.w_down).shape[1:]]
+    up, down = _expert_shape(plan.w_up), _expert_shape(plan.w_down)
+    gate = None if plan.w_gate is None else _expert_shape(plan.w_gate)
+    if up is None or down is None or (plan.w_gate is not None and gate is None):
+        return False
+    if _expert_count(plan.w_down) != _expert_count(plan.w_up):
+        return False
     up_out, up_in = reversed(up) if plan.up_transposed else up
     down_out, down_in = reversed(down) if plan.down_transposed else down
     inter = up_out // 2 if plan.gated and plan.w_gate is None else up_out
     if plan.gated and plan.w_gate is None and up_out % 2:
         return False
     if plan.w_gate is not None:
-        gate = [_hint(s) for s in example_value(plan.w_gate).shape[1:]]
         gate_out, gate_in = reversed(gate) if plan.up_transposed else gate
         if (gate_out, gate_in) != (up_out, up_in):
             return False
@@ -907,6 +1015,9 @@ def _weight_args(plan: ExpertsPlan, values: dict[fx.Node, object]):
     """(w_up, w_down, w_gate, b_up, b_gate, b_down) for lynx::experts: views of the plan's
     tensors (transposes, and an interleaved gate/up's even and odd rows)."""
 
+    if plan.per_expert:  # lists of per-expert views: [U, d] matrices, [U] biases
+        return _list_weight_args(plan, values)
+
     def layout(node, transposed):
         w = values[node]
         return w.transpose(1, 2) if transposed else w
@@ -919,6 +1030,25 @@ def _weight_args(plan: ExpertsPlan, values: dict[fx.Node, object]):
         gate, up = up[_EVEN], up[_ODD]
         if b_up is not None:
             b_gate, b_up = b_up[_EVEN], b_up[_ODD]
+    return up, down, gate, b_up, b_gate, b_down
+
+
+_EVEN_ROWS, _ODD_ROWS = slice(0, None, 2), slice(1, None, 2)
+
+
+def _list_weight_args(plan: ExpertsPlan, values: dict[fx.Node, object]):
+    """_weight_args for per-expert tensors: lists (empty where absent) of views."""
+
+    def layout(nodes, transposed):
+        return [values[n].t() if transposed else values[n] for n in nodes or ()]
+
+    up = layout(plan.w_up, plan.up_transposed)
+    down = layout(plan.w_down, plan.down_transposed)
+    gate = layout(plan.w_gate, plan.up_transposed)
+    b_up, b_gate, b_down = ([values[n] for n in b or ()] for b in _biases(plan))
+    if plan.interleaved:
+        gate, up = [w[_EVEN_ROWS] for w in up], [w[_ODD_ROWS] for w in up]
+        b_gate, b_up = [b[_EVEN_ROWS] for b in b_up], [b[_ODD_ROWS] for b in b_up]
     return up, down, gate, b_up, b_gate, b_down
 
 
@@ -963,7 +1093,7 @@ def _repoints(plan: ExpertsPlan) -> bool:
 
 
 def _held(plan: ExpertsPlan) -> int:
-    return _hint(example_value(plan.w_up).shape[0])
+    return _expert_count(plan.w_up)
 
 
 def _local_routing(plan: ExpertsPlan, ids: torch.Tensor, weights: torch.Tensor):
@@ -986,10 +1116,16 @@ def call_experts(plan: ExpertsPlan, x, ids, weights, values) -> torch.Tensor:
         flat_ids, flat_w = idle_routing(flat_ids, flat_w, _held(plan))
     if plan.scale_input:  # top-1: x * w through the expert, weight 1 after it
         flat_x, flat_w = flat_x * flat_w.to(flat_x.dtype), torch.ones_like(flat_w)
-    out = experts_op()(
-        flat_x, flat_ids, flat_w, up, gate, down, plan.activation, plan.gated,
-        b_up, b_gate, b_down, plan.act_alpha, plan.act_limit,
-    )  # fmt: skip
+    if plan.per_expert:
+        out = experts_op(per_expert=True)(
+            flat_x, flat_ids, flat_w, up, gate, down, b_up, b_gate, b_down,
+            plan.activation, plan.gated, plan.act_alpha, plan.act_limit,
+        )  # fmt: skip
+    else:
+        out = experts_op()(
+            flat_x, flat_ids, flat_w, up, gate, down, plan.activation, plan.gated,
+            b_up, b_gate, b_down, plan.act_alpha, plan.act_limit,
+        )  # fmt: skip
     return out.reshape(x.shape)
 
 
@@ -1176,6 +1312,21 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
             if checked == _MAX_CHECKED_REGIONS:
                 break
     reasons = [r for r in (why, why_elsewhere) if r is not None]
+    collectives = collections.Counter(
+        str(_op_name(n) or getattr(n.target, "__name__", n.target)).split("::")[-1]
+        for n in _forward_slice([routed.weights, routed.ids])
+        if _is_collective(n) and _op_name(n) not in _WAITS
+    )
+    if not reasons and collectives:
+        # e.g. a parallelize_module plan on per-expert nn.Linear modules: each expert's
+        # linears convert to and from DTensors (the all_reduce of its RowwiseParallel down
+        # projection inside)
+        calls = ", ".join(f"{count} x {name}" for name, count in sorted(collectives.items()))
+        reasons.append(
+            f"torch.distributed calls run between the routing and the experts' output "
+            f"({calls}: a tensor-parallel plan on each expert's modules?); lynx::experts "
+            "runs none, and they stay the model's: router-only rewrite"
+        )
     report(
         "skipped",
         "; ".join(reasons)
@@ -1297,19 +1448,23 @@ def _replace(gm, region, out, plan: ExpertsPlan, weights, ids, dense: bool = Fal
         if dense:  # the gate's weights at the chosen experts: [*tokens, k]
             weights = graph.call_method("gather", (weights, -1, ids))
 
-        def layout(node, transposed):
-            return graph.call_method("transpose", (node, 1, 2)) if transposed else node
+        if plan.per_expert:
+            up, down, gate, b_up, b_gate, b_down = _list_weight_nodes(graph, plan)
+        else:
 
-        up = layout(plan.w_up, plan.up_transposed)
-        down = layout(plan.w_down, plan.down_transposed)
-        gate = None if plan.w_gate is None else layout(plan.w_gate, plan.up_transposed)
-        b_up, b_gate, b_down = _biases(plan)
-        if plan.interleaved:  # strided views of the model's parameters, never a copy
-            gate = graph.call_function(operator.getitem, (up, _EVEN))
-            up = graph.call_function(operator.getitem, (up, _ODD))
-            if b_up is not None:
-                b_gate = graph.call_function(operator.getitem, (plan.b_up, _EVEN))
-                b_up = graph.call_function(operator.getitem, (plan.b_up, _ODD))
+            def layout(node, transposed):
+                return graph.call_method("transpose", (node, 1, 2)) if transposed else node
+
+            up = layout(plan.w_up, plan.up_transposed)
+            down = layout(plan.w_down, plan.down_transposed)
+            gate = None if plan.w_gate is None else layout(plan.w_gate, plan.up_transposed)
+            b_up, b_gate, b_down = _biases(plan)
+            if plan.interleaved:  # strided views of the model's parameters, never a copy
+                gate = graph.call_function(operator.getitem, (up, _EVEN))
+                up = graph.call_function(operator.getitem, (up, _ODD))
+                if b_up is not None:
+                    b_gate = graph.call_function(operator.getitem, (plan.b_up, _EVEN))
+                    b_up = graph.call_function(operator.getitem, (plan.b_up, _ODD))
         x, flat_ids, flat_weights = plan.x, ids, weights
         leading = example_value(ids).dim() > 2  # e.g. [B, T, k]: the op takes [B*T, ...]
         if leading:
@@ -1330,11 +1485,13 @@ def _replace(gm, region, out, plan: ExpertsPlan, weights, ids, dense: bool = Fal
                 operator.mul, (x, graph.call_method("to", (flat_weights, plan_dtype(plan))))
             )
             flat_weights = graph.call_function(torch.ones_like, (flat_weights,))
-        fused = graph.call_function(
-            experts_op(),
-            (x, flat_ids, flat_weights, up, gate, down, plan.activation, plan.gated,
-             b_up, b_gate, b_down, plan.act_alpha, plan.act_limit),
-        )  # fmt: skip
+        if plan.per_expert:
+            args = (x, flat_ids, flat_weights, up, gate, down, b_up, b_gate, b_down,
+                    plan.activation, plan.gated, plan.act_alpha, plan.act_limit)  # fmt: skip
+        else:
+            args = (x, flat_ids, flat_weights, up, gate, down, plan.activation, plan.gated,
+                    b_up, b_gate, b_down, plan.act_alpha, plan.act_limit)  # fmt: skip
+        fused = graph.call_function(experts_op(plan.per_expert), args)
         if leading:
             fused = graph.call_method("reshape_as", (fused, plan.x))
         out_val = example_value(out)
@@ -1347,3 +1504,24 @@ def _replace(gm, region, out, plan: ExpertsPlan, weights, ids, dense: bool = Fal
     for node in reversed(list(graph.nodes)):
         if node in region:
             graph.erase_node(node)
+
+
+def _list_weight_nodes(graph: fx.Graph, plan: ExpertsPlan):
+    """_list_weight_args as graph nodes: lists of the per-expert parameters (their
+    transposes and an interleaved gate/up's row views where the plan reads them so), never
+    a copy."""
+
+    def layout(nodes, transposed):
+        return [graph.call_method("t", (n,)) if transposed else n for n in nodes or ()]
+
+    def rows(nodes, which):
+        return [graph.call_function(operator.getitem, (n, which)) for n in nodes]
+
+    up = layout(plan.w_up, plan.up_transposed)
+    down = layout(plan.w_down, plan.down_transposed)
+    gate = layout(plan.w_gate, plan.up_transposed)
+    b_up, b_gate, b_down = (list(b or ()) for b in _biases(plan))
+    if plan.interleaved:
+        gate, up = rows(up, _EVEN_ROWS), rows(up, _ODD_ROWS)
+        b_gate, b_up = rows(b_up, _EVEN_ROWS), rows(b_up, _ODD_ROWS)
+    return up, down, gate, b_up, b_gate, b_down

@@ -53,13 +53,18 @@ def poisoned_empty(shape, dtype, device) -> torch.Tensor:
     return torch.full(shape, fill, dtype=dtype, device=device)
 
 
-def lynx_passes_only():
+def lynx_passes_only(graphs: list | None = None):
     """Within it, backend="lynx" runs its passes and then the rewritten graph as it is
     (Inductor's compile_fx replaced): the passes on whole graphs at a few seconds a model,
-    the lynx ops' kernels run eagerly."""
+    the lynx ops' kernels run eagerly. Each rewritten graph is appended to `graphs`."""
     from unittest import mock
 
-    return mock.patch("torch._inductor.compile_fx.compile_fx", lambda gm, *a, **k: gm.forward)
+    def run_as_is(gm, *args, **kwargs):
+        if graphs is not None:
+            graphs.append(gm)
+        return gm.forward
+
+    return mock.patch("torch._inductor.compile_fx.compile_fx", run_as_is)
 
 
 def dynamo_graph(module: nn.Module, x: torch.Tensor):

@@ -320,3 +320,26 @@ def test_onnx_lynx_domain_experts_with_and_without_a_split_gate(dense, tmp_path)
         assert len(experts) == 1, [n.op_type for n in proto.graph.node]
         # inputs: x, ids, weights, w_up, w_gate, w_down
         assert len(experts[0].input) == 6 and (experts[0].input[4] != "") == gate_given
+
+
+def test_onnx_per_expert_modules_match_pytorch(tmp_path):
+    """nn.ModuleList experts fused into lynx::experts_list export as standard ops (each
+    expert's own weights, never stacked) that onnxruntime runs as PyTorch does; the
+    lynx-domain form refuses the op's tensor lists and says what to do."""
+    from lynx_compile.examples.moe_modules import ModuleListMoE
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ModuleListMoE().eval()
+    x = torch.randn(13, 1, 32, generator=torch.Generator().manual_seed(1))
+    written = lynx_compile.to_onnx(model, (x,), tmp_path / "list.onnx", {"policy": "exact"})
+    assert written.lynx_ops == 2  # lynx::route and lynx::experts_list
+    assert onnxruntime_error(written) < ONNX_RTOL
+    with np.load(written.expected_path) as expected:
+        got = torch.from_numpy(expected[written.output_names[0]])
+    torch.testing.assert_close(got, model(x).detach(), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    with pytest.raises(ExportError, match="takes tensor lists .* export with lynx_domain=False"):
+        lynx_compile.to_onnx(
+            model, (x,), tmp_path / "d.onnx", {"policy": "exact"}, lynx_domain=True
+        )

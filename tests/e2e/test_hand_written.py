@@ -1,11 +1,12 @@
 """Hand-written MoE styles under backend="lynx": expert loops with data-dependent indexing.
 
 Each style in examples/moe_modules.py (where-loop, boolean-mask loop, argsort + split +
-index_add, dense einsum, [B, T, E] router) must have its router and its dispatch rewritten,
-compute what eager computes under policy "exact" (fp32 and bf16, 1 / 3 / 13 / 33 tokens),
-and touch fewer experts under the default policy at batch 16. Loop capture is scoped to
-lynx-compiled calls: Dynamo's global config and transformers' experts table are as they
-were after each call, and other backends still see the loop graph-break.
+index_add, dense einsum, [B, T, E] router, nn.ModuleList experts with and without biases)
+must have its router and its dispatch rewritten, compute what eager computes under policy
+"exact" (fp32 and bf16, 1 / 3 / 13 / 33 tokens), and touch fewer experts under the default
+policy at batch 16. Loop capture is scoped to lynx-compiled calls: Dynamo's global config
+and transformers' experts table are as they were after each call, and other backends still
+see the loop graph-break.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from lynx_compile.examples import moe_modules
 import lynx_compile
 from tests.helpers import sites_of
 
-STYLES = ("WhereLoopMoE", "MaskLoopMoE", "SortedMoE", "DenseMoE", "BatchedRouterMoE")
+STYLES = (
+    "WhereLoopMoE",
+    "MaskLoopMoE",
+    "SortedMoE",
+    "DenseMoE",
+    "BatchedRouterMoE",
+    "ModuleListMoE",
+    "BiasedModuleListMoE",
+)
 TOKENS = (1, 3, 13, 33)
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)  # reordered fp32 sums only
 # bf16 (eps 7.8e-3): the fused op rounds once per expert output, the loop once per step.
@@ -72,7 +81,7 @@ def test_default_policy_touches_fewer_experts_at_batch_16(compiled):
         assert summary["mean_experts_chosen"] < summary["mean_experts_exact"], (style, summary)
 
 
-@pytest.mark.parametrize("style", ("WhereLoopMoE", "SortedMoE"))
+@pytest.mark.parametrize("style", ("WhereLoopMoE", "SortedMoE", "ModuleListMoE"))
 @torch.no_grad()
 def test_bf16_loop_styles_match_eager(style):
     torch._dynamo.reset()

@@ -109,7 +109,22 @@ SAMPLES = {
     "route_scored_kept": lambda: _group_step_samples("kept", scored=True),
     "route_scored_remap": lambda: _group_step_samples("remap", scored=True),
     "experts": _experts_samples,
+    "experts_list": lambda: _experts_list_samples(),
 }
+
+
+def _experts_list_samples():
+    """lynx::experts' samples with each stacked weight and bias as its experts' tensors
+    (what an nn.ModuleList of nn.Linear experts holds); strided views stay views."""
+
+    def per_expert(t):
+        return [] if t is None else list(t.unbind(0))
+
+    for sample in _experts_samples():
+        x, ids, w, w_up, w_gate, w_down, activation, gated, *extras = sample
+        biases = [per_expert(b) for b in (extras[:3] + [None] * 3)[:3]]
+        yield (x, ids, w, per_expert(w_up), per_expert(w_gate), per_expert(w_down), *biases,
+               activation, gated, *extras[3:])  # fmt: skip
 
 
 def test_every_lynx_op_is_declared_in_the_registry_and_has_samples():
@@ -185,3 +200,33 @@ def test_experts_fake_says_what_is_wrong():
             ops.experts(x, ids, w, w_up, None, w_down, "silu", True, act_limit=7.0)
         with pytest.raises(RuntimeError, match=r"b_down must be \[E=6, 16\]"):
             ops.experts(x, ids, w, w_up, None, w_down, "silu", True, b_down=torch.empty(6, 8))
+
+
+def test_experts_list_fake_says_what_is_wrong():
+    with FakeTensorMode():
+        x, ids, w = torch.empty(5, 16), torch.zeros(5, 2, dtype=torch.int64), torch.empty(5, 2)
+        up, down = [torch.empty(16, 16)] * 6, [torch.empty(16, 8)] * 6
+        assert ops.experts_list(x, ids, w, up, [], down, [], [], [], "silu", True).shape == (5, 16)
+        with pytest.raises(ValueError, match=r"w_up and w_down need one tensor per expert"):
+            ops.experts_list(x, ids, w, up, [], down[:5], [], [], [], "silu", True)
+        with pytest.raises(ValueError, match=r"b_down holds 2 tensors; want one per expert \(6\)"):
+            ops.experts_list(x, ids, w, up, [], down, [], [], [torch.empty(16)] * 2, "silu", True)
+        with pytest.raises(RuntimeError, match=r"every tensor of w_up must have the first one's"):
+            odd = [*up[:5], torch.empty(16, 16).t()]
+            ops.experts_list(x, ids, w, odd, [], down, [], [], [], "silu", True)
+        with pytest.raises(RuntimeError, match=r"want w_up \[E, 2I, d=16\]"):
+            ops.experts_list(x, ids, w, [torch.empty(12, 16)] * 6, [], down, [], [], [], "silu",
+                             True)  # fmt: skip
+        with pytest.raises(ValueError, match="unknown activation 'swish'"):
+            ops.experts_list(x, ids, w, up, [], down, [], [], [], "swish", True)
+
+
+def test_experts_list_refuses_ids_past_its_experts():
+    """A list would take a negative id from its end: the composite and the native kernel
+    both refuse ids outside [0, E)."""
+    x, ids, w = torch.randn(3, 16), torch.tensor([[0, -1], [1, 2], [3, 4]]), torch.rand(3, 2)
+    up, down = [torch.randn(16, 16)] * 6, [torch.randn(16, 8)] * 6
+    with pytest.raises(IndexError, match=r"expert ids must be in \[0, 6\)"):
+        ops.experts_list_composite(x, ids, w, up, [], down, [], [], [], "silu", True)
+    with pytest.raises(IndexError, match=r"expert ids must be in \[0, 6\)"):
+        torch.ops.lynx.experts_list(x, ids, w, up, [], down, [], [], [], "silu", True)

@@ -133,9 +133,9 @@ class OuterProductKeys(nn.Module):
 
 
 class ModuleListExperts(LoopMoE):
-    """Must not match (the dispatch): experts as an nn.ModuleList of nn.Linear MLPs, looped
+    """Must match (the dispatch): experts as an nn.ModuleList of nn.Linear MLPs, looped
     over without a data-dependent branch (so the loop traces into one graph under lynx):
-    24 separate 2-D weights, no stacked 3-D parameter for lynx::experts to read."""
+    24 separate 2-D weights, read in place by lynx::experts_list."""
 
     def forward(self, x):
         b, t, d = x.shape
@@ -146,6 +146,15 @@ class ModuleListExperts(LoopMoE):
             token_idx, slot = torch.where(selected == i)
             out.index_add_(0, token_idx, expert(tokens[token_idx]) * weights[token_idx, slot, None])
         return out.reshape(b, t, d)
+
+
+class UnequalModuleListExperts(ModuleListExperts):
+    """Must not match (the dispatch): as ModuleListExperts, but expert 3 is wider than the
+    others (one set of strides cannot read them all)."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts[3] = type(self.experts[0])(32, 64)
 
 
 class StackedScoredLayers(nn.Module):
@@ -294,25 +303,49 @@ def test_must_not_match_product_keys_combined_by_an_outer_product(combine):
     assert any(k.startswith("router_skipped:product-key routing") for k in got), got
 
 
-@torch.no_grad()
-def test_per_expert_linear_modules_keep_their_loop_and_the_report_says_why():
+def _passes_only_sites(module, x):
+    """Compile `module` with lynx's passes only (policy exact), run x; (output, sites, the
+    lynx ops each rewritten graph calls)."""
     import lynx_compile
 
-    torch.manual_seed(0)
-    module = ModuleListExperts().eval()
     torch._dynamo.reset()
     lynx_compile.clear_report()
+    graphs = []
     compiled = torch.compile(module, backend="lynx", options={"policy": "exact"})
+    with lynx_passes_only(graphs):
+        out = compiled(x)
+    return out, lynx_compile.report()["sites"], [t for gm in graphs for t in lynx_targets(gm)]
+
+
+@torch.no_grad()
+def test_per_expert_linear_modules_are_fused_reading_each_expert_in_place():
+    torch.manual_seed(0)
+    module = ModuleListExperts().eval()
     x = torch.randn(13, 1, 32)
-    with lynx_passes_only():
-        # the model's own loop on lynx's exact routing (weights renormalised by the routing
-        # op, not the model's division: a few ulps in fp32)
-        torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-6)
-    sites = lynx_compile.report()["sites"]
+    out, sites, targets = _passes_only_sites(module, x)
+    # lynx::experts_list on lynx's exact routing: fp32 sums in another order (a few ulps)
+    torch.testing.assert_close(out, module(x), rtol=1e-5, atol=1e-6)
+    assert [s["status"] for s in sites if s["kind"] == "router"] == ["rewritten"], sites
+    dispatch = [s for s in sites if s["kind"] == "dispatch"]
+    assert [s["status"] for s in dispatch] == ["rewritten"], dispatch
+    assert dispatch[0]["reason"] == "sparse_experts(split-gate silu, per-expert tensors)"
+    assert targets.count("lynx.experts_list.default") == 1, targets
+
+
+@torch.no_grad()
+def test_per_expert_modules_of_unequal_sizes_keep_their_loop_and_the_report_says_why():
+    torch.manual_seed(0)
+    module = UnequalModuleListExperts().eval()
+    x = torch.randn(13, 1, 32)
+    out, sites, targets = _passes_only_sites(module, x)
+    # the model's own loop on lynx's exact routing (weights renormalised by the routing op,
+    # not the model's division: a few ulps in fp32)
+    torch.testing.assert_close(out, module(x), rtol=1e-5, atol=1e-6)
     assert [s["status"] for s in sites if s["kind"] == "router"] == ["rewritten"], sites
     dispatch = [s for s in sites if s["kind"] == "dispatch"]
     assert [s["status"] for s in dispatch] == ["skipped"], dispatch
-    assert "the experts are 24 separate 2-D weights" in dispatch[0]["reason"], dispatch
+    assert "24 separate 2-D weights differ in shape" in dispatch[0]["reason"], dispatch
+    assert not [t for t in targets if t.startswith("lynx.experts")], targets
 
 
 @torch.no_grad()

@@ -452,6 +452,68 @@ def test_experts_read_strided_weights_in_place(tokens, dtype):
     assert copied < w_down.nbytes // 2, f"{copied} bytes allocated: a copy of the weights?"
 
 
+def _separate(t):
+    """A stacked [E, ...] tensor's experts as E tensors of their own (separate allocations,
+    as an nn.ModuleList's nn.Linear weights are); [] for None."""
+    return [] if t is None else [e.clone() for e in t.unbind(0)]
+
+
+def _list_cases(dtype):
+    """(name, threads, x, ids, w, w_up, w_gate, w_down, biases, activation, gated) reaching
+    each path of lynx::experts: every streamed token block, threads sliced across the
+    intermediate dim (with biases), the GEMM experts, and the ATen loop (float16)."""
+    counts = [1, 2, 3, 4, 5, 6, 7, 13]
+    n = sum(counts)
+    x, _, w, w_up, w_down, w_gate = _case(n, 8, 1, 45, 23, "split", dtype)
+    ids = torch.repeat_interleave(torch.arange(8), torch.tensor(counts))[:, None]
+    for threads in (1, 2):
+        yield "token blocks", threads, x, ids, w, w_up, w_gate, w_down, (None,) * 3, "silu", True
+    x, ids, w, w_up, w_down, _ = _case(9, 3, 1, 264, 2000, "gated", dtype)
+    ids = torch.arange(9)[:, None] % 3
+    gen = torch.Generator().manual_seed(2)
+    biases = (torch.randn(3, 4000, generator=gen).to(dtype), None,
+              torch.randn(3, 264, generator=gen).to(dtype))  # fmt: skip
+    yield "sliced", 2, x, ids, w, w_up, None, w_down, biases, "silu", True
+    x, ids, w, w_up, w_down, _ = _case(65, 8, 2, 48, 40, "plain", dtype, seed=4)
+    ids[:, 0], ids[:, 1] = 5, 6 + torch.arange(65) % 2
+    yield "gemm", 2, x, ids, w, w_up, None, w_down, (None,) * 3, "gelu_tanh", False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_experts_list_equals_the_stacked_op_on_every_path(dtype):
+    """lynx::experts_list on each expert's own tensors computes what lynx::experts computes
+    on the same weights stacked (the same kernel: bit for bit), and the reference; it
+    allocates nothing weight-sized."""
+    before = torch.get_num_threads()
+    try:
+        for case in _list_cases(dtype):
+            name, threads, x, ids, w, w_up, w_gate, w_down, biases, act, gated = case
+            torch.set_num_threads(threads)
+            b_up, b_gate, b_down = biases
+            stacked = torch.ops.lynx.experts(
+                x, ids, w, w_up, w_gate, w_down, act, gated, b_up, b_gate, b_down
+            )
+            lists = [_separate(t) for t in (w_up, w_gate, w_down, b_up, b_gate, b_down)]
+            got = torch.ops.lynx.experts_list(x, ids, w, *lists, act, gated)
+            want = reference.experts_general_reference(
+                x, ids, w, w_gate, w_up, w_down, act, gated, b_up=b_up, b_gate=b_gate,
+                b_down=b_down,
+            )  # fmt: skip
+            assert torch.equal(got, stacked), (name, threads)
+            torch.testing.assert_close(got, want, **TOL.get(dtype, TOL[torch.bfloat16]))
+            copied = _largest_allocation(
+                lambda x=x, ids=ids, w=w, lists=lists, act=act, gated=gated: (
+                    torch.ops.lynx.experts_list(x, ids, w, *lists, act, gated)
+                )
+            )
+            # stacking one projection's experts would allocate all of their bytes at once
+            # (checked where they outweigh the op's scratch: the sliced case's 3-6 MB)
+            stack = sum(t.nbytes for t in lists[2])
+            assert copied < stack // 2 or stack < 1 << 20, (name, f"{copied} B: stacked?")
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_experts_bad_ids_empty_batches_and_what_it_does_not_take():
     x, ids, w, w_up, w_down, w_gate = _case(3, 8, 2, 16, 8, "gated", torch.float32)
     op = torch.ops.lynx.experts
