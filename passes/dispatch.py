@@ -42,6 +42,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import math
 import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -1135,14 +1136,23 @@ def _routing_shape(val: torch.Tensor) -> list[int]:
     return [max(_hint(s), 1) for s in val.shape[:-1]] + [_hint(val.shape[-1])]
 
 
-def _random_routing(weights, ids, num_experts, dense: bool, gen, first: int = 0) -> tuple:
+def _random_routing(
+    weights, ids, num_experts, dense: bool, gen, first: int = 0, cover: int | None = None
+) -> tuple:
     """(ids [*tokens, k], weights [*tokens, k], what the region reads as `weights`): a
     random exact routing into experts [first, first + num_experts) (distinct per token, or
     drawn with repeats where a slice holds fewer experts than k); a dense gate holds the
-    weights at the ids and zeros elsewhere."""
+    weights at the ids and zeros elsewhere. With `cover` = c, the ids are slots c*M ..
+    (c+1)*M - 1 (M = tokens x k) of a random cycle through every expert: draws 0 ..
+    ceil(E / M) - 1 route to each expert at least once."""
     ids_val, w_val = example_value(ids), example_value(weights)
     shape = _routing_shape(ids_val)
-    if num_experts >= shape[-1]:
+    slots = math.prod(shape)
+    if cover is not None and num_experts >= shape[-1]:
+        # the same cycle in every draw (its own seed), so that the draws tile it
+        cycle = torch.randperm(num_experts, generator=torch.Generator().manual_seed(0))
+        chosen = cycle[(cover * slots + torch.arange(slots)) % num_experts].reshape(shape)
+    elif num_experts >= shape[-1]:
         logits = torch.randn(*shape[:-1], num_experts, generator=gen)
         chosen = torch.topk(logits, shape[-1], dim=-1).indices
     else:
@@ -1159,13 +1169,20 @@ def _random_routing(weights, ids, num_experts, dense: bool, gen, first: int = 0)
 
 
 def _random_inputs(
-    inputs, weights, ids, num_experts, real: dict, dense: bool = False, first: int = 0
+    inputs,
+    weights,
+    ids,
+    num_experts,
+    real: dict,
+    dense: bool = False,
+    first: int = 0,
+    cover: int | None = None,
 ):
     """Random hidden states and a random exact routing into experts [first, first +
-    num_experts); real tensors for placeholders. Also returns the [*tokens, k] weights the
-    experts op takes (the gate's, when dense)."""
-    gen = torch.Generator().manual_seed(0)
-    chosen, w_k, w_region = _random_routing(weights, ids, num_experts, dense, gen, first)
+    num_experts) (`cover`: see _random_routing); real tensors for placeholders. Also returns
+    the [*tokens, k] weights the experts op takes (the gate's, when dense)."""
+    gen = torch.Generator().manual_seed(0 if cover is None else 1 + cover)
+    chosen, w_k, w_region = _random_routing(weights, ids, num_experts, dense, gen, first, cover)
     values = {ids: chosen, weights: w_region}
     for node in inputs:
         val = example_value(node)
@@ -1349,19 +1366,19 @@ def _reads_expert_weights(inputs: list[fx.Node]) -> bool:
 def _verified_plan(gm, region, inputs, out, plans, weights, ids, real, dense=False):
     held = _held(plans[0])
     original = _extract(gm, region, inputs, out)
-    draws: dict[int, tuple | None] = {}
+    draws: dict[tuple, tuple | None] = {}
 
-    def drawn(plan):
+    def drawn(plan, cover=None):
         """Random inputs whose ids fall in the experts the plan reads: [offset, offset +
         held) of the router's for an expert-parallel slice, so that a slice at the wrong
         offset sees the region route every slot elsewhere (an all-zero output) and fails."""
-        first = plan.expert_offset or 0
-        if first not in draws:
-            draws[first] = _random_inputs(inputs, weights, ids, held, real, dense, first)
-        return draws[first]
+        key = (plan.expert_offset or 0, cover)
+        if key not in draws:
+            draws[key] = _random_inputs(inputs, weights, ids, held, real, dense, key[0], cover)
+        return draws[key]
 
-    def reproduces(plan, scale=1.0, idle=False, beyond=False) -> bool:
-        found = drawn(plan)
+    def reproduces(plan, scale=1.0, idle=False, beyond=False, cover=None) -> bool:
+        found = drawn(plan, cover)
         if found is None:
             return False
         values, w_k = found
@@ -1392,6 +1409,13 @@ def _verified_plan(gm, region, inputs, out, plans, weights, ids, real, dense=Fal
                 continue
             if clamped and not all(reproduces(plan, s) for s in _CLAMP_PROBES):
                 continue
+            # per-expert tensors: which expert each matrix is, and what each expert
+            # computes, are inferred, so every expert must be routed to and checked (one
+            # random draw at a decode batch reaches a few of them)
+            if plan.per_expert and not all(
+                reproduces(plan, cover=c) for c in range(_cover_draws(ids, held))
+            ):
+                continue
             # received routing: also where senders routed slots elsewhere (weight 0, id 0),
             # which the plan points at experts read anyway, and where ids lie past the plan's
             # experts, which it drops: the model must add nothing there either (or refuse
@@ -1404,6 +1428,11 @@ def _verified_plan(gm, region, inputs, out, plans, weights, ids, real, dense=Fal
 
 
 _CHECK_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError)
+
+
+def _cover_draws(ids: fx.Node, held: int) -> int:
+    """Draws of _random_routing(cover=...) that route to each of `held` experts."""
+    return -(-held // math.prod(_routing_shape(example_value(ids))))
 
 
 def _region_refuses(original, args) -> bool:

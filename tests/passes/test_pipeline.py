@@ -157,6 +157,41 @@ class UnequalModuleListExperts(ModuleListExperts):
         self.experts[3] = type(self.experts[0])(32, 64)
 
 
+class ReorderedModuleListExperts(ModuleListExperts):
+    """Same function as ModuleListExperts, its loop visiting the experts evens first: the
+    order the region first uses the matrices in is not the experts' order. Must match only
+    as that function (a fused call reading expert 2's weights for id 1 would be wrong)."""
+
+    def forward(self, x):
+        b, t, d = x.shape
+        tokens = x.reshape(b * t, d)
+        weights, selected = self.router(x)
+        out = torch.zeros_like(tokens)
+        for i in (0, 2, 4, 6, 1, 3, 5, 7):
+            token_idx, slot = torch.where(selected == i)
+            out.index_add_(
+                0, token_idx, self.experts[i](tokens[token_idx]) * weights[token_idx, slot, None]
+            )
+        return out.reshape(b, t, d)
+
+
+class GeluExpert(nn.Module):
+    def __init__(self, expert):
+        super().__init__()
+        self.gate, self.up, self.down = expert.gate, expert.up, expert.down
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.gate(x)) * self.up(x))
+
+
+class MixedActivationModuleListExperts(ModuleListExperts):
+    """Must not match as SiLU experts: expert 3 of the 8 (same shapes) computes a GELU GLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts[3] = GeluExpert(self.experts[3])
+
+
 class StackedScoredLayers(nn.Module):
     """Must match twice: two layers, each a sigmoid top-k router over gathered-bmm experts.
     The second layer's top-k reads the first's output through its experts' matmuls: that
@@ -440,3 +475,25 @@ def test_torch_compile_debug_writes_each_pass_before_and_after(tmp_path):
     trace = "".join(f.read_text() for f in (tmp_path / "trace").iterdir())
     artifacts = set(re.findall(r'"name": "(lynx_[a-z_]+_graph\d+_(?:before|after))"', trace))
     assert len(artifacts) == 2 * len(PASS_NAMES) * len(graphs), sorted(artifacts)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tokens", [1, 13])
+def test_per_expert_roles_are_checked_on_every_expert(tokens):
+    """The matrices' expert order and each expert's computation are inferred, so the check
+    routes to all 8 experts, even when the graph is compiled at one decode token (one random
+    routing there reaches 2 of them). A loop visiting the experts out of order still
+    computes the model's function; an expert that differs in its activation keeps the loop."""
+    torch.manual_seed(0)
+    reordered, mixed = ReorderedModuleListExperts().eval(), MixedActivationModuleListExperts()
+    mixed.eval()
+    probes = [torch.randn(tokens, 1, 32) for _ in range(8)]  # first: the compiled shape
+    for module in (reordered, mixed):
+        torch._dynamo.reset()
+        compiled = torch.compile(module, backend="lynx", options={"policy": "exact"})
+        with lynx_passes_only():
+            for x in probes:
+                torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-6)
+    _, sites, _ = _passes_only_sites(mixed, probes[0])
+    dispatch = [s for s in sites if s["kind"] == "dispatch"]
+    assert [s["status"] for s in dispatch] == ["skipped"], dispatch
