@@ -1117,17 +1117,23 @@ def call_experts(plan: ExpertsPlan, x, ids, weights, values) -> torch.Tensor:
         flat_ids, flat_w = idle_routing(flat_ids, flat_w, _held(plan))
     if plan.scale_input:  # top-1: x * w through the expert, weight 1 after it
         flat_x, flat_w = flat_x * flat_w.to(flat_x.dtype), torch.ones_like(flat_w)
+    op, args = _experts_call(plan, flat_x, flat_ids, flat_w, (up, down, gate, b_up, b_gate, b_down))
+    return op(*args).reshape(x.shape)
+
+
+def _experts_call(plan: ExpertsPlan, x, ids, weights, weight_args) -> tuple:
+    """(op, its arguments) for a plan: lynx::experts, or lynx::experts_list for per-expert
+    tensors, whose weights and biases come before the activation. weight_args is
+    (up, down, gate, b_up, b_gate, b_down) as _weight_args gives them (tensors when run
+    eagerly, graph nodes in _replace)."""
+    up, down, gate, b_up, b_gate, b_down = weight_args
+    act = (plan.activation, plan.gated)
+    params = (plan.act_alpha, plan.act_limit)
     if plan.per_expert:
-        out = experts_op(per_expert=True)(
-            flat_x, flat_ids, flat_w, up, gate, down, b_up, b_gate, b_down,
-            plan.activation, plan.gated, plan.act_alpha, plan.act_limit,
-        )  # fmt: skip
+        args = (x, ids, weights, up, gate, down, b_up, b_gate, b_down, *act, *params)
     else:
-        out = experts_op()(
-            flat_x, flat_ids, flat_w, up, gate, down, plan.activation, plan.gated,
-            b_up, b_gate, b_down, plan.act_alpha, plan.act_limit,
-        )  # fmt: skip
-    return out.reshape(x.shape)
+        args = (x, ids, weights, up, gate, down, *act, b_up, b_gate, b_down, *params)
+    return experts_op(plan.per_expert), args
 
 
 def _routing_shape(val: torch.Tensor) -> list[int]:
@@ -1514,13 +1520,8 @@ def _replace(gm, region, out, plan: ExpertsPlan, weights, ids, dense: bool = Fal
                 operator.mul, (x, graph.call_method("to", (flat_weights, plan_dtype(plan))))
             )
             flat_weights = graph.call_function(torch.ones_like, (flat_weights,))
-        if plan.per_expert:
-            args = (x, flat_ids, flat_weights, up, gate, down, b_up, b_gate, b_down,
-                    plan.activation, plan.gated, plan.act_alpha, plan.act_limit)  # fmt: skip
-        else:
-            args = (x, flat_ids, flat_weights, up, gate, down, plan.activation, plan.gated,
-                    b_up, b_gate, b_down, plan.act_alpha, plan.act_limit)  # fmt: skip
-        fused = graph.call_function(experts_op(plan.per_expert), args)
+        weight_args = (up, down, gate, b_up, b_gate, b_down)
+        fused = graph.call_function(*_experts_call(plan, x, flat_ids, flat_weights, weight_args))
         if leading:
             fused = graph.call_method("reshape_as", (fused, plan.x))
         out_val = example_value(out)

@@ -161,6 +161,25 @@ def assert_ranks_route_alike(ranks: dict, layout: str, world: int, tokens, tol: 
         assert all(torch.equal(p[n], outs[0]) for p in ranks[(layout, 0)]["peers"])
 
 
+def run_policies(layer, whole, ids_seen: list, dynamic: bool | None = True) -> tuple:
+    """A rank's runs of a sharded `layer` at each DECODE_TOKENS count: ({n: (lynx exact,
+    single-process eager `whole`, lynx default, single-process lynx default)}, {n: the ids
+    the default-policy routing op returned}); ids_seen is record_route_ids()'s list."""
+    exact = torch.compile(layer, backend="lynx", options={"policy": "exact"}, dynamic=dynamic)
+    # telemetry keeps the routing op an opaque call (its reference records ids)
+    default = torch.compile(layer, backend="lynx", options={"telemetry": True}, dynamic=dynamic)
+    single = torch.compile(whole, backend="lynx", dynamic=dynamic)
+    out, ids = {}, {}
+    with torch.no_grad():
+        for n in DECODE_TOKENS:
+            x = torch.randn(n, 1, 32, generator=torch.Generator().manual_seed(n))
+            ids_seen.clear()
+            default_out = default(x)
+            ids[n] = [i for i in ids_seen if i.shape[0] == n]
+            out[n] = (exact(x), whole(x), default_out, single(x))
+    return out, ids
+
+
 def store_rank_result(results, layout: str, rank: int, outputs: dict, ids: dict) -> None:
     """A rank's results for one layout: its outputs and recorded ids by token count, the
     report's sites, and every rank's default-policy outputs ([2]) gathered here."""

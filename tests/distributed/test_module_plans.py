@@ -27,6 +27,7 @@ from tests.helpers import (
     join_gloo,
     rank_sites,
     record_route_ids,
+    run_policies,
     spawn_ranks,
     store_rank_result,
 )
@@ -59,18 +60,8 @@ def _rank_main(rank: int, port: int, results) -> None:
         parallelize_module(layer, init_device_mesh("cpu", (GLOO_WORLD,)), plan)
         torch._dynamo.reset()
         lynx_compile.clear_report()
-        exact = torch.compile(layer, backend="lynx", options={"policy": "exact"})
-        # telemetry keeps the routing op an opaque call (its reference records ids)
-        default = torch.compile(layer, backend="lynx", options={"telemetry": True})
-        single = torch.compile(whole, backend="lynx")
-        out, ids = {}, {}
-        with torch.no_grad():
-            for n in DECODE_TOKENS:
-                x = torch.randn(n, 1, 32, generator=torch.Generator().manual_seed(n))
-                ids_seen.clear()
-                default_out = default(x)
-                ids[n] = [i for i in ids_seen if i.shape[0] == n]
-                out[n] = (exact(x), whole(x), default_out, single(x))
+        # torch.compile's default shapes (not dynamic=True) for the DTensor layer
+        out, ids = run_policies(layer, whole, ids_seen, dynamic=None)
         store_rank_result(results, LAYOUT, rank, out, ids)
     finally:
         dist.destroy_process_group()

@@ -27,6 +27,7 @@ from tests.helpers import (
     join_gloo,
     rank_sites,
     record_route_ids,
+    run_policies,
     spawn_ranks,
     store_rank_result,
 )
@@ -49,20 +50,7 @@ def _rank_main(rank: int, port: int, results) -> None:
             kwargs = dict(num_experts=16, top_k=4)
             layer = cls(rank, GLOO_WORLD, **kwargs).eval()
             whole = cls(0, 1, **kwargs).eval()  # the single-process layer
-            exact = torch.compile(layer, backend="lynx", options={"policy": "exact"}, dynamic=True)
-            # telemetry keeps the routing op an opaque call (its reference records ids)
-            default = torch.compile(
-                layer, backend="lynx", options={"telemetry": True}, dynamic=True
-            )
-            single = torch.compile(whole, backend="lynx", dynamic=True)
-            out, ids = {}, {}
-            with torch.no_grad():
-                for n in DECODE_TOKENS:
-                    x = torch.randn(n, 1, 32, generator=torch.Generator().manual_seed(n))
-                    ids_seen.clear()
-                    default_out = default(x)
-                    ids[n] = [i for i in ids_seen if i.shape[0] == n]
-                    out[n] = (exact(x), whole(x), default_out, single(x))
+            out, ids = run_policies(layer, whole, ids_seen)
             store_rank_result(results, layout, rank, out, ids)
     finally:
         dist.destroy_process_group()
