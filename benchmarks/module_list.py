@@ -6,7 +6,10 @@ expert mask, each expert three nn.Linear) at Mixtral-8x7B's (d 4096, 8 x 14336, 
 Qwen3-30B-A3B's (d 2048, 128 x 768, top-8) dimensions, seeded random bf16 weights and router
 logits spread like a trained router's, decode batches. Under stock torch.compile the loop
 graph-breaks at its data-dependent token picks; under lynx it is one graph whose experts
-run as lynx::experts_list on each expert's own tensors.
+run as lynx::experts_list on each expert's own tensors. `--loop skip-empty` times
+examples.moe_modules.LoopMoE instead: the loop that skips its empty experts with
+`if idx.numel() == 0: continue` (stock Inductor breaks the graph at every expert's branch
+and runs only the hit ones; lynx traces the branch as not taken and fuses the loop).
 
 Per row: median ms over interleaved rounds (each backend once per round, order alternating),
 the ratio to Inductor's, the distinct experts the routing touched, the weight bytes those
@@ -14,6 +17,7 @@ experts hold, and the floor: those bytes at the read bandwidth of a 1 GiB torch.
 in every round (median over rounds of bytes / that round's bandwidth).
 
     python benchmarks/module_list.py --shape mixtral --batch 1 16 --threads 2
+    python benchmarks/module_list.py --shape qwen3 --loop skip-empty --batch 1 4 16
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 import types
 
 import torch
-from lynx_compile.examples.moe_modules import ModuleListMoE
+from lynx_compile.examples.moe_modules import LoopMoE, ModuleListMoE
 
 import lynx_compile
 
@@ -33,12 +37,13 @@ SHAPES = {  # dim, hidden, experts, top_k
     "mixtral": (4096, 14336, 8, 2),
     "qwen3": (2048, 768, 128, 8),
 }
+LOOPS = {"mask": ModuleListMoE, "skip-empty": LoopMoE}
 
 
-def build(shape: str) -> ModuleListMoE:
+def build(shape: str, loop: str = "mask") -> ModuleListMoE | LoopMoE:
     dim, hidden, experts, top_k = SHAPES[shape]
     with torch.device("meta"):
-        module = ModuleListMoE(dim, hidden, experts, top_k)
+        module = LOOPS[loop](dim, hidden, experts, top_k)
     module = module.to_empty(device="cpu").to(torch.bfloat16).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -49,7 +54,7 @@ def build(shape: str) -> ModuleListMoE:
     return module
 
 
-def own_code(module: ModuleListMoE, tag: str) -> ModuleListMoE:
+def own_code(module: torch.nn.Module, tag: str) -> torch.nn.Module:
     """The module (its parameters and submodules shared, nothing copied) with a forward of
     its own code object. Dynamo caches compiled frames per code object, and in one process
     a lynx-compiled call was seen running the frames stock Inductor had compiled for the
@@ -69,7 +74,7 @@ def read_gbs(pool: torch.Tensor) -> float:
     return pool.numel() * pool.element_size() / (time.perf_counter() - start) / 1e9
 
 
-def touched(module: ModuleListMoE, x: torch.Tensor, policy: str) -> int:
+def touched(module: torch.nn.Module, x: torch.Tensor, policy: str) -> int:
     """Distinct experts the routing chose: exact from the model's router, default from
     lynx's routing op (recorded through telemetry)."""
     if policy == "exact":
@@ -87,6 +92,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mixtral")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--loop", choices=sorted(LOOPS), default="mask",
+                        help="the expert loop: a one-hot mask (ModuleListMoE) or one that "
+                        "skips empty experts (LoopMoE)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=3)
@@ -96,11 +104,12 @@ def main() -> None:
     # the default limit of 8 cache entries its calls would silently run eagerly.
     torch._dynamo.config.recompile_limit = 256
     torch._dynamo.config.accumulated_recompile_limit = 4096
-    module = build(args.shape)
+    module = build(args.shape, args.loop)
     dim, hidden, experts, _ = SHAPES[args.shape]
     expert_bytes = 3 * dim * hidden * 2
     pool = torch.ones(1 << 29, dtype=torch.bfloat16)  # 1 GiB
-    print(f"# {args.shape}: {experts} experts x {expert_bytes / 2**20:.0f} MiB bf16, "
+    print(f"# {args.shape}, {type(module).__name__}: {experts} experts x "
+          f"{expert_bytes / 2**20:.0f} MiB bf16, "
           f"{args.threads} threads, torch {torch.__version__}")  # fmt: skip
     print("| batch | backend | experts | MB read | ms | vs inductor | floor ms | floor/ms |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -77,8 +77,9 @@ class TopKRouter(nn.Module):
 
 
 class LoopMoE(nn.Module):
-    """A router module + a loop over an nn.ModuleList of experts (Dynamo graph-breaks in the
-    loop, so the router and each expert are compiled as graphs of their own)."""
+    """A router module + a loop over an nn.ModuleList of experts that skips the empty ones
+    (`if numel() == 0: continue`): Dynamo graph-breaks on that branch under other backends;
+    lynx traces it as not taken and fuses the loop (lynx_compile/capture.py)."""
 
     def __init__(self, dim: int = 32, hidden: int = 48, num_experts: int = 8, top_k: int = 2):
         super().__init__()

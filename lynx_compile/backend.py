@@ -18,7 +18,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 import lynx_compile.lowering as lowering_pkg
 import lynx_compile.passes as passes_pkg
-from lynx_compile import calibration, graph_dump
+from lynx_compile import calibration, capture, graph_dump
 from lynx_compile.config import LynxConfig, parse_options
 from lynx_compile.lowering import (  # noqa: F401  (the ops, their kernels and lowerings)
     cpu_native,
@@ -41,7 +41,14 @@ def apply_lynx_passes(gm: fx.GraphModule, example_inputs, config: LynxConfig) ->
     graph_id = report_mod.new_graph_id()
     dump_dir = graph_dump.active_dump_dir()
     before = gm.print_readable(print_output=False) if dump_dir else None
+    assumed = capture.nonempty_snapshot(gm)
     run_passes(gm, example_inputs, config, graph_id)
+    if assumed is not None:
+        try:
+            capture.check_nonempty_assumptions(gm, assumed)
+        except capture.NonemptyAssumptionUnfused:
+            report_mod.discard_graph(graph_id)  # the frame is traced again
+            raise
     if config.calibration is not None:  # the file must describe this model's routers
         sites = [s for s in report_mod.report()["sites"] if s.get("graph") == graph_id]
         calibration.check_sites(config.calibration, sites)

@@ -12,6 +12,17 @@ that fails to trace with these settings (some ops' shapes cannot be unbacked, e.
 bincount's counts read with .tolist()) is traced again without them, so it compiles
 exactly as it would under any other backend.
 
+An expert loop that skips its empty experts (`if idx.numel() == 0: continue`, transformers
+4.x's `if top_x.shape[0] == 0: continue`) branches on a data-dependent size, where Dynamo
+breaks the graph. Inside lynx-compiled calls the branch is traced as if the expert had
+tokens, where the empty path is a plain `continue` (`_continues_loop` reads the bytecode):
+the rest of the iteration then runs on empty index tensors, which is a no-op when the body
+only gathers, computes and scatters. That is assumed, never trusted: the dispatch pass
+checks the fused experts op against the traced loop on routings that leave experts empty,
+and a graph in which the passes did not replace every assumed region is refused
+(`check_nonempty_assumptions`); Dynamo then traces the frame again without the assumption,
+so it graph-breaks there and runs the model's code as written.
+
 transformers' "eager" experts implementation loops over the experts a batch hits, a
 tensor of data-dependent length that no tracer can unroll. Inside lynx-compiled calls it
 runs as transformers' own "grouped_mm" implementation of the same experts (the same
@@ -31,9 +42,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import weakref
 from collections.abc import Callable
 
+import sympy
 import torch
+import torch.fx as fx
 
 log = logging.getLogger("lynx_compile")
 
@@ -41,6 +55,16 @@ _installed = False
 _CAPTURE = dict(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)
 _MISSING = object()
 _active = 0  # depth of lynx-compiled calls in progress
+_assume_nonempty = False  # while a frame is traced the first time inside a lynx call
+_assumptions_made = 0  # branches traced as non-empty, ever (a retry tells by the change)
+# ShapeEnv -> the unbacked size symbols a branch was traced as >= 1 for (one per trace)
+_nonempty_symbols: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CONTINUE_OPS = ("JUMP_BACKWARD", "JUMP_BACKWARD_NO_INTERRUPT", "JUMP_ABSOLUTE")
+
+
+class NonemptyAssumptionUnfused(RuntimeError):
+    """A graph traced with an empty-expert branch taken as non-empty still holds code of
+    that region after the lynx passes: the frame must be traced again without it."""
 
 
 def _hf_experts_interface():
@@ -84,6 +108,135 @@ class lynx_capture:  # noqa: N801 (used like a function: backend_ctx_ctor = lynx
                 self._mapping["eager"] = self._eager
 
 
+def _nonempty_value(sym_bool) -> bool | None:
+    """A data-dependent condition's value when each unbacked size it reads is at least 1,
+    where that decides it (`u0 == 0` -> False, `u0 > 0` -> True); None otherwise."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    node = getattr(sym_bool, "node", None)
+    expr, shape_env = getattr(node, "expr", None), getattr(node, "shape_env", None)
+    if expr is None or shape_env is None or not expr.free_symbols:
+        return None
+    symbols = expr.free_symbols
+    if set(free_unbacked_symbols(expr)) != symbols or not symbols <= shape_env.size_like:
+        return None
+    at_least_one = {
+        s: sympy.Symbol(f"{s}_less_1", integer=True, nonnegative=True) + 1 for s in symbols
+    }
+    value = expr.xreplace(at_least_one)
+    return bool(value) if value in (sympy.true, sympy.false) else None
+
+
+def _jump_being_traced():
+    """(instruction translator, conditional jump) of the branch Dynamo is tracing: the
+    frame of its jump handler up the stack (inlined calls have translators of their own)."""
+    from torch._dynamo.symbolic_convert import InstructionTranslatorBase
+
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return None
+        tx, inst = frame.f_locals.get("self"), frame.f_locals.get("inst")
+        if isinstance(tx, InstructionTranslatorBase) and "JUMP_" in getattr(inst, "opname", ""):
+            return tx, inst
+        frame = frame.f_back
+    return None
+
+
+def _continues_loop(tx, inst, value: bool) -> bool:
+    """Whether the conditional jump `inst` with its condition `value` goes straight to the
+    next iteration of the enclosing loop (`continue`: a backward jump, after NOPs and
+    forward jumps), so that nothing of the loop body runs on that path."""
+    index = tx.indexof
+    jumps = ("IF_TRUE" in inst.opname) == value
+    if jumps and index[inst.target] < index[inst]:
+        return True  # a conditional jump back to the loop's head (Python 3.11)
+    nxt = inst.target if jumps else tx.instructions[index[inst] + 1]
+    for _ in range(8):
+        if nxt.opname == "NOP":
+            nxt = tx.instructions[index[nxt] + 1]
+        elif nxt.opname == "JUMP_FORWARD":
+            nxt = nxt.target
+        else:
+            break
+    return nxt.opname in _CONTINUE_OPS
+
+
+def _install_nonempty_branches() -> bool:
+    """Dynamo's data-dependent branches on a size being zero are traced as non-empty inside
+    lynx's first trace of a frame, where the empty path is a `continue` (module docstring)."""
+    try:
+        from torch._dynamo.variables.tensor import SymNodeVariable
+    except ImportError:
+        return False
+    original = SymNodeVariable.evaluate_expr
+
+    def evaluate_expr(self, output_graph=None):
+        global _assumptions_made
+        try:
+            return original(self, output_graph)
+        except Exception:
+            if not _assume_nonempty:
+                raise
+            value = _nonempty_value(self.sym_num)
+            where = _jump_being_traced() if value is not None else None
+            if where is None or not _continues_loop(*where, not value):
+                raise
+            node = self.sym_num.node
+            _nonempty_symbols.setdefault(node.shape_env, set()).update(node.expr.free_symbols)
+            _assumptions_made += 1
+            log.debug("lynx: traced %s as %s (the experts assumed non-empty)", node.expr, value)
+            return value
+
+    SymNodeVariable.evaluate_expr = evaluate_expr
+    return True
+
+
+def _value(node: fx.Node):
+    """A node's traced value (Dynamo's graphs keep it as "example_value")."""
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def nonempty_snapshot(gm: fx.GraphModule) -> list[tuple[str, str, frozenset]] | None:
+    """Before the passes: each node's (name, op, assumed symbols its value holds) in graph
+    order, if this graph was traced with empty-expert branches assumed non-empty."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    context = torch._guards.TracingContext.try_get()
+    shape_env = getattr(getattr(context, "fake_mode", None), "shape_env", None)
+    assumed = _nonempty_symbols.get(shape_env) if shape_env is not None else None
+    if not assumed:
+        return None
+    return [
+        (n.name, n.op, frozenset(free_unbacked_symbols(_value(n))) & assumed)
+        for n in gm.graph.nodes
+    ]
+
+
+def check_nonempty_assumptions(gm: fx.GraphModule, before: list) -> None:
+    """Raise NonemptyAssumptionUnfused unless the passes replaced every assumed-non-empty
+    region: from the first node holding an assumed size to the last node they removed,
+    nothing but placeholders and parameters may be left, and no node holding such a size."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    assumed = frozenset().union(*(symbols for _, _, symbols in before))
+    left = {n.name: n for n in gm.graph.nodes}
+    start = next((i for i, (_, _, symbols) in enumerate(before) if symbols), None)
+    removed = [i for i, (name, _, _) in enumerate(before) if name not in left]
+    kept = [
+        name
+        for name, op, _ in before[start : (removed[-1] + 1 if removed else start)]
+        if name in left and op not in ("placeholder", "get_attr", "output")
+    ]
+    holding = [n.name for n in gm.graph.nodes if set(free_unbacked_symbols(_value(n))) & assumed]
+    if start is not None and (kept or holding):
+        raise NonemptyAssumptionUnfused(
+            "the expert loop was traced with its empty experts' `continue` taken as not "
+            f"taken, and the lynx passes did not fuse it (left: {(holding or kept)[:4]}); "
+            "tracing it again as written"
+        )
+
+
 def _install_convert() -> bool:
     """Frames Dynamo traces inside a lynx-compiled call are traced with dynamic-shape
     capture on (only tracing reads these settings: set here, not on every call); a frame
@@ -99,20 +252,42 @@ def _install_convert() -> bool:
         config = torch._dynamo.config
         if not _active or all(getattr(config, key) for key in _CAPTURE):
             return original_call(self, frame, cache_entry, hooks, frame_state, *args, **kwargs)
+        global _assume_nonempty
+        made = _assumptions_made
         try:
             with config.patch(**_CAPTURE):
+                try:
+                    _assume_nonempty = True
+                    return original_call(
+                        self, frame, cache_entry, hooks, frame_state, *args, **kwargs
+                    )
+                except Exception as error:  # noqa: BLE001 (retried; its own error if any)
+                    if _assumptions_made == made:
+                        raise
+                    _log_retry(frame, error, "with its empty experts assumed non-empty")
+                _assume_nonempty = False
                 return original_call(self, frame, cache_entry, hooks, frame_state, *args, **kwargs)
         except Exception as error:  # noqa: BLE001 (retried as stock; its own error if any)
-            log.info(
-                "lynx: %s failed to trace with dynamic-shape capture (%s: %s); tracing it without",
-                frame.f_code.co_name,
-                type(error).__name__,
-                str(error).splitlines()[0] if str(error) else "",
-            )
+            _log_retry(frame, error, "with dynamic-shape capture")
             return original_call(self, frame, cache_entry, hooks, frame_state, *args, **kwargs)
+        finally:
+            _assume_nonempty = False
 
     ConvertFrame.__call__ = __call__
     return True
+
+
+def _log_retry(frame, error: BaseException, how: str) -> None:
+    """Say why a frame is traced again (INFO: a retry is normal, not a failure)."""
+    error = getattr(error, "inner_exception", None) or error  # Dynamo's BackendCompilerFailed
+    lines = str(error).splitlines()
+    log.info(
+        "lynx: %s failed to trace %s (%s: %s); tracing it without",
+        frame.f_code.co_name,
+        how,
+        type(error).__name__,
+        lines[0] if lines else "",
+    )
 
 
 def _wraps_lynx(backend, lynx_backend: Callable) -> bool:
@@ -141,6 +316,8 @@ def install(lynx_backend: Callable) -> bool:
             self.backend_ctx_ctor = lynx_capture
 
     WrapBackendDebug.__init__ = __init__
+    if not _install_nonempty_branches():
+        log.warning("lynx: this torch has no SymNodeVariable; empty-expert skips graph-break")
     if not _install_convert():
         log.warning("lynx: this torch has no ConvertFrame; expert loops are not captured")
         WrapBackendDebug.__init__ = original_init

@@ -44,6 +44,17 @@ def add_site(**fields) -> dict:
     return site
 
 
+def discard_graph(graph_id: int) -> None:
+    """Forget one graph's sites and their counts (a graph the backend refused, whose frame
+    Dynamo traces again)."""
+    with _lock:
+        dropped = [s for s in _sites if s.get("graph") == graph_id]
+        _sites[:] = [s for s in _sites if s.get("graph") != graph_id]
+    for site in dropped:
+        counters["lynx"][f"{site['kind']}_{site['status']}"] -= 1
+        counters["lynx"][counter_key(site["kind"], site["status"], site["reason"])] -= 1
+
+
 def counter_key(kind: str, status: str, reason: str | None) -> str:
     """counters["lynx"] key of one site: `<kind>_<status>:<pattern or skip reason>`."""
     what = (

@@ -1,7 +1,8 @@
 """Hand-written MoE styles under backend="lynx": expert loops with data-dependent indexing.
 
-Each style in examples/moe_modules.py (where-loop, boolean-mask loop, argsort + split +
-index_add, dense einsum, [B, T, E] router, nn.ModuleList experts with and without biases)
+Each style in examples/moe_modules.py (where-loop with and without an empty-expert
+`continue`, boolean-mask loop, argsort + split + index_add, dense einsum, [B, T, E] router,
+nn.ModuleList experts with and without biases)
 must have its router and its dispatch rewritten, compute what eager computes under policy
 "exact" (fp32 and bf16, 1 / 3 / 13 / 33 tokens), and touch fewer experts under the default
 policy at batch 16. Loop capture is scoped to lynx-compiled calls: Dynamo's global config
@@ -10,6 +11,8 @@ see the loop graph-break.
 """
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ import lynx_compile
 from tests.helpers import sites_of
 
 STYLES = (
+    "LoopMoE",
     "WhereLoopMoE",
     "MaskLoopMoE",
     "SortedMoE",
@@ -111,6 +115,101 @@ def test_untraceable_counts_fall_back_to_stock_tracing():
     assert sites_of(report) and all(s["status"] == "rewritten" for s in sites_of(report))
     dispatches = sites_of(report, kind="dispatch")
     assert dispatches and all(s["status"] == "skipped" for s in dispatches), dispatches
+
+
+class _RunIfNonEmpty(moe_modules.LoopMoE):
+    """Must match: the expert runs under `if idx.shape[0] > 0` (its empty path: continue)."""
+
+    def forward(self, x):
+        tokens, (weights, selected) = x.reshape(-1, x.shape[-1]), self.router(x)
+        out = torch.zeros_like(tokens)
+        for i, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(selected == i)
+            if token_idx.shape[0] > 0:
+                y = expert(tokens[token_idx]) * weights[token_idx, slot, None]
+                out.index_add_(0, token_idx, y)
+        return out.reshape(x.shape)
+
+
+class _SkipThenCount(moe_modules.LoopMoE):
+    """Must not match: past its skip it also counts the experts it ran (a tensor op that the
+    experts op does not compute), and scales the output by that count."""
+
+    def forward(self, x):
+        tokens, (weights, selected) = x.reshape(-1, x.shape[-1]), self.router(x)
+        out, hits = torch.zeros_like(tokens), torch.zeros((), dtype=x.dtype)
+        for i, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(selected == i)
+            if token_idx.numel() == 0:
+                continue
+            hits = hits + 1
+            out.index_add_(0, token_idx, expert(tokens[token_idx]) * weights[token_idx, slot, None])
+        return (out * hits).reshape(x.shape)
+
+
+class _SkipThenNormalise(moe_modules.LoopMoE):
+    """Must not match: past its skip each expert's output is divided by its max, which an
+    empty expert has not got."""
+
+    def forward(self, x):
+        tokens, (weights, selected) = x.reshape(-1, x.shape[-1]), self.router(x)
+        out = torch.zeros_like(tokens)
+        for i, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(selected == i)
+            if token_idx.numel() == 0:
+                continue
+            y = expert(tokens[token_idx])
+            out.index_add_(0, token_idx, y / y.abs().amax() * weights[token_idx, slot, None])
+        return out.reshape(x.shape)
+
+
+class _WorkBeforeSkip(moe_modules.LoopMoE):
+    """Must not match: its empty path adds 1 before it continues (not a plain skip)."""
+
+    def forward(self, x):
+        tokens, (weights, selected) = x.reshape(-1, x.shape[-1]), self.router(x)
+        out = torch.zeros_like(tokens)
+        for i, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(selected == i)
+            if token_idx.numel() == 0:
+                out = out + 1
+                continue
+            out.index_add_(0, token_idx, expert(tokens[token_idx]) * weights[token_idx, slot, None])
+        return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize(
+    "style, fused, retried",
+    [
+        (_RunIfNonEmpty, True, False),
+        (_SkipThenCount, False, True),
+        (_SkipThenNormalise, False, True),
+        (_WorkBeforeSkip, False, False),  # not a plain `continue`: never assumed
+    ],
+    ids=lambda v: v.__name__.strip("_") if isinstance(v, type) else str(v),
+)
+@torch.no_grad()
+def test_empty_expert_skips_are_fused_only_where_the_skip_is_all_they_do(
+    style, fused, retried, caplog
+):
+    """An empty-expert `continue` is traced as not taken and the loop fused only where the
+    fused op then equals the loop; otherwise the frame is traced again as written (its graph
+    break), and at 1 token (28 of 32 experts empty) it still computes what eager does."""
+    torch._dynamo.reset()
+    lynx_compile.clear_report()
+    torch.manual_seed(0)
+    module = style(num_experts=32, top_k=4).eval()
+    model = torch.compile(module, backend="lynx", options={"policy": "exact"}, dynamic=True)
+    with caplog.at_level(logging.INFO, logger="lynx_compile"):
+        for tokens in (1, 13):
+            x = _inputs(tokens)
+            torch.testing.assert_close(model(x), module(x), **FP32_TOL)
+    report = lynx_compile.report()
+    assert sites_of(report) and all(s["status"] == "rewritten" for s in sites_of(report))
+    dispatches = sites_of(report, kind="dispatch")
+    expected = "rewritten" if fused else "skipped"
+    assert dispatches and all(s["status"] == expected for s in dispatches), dispatches
+    assert ("assumed non-empty" in caplog.text) == retried, caplog.text
 
 
 @torch.no_grad()
