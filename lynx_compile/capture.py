@@ -193,7 +193,8 @@ def _install_nonempty_branches() -> bool:
 
 
 def _value(node: fx.Node):
-    """A node's traced value (Dynamo's graphs keep it as "example_value")."""
+    """A node's traced value of any kind (Dynamo's graphs keep it as "example_value"):
+    tuples and SymInts too, where passes.fx_utils.example_value returns tensors only."""
     return node.meta.get("val", node.meta.get("example_value"))
 
 
