@@ -16,8 +16,16 @@ the ratio to Inductor's, the distinct experts the routing touched, the weight by
 experts hold, and the floor: those bytes at the read bandwidth of a 1 GiB torch.sum timed
 in every round (median over rounds of bytes / that round's bandwidth).
 
+`--ranks N` runs the layer tensor-parallel over N gloo processes on this machine (one
+intra-op thread each unless --threads says otherwise): torch.distributed.tensor.parallel's
+parallelize_module with ColwiseParallel on each expert's w1 / w3 and RowwiseParallel on its
+w2, so each rank holds 1/N of every expert and the model sums every expert's down
+projection over the ranks (one all_reduce per expert); lynx fuses the rank's shards into
+one lynx::experts_list call and sums once. Rows are rank 0's; bytes and floors per rank.
+
     python benchmarks/module_list.py --shape mixtral --batch 1 16 --threads 2
     python benchmarks/module_list.py --shape qwen3 --loop skip-empty --batch 1 4 16
+    python benchmarks/module_list.py --shape mixtral --batch 1 16 --ranks 2
 """
 
 from __future__ import annotations
@@ -88,31 +96,59 @@ def touched(module: torch.nn.Module, x: torch.Tensor, policy: str) -> int:
     return round(sites[0]["telemetry"]["mean_experts_chosen"])
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mixtral")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--loop", choices=sorted(LOOPS), default="mask",
                         help="the expert loop: a one-hot mask (ModuleListMoE) or one that "
                         "skips empty experts (LoopMoE)")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads per process (default: all cores, or 1 per "
+                        "rank with --ranks)")  # fmt: skip
+    parser.add_argument("--ranks", type=int, default=1,
+                        help="tensor-parallel gloo processes (a per-expert plan)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    return parser.parse_args()
+
+
+def tensor_parallel(module: torch.nn.Module, ranks: int) -> torch.nn.Module:
+    """module with each expert's w1 / w3 ColwiseParallel and w2 RowwiseParallel."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    plan = {}
+    for e in range(len(module.experts)):
+        plan |= {f"experts.{e}.w1": ColwiseParallel(), f"experts.{e}.w3": ColwiseParallel()}
+        plan[f"experts.{e}.w2"] = RowwiseParallel()
+    return parallelize_module(module, init_device_mesh("cpu", (ranks,)), plan)
+
+
+def run(args: argparse.Namespace, rank: int = 0) -> None:
+    """Time every backend at every batch and print the table (rank 0 prints)."""
+    show = print if rank == 0 else (lambda *a, **k: None)
+    torch.set_num_threads(args.threads or (1 if args.ranks > 1 else torch.get_num_threads()))
     # Stock Inductor graph-breaks in the loop (a resume function per break and batch): past
     # the default limit of 8 cache entries its calls would silently run eagerly.
     torch._dynamo.config.recompile_limit = 256
     torch._dynamo.config.accumulated_recompile_limit = 4096
     module = build(args.shape, args.loop)
+    if args.ranks > 1:
+        module = tensor_parallel(module, args.ranks)
     dim, hidden, experts, _ = SHAPES[args.shape]
-    expert_bytes = 3 * dim * hidden * 2
+    expert_bytes = 3 * dim * hidden * 2 // args.ranks  # a rank's shard of one expert
     pool = torch.ones(1 << 29, dtype=torch.bfloat16)  # 1 GiB
-    print(f"# {args.shape}, {type(module).__name__}: {experts} experts x "
-          f"{expert_bytes / 2**20:.0f} MiB bf16, "
-          f"{args.threads} threads, torch {torch.__version__}")  # fmt: skip
-    print("| batch | backend | experts | MB read | ms | vs inductor | floor ms | floor/ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    layout = f", tensor-parallel over {args.ranks} gloo ranks" if args.ranks > 1 else ""
+    show(f"# {args.shape}, {type(module).__name__}: {experts} experts x "
+         f"{expert_bytes / 2**20:.0f} MiB bf16 per rank{layout}, "
+         f"{torch.get_num_threads()} threads per process, torch {torch.__version__}")  # fmt: skip
+    show("| batch | backend | experts | MB read | ms | vs inductor | floor ms | floor/ms |")
+    show("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in args.batch:
         x = torch.randn(batch, 1, dim, generator=torch.Generator().manual_seed(batch))
         x = x.to(torch.bfloat16)
@@ -131,6 +167,9 @@ def main() -> None:
         with torch.no_grad():
             for fn in backends.values():  # compile and warm up
                 fn(x)
+            eager_out = module(x).float()
+            drift = (backends["lynx exact"](x).float() - eager_out).abs().max().item()
+            scale = eager_out.abs().max().item()
             for r in range(args.rounds):
                 order = list(backends) if r % 2 == 0 else list(reversed(backends))
                 for name in order:
@@ -143,11 +182,41 @@ def main() -> None:
                         backends[name](x)
                         times[name].append((time.perf_counter() - start) * 1e3)
         base = statistics.median(times["inductor"])
+        show(f"| {batch} | (lynx exact - eager: max {drift:.3g}, of outputs up to {scale:.3g}) "
+             "| | | | | | |")  # fmt: skip
         for name in backends:
             used = counts["default" if name == "lynx default" else "exact"]
             ms, floor = statistics.median(times[name]), statistics.median(floors[name])
-            print(f"| {batch} | {name} | {used} | {used * expert_bytes / 1e6:.0f} | {ms:.1f} | "
-                  f"{ms / base:.2f}x | {floor:.1f} | {floor / ms:.2f} |")  # fmt: skip
+            show(f"| {batch} | {name} | {used} | {used * expert_bytes / 1e6:.0f} | {ms:.1f} | "
+                 f"{ms / base:.2f}x | {floor:.1f} | {floor / ms:.2f} |")  # fmt: skip
+
+
+def _rank_main(rank: int, port: int, args: argparse.Namespace) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
+    try:
+        run(args, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.ranks == 1:
+        run(args)
+        return
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:  # a free loopback port for the process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_main, args=(port, args), nprocs=args.ranks, join=True)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ from lynx_compile.lowering.constants import ELEMENTWISE_ACTIVATIONS
 from lynx_compile.lowering.ops import experts_op
 from lynx_compile.passes import report as report_mod
 from lynx_compile.passes.fx_utils import arg, canonical_op, example_value
+from lynx_compile.passes.group_routing import group_world
+from lynx_compile.passes.parallel_linears import PARTIAL_SUM, localize_expert_linears
 from lynx_compile.passes.router import router_hidden_dim
 
 log = logging.getLogger("lynx_compile")
@@ -486,6 +488,12 @@ def _is_collective(node: fx.Node) -> bool:
     return node.op == "call_function" and module.startswith("torch.distributed")
 
 
+def partial_sum_groups(region: set[fx.Node]) -> set[str]:
+    """The process groups of the marked all_reduces in a region (parallel_linears: each
+    expert's down projection summed over the ranks holding a shard of it)."""
+    return {n.meta[PARTIAL_SUM] for n in region if PARTIAL_SUM in n.meta}
+
+
 def _gathered(node: fx.Node) -> tuple[fx.Node, tuple] | None:
     """(wait, (group size, group)) where node's only use is a functional all_gather along
     dim 0 whose result is read only through its wait_tensor; else None."""
@@ -595,8 +603,10 @@ def find_regions(
         if not all(map(_same_size, val.shape[:-1], tokens)):
             continue
         region = {n for n in slice_ if order[n] <= order[out]}
-        if any(map(_is_collective, region)):
+        if any(_is_collective(n) and PARTIAL_SUM not in n.meta for n in region):
             continue  # collectives stay the model's (and the numerical check never runs one)
+        if len(partial_sum_groups(region)) > 1:
+            continue
         # The dispatch reads both routing outputs; they may have other users too (a module
         # that also returns its ids for an auxiliary loss): those keep reading them.
         if not (set(weights.users) & region and (set(ids.users) & region or not need_ids)):
@@ -996,14 +1006,20 @@ def _activations_in(region: set[fx.Node]) -> set[str]:
     return found
 
 
-def _extract(gm: fx.GraphModule, region: set[fx.Node], inputs: list[fx.Node], out: fx.Node):
-    """The region as a standalone GraphModule taking `inputs` in order."""
+def _extract(gm, region: set[fx.Node], inputs: list[fx.Node], out: fx.Node, ranks: float = 1):
+    """The region as a standalone GraphModule taking `inputs` in order; a marked all_reduce
+    of partial products (PARTIAL_SUM) becomes its input times `ranks`: what the sum over
+    that many ranks holding the same partial product gives, on this process alone."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in inputs:
         env[node] = graph.placeholder(node.name)
     for node in gm.graph.nodes:
-        if node in region:
+        if node in region and PARTIAL_SUM in node.meta:
+            partial = env[node.args[0]]
+            summed = _is_collective(node) and _op_name(node) not in _WAITS
+            env[node] = graph.call_function(operator.mul, (partial, ranks)) if summed else partial
+        elif node in region:
             env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(env[out])
     return fx.GraphModule(gm, graph)
@@ -1285,6 +1301,12 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
     if exchanged is not None:
         where = f"; on the routing exchanged (all_to_all) between {_ranks(exchanged[2])}"
         seeds.append((exchanged[0], exchanged[1], where, -num_experts))
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    # per-expert tensor-parallel linears (parallelize_module on each expert's modules) as
+    # each rank's local products, their rowwise sums marked for the regions below
+    localize_expert_linears(
+        gm, _forward_slice([ids]), dict(zip(holders, example_inputs, strict=True))
+    )
     real = _placeholder_values(gm, example_inputs)  # what each input holds, for the checks
     why = None  # the first candidate's reason, reported when none is taken
     # the first reason for an experts region (reading 3-D weights) of another width than d
@@ -1325,6 +1347,15 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
                 continue
             chosen = _verified_plan(gm, region, inputs, out, plans, weights, ids, real, dense)
             if chosen is not None:
+                summed = partial_sum_groups(region)
+                if summed:
+                    sums = sum(1 for n in region if PARTIAL_SUM in n.meta) // 2
+                    (group,) = summed
+                    where += (
+                        f"; the rank's shards of every expert (tensor-parallel linears), its "
+                        f"partial sums all_reduced once over {_ranks(group_world(group))} "
+                        f"(the model: {sums} all_reduces)"
+                    )
                 _replace(gm, region, out, chosen, weights, ids, dense)
                 report("rewritten", chosen.describe() + where)
                 return True
@@ -1372,6 +1403,11 @@ def _reads_expert_weights(inputs: list[fx.Node]) -> bool:
 def _verified_plan(gm, region, inputs, out, plans, weights, ids, real, dense=False):
     held = _held(plans[0])
     original = _extract(gm, region, inputs, out)
+    # Each expert's partial products summed over the ranks inside the region: the fused op
+    # sums the rank's experts first and the ranks once after it, which is the same only
+    # where the region is linear in those sums; checked as "two ranks holding the same
+    # partial products": the region then gives twice the plan's output.
+    doubled = _extract(gm, region, inputs, out, ranks=2) if partial_sum_groups(region) else None
     draws: dict[tuple, tuple | None] = {}
 
     def drawn(plan, cover=None):
@@ -1403,7 +1439,12 @@ def _verified_plan(gm, region, inputs, out, plans, weights, ids, real, dense=Fal
             log.debug("lynx dispatch: plan %s not checked: %s", plan.describe(), err)
             # ids past its experts the region itself cannot take: nothing to match there
             return beyond and _region_refuses(original, [scaled[n] for n in inputs])
-        return _matches(expected, got.to(expected.dtype), values[plan.x].dtype)
+        if not _matches(expected, got.to(expected.dtype), values[plan.x].dtype):
+            return False
+        if doubled is None:
+            return True
+        twice = doubled(*[scaled[n] for n in inputs])
+        return _matches(twice, 2 * got.to(twice.dtype), values[plan.x].dtype)
 
     # A clamp random hidden states may never reach: where the region clamps, every plan is
     # also checked where they reach it (a plan without the clamp, HY-V4's clamped SiLU GLU,
@@ -1479,6 +1520,7 @@ def _ranks(count) -> str:
 
 def _replace(gm, region, out, plan: ExpertsPlan, weights, ids, dense: bool = False) -> None:
     graph = gm.graph
+    (group,) = partial_sum_groups(region) or {None}
     with graph.inserting_before(out):
         if dense:  # the gate's weights at the chosen experts: [*tokens, k]
             weights = graph.call_method("gather", (weights, -1, ids))
@@ -1528,6 +1570,13 @@ def _replace(gm, region, out, plan: ExpertsPlan, weights, ids, dense: bool = Fal
         result = fused
         if out_val is not None and out_val.dtype != example_value(plan.x).dtype:
             result = graph.call_method("to", (fused, out_val.dtype))
+        if group is not None:  # the rank's experts' partial sums, summed over the ranks once
+            reduced = graph.call_function(
+                torch.ops._c10d_functional.all_reduce.default, (result, "sum", group)
+            )
+            result = graph.call_function(torch.ops._c10d_functional.wait_tensor.default, (reduced,))
+            if out_val is not None:
+                reduced.meta["example_value"] = out_val
     if out_val is not None:
         result.meta["example_value"] = out_val
     out.replace_all_uses_with(result)

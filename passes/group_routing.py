@@ -37,7 +37,7 @@ def collective_bytes(policy: str, beta: float | None, num_experts: int) -> int:
     return _INT32_BYTES * (reference.votes_size(policy, beta, num_experts) + num_experts)
 
 
-def _world(group_name: str | None) -> int:
+def group_world(group_name: str | None) -> int:
     """The size of the named group (None: the default group), 1 without torch.distributed."""
     if not (dist.is_available() and dist.is_initialized()):
         return 1
@@ -60,14 +60,14 @@ def routing_scope(config: LynxConfig, policy: reference.RoutingPolicy, num_exper
         return {
             "routing_scope": "group",
             "routing_group": config.routing_group,
-            "routing_world": _world(config.routing_group),
+            "routing_world": group_world(config.routing_group),
             "collective_bytes": (
                 collective_bytes(policy.name, policy.beta, num_experts)
                 if isinstance(num_experts, int)
                 else None
             ),
         }
-    world = _world(None)
+    world = group_world(None)
     if world > 1:
         return {
             "routing_scope": "per_rank",

@@ -1,18 +1,24 @@
 """backend="lynx" on nn.ModuleList experts under a per-module tensor-parallel plan: 2 gloo
 processes on loopback, CPU.
 
-examples ModuleListMoE (transformers 4.x's Mixtral style: 8 experts, each three nn.Linear)
-with torch.distributed.tensor.parallel.parallelize_module: every expert's w1 and w3
-ColwiseParallel, its w2 RowwiseParallel, so each expert's linears convert to and from
-DTensors (its down projection's all_reduce inside). On one process lynx fuses these experts
-into lynx::experts_list; here the torch.distributed calls sit inside the expert computation,
-so the dispatch stays the model's, and the report says why. Checked: exact equals the
-single-process eager layer on both ranks; the router is rewritten on both and the ranks
-route identically under the default policy, equal to single-process lynx (whose experts
-are fused).
+torch.distributed.tensor.parallel.parallelize_module with a plan on each expert's modules:
+- examples ModuleListMoE (transformers 4.x's Mixtral style: 8 experts, each three
+  nn.Linear without biases): every expert's w1 and w3 ColwiseParallel, its w2
+  RowwiseParallel, so each expert's linears convert to and from DTensors and its down
+  projection is summed over the ranks (8 all_reduces a layer). lynx rewrites those linears
+  into each rank's local products (passes/parallel_linears.py) and fuses the rank's shard of
+  every expert into one lynx::experts_list call, whose output is summed over the ranks once.
+- examples BiasedModuleListMoE (GELU MLPs with nn.Linear biases), experts.N.0 colwise and
+  experts.N.2 rowwise: a rowwise linear with a bias is not rewritten (its bias would be
+  added on every rank), so the experts stay the model's and the report says why.
+Checked per rank: exact equals the single-process eager layer; the router is rewritten;
+the fused graph holds one all_reduce where the model's held one per expert; under the
+default policy the ranks route identically and equal single-process lynx.
 """
 
 from __future__ import annotations
+
+from unittest import mock
 
 import pytest
 import torch
@@ -32,37 +38,62 @@ from tests.helpers import (
     store_rank_result,
 )
 
-LAYOUT = "ModuleListMoE+parallelize_module"
+FUSED, BIASED = "ModuleListMoE+parallelize_module", "BiasedModuleListMoE+parallelize_module"
+LAYOUTS = (FUSED, BIASED)
+NUM_EXPERTS = 8
+
+
+def _plan(layout: str) -> dict:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {}
+    for e in range(NUM_EXPERTS):
+        if layout == FUSED:
+            plan |= {f"experts.{e}.w1": ColwiseParallel(), f"experts.{e}.w3": ColwiseParallel()}
+            plan[f"experts.{e}.w2"] = RowwiseParallel()
+        else:
+            plan |= {f"experts.{e}.0": ColwiseParallel(), f"experts.{e}.2": RowwiseParallel()}
+    return plan
+
+
+def _all_reduces(graphs: list) -> list[int]:
+    """The functional all_reduces in each graph lynx handed to Inductor."""
+    reduce = torch.ops._c10d_functional.all_reduce.default
+    return [sum(n.target is reduce for n in gm.graph.nodes) for gm in graphs]
 
 
 def _rank_main(rank: int, port: int, results) -> None:
     join_gloo(rank, port, GLOO_WORLD)
     try:
-        from lynx_compile.examples.moe_modules import ModuleListMoE
+        from lynx_compile.examples import moe_modules
+        from torch._inductor import compile_fx
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor.parallel import (
-            ColwiseParallel,
-            RowwiseParallel,
-            parallelize_module,
-        )
+        from torch.distributed.tensor.parallel import parallelize_module
 
         import lynx_compile
 
         ids_seen = record_route_ids()
-        torch.manual_seed(0)
-        whole = ModuleListMoE().eval()  # the single-process layer
-        layer = ModuleListMoE().eval()
-        layer.load_state_dict(whole.state_dict())
-        plan = {}
-        for e in range(len(layer.experts)):
-            plan |= {f"experts.{e}.w1": ColwiseParallel(), f"experts.{e}.w3": ColwiseParallel()}
-            plan[f"experts.{e}.w2"] = RowwiseParallel()
-        parallelize_module(layer, init_device_mesh("cpu", (GLOO_WORLD,)), plan)
-        torch._dynamo.reset()
-        lynx_compile.clear_report()
-        # torch.compile's default shapes (not dynamic=True) for the DTensor layer
-        out, ids = run_policies(layer, whole, ids_seen, dynamic=None)
-        store_rank_result(results, LAYOUT, rank, out, ids)
+        mesh = init_device_mesh("cpu", (GLOO_WORLD,))
+        for layout in LAYOUTS:
+            cls = getattr(moe_modules, layout.split("+")[0])
+            torch.manual_seed(0)
+            whole = cls(num_experts=NUM_EXPERTS).eval()  # the single-process layer
+            layer = cls(num_experts=NUM_EXPERTS).eval()
+            layer.load_state_dict(whole.state_dict())
+            parallelize_module(layer, mesh, _plan(layout))
+            torch._dynamo.reset()
+            lynx_compile.clear_report()
+            graphs, inductor = [], compile_fx.compile_fx
+
+            def record(gm, *args, _inductor=inductor, _graphs=graphs, **kwargs):
+                _graphs.append(gm)
+                return _inductor(gm, *args, **kwargs)
+
+            with mock.patch("torch._inductor.compile_fx.compile_fx", record):
+                # torch.compile's default shapes (not dynamic=True) for the DTensor layer
+                out, ids = run_policies(layer, whole, ids_seen, dynamic=None)
+            store_rank_result(results, layout, rank, out, ids)
+            results[(layout, rank)] = {**results[(layout, rank)], "reduces": _all_reduces(graphs)}
     finally:
         dist.destroy_process_group()
 
@@ -72,25 +103,50 @@ def ranks():
     return spawn_ranks(_rank_main, GLOO_WORLD)
 
 
-def test_exact_equals_single_process_eager_on_every_rank(ranks):
-    assert_exact_equals_eager(ranks, LAYOUT, GLOO_WORLD, SHARDED_FP32_TOL)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_exact_equals_single_process_eager_on_every_rank(ranks, layout):
+    assert_exact_equals_eager(ranks, layout, GLOO_WORLD, SHARDED_FP32_TOL)
 
 
-def test_router_rewritten_and_the_report_says_why_the_experts_stay(ranks):
+def _parallel_dispatch(ranks, layout: str, rank: int) -> list[dict]:
+    """The dispatch sites of the parallel layer's graphs (exact and default, one per token
+    count; the report also holds the single-process layer's)."""
+    routers, dispatch = rank_sites(ranks, layout, rank)
+    assert routers and all(s["status"] == "rewritten" for s in routers), (rank, routers)
+    single = ("split-gate silu", "plain gelu, biased up+down")  # ModuleListMoE's, Biased...'s
+    single = {f"sparse_experts({form}, per-expert tensors)" for form in single}
+    parallel = [s for s in dispatch if s["reason"] not in single]
+    assert len(parallel) == 2 * len(DECODE_TOKENS), (rank, dispatch)
+    return parallel
+
+
+def test_each_rank_fuses_its_shards_and_sums_the_ranks_once(ranks):
     for rank in range(GLOO_WORLD):
-        routers, dispatch = rank_sites(ranks, LAYOUT, rank)
-        assert routers and all(s["status"] == "rewritten" for s in routers), (rank, routers)
-        # the parallel layer's graphs (exact, default; one per token count) skipped, with
-        # the reason; the single-process layer's fused
-        skipped = [s for s in dispatch if s["status"] == "skipped"]
-        fused = [s for s in dispatch if s["status"] == "rewritten"]
-        assert len(skipped) == 2 * len(DECODE_TOKENS) and fused, (rank, dispatch)
-        assert all("torch.distributed calls run between" in s["reason"] for s in skipped)
-        fused_as = {s["reason"] for s in fused}
-        assert fused_as == {"sparse_experts(split-gate silu, per-expert tensors)"}, fused_as
+        parallel = _parallel_dispatch(ranks, FUSED, rank)
+        assert all(s["status"] == "rewritten" for s in parallel), (rank, parallel)
+        summed = "partial sums all_reduced once over 2 ranks (the model: 8 all_reduces)"
+        assert all(
+            s["reason"].startswith("sparse_experts(split-gate silu, per-expert tensors)")
+            for s in parallel
+        )
+        assert all(summed in s["reason"] for s in parallel), parallel
+        # one all_reduce in each graph of the parallel layer (Inductor may be handed a graph
+        # more than once), none in the single layer's
+        reduces = ranks[(FUSED, rank)]["reduces"]
+        assert set(reduces) == {0, 1} and reduces.count(1) >= len(parallel), reduces
 
 
-def test_default_policy_routes_identically_on_both_ranks(ranks):
+def test_a_rowwise_linear_with_a_bias_stays_the_models(ranks):
+    for rank in range(GLOO_WORLD):
+        parallel = _parallel_dispatch(ranks, BIASED, rank)
+        assert all(s["status"] == "skipped" for s in parallel), (rank, parallel)
+        assert all("torch.distributed calls run between" in s["reason"] for s in parallel)
+        # the model's per-expert sums, as DTensor runs them: no graph lynx rewrote holds one
+        assert not any(ranks[(BIASED, rank)]["reduces"])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_default_policy_routes_identically_on_both_ranks(ranks, layout):
     """Replicated tokens: the ranks chose the same ids, their outputs are identical, and
     equal single-process lynx (fused per-expert experts) on the whole layer."""
-    assert_ranks_route_alike(ranks, LAYOUT, GLOO_WORLD, DECODE_TOKENS, SHARDED_FP32_TOL)
+    assert_ranks_route_alike(ranks, layout, GLOO_WORLD, DECODE_TOKENS, SHARDED_FP32_TOL)
