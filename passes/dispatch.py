@@ -1304,7 +1304,7 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
     holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     # per-expert tensor-parallel linears (parallelize_module on each expert's modules) as
     # each rank's local products, their rowwise sums marked for the regions below
-    localize_expert_linears(
+    kept = localize_expert_linears(
         gm, _forward_slice([ids]), dict(zip(holders, example_inputs, strict=True))
     )
     real = _placeholder_values(gm, example_inputs)  # what each input holds, for the checks
@@ -1376,10 +1376,16 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
         # linears convert to and from DTensors (the all_reduce of its RowwiseParallel down
         # projection inside)
         calls = ", ".join(f"{count} x {name}" for name, count in sorted(collectives.items()))
+        # the plans lynx recognised and left (a rowwise linear with a bias), else a guess
+        plan = (
+            f"{len(kept)} x {kept[0]}"
+            if kept
+            else "a tensor-parallel plan on each expert's modules?"
+        )
         reasons.append(
             f"torch.distributed calls run between the routing and the experts' output "
-            f"({calls}: a tensor-parallel plan on each expert's modules?); lynx::experts "
-            "runs none, and they stay the model's: router-only rewrite"
+            f"({calls}: {plan}); lynx::experts runs none, and they stay the model's: "
+            "router-only rewrite"
         )
     report(
         "skipped",
@@ -1400,14 +1406,26 @@ def _reads_expert_weights(inputs: list[fx.Node]) -> bool:
     return sum(1 for n in inputs if (v := example_value(n)) is not None and v.dim() == 3) >= 2
 
 
+def sum_factors(world: int) -> tuple[float, ...]:
+    """The factors _verified_plan puts in place of a region's partial sums over `world`
+    ranks: the region must give that factor times its output at each. The group's size (at
+    least 2) fails a nonlinearity or a bias after the sum; a negative one also fails a
+    positively homogeneous one (relu, abs, max), which scales with any positive factor."""
+    return (float(max(2, world)), -1.5)
+
+
 def _verified_plan(gm, region, inputs, out, plans, weights, ids, real, dense=False):
     held = _held(plans[0])
     original = _extract(gm, region, inputs, out)
     # Each expert's partial products summed over the ranks inside the region: the fused op
     # sums the rank's experts first and the ranks once after it, which is the same only
-    # where the region is linear in those sums; checked as "two ranks holding the same
-    # partial products": the region then gives twice the plan's output.
-    doubled = _extract(gm, region, inputs, out, ranks=2) if partial_sum_groups(region) else None
+    # where the region is linear in those sums. Checked by putting a factor c in place of
+    # each sum (c ranks holding the same partial products): the region must then give c
+    # times the plan's output, for c the group's size (tanh, a bias added after the sum
+    # fail) and for a negative c (relu, abs, max: positively homogeneous, not linear).
+    summed = partial_sum_groups(region)
+    factors = sum_factors(group_world(next(iter(summed)))) if summed else ()
+    scaled_regions = [(c, _extract(gm, region, inputs, out, ranks=c)) for c in factors]
     draws: dict[tuple, tuple | None] = {}
 
     def drawn(plan, cover=None):
@@ -1430,21 +1448,21 @@ def _verified_plan(gm, region, inputs, out, plans, weights, ids, real, dense=Fal
             values = _slots_beyond(values, ids, held)
         scaled = dict(values)
         scaled[plan.x] = values[plan.x] * scale
+        args = [scaled[n] for n in inputs]
         try:
-            expected = original(*[scaled[n] for n in inputs])
+            expected = original(*args)
             got = call_experts(plan, scaled[plan.x], values[ids], w_k, scaled)
+            summed_over = [(c, region_c(*args)) for c, region_c in scaled_regions]
         except _CHECK_ERRORS as err:
             # inputs the plan cannot take (a tensor subclass the op does not handle): the
             # region stays the model's, never a failed compile
             log.debug("lynx dispatch: plan %s not checked: %s", plan.describe(), err)
             # ids past its experts the region itself cannot take: nothing to match there
-            return beyond and _region_refuses(original, [scaled[n] for n in inputs])
-        if not _matches(expected, got.to(expected.dtype), values[plan.x].dtype):
+            return beyond and _region_refuses(original, args)
+        dtype = values[plan.x].dtype
+        if not _matches(expected, got.to(expected.dtype), dtype):
             return False
-        if doubled is None:
-            return True
-        twice = doubled(*[scaled[n] for n in inputs])
-        return _matches(twice, 2 * got.to(twice.dtype), values[plan.x].dtype)
+        return all(_matches(y, c * got.to(y.dtype), dtype) for c, y in summed_over)
 
     # A clamp random hidden states may never reach: where the region clamps, every plan is
     # also checked where they reach it (a plan without the clamp, HY-V4's clamped SiLU GLU,

@@ -15,15 +15,16 @@ the rowwise one sums the ranks' partial products). `localize_expert_linears` rew
 each such chain in an expert computation into the right-hand side: the same local
 products, and the rowwise sum as a functional all_reduce marked `PARTIAL_SUM`, which is
 what DTensor itself runs once the graph is lowered. The dispatch pass may then treat the
-marked sums as one sum of the whole dispatch (linear in each expert's output:
-`dispatch.py` checks that numerically) and fuse the rank's local experts; where it does
-not fuse, the rewritten graph computes what the model computes.
+marked sums as one sum of the whole dispatch (where the dispatch is linear in each
+expert's output: `dispatch.py` probes that numerically, sum_factors) and fuse the rank's
+local experts; where it does not fuse, the rewritten graph computes what the model
+computes.
 
 Only chains inside an expert computation are rewritten: a colwise chain whose input is
-the hidden states indexed by something the routing ids decide (the tokens an expert
-reads), and a rowwise chain whose input is computed from such colwise outputs. Anything
-else (attention's projections in the same graph, a plan this file does not know, a
-linear with a bias summed across ranks) stays as the model traced it.
+the hidden states indexed by an integer or bool tensor the routing ids decide (the
+tokens an expert reads), and a rowwise chain whose input is computed from such colwise
+outputs. Anything else (attention's projections in the same graph, a plan this file does
+not know, a rowwise linear with a bias: KEPT_BIASED) stays as the model traced it.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def _chain(to_local: fx.Node) -> _Chain | None:
 
 def _kind(chain: _Chain, real: dict) -> str | None:
     """'colwise' or 'rowwise' where the chain is one of the two plans on a 1-D mesh, its
-    weight a DTensor on the mesh its input is put on; else None."""
+    weight a DTensor on the mesh its input is put on ('rowwise+bias': the rowwise plan on a
+    linear with a bias, which DTensor adds once to the sum); else None."""
     weight = real.get(chain.weight)
     mesh = chain.from_local.args[1] if len(chain.from_local.args) > 1 else None
     mesh = real.get(mesh) if isinstance(mesh, fx.Node) else mesh
@@ -121,7 +123,13 @@ def _kind(chain: _Chain, real: dict) -> str | None:
     if x_ndim < 1:
         return None
     bias = real.get(chain.bias) if chain.bias is not None else None
-    bias_sharded = hasattr(bias, "placements") and _is_shard(bias.placements[0], 0, 1)
+    bias_sharded = (
+        hasattr(bias, "placements")
+        and bias.dim() == 1
+        and bias.device_mesh == mesh
+        and len(bias.placements) == 1
+        and _is_shard(bias.placements[0], 0, 1)
+    )
     if (
         _is_replicate(given[0])
         and _is_shard(held[0], 0, 2)
@@ -129,13 +137,8 @@ def _kind(chain: _Chain, real: dict) -> str | None:
         and (chain.bias is None or bias_sharded)
     ):
         return "colwise"
-    if (
-        _is_shard(given[0], -1, x_ndim)
-        and _is_shard(held[0], 1, 2)
-        and _is_replicate(wanted[0])
-        and chain.bias is None
-    ):
-        return "rowwise"
+    if _is_shard(given[0], -1, x_ndim) and _is_shard(held[0], 1, 2) and _is_replicate(wanted[0]):
+        return "rowwise" if chain.bias is None else "rowwise+bias"
     return None
 
 
@@ -151,10 +154,19 @@ def _indexed_by(node: fx.Node, routed: set[fx.Node]) -> bool:
     picks = canonical_op(node) == "getitem" or node.target in (torch.index_select, "index_select")
     if not picks:
         return False
-    return any(i in routed for i in node.all_input_nodes[1:]) or any(
-        isinstance(a, (tuple, list)) and any(isinstance(i, fx.Node) and i in routed for i in a)
-        for a in node.args[1:]
-    )
+    indices = [a for a in node.args[1:] if isinstance(a, fx.Node)] + [
+        i for a in node.args[1:] if isinstance(a, (tuple, list)) for i in a
+    ]
+    return any(isinstance(i, fx.Node) and i in routed and _is_index_tensor(i) for i in indices)
+
+
+def _is_index_tensor(node: fx.Node) -> bool:
+    """Whether node is an integer or bool tensor (rows picked), not a SymInt in a slice."""
+    value = example_value(node)
+    return isinstance(value, torch.Tensor) and value.dtype in _INDEX_DTYPES
+
+
+_INDEX_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def _upstream(node: fx.Node, stop: set[fx.Node]) -> set[fx.Node]:
@@ -180,24 +192,28 @@ def _local(graph: fx.Graph, param: fx.Node, real: dict) -> fx.Node:
     return node
 
 
-def localize_expert_linears(gm: fx.GraphModule, routed: set[fx.Node], real: dict) -> int:
+# why an expert's rowwise linear with a bias is left as the model traced it
+KEPT_BIASED = "a RowwiseParallel linear with a bias (DTensor adds the bias once, to the ranks' sum)"
+
+
+def localize_expert_linears(gm: fx.GraphModule, routed: set[fx.Node], real: dict) -> list[str]:
     """Rewrite the colwise / rowwise chains of expert computations (module docstring) that
     read rows indexed by `routed` nodes (the forward slice of the routing ids) into local
     products and marked all_reduces; `real` maps placeholders to the values the graph was
     compiled for (DTensor parameters, the DeviceMesh) and gains the new shards. Returns
-    the number of chains rewritten."""
+    why expert chains were left as traced (KEPT_BIASED), one entry per such chain."""
     chains = [c for n in gm.graph.nodes if (c := _chain(n)) is not None]
     kinds = {c: _kind(c, real) for c in chains}
     colwise = {c.to_local for c in chains if kinds[c] == "colwise" and _indexed_by(c.x, routed)}
-    rowwise = []
+    rowwise, kept = [], []
     stops = {c.to_local for c in chains} | {c.from_local for c in chains}
     for c in chains:
-        if kinds[c] != "rowwise":
+        if kinds[c] not in ("rowwise", "rowwise+bias"):
             continue
         above = _upstream(c.x, stops) | {c.x}
         feeding = {n for n in above if n in stops and _method(n, "to_local")}
         if feeding and feeding <= colwise:  # an expert's down projection of its own products
-            rowwise.append(c)
+            (rowwise if kinds[c] == "rowwise" else kept).append(c)
     chosen = [c for c in chains if c.to_local in colwise] + rowwise
     graph = gm.graph
     for c in chosen:
@@ -205,7 +221,9 @@ def localize_expert_linears(gm: fx.GraphModule, routed: set[fx.Node], real: dict
         with graph.inserting_before(c.to_local):
             weight = _local(graph, c.weight, real)
             bias = None if c.bias is None else _local(graph, c.bias, real)
-            local = graph.call_function(torch._C._nn.linear, (c.x, weight, bias))
+            # the chain's input as it is now: a colwise to_local rewritten above is gone
+            x = c.from_local.args[0]
+            local = graph.call_function(torch._C._nn.linear, (x, weight, bias))
             result = local
             if c in rowwise:
                 group = real[c.weight].device_mesh.get_group().group_name
@@ -223,4 +241,4 @@ def localize_expert_linears(gm: fx.GraphModule, routed: set[fx.Node], real: dict
         c.to_local.replace_all_uses_with(result)
         for node in (c.to_local, c.redistribute, c.linear, c.from_local):
             graph.erase_node(node)
-    return len(chosen)
+    return [KEPT_BIASED] * len(kept)

@@ -11,6 +11,11 @@ torch.distributed.tensor.parallel.parallelize_module with a plan on each expert'
 - examples BiasedModuleListMoE (GELU MLPs with nn.Linear biases), experts.N.0 colwise and
   experts.N.2 rowwise: a rowwise linear with a bias is not rewritten (its bias would be
   added on every rank), so the experts stay the model's and the report says why.
+  Its colwise linears are still written as local products (no redistribute left for them).
+- LinearModuleListMoE below (each expert two nn.Linear, the second reading the first's
+  output directly), experts.N.0 colwise and experts.N.1 rowwise, exact policy only: both
+  linears become local products and marked all_reduces, and with no activation for
+  lynx::experts the dispatch stays those (exact equals eager through the rewritten linears).
 Checked per rank: exact equals the single-process eager layer; the router is rewritten;
 the fused graph holds one all_reduce where the model's held one per expert; under the
 default policy the ranks route identically and equal single-process lynx.
@@ -39,8 +44,22 @@ from tests.helpers import (
 )
 
 FUSED, BIASED = "ModuleListMoE+parallelize_module", "BiasedModuleListMoE+parallelize_module"
+LINEAR = "LinearModuleListMoE+parallelize_module"
 LAYOUTS = (FUSED, BIASED)
 NUM_EXPERTS = 8
+
+
+def _linear_experts(dim: int = 32, hidden: int = 48, num_experts: int = NUM_EXPERTS):
+    """BiasedModuleListMoE with experts w2(w1(x)): two bias-free nn.Linear, nothing between."""
+    from lynx_compile.examples.moe_modules import BiasedModuleListMoE
+    from torch import nn
+
+    layer = BiasedModuleListMoE(dim, hidden, num_experts)
+    layer.experts = nn.ModuleList(
+        nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.Linear(hidden, dim, bias=False))
+        for _ in range(num_experts)
+    )
+    return layer.eval()
 
 
 def _plan(layout: str) -> dict:
@@ -51,22 +70,64 @@ def _plan(layout: str) -> dict:
         if layout == FUSED:
             plan |= {f"experts.{e}.w1": ColwiseParallel(), f"experts.{e}.w3": ColwiseParallel()}
             plan[f"experts.{e}.w2"] = RowwiseParallel()
+        elif layout == LINEAR:
+            plan |= {f"experts.{e}.0": ColwiseParallel(), f"experts.{e}.1": RowwiseParallel()}
         else:
             plan |= {f"experts.{e}.0": ColwiseParallel(), f"experts.{e}.2": RowwiseParallel()}
     return plan
 
 
-def _all_reduces(graphs: list) -> list[int]:
-    """The functional all_reduces in each graph lynx handed to Inductor."""
+def _collectives(gm) -> tuple[int, int]:
+    """(functional all_reduces, DTensor redistribute calls) in a graph lynx hands Inductor."""
     reduce = torch.ops._c10d_functional.all_reduce.default
-    return [sum(n.target is reduce for n in gm.graph.nodes) for gm in graphs]
+    nodes = gm.graph.nodes
+    return (
+        sum(n.target is reduce for n in nodes),
+        sum(n.op == "call_method" and n.target == "redistribute" for n in nodes),
+    )
+
+
+def _recording_inductor(counts: list):
+    """Inductor's compile_fx, appending _collectives(gm) of each graph it is handed."""
+    from torch._inductor import compile_fx
+
+    inductor = compile_fx.compile_fx
+
+    def record(gm, *args, **kwargs):
+        counts.append(_collectives(gm))
+        return inductor(gm, *args, **kwargs)
+
+    return mock.patch("torch._inductor.compile_fx.compile_fx", record)
+
+
+def _run_linear_layout(mesh, rank: int, results) -> None:
+    """LINEAR under the exact policy: outputs against the single-process eager layer."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    import lynx_compile
+
+    torch.manual_seed(0)
+    whole = _linear_experts()
+    layer = _linear_experts()
+    layer.load_state_dict(whole.state_dict())
+    parallelize_module(layer, mesh, _plan(LINEAR))
+    torch._dynamo.reset()
+    lynx_compile.clear_report()
+    counts: list = []
+    exact = torch.compile(layer, backend="lynx", options={"policy": "exact"})
+    outputs = {}
+    with _recording_inductor(counts), torch.no_grad():
+        for n in DECODE_TOKENS:
+            x = torch.randn(n, 1, 32, generator=torch.Generator().manual_seed(n))
+            outputs[n] = (exact(x), whole(x))
+    sites = lynx_compile.report()["sites"]
+    results[(LINEAR, rank)] = dict(outputs=outputs, sites=sites, counts=counts)
 
 
 def _rank_main(rank: int, port: int, results) -> None:
     join_gloo(rank, port, GLOO_WORLD)
     try:
         from lynx_compile.examples import moe_modules
-        from torch._inductor import compile_fx
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.parallel import parallelize_module
 
@@ -83,17 +144,13 @@ def _rank_main(rank: int, port: int, results) -> None:
             parallelize_module(layer, mesh, _plan(layout))
             torch._dynamo.reset()
             lynx_compile.clear_report()
-            graphs, inductor = [], compile_fx.compile_fx
-
-            def record(gm, *args, _inductor=inductor, _graphs=graphs, **kwargs):
-                _graphs.append(gm)
-                return _inductor(gm, *args, **kwargs)
-
-            with mock.patch("torch._inductor.compile_fx.compile_fx", record):
+            counts: list = []
+            with _recording_inductor(counts):
                 # torch.compile's default shapes (not dynamic=True) for the DTensor layer
                 out, ids = run_policies(layer, whole, ids_seen, dynamic=None)
             store_rank_result(results, layout, rank, out, ids)
-            results[(layout, rank)] = {**results[(layout, rank)], "reduces": _all_reduces(graphs)}
+            results[(layout, rank)] = {**results[(layout, rank)], "counts": counts}
+        _run_linear_layout(mesh, rank, results)
     finally:
         dist.destroy_process_group()
 
@@ -131,18 +188,39 @@ def test_each_rank_fuses_its_shards_and_sums_the_ranks_once(ranks):
         )
         assert all(summed in s["reason"] for s in parallel), parallel
         # one all_reduce in each graph of the parallel layer (Inductor may be handed a graph
-        # more than once), none in the single layer's
-        reduces = ranks[(FUSED, rank)]["reduces"]
-        assert set(reduces) == {0, 1} and reduces.count(1) >= len(parallel), reduces
+        # more than once), none in the single layer's, and no DTensor redistribute left
+        counts = ranks[(FUSED, rank)]["counts"]
+        reduces = [r for r, _ in counts]
+        assert set(reduces) == {0, 1} and reduces.count(1) >= len(parallel), counts
+        assert not any(red for _, red in counts), counts
 
 
 def test_a_rowwise_linear_with_a_bias_stays_the_models(ranks):
     for rank in range(GLOO_WORLD):
         parallel = _parallel_dispatch(ranks, BIASED, rank)
         assert all(s["status"] == "skipped" for s in parallel), (rank, parallel)
-        assert all("torch.distributed calls run between" in s["reason"] for s in parallel)
-        # the model's per-expert sums, as DTensor runs them: no graph lynx rewrote holds one
-        assert not any(ranks[(BIASED, rank)]["reduces"])
+        why = f"{NUM_EXPERTS} x a RowwiseParallel linear with a bias"
+        assert all(why in s["reason"] for s in parallel), parallel
+        # the model's per-expert sums, as DTensor runs them: no functional all_reduce in any
+        # graph; the colwise linears' redistributes are gone, the rowwise ones' stay
+        counts = ranks[(BIASED, rank)]["counts"]
+        assert not any(r for r, _ in counts), counts
+        assert {red for _, red in counts} == {0, NUM_EXPERTS}, counts
+
+
+def test_a_down_projection_reading_the_up_projection_directly_is_localized(ranks):
+    """w2(w1(x)) with nothing between: both chains become local products (exact equals
+    eager through them), each expert's sum a functional all_reduce; no lynx::experts form
+    (no activation), so the dispatch is reported skipped with that reason."""
+    for rank in range(GLOO_WORLD):
+        result = ranks[(LINEAR, rank)]
+        for n, (exact, eager) in result["outputs"].items():
+            torch.testing.assert_close(exact, eager, **SHARDED_FP32_TOL, msg=f"{rank}, {n}")
+        routers = [s for s in result["sites"] if s["kind"] == "router"]
+        dispatch = [s for s in result["sites"] if s["kind"] == "dispatch"]
+        assert routers and all(s["status"] == "rewritten" for s in routers), routers
+        assert dispatch and all(s["status"] == "skipped" for s in dispatch), dispatch
+        assert result["counts"] and set(result["counts"]) == {(NUM_EXPERTS, 0)}, result
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -572,15 +572,16 @@ def test_gathered_routing_needs_both_gathered_over_one_group_and_read_only_gathe
     ])  # fmt: skip
 
 
-@pytest.mark.parametrize("after", ["scale", "tanh", "bias"])
+@pytest.mark.parametrize("after", ["scale", "tanh", "bias", "relu"])
 def test_a_dispatchs_partial_sums_are_checked_as_sums_over_the_ranks(after):
     """The numerical check's stand-in for the marked all_reduces of per-expert
     tensor-parallel linears (passes/parallel_linears.py): the sum over `ranks` ranks that
     hold the same partial product, computed on this process alone (no process group here:
     running the collective would fail). Only where the region is linear in the sums does
-    doubling them double its output, which is what tells the one fused sum apart from a
-    region that is not."""
-    from lynx_compile.passes.dispatch import _extract
+    every factor dispatch checks (sum_factors) scale its output by that factor, which is
+    what tells the one fused sum apart from a region that is not; relu scales with the
+    group's size, so a factor alone would pass it."""
+    from lynx_compile.passes.dispatch import _extract, sum_factors
     from lynx_compile.passes.parallel_linears import PARTIAL_SUM
 
     graph = torch.fx.Graph()
@@ -589,7 +590,12 @@ def test_a_dispatchs_partial_sums_are_checked_as_sums_over_the_ranks(after):
     reduced = graph.call_function(c10d.all_reduce.default, (x, "sum", "0"))
     waited = graph.call_function(c10d.wait_tensor.default, (reduced,))
     reduced.meta[PARTIAL_SUM] = waited.meta[PARTIAL_SUM] = "0"
-    then = {"scale": (torch.mul, 3.0), "tanh": (torch.tanh,), "bias": (torch.add, 1.0)}[after]
+    then = {
+        "scale": (torch.mul, 3.0),
+        "tanh": (torch.tanh,),
+        "bias": (torch.add, 1.0),
+        "relu": (torch.relu,),
+    }[after]
     out = graph.call_function(then[0], (waited, *then[1:]))
     graph.output(out)
     gm = torch.fx.GraphModule(torch.nn.Module(), graph)
@@ -598,4 +604,8 @@ def test_a_dispatchs_partial_sums_are_checked_as_sums_over_the_ranks(after):
     once, twice = (_extract(gm, region, [x], out, ranks=r)(p) for r in (1, 2))
     torch.testing.assert_close(once, then[0](p, *then[1:]), rtol=0, atol=0)
     torch.testing.assert_close(twice, then[0](2 * p, *then[1:]), rtol=0, atol=0)
-    assert torch.equal(twice, 2 * once) == (after == "scale")
+    assert torch.equal(twice, 2 * once) == (after in ("scale", "relu"))
+    scaled = [
+        torch.allclose(_extract(gm, region, [x], out, ranks=c)(p), c * once) for c in sum_factors(2)
+    ]
+    assert all(scaled) == (after == "scale"), scaled
