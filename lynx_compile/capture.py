@@ -23,24 +23,6 @@ and a graph in which the passes did not replace every assumed region is refused
 (`check_nonempty_assumptions`); Dynamo then traces the frame again without the assumption,
 so it graph-breaks there and runs the model's code as written.
 
-A loop over the experts a batch hits (`for e in (counts > 0).nonzero():`, transformers
-4.x's Mixtral / Qwen MoE blocks, DBRX's and LongCat's experts) iterates a tensor of
-data-dependent length, which no tracer can unroll. Inside lynx's first trace of a frame it
-is unrolled over every candidate expert instead, each row the constant `tensor([e])` the
-nonzero would give (`_install_hit_loops`): an expert the batch does not hit then runs the
-body on no tokens, the same no-op the empty-expert `continue` assumes, and checked the
-same way (the fused op runs only the experts the ids name, so matching it on routings that
-leave experts empty shows the extra iterations add nothing there; a graph in which code
-the unrolled loop traced is still computed after the passes, other than reads of the
-parameters, is refused, `check_hit_rows`: a counter of the hit experts would count them
-all). Only a `for` over the hit tensor (or enumerate / zip of it) is unrolled, where lynx
-sees the loop end. A body that indexes a smaller tensor than the candidates (DBRX's
-one_hot counts a class past its experts) fails to trace at the first row past it; the
-frame is traced again over the rows before it, which are all the eager loop can reach
-without failing itself. The span check of the empty-expert `continue` counts only code
-traced in the function holding the branch, so that in a whole model the next decoder
-layer's attention, traced between two layers' loops, is not taken for loop code.
-
 transformers' "eager" experts implementation loops over the experts a batch hits, a
 tensor of data-dependent length that no tracer can unroll. Inside lynx-compiled calls it
 runs as transformers' own "grouped_mm" implementation of the same experts (the same
@@ -59,7 +41,6 @@ the experts table). The capture settings are applied where Dynamo converts a fra
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import weakref
 from collections.abc import Callable
@@ -78,24 +59,7 @@ _assume_nonempty = False  # while a frame is traced the first time inside a lynx
 _assumptions_made = 0  # branches traced as non-empty, ever (a retry tells by the change)
 # ShapeEnv -> the unbacked size symbols a branch was traced as >= 1 for (one per trace)
 _nonempty_symbols: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# ShapeEnv -> (file, first line, last line) of each function holding a branch traced as
-# non-empty
-_nonempty_codes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _CONTINUE_OPS = ("JUMP_BACKWARD", "JUMP_BACKWARD_NO_INTERRUPT", "JUMP_ABSOLUTE")
-
-
-# meta keys of the constant rows an unrolled hit loop iterates, and of every node the
-# unrolled loop traced (_install_hit_loops)
-HIT_ROW, HIT_BODY = "lynx_hit_row", "lynx_hit_body"
-_hit_rows_made = 0  # hit loops unrolled, ever (a failed trace tells by the change)
-# code object -> rows to unroll its hit loop over: set where a trace over every candidate
-# failed indexing past a tensor's end (module docstring)
-_hit_limits: dict = {}
-_tracing_code = None  # the code object of the frame being converted, for _hit_limits
-# first rows of the hit loops unrolled in the trace under way whose iterator has not run out
-_open_loops: list[fx.Node] = []
-_HIT_RETRIES = 2  # traces of a frame with a lower hit-loop limit, before tracing it as written
-_OUT_OF_BOUNDS = re.compile(r"index (\d+) is out of bounds for dimension 0 with size \d+")
 
 
 class NonemptyAssumptionUnfused(RuntimeError):
@@ -220,11 +184,6 @@ def _install_nonempty_branches() -> bool:
                 raise
             node = self.sym_num.node
             _nonempty_symbols.setdefault(node.shape_env, set()).update(node.expr.free_symbols)
-            code = where[0].f_code  # the function holding the loop, for the span check
-            lines = [line for *_, line in code.co_lines() if line is not None]
-            last = max(lines, default=code.co_firstlineno)
-            codes = _nonempty_codes.setdefault(node.shape_env, set())
-            codes.add((code.co_filename, code.co_firstlineno, last))
             _assumptions_made += 1
             log.debug("lynx: traced %s as %s (the experts assumed non-empty)", node.expr, value)
             return value
@@ -233,202 +192,15 @@ def _install_nonempty_branches() -> bool:
     return True
 
 
-def _hit_candidates(node: fx.Node) -> int | None:
-    """The candidates a hit loop's tensor holds rows for: E where node is `nonzero()` (as
-    rows) of a 1-D tensor of static size E (per-expert counts compared with 0)."""
-    nonzero = node.target in ("nonzero", torch.nonzero, "argwhere", torch.argwhere)
-    if not nonzero or node.kwargs.get("as_tuple") or len(node.args) != 1:
-        return None
-    source = node.args[0]
-    value = source.meta.get("example_value") if isinstance(source, fx.Node) else None
-    if not isinstance(value, torch.Tensor) or value.dim() != 1:
-        return None
-    return value.shape[0] if isinstance(value.shape[0], int) else None
-
-
-def _install_hit_loops() -> bool:
-    """A loop over a hit tensor (a nonzero of a per-expert count, its length data-dependent)
-    is unrolled over every candidate inside lynx's first trace of a frame (docstring); every
-    node the unrolled loop traced is marked HIT_BODY when its iterator runs out."""
-    try:
-        from torch._dynamo.variables.builder import wrap_fx_proxy_cls
-        from torch._dynamo.variables.lists import ListIteratorVariable
-        from torch._dynamo.variables.tensor import TensorVariable
-    except ImportError:
-        return False
-    # the iterator's next-item method: tp_iternext_impl (torch 2.12+), next_variable before
-    step = next(
-        (n for n in ("tp_iternext_impl", "next_variable") if hasattr(ListIteratorVariable, n)),
-        None,
-    )
-    if step is None:
-        return False
-    original_unpack = TensorVariable.unpack_var_sequence
-    original_step = getattr(ListIteratorVariable, step)
-
-    def unpack_var_sequence(self, tx, idxes=None):
-        global _hit_rows_made
-        node = getattr(getattr(self, "proxy", None), "node", None)
-        count = _hit_candidates(node) if _assume_nonempty and node is not None else None
-        # only a `for` over the tensor itself (GET_ITER), whose iterator marks the loop's
-        # end (next_item): not list(hit), enumerate(hit) or unpacking into names
-        if count is None or idxes is not None or not _iterating_directly():
-            return original_unpack(self, tx, idxes)
-        value = node.meta.get("example_value")
-        if isinstance(getattr(value, "shape", (0,))[0], int):  # a static length: unroll it
-            return original_unpack(self, tx, idxes)
-        rows = min(count, _hit_limits.get(_tracing_code, count))
-        _hit_rows_made += 1
-        log.debug("lynx: hit loop unrolled over %d of %d candidate experts", rows, count)
-        items = []
-        for e in range(rows):
-            row = tx.output.create_proxy(
-                "call_function",
-                torch.tensor,
-                ([e],),
-                {"dtype": value.dtype, "device": value.device},
-            )
-            row.node.meta[HIT_ROW] = e
-            items.append(wrap_fx_proxy_cls(target_cls=type(self), tx=tx, proxy=row))
-        if items:
-            _open_loops.append(items[0].proxy.node)
-        return items
-
-    def next_item(self, tx, *args, **kwargs):
-        items = getattr(self, "items", None)
-        first = _row_of(items[0]) if items else None
-        if first in _open_loops and self.index >= len(items):
-            _open_loops.remove(first)
-            node = first  # the loop is over: mark what it traced, rows and body
-            while node.op != "root":
-                node.meta[HIT_BODY] = True
-                node = node.next
-        return original_step(self, tx, *args, **kwargs)
-
-    TensorVariable.unpack_var_sequence = unpack_var_sequence
-    setattr(ListIteratorVariable, step, next_item)
-    return True
-
-
-def _row_of(item) -> fx.Node | None:
-    """The hit row an iterator's item is, or holds (enumerate's and zip's tuples)."""
-    from torch._dynamo.variables.lists import BaseListVariable
-
-    inner = item.items if isinstance(item, BaseListVariable) else ()
-    for variable in (item, *inner):
-        node = getattr(getattr(variable, "proxy", None), "node", None)
-        if isinstance(node, fx.Node) and HIT_ROW in node.meta:
-            return node
-    return None
-
-
-def _iterating_directly() -> bool:
-    """Whether Dynamo is tracing a GET_ITER (`for row in tensor:`) up the stack."""
-    from torch._dynamo.symbolic_convert import InstructionTranslatorBase
-
-    frame = sys._getframe(2)
-    for _ in range(12):
-        if frame is None:
-            return False
-        tx, inst = frame.f_locals.get("self"), frame.f_locals.get("inst")
-        if isinstance(tx, InstructionTranslatorBase) and inst is not None:
-            return getattr(inst, "opname", "") == "GET_ITER"
-        frame = frame.f_back
-    return False
-
-
-def _reads_parameters_only(node: fx.Node) -> bool:
-    """A view, slice or select of the model's parameters (a region input read in place)."""
-    return node.op in ("call_function", "call_method") and all(
-        i.op in ("placeholder", "get_attr") for i in node.all_input_nodes
-    )
-
-
-def _live(gm: fx.GraphModule) -> set[fx.Node]:
-    """The nodes the graph's output or a side effect (an impure node) depends on."""
-    roots = [n for n in gm.graph.nodes if n.op == "output" or n.is_impure()]
-    live: set[fx.Node] = set()
-    while roots:
-        node = roots.pop()
-        if node not in live:
-            live.add(node)
-            roots.extend(node.all_input_nodes)
-    return live
-
-
-def check_hit_rows(gm: fx.GraphModule) -> None:
-    """Raise NonemptyAssumptionUnfused where code an unrolled hit loop traced (HIT_BODY) is
-    still computed after the passes, other than its reads of parameters: its iterations
-    over experts the batch does not hit would run it (a counter of the hit experts would
-    count them all), where only the fused op is checked to add nothing for them."""
-    if _open_loops:  # unrolled where its end is not seen (the rows copied into a list)
-        raise NonemptyAssumptionUnfused(
-            "a loop over the experts a batch hits was unrolled where lynx cannot see its "
-            "end; tracing it again as written"
-        )
-    live = _live(gm)
-    left = [
-        n.name
-        for n in gm.graph.nodes
-        if n in live
-        and n.meta.get(HIT_BODY)
-        and n.op not in ("placeholder", "get_attr", "output")
-        and not _reads_parameters_only(n)
-    ]
-    if left:
-        raise NonemptyAssumptionUnfused(
-            "the loop over the experts a batch hits was unrolled over every expert, and the "
-            f"lynx passes did not fuse all of it (left: {left[:4]}); tracing it again as "
-            "written"
-        )
-
-
-def _hit_limit(error: BaseException, code, made: int) -> bool:
-    """Where a trace that unrolled a hit loop failed indexing past a tensor's end at row i,
-    unroll that frame's hit loop over rows [0, i) next time; whether a new limit was set."""
-    if _hit_rows_made == made:
-        return False
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        found = _OUT_OF_BOUNDS.search(str(error)) if isinstance(error, IndexError) else None
-        if found is not None:
-            row = int(found.group(1))
-            if not 0 < row < _hit_limits.get(code, row + 1):
-                return False
-            _hit_limits[code] = row
-            return True
-        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
-    return False
-
-
 def _value(node: fx.Node):
     """A node's traced value of any kind (Dynamo's graphs keep it as "example_value"):
     tuples and SymInts too, where passes.fx_utils.example_value returns tensors only."""
     return node.meta.get("val", node.meta.get("example_value"))
 
 
-_TRACE_LINE = re.compile(r'File "(.+)", line (\d+), in ')
-
-
-def _traced_in(node: fx.Node, codes: set) -> bool:
-    """Whether node was traced inside one of the codes, (file, first line, last line) of a
-    function: a frame of its stack trace lies there (no stack trace: taken as inside)."""
-    trace = node.meta.get("stack_trace")
-    if not isinstance(trace, str):
-        return True
-    frames = [(m.group(1), int(m.group(2))) for m in _TRACE_LINE.finditer(trace)]
-    return any(
-        file == where and first <= line <= last
-        for where, line in frames
-        for file, first, last in codes
-    )
-
-
-def nonempty_snapshot(gm: fx.GraphModule) -> list[tuple[str, str, frozenset, bool]] | None:
-    """Before the passes: each node's (name, op, assumed symbols its value holds, whether
-    it was traced in a function holding an assumed branch) in graph order, if this graph
-    was traced with empty-expert branches assumed non-empty."""
+def nonempty_snapshot(gm: fx.GraphModule) -> list[tuple[str, str, frozenset]] | None:
+    """Before the passes: each node's (name, op, assumed symbols its value holds) in graph
+    order, if this graph was traced with empty-expert branches assumed non-empty."""
     from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
     context = torch._guards.TracingContext.try_get()
@@ -436,14 +208,8 @@ def nonempty_snapshot(gm: fx.GraphModule) -> list[tuple[str, str, frozenset, boo
     assumed = _nonempty_symbols.get(shape_env) if shape_env is not None else None
     if not assumed:
         return None
-    codes = _nonempty_codes.get(shape_env, set())
     return [
-        (
-            n.name,
-            n.op,
-            frozenset(free_unbacked_symbols(_value(n))) & assumed,
-            _traced_in(n, codes),
-        )
+        (n.name, n.op, frozenset(free_unbacked_symbols(_value(n))) & assumed)
         for n in gm.graph.nodes
     ]
 
@@ -451,21 +217,17 @@ def nonempty_snapshot(gm: fx.GraphModule) -> list[tuple[str, str, frozenset, boo
 def check_nonempty_assumptions(gm: fx.GraphModule, before: list) -> None:
     """Raise NonemptyAssumptionUnfused unless the passes replaced every assumed-non-empty
     region: from the first node holding an assumed size to the last node they removed,
-    nothing traced in the functions holding the assumed branches may be left but
-    placeholders and parameters (code of other functions in between, such as the next
-    decoder layer's attention in a whole model, is not the loop's), and no node anywhere
-    may hold such a size."""
+    nothing but placeholders and parameters may be left, and no node holding such a size."""
     from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
-    assumed = frozenset().union(*(symbols for _, _, symbols, _ in before))
-    left = {n.name: n for n in _live(gm)}  # dead code (an unrolled loop's unread rows) aside
-    start = next((i for i, (_, _, symbols, _) in enumerate(before) if symbols), None)
-    present = {n.name for n in gm.graph.nodes}
-    removed = [i for i, (name, _, _, _) in enumerate(before) if name not in present]
+    assumed = frozenset().union(*(symbols for _, _, symbols in before))
+    left = {n.name: n for n in gm.graph.nodes}
+    start = next((i for i, (_, _, symbols) in enumerate(before) if symbols), None)
+    removed = [i for i, (name, _, _) in enumerate(before) if name not in left]
     kept = [
         name
-        for name, op, _, inside in before[start : (removed[-1] + 1 if removed else start)]
-        if name in left and inside and op not in ("placeholder", "get_attr", "output")
+        for name, op, _ in before[start : (removed[-1] + 1 if removed else start)]
+        if name in left and op not in ("placeholder", "get_attr", "output")
     ]
     holding = [n.name for n in gm.graph.nodes if set(free_unbacked_symbols(_value(n))) & assumed]
     if start is not None and (kept or holding):
@@ -491,33 +253,26 @@ def _install_convert() -> bool:
         config = torch._dynamo.config
         if not _active or all(getattr(config, key) for key in _CAPTURE):
             return original_call(self, frame, cache_entry, hooks, frame_state, *args, **kwargs)
-        global _assume_nonempty, _tracing_code
+        global _assume_nonempty
+        made = _assumptions_made
         try:
             with config.patch(**_CAPTURE):
-                for _ in range(_HIT_RETRIES + 1):
-                    made, rows_made = _assumptions_made, _hit_rows_made
-                    _open_loops.clear()
-                    try:
-                        _assume_nonempty, _tracing_code = True, frame.f_code
-                        return original_call(
-                            self, frame, cache_entry, hooks, frame_state, *args, **kwargs
-                        )
-                    except Exception as error:  # noqa: BLE001 (retried; its own error if any)
-                        if _assumptions_made == made and _hit_rows_made == rows_made:
-                            raise
-                        if _hit_limit(error, frame.f_code, rows_made):
-                            _log_retry(frame, error, "with its hit loop over every candidate")
-                            continue
-                        _log_retry(frame, error, "with its empty experts assumed non-empty")
-                        break
+                try:
+                    _assume_nonempty = True
+                    return original_call(
+                        self, frame, cache_entry, hooks, frame_state, *args, **kwargs
+                    )
+                except Exception as error:  # noqa: BLE001 (retried; its own error if any)
+                    if _assumptions_made == made:
+                        raise
+                    _log_retry(frame, error, "with its empty experts assumed non-empty")
                 _assume_nonempty = False
                 return original_call(self, frame, cache_entry, hooks, frame_state, *args, **kwargs)
         except Exception as error:  # noqa: BLE001 (retried as stock; its own error if any)
             _log_retry(frame, error, "with dynamic-shape capture")
             return original_call(self, frame, cache_entry, hooks, frame_state, *args, **kwargs)
         finally:
-            _assume_nonempty, _tracing_code = False, None
-            _open_loops.clear()
+            _assume_nonempty = False
 
     ConvertFrame.__call__ = __call__
     return True
@@ -564,8 +319,6 @@ def install(lynx_backend: Callable) -> bool:
     WrapBackendDebug.__init__ = __init__
     if not _install_nonempty_branches():
         log.warning("lynx: this torch has no SymNodeVariable; empty-expert skips graph-break")
-    if not _install_hit_loops():
-        log.warning("lynx: this torch has no TensorVariable; loops over hit experts graph-break")
     if not _install_convert():
         log.warning("lynx: this torch has no ConvertFrame; expert loops are not captured")
         WrapBackendDebug.__init__ = original_init

@@ -1,9 +1,8 @@
 """Hand-written MoE styles under backend="lynx": expert loops with data-dependent indexing.
 
 Each style in examples/moe_modules.py (where-loop with and without an empty-expert
-`continue`, a loop over the experts a batch hits, boolean-mask loop, argsort + split +
-index_add, dense einsum, [B, T, E] router, nn.ModuleList experts with and without biases,
-looped over all experts or only those hit)
+`continue`, boolean-mask loop, argsort + split + index_add, dense einsum, [B, T, E] router,
+nn.ModuleList experts with and without biases)
 must have its router and its dispatch rewritten, compute what eager computes under policy
 "exact" (fp32 and bf16, 1 / 3 / 13 / 33 tokens), and touch fewer experts under the default
 policy at batch 16. Loop capture is scoped to lynx-compiled calls: Dynamo's global config
@@ -18,7 +17,6 @@ import logging
 import pytest
 import torch
 import torch._dynamo
-import torch.nn.functional as F
 from lynx_compile.examples import moe_modules
 
 import lynx_compile
@@ -27,13 +25,11 @@ from tests.helpers import sites_of
 STYLES = (
     "LoopMoE",
     "WhereLoopMoE",
-    "HitLoopMoE",
     "MaskLoopMoE",
     "SortedMoE",
     "DenseMoE",
     "BatchedRouterMoE",
     "ModuleListMoE",
-    "HitModuleListMoE",
     "BiasedModuleListMoE",
 )
 TOKENS = (1, 3, 13, 33)
@@ -167,37 +163,6 @@ class _SkipThenNormalise(moe_modules.LoopMoE):
         return out.reshape(x.shape)
 
 
-class _HitLoopThenCount(moe_modules.HitLoopMoE):
-    """Must not match: its loop over the hit experts also counts them (a tensor op the
-    experts op does not compute: unrolled over every expert it would count them all)."""
-
-    def dispatch(self, tokens, weights, ids):
-        out, hits = torch.zeros_like(tokens), torch.zeros((), dtype=tokens.dtype)
-        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
-        for row in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero():
-            e = int(row.item())
-            slot, token_idx = torch.where(mask[e])
-            hits = hits + 1
-            y = self.expert(e, tokens[token_idx]) * weights[token_idx, slot, None]
-            out.index_add_(0, token_idx, y)
-        return out * hits
-
-
-class _HitEnumerateThenCount(moe_modules.HitLoopMoE):
-    """Must not match: _HitLoopThenCount's loop written over enumerate(hit)."""
-
-    def dispatch(self, tokens, weights, ids):
-        out, hits = torch.zeros_like(tokens), torch.zeros((), dtype=tokens.dtype)
-        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
-        for _, row in enumerate(torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()):
-            e = int(row.item())
-            slot, token_idx = torch.where(mask[e])
-            y = self.expert(e, tokens[token_idx]) * weights[token_idx, slot, None]
-            out.index_add_(0, token_idx, y)
-            hits = hits + 1
-        return out * hits
-
-
 class _WorkBeforeSkip(moe_modules.LoopMoE):
     """Must not match: its empty path adds 1 before it continues (not a plain skip)."""
 
@@ -220,8 +185,6 @@ class _WorkBeforeSkip(moe_modules.LoopMoE):
         (_SkipThenCount, False, True),
         (_SkipThenNormalise, False, True),
         (_WorkBeforeSkip, False, False),  # not a plain `continue`: never assumed
-        (_HitLoopThenCount, False, True),
-        (_HitEnumerateThenCount, False, True),
     ],
     ids=lambda v: v.__name__.strip("_") if isinstance(v, type) else str(v),
 )
