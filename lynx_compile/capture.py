@@ -17,7 +17,11 @@ An expert loop that skips its empty experts (`if idx.numel() == 0: continue`, tr
 breaks the graph. Inside lynx-compiled calls the branch is traced as if the expert had
 tokens, where the empty path is a plain `continue` (`_continues_loop` reads the bytecode):
 the rest of the iteration then runs on empty index tensors, which is a no-op when the body
-only gathers, computes and scatters. That is assumed, never trusted: the dispatch pass
+only gathers, computes and scatters. Code past the skip that changes Python state the
+graph cannot hold (a counter carried between iterations, a global or attribute written, a
+container mutated, a break; `_changes_python_state` reads the bytecode) rules the
+assumption out at once: its effect would be folded into the graph where no check on
+tensors sees it. Otherwise the assumption is made, never trusted: the dispatch pass
 checks the fused experts op against the traced loop on routings that leave experts empty,
 and a graph in which the passes did not replace every assumed region is refused
 (`check_nonempty_assumptions`); Dynamo then traces the frame again without the assumption,
@@ -162,6 +166,66 @@ def _continues_loop(tx, inst, value: bool) -> bool:
     return nxt.opname in _CONTINUE_OPS
 
 
+# Past an empty-expert skip, instructions whose effect lies outside the graph: a global,
+# closure cell or attribute written, a name deleted, the frame left, a value yielded
+_STATEFUL_OPS = frozenset(
+    ("STORE_GLOBAL", "STORE_DEREF", "STORE_ATTR", "STORE_NAME", "DELETE_FAST", "DELETE_GLOBAL",
+     "DELETE_DEREF", "DELETE_ATTR", "DELETE_NAME", "RETURN_VALUE", "RETURN_CONST",
+     "YIELD_VALUE", "RAISE_VARARGS")
+)  # fmt: skip
+# methods that change a Python container in place (a list of the experts that ran)
+_MUTATING_METHODS = frozenset(
+    ("append", "extend", "insert", "pop", "popitem", "update", "add", "setdefault", "remove",
+     "discard", "clear")
+)  # fmt: skip
+
+
+def _names(inst) -> tuple:
+    """The local names a LOAD_FAST / STORE_FAST style instruction reads or writes."""
+    value = inst.argval
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _changes_python_state(tx, inst) -> str | None:
+    """Why the loop body past the conditional jump `inst` may change Python state that the
+    graph cannot hold (None: it only computes tensors in the loop). Traced as non-empty, an
+    empty expert's iteration runs that code too: a counter `n += 1` would count every
+    expert, and its value is folded into the graph as a constant. Read from the bytecode of
+    the enclosing loop: from the branch to the loop's last jump back to its head, no write
+    of a name the body read before (a value carried from one iteration to the next), of a
+    global, closure cell or attribute, no container method that mutates, no jump out of the
+    loop (break) and no return."""
+    index, code = tx.indexof, tx.instructions
+    at = index[inst]
+    backs = [
+        i for i in range(at + 1, len(code))
+        if "JUMP_BACKWARD" in code[i].opname or code[i].opname == "JUMP_ABSOLUTE"
+    ]  # fmt: skip
+    heads = [index[code[i].target] for i in backs if index[code[i].target] < at]
+    if not heads:
+        return "no enclosing loop found"
+    head = max(heads)  # the innermost loop holding the branch
+    end = max(i for i in backs if index[code[i].target] == head)
+    read: set = set()
+    for i in range(head + 1, end + 1):
+        op = code[i]
+        name = op.opname
+        if name.startswith("LOAD_FAST") or name == "LOAD_DEREF":
+            read.update(_names(op))
+        if i <= at:
+            continue
+        if name in _STATEFUL_OPS:
+            return f"{name} in the loop body"
+        if name.startswith("STORE_FAST") and read.intersection(_names(op)):
+            return f"the loop carries {sorted(read.intersection(_names(op)))} between iterations"
+        if name in ("LOAD_METHOD", "LOAD_ATTR") and op.argval in _MUTATING_METHODS:
+            return f".{op.argval}() in the loop body"
+        target = getattr(op, "target", None)
+        if target is not None and "JUMP" in name and not head <= index[target] <= end:
+            return "a jump out of the loop (break)"
+    return None
+
+
 def _install_nonempty_branches() -> bool:
     """Dynamo's data-dependent branches on a size being zero are traced as non-empty inside
     lynx's first trace of a frame, where the empty path is a `continue` (module docstring)."""
@@ -181,6 +245,10 @@ def _install_nonempty_branches() -> bool:
             value = _nonempty_value(self.sym_num)
             where = _jump_being_traced() if value is not None else None
             if where is None or not _continues_loop(*where, not value):
+                raise
+            stateful = _changes_python_state(*where)
+            if stateful is not None:  # the skip stays a graph break: lynx cannot check it
+                log.info("lynx: an empty-expert skip is traced as written: %s", stateful)
                 raise
             node = self.sym_num.node
             _nonempty_symbols.setdefault(node.shape_env, set()).update(node.expr.free_symbols)

@@ -147,6 +147,24 @@ class _SkipThenCount(moe_modules.LoopMoE):
         return (out * hits).reshape(x.shape)
 
 
+class _SkipThenPythonCount(moe_modules.LoopMoE):
+    """Must not match: past its skip it counts the experts it ran in a Python int and
+    divides by it. Traced as non-empty the count would be every expert's, folded into the
+    graph as a constant that no check on tensors sees, so the skip is never assumed (the
+    bytecode shows a value carried between iterations)."""
+
+    def forward(self, x):
+        tokens, (weights, selected) = x.reshape(-1, x.shape[-1]), self.router(x)
+        out, ran = torch.zeros_like(tokens), 0
+        for i, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(selected == i)
+            if token_idx.numel() == 0:
+                continue
+            ran += 1
+            out.index_add_(0, token_idx, expert(tokens[token_idx]) * weights[token_idx, slot, None])
+        return (out / ran).reshape(x.shape)
+
+
 class _SkipThenNormalise(moe_modules.LoopMoE):
     """Must not match: past its skip each expert's output is divided by its max, which an
     empty expert has not got."""
@@ -182,7 +200,8 @@ class _WorkBeforeSkip(moe_modules.LoopMoE):
     "style, fused, retried",
     [
         (_RunIfNonEmpty, True, False),
-        (_SkipThenCount, False, True),
+        (_SkipThenCount, False, False),  # carries `hits` between iterations: never assumed
+        (_SkipThenPythonCount, False, False),  # the same with a Python int
         (_SkipThenNormalise, False, True),
         (_WorkBeforeSkip, False, False),  # not a plain `continue`: never assumed
     ],
