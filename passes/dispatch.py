@@ -54,7 +54,11 @@ from lynx_compile.lowering.ops import experts_op
 from lynx_compile.passes import report as report_mod
 from lynx_compile.passes.fx_utils import arg, canonical_op, example_value
 from lynx_compile.passes.group_routing import group_world
-from lynx_compile.passes.parallel_linears import PARTIAL_SUM, localize_expert_linears
+from lynx_compile.passes.parallel_linears import (
+    KEPT_BIASED,
+    PARTIAL_SUM,
+    localize_expert_linears,
+)
 from lynx_compile.passes.router import router_hidden_dim
 
 log = logging.getLogger("lynx_compile")
@@ -1304,7 +1308,7 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
     holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     # per-expert tensor-parallel linears (parallelize_module on each expert's modules) as
     # each rank's local products, their rowwise sums marked for the regions below
-    kept = localize_expert_linears(
+    biased = localize_expert_linears(
         gm, _forward_slice([ids]), dict(zip(holders, example_inputs, strict=True))
     )
     real = _placeholder_values(gm, example_inputs)  # what each input holds, for the checks
@@ -1378,8 +1382,8 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
         calls = ", ".join(f"{count} x {name}" for name, count in sorted(collectives.items()))
         # the plans lynx recognised and left (a rowwise linear with a bias), else a guess
         plan = (
-            f"{len(kept)} x {kept[0]}"
-            if kept
+            f"{biased} x {KEPT_BIASED}"
+            if biased
             else "a tensor-parallel plan on each expert's modules?"
         )
         reasons.append(

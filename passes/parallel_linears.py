@@ -73,12 +73,17 @@ def _is_replicate(placement) -> bool:
 class _Chain:
     """One traced parallel linear: from_local -> linear -> redistribute -> to_local."""
 
+    @property
+    def x(self) -> fx.Node:
+        """The chain's input as the graph holds it now (a colwise chain's to_local that fed
+        it may have been rewritten into its local product)."""
+        return self.from_local.args[0]
+
     def __init__(self, to_local: fx.Node):
         self.to_local = to_local
         self.redistribute = to_local.args[0]
         self.linear = self.redistribute.args[0]
         self.from_local = self.linear.args[0]
-        self.x = self.from_local.args[0]
         self.weight = self.linear.args[1] if len(self.linear.args) > 1 else None
         self.bias = self.linear.args[2] if len(self.linear.args) > 2 else None
         self.bias = self.linear.kwargs.get("bias", self.bias)
@@ -196,12 +201,12 @@ def _local(graph: fx.Graph, param: fx.Node, real: dict) -> fx.Node:
 KEPT_BIASED = "a RowwiseParallel linear with a bias (DTensor adds the bias once, to the ranks' sum)"
 
 
-def localize_expert_linears(gm: fx.GraphModule, routed: set[fx.Node], real: dict) -> list[str]:
+def localize_expert_linears(gm: fx.GraphModule, routed: set[fx.Node], real: dict) -> int:
     """Rewrite the colwise / rowwise chains of expert computations (module docstring) that
     read rows indexed by `routed` nodes (the forward slice of the routing ids) into local
     products and marked all_reduces; `real` maps placeholders to the values the graph was
     compiled for (DTensor parameters, the DeviceMesh) and gains the new shards. Returns
-    why expert chains were left as traced (KEPT_BIASED), one entry per such chain."""
+    the number of expert chains left as traced because of their bias (KEPT_BIASED)."""
     chains = [c for n in gm.graph.nodes if (c := _chain(n)) is not None]
     kinds = {c: _kind(c, real) for c in chains}
     colwise = {c.to_local for c in chains if kinds[c] == "colwise" and _indexed_by(c.x, routed)}
@@ -221,9 +226,7 @@ def localize_expert_linears(gm: fx.GraphModule, routed: set[fx.Node], real: dict
         with graph.inserting_before(c.to_local):
             weight = _local(graph, c.weight, real)
             bias = None if c.bias is None else _local(graph, c.bias, real)
-            # the chain's input as it is now: a colwise to_local rewritten above is gone
-            x = c.from_local.args[0]
-            local = graph.call_function(torch._C._nn.linear, (x, weight, bias))
+            local = graph.call_function(torch._C._nn.linear, (c.x, weight, bias))
             result = local
             if c in rowwise:
                 group = real[c.weight].device_mesh.get_group().group_name
@@ -241,4 +244,4 @@ def localize_expert_linears(gm: fx.GraphModule, routed: set[fx.Node], real: dict
         c.to_local.replace_all_uses_with(result)
         for node in (c.to_local, c.redistribute, c.linear, c.from_local):
             graph.erase_node(node)
-    return [KEPT_BIASED] * len(kept)
+    return len(kept)
