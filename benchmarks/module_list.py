@@ -10,6 +10,9 @@ run as lynx::experts_list on each expert's own tensors. `--loop skip-empty` time
 examples.moe_modules.LoopMoE instead: the loop that skips its empty experts with
 `if idx.numel() == 0: continue` (stock Inductor breaks the graph at every expert's branch
 and runs only the hit ones; lynx traces the branch as not taken and fuses the loop).
+`--loop hit` times examples.moe_modules.HitModuleListMoE: transformers 4.5x's Mixtral block,
+looping over only the experts the batch hits (stock Inductor cannot trace that loop and runs
+it eagerly; lynx unrolls it over every expert and fuses it).
 
 Per row: median ms over interleaved rounds (each backend once per round, order alternating),
 the ratio to Inductor's, the distinct experts the routing touched, the weight bytes those
@@ -25,6 +28,7 @@ one lynx::experts_list call and sums once. Rows are rank 0's; bytes and floors p
 
     python benchmarks/module_list.py --shape mixtral --batch 1 16 --threads 2
     python benchmarks/module_list.py --shape qwen3 --loop skip-empty --batch 1 4 16
+    python benchmarks/module_list.py --shape mixtral --loop hit --batch 1 16
     python benchmarks/module_list.py --shape mixtral --batch 1 16 --ranks 2
 """
 
@@ -37,7 +41,7 @@ import time
 import types
 
 import torch
-from lynx_compile.examples.moe_modules import LoopMoE, ModuleListMoE
+from lynx_compile.examples.moe_modules import HitModuleListMoE, LoopMoE, ModuleListMoE
 
 import lynx_compile
 
@@ -45,7 +49,7 @@ SHAPES = {  # dim, hidden, experts, top_k
     "mixtral": (4096, 14336, 8, 2),
     "qwen3": (2048, 768, 128, 8),
 }
-LOOPS = {"mask": ModuleListMoE, "skip-empty": LoopMoE}
+LOOPS = {"mask": ModuleListMoE, "skip-empty": LoopMoE, "hit": HitModuleListMoE}
 
 
 def build(shape: str, loop: str = "mask") -> ModuleListMoE | LoopMoE:

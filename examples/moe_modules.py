@@ -135,6 +135,25 @@ class ModuleListMoE(nn.Module):
         return out.reshape(b, t, d)
 
 
+class HitModuleListMoE(ModuleListMoE):
+    """ModuleListMoE looping over only the experts the batch hits, each picked from the
+    module list by its hit row (transformers 4.5x's MixtralSparseMoeBlock)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        tokens = x.reshape(b * t, d)
+        weights, selected = self.router(x)
+        out = torch.zeros_like(tokens)
+        mask = F.one_hot(selected, num_classes=len(self.experts)).permute(2, 1, 0)  # [E, k, N]
+        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in hit:
+            expert = self.experts[expert_idx]
+            slot, token = torch.where(mask[expert_idx].squeeze(0))
+            y = expert(tokens[None, token].reshape(-1, d)) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(tokens.dtype))
+        return out.reshape(b, t, d)
+
+
 class BiasedModuleListMoE(nn.Module):
     """An nn.ModuleList of GELU MLP experts with nn.Linear's default biases, looped over with
     `torch.where(ids == e)` and index_add_."""
@@ -229,6 +248,24 @@ class WhereLoopMoE(StackedExperts):
         out = torch.zeros_like(tokens)
         for e in range(self.num_experts):
             token_idx, slot = torch.where(ids == e)  # data-dependent count
+            y = self.expert(e, tokens[token_idx]) * weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y)
+        return out
+
+
+class HitLoopMoE(StackedExperts):
+    """A loop over only the experts the batch hits, picked from a one-hot expert mask
+    (transformers 4.5x's Mixtral / Qwen MoE blocks, DBRX, LongCat): the loop's length is
+    data-dependent, so Dynamo breaks the graph under other backends; lynx unrolls it over
+    every expert (lynx_compile/capture.py)."""
+
+    def dispatch(self, tokens, weights, ids):
+        out = torch.zeros_like(tokens)
+        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)  # [E, k, N]
+        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()  # [experts hit, 1]
+        for row in hit:
+            e = int(row.item())
+            slot, token_idx = torch.where(mask[e])
             y = self.expert(e, tokens[token_idx]) * weights[token_idx, slot, None]
             out.index_add_(0, token_idx, y)
         return out

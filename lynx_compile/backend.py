@@ -43,12 +43,13 @@ def apply_lynx_passes(gm: fx.GraphModule, example_inputs, config: LynxConfig) ->
     before = gm.print_readable(print_output=False) if dump_dir else None
     assumed = capture.nonempty_snapshot(gm)
     run_passes(gm, example_inputs, config, graph_id)
-    if assumed is not None:
-        try:
+    try:
+        if assumed is not None:
             capture.check_nonempty_assumptions(gm, assumed)
-        except capture.NonemptyAssumptionUnfused:
-            report_mod.discard_graph(graph_id)  # the frame is traced again
-            raise
+        capture.check_hit_rows(gm)
+    except capture.NonemptyAssumptionUnfused:
+        report_mod.discard_graph(graph_id)  # the frame is traced again
+        raise
     if config.calibration is not None:  # the file must describe this model's routers
         sites = [s for s in report_mod.report()["sites"] if s.get("graph") == graph_id]
         calibration.check_sites(config.calibration, sites)

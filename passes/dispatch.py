@@ -295,7 +295,7 @@ def _grow_backwards(region: set[fx.Node], protected: set[fx.Node], is_hidden) ->
         for node in {i for n in region for i in n.all_input_nodes} - region:
             if node.op in ("placeholder", "get_attr") or node in protected or is_hidden(node):
                 continue
-            if local_shard(node):  # a DTensor parameter's local tensor: read as it is
+            if local_shard(node) or stacked_view(node):  # parameters read as they are
                 continue
             if _shape_only(node, region):
                 continue
@@ -312,6 +312,42 @@ def local_shard(node: fx.Node) -> bool:
         return False
     source = node.args[0]
     return isinstance(source, fx.Node) and source.op in ("placeholder", "get_attr")
+
+
+def stacked_view(node: fx.Node) -> bool:
+    """A 2-D parameter viewed as 3-D (DBRX's flat [E * I, d] w1 / v1 / w2, viewed as
+    [E, I, d] to pick an expert): the experts read the view, which is the parameter's
+    storage, in place."""
+    if node.op not in ("call_method", "call_function") or node.target == "contiguous":
+        return False
+    source = node.args[0] if node.args else None
+    if canonical_op(node) != "view" or not isinstance(source, fx.Node):
+        return False
+    if source.op not in ("placeholder", "get_attr"):
+        return False
+    before, after = example_value(source), example_value(node)
+    return before is not None and after is not None and before.dim() == 2 and after.dim() == 3
+
+
+def merge_stacked_views(gm: fx.GraphModule) -> int:
+    """Identical stacked views of one parameter (a loop re-viewing it in every iteration)
+    made one node, so that the experts read one 3-D tensor; returns the nodes merged."""
+    first: dict[tuple, fx.Node] = {}
+    merged = 0
+    for node in list(gm.graph.nodes):
+        if not stacked_view(node):
+            continue
+        try:
+            key = (node.op, node.target, node.args, tuple(sorted(node.kwargs.items())))
+            hash(key)
+        except TypeError:  # a shape holding something unhashable: left as traced
+            continue
+        kept = first.setdefault(key, node)
+        if kept is not node:
+            node.replace_all_uses_with(kept)
+            gm.graph.erase_node(node)
+            merged += 1
+    return merged
 
 
 def _external_inputs(region: set[fx.Node], order: dict[fx.Node, int]) -> list[fx.Node]:
@@ -1311,6 +1347,7 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
     biased = localize_expert_linears(
         gm, _forward_slice([ids]), dict(zip(holders, example_inputs, strict=True))
     )
+    merge_stacked_views(gm)
     real = _placeholder_values(gm, example_inputs)  # what each input holds, for the checks
     why = None  # the first candidate's reason, reported when none is taken
     # the first reason for an experts region (reading 3-D weights) of another width than d

@@ -36,7 +36,8 @@ Checks per (family, implementation), on decode inputs [B, 1, d] with B = 3 and 1
 compiled model per policy, dynamic shapes, so both sizes share it):
 policy "exact" equals eager (fp32, rtol 1e-4 / atol 1e-5), the report names the
 pattern, and the dispatch is fused (lynx::experts) on every implementation, "eager"
-included, except the DISPATCH_KEPT families, whose skip reason is checked; the default
+included (DBRX's and LongCat's loops over the experts a batch hits are unrolled over
+every expert under lynx's capture, lynx_compile/capture.py); the default
 policy gives finite outputs and routes every token to k distinct, usable experts (the
 ids the routing op produced, recorded from its reference kernel; the CPU decompositions
 of the ops are checked against the reference in test_cpu_kernels.py).
@@ -86,12 +87,6 @@ REWRITTEN = {
     "aria": ("logits_topk", 4),
     "jetmoe": ("logits_topk", 4),
     "llama4": ("logits_topk", 1),
-}
-# Families whose dispatch stays the model's, and the reason the report gives. Every other
-# family in REWRITTEN has its experts fused into lynx::experts on every implementation.
-DISPATCH_KEPT = {
-    "dbrx": "routing leaves the graph",  # its router module is a graph of its own
-    "longcat_flash": "routing leaves the graph",  # .item() in its expert loop splits it
 }
 NOT_REWRITTEN = ("phimoe", "switch_transformers")
 
@@ -170,11 +165,7 @@ def test_exact_policy_equals_eager_and_the_router_is_rewritten(compiled):
     assert all(s["policy"] == "exact" for s in sites), sites
     dispatches = sites_of(lynx_compile.report(), kind="dispatch")
     assert dispatches, f"{family}: no dispatch site reported"
-    if family in DISPATCH_KEPT:
-        assert all(s["status"] == "skipped" for s in dispatches), dispatches
-        assert all(DISPATCH_KEPT[family] in s["reason"] for s in dispatches), dispatches
-    else:
-        assert all(s["status"] == "rewritten" for s in dispatches), dispatches
+    assert all(s["status"] == "rewritten" for s in dispatches), dispatches
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 """Hand-written MoE styles under backend="lynx": expert loops with data-dependent indexing.
 
 Each style in examples/moe_modules.py (where-loop with and without an empty-expert
-`continue`, boolean-mask loop, argsort + split + index_add, dense einsum, [B, T, E] router,
-nn.ModuleList experts with and without biases)
+`continue`, a loop over the experts a batch hits, boolean-mask loop, argsort + split +
+index_add, dense einsum, [B, T, E] router, nn.ModuleList experts with and without biases,
+looped over all experts or only those hit)
 must have its router and its dispatch rewritten, compute what eager computes under policy
 "exact" (fp32 and bf16, 1 / 3 / 13 / 33 tokens), and touch fewer experts under the default
 policy at batch 16. Loop capture is scoped to lynx-compiled calls: Dynamo's global config
@@ -17,6 +18,7 @@ import logging
 import pytest
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 from lynx_compile.examples import moe_modules
 
 import lynx_compile
@@ -25,11 +27,13 @@ from tests.helpers import sites_of
 STYLES = (
     "LoopMoE",
     "WhereLoopMoE",
+    "HitLoopMoE",
     "MaskLoopMoE",
     "SortedMoE",
     "DenseMoE",
     "BatchedRouterMoE",
     "ModuleListMoE",
+    "HitModuleListMoE",
     "BiasedModuleListMoE",
 )
 TOKENS = (1, 3, 13, 33)
@@ -181,6 +185,222 @@ class _SkipThenNormalise(moe_modules.LoopMoE):
         return out.reshape(x.shape)
 
 
+class _HitLoopThenCount(moe_modules.HitLoopMoE):
+    """Must not match: its loop over the hit experts also counts them (a tensor op the
+    experts op does not compute: unrolled over every expert it would count them all)."""
+
+    def dispatch(self, tokens, weights, ids):
+        out, hits = torch.zeros_like(tokens), torch.zeros((), dtype=tokens.dtype)
+        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
+        for row in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero():
+            e = int(row.item())
+            slot, token_idx = torch.where(mask[e])
+            hits = hits + 1
+            y = self.expert(e, tokens[token_idx]) * weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y)
+        return out * hits
+
+
+class _HitEnumerateThenCount(moe_modules.HitLoopMoE):
+    """Must not match: _HitLoopThenCount's loop written over enumerate(hit)."""
+
+    def dispatch(self, tokens, weights, ids):
+        out, hits = torch.zeros_like(tokens), torch.zeros((), dtype=tokens.dtype)
+        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
+        for _, row in enumerate(torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()):
+            e = int(row.item())
+            slot, token_idx = torch.where(mask[e])
+            y = self.expert(e, tokens[token_idx]) * weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y)
+            hits = hits + 1
+        return out * hits
+
+
+class _HitMoreThanTwo(moe_modules.HitLoopMoE):
+    """Must not match: it loops over the experts with more than 2 tokens, not every expert
+    with one (unrolled over every expert it would run the others too)."""
+
+    def dispatch(self, tokens, weights, ids):
+        out = torch.zeros_like(tokens)
+        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
+        for row in torch.greater(mask.sum(dim=(-1, -2)), 2).nonzero():
+            e = int(row.item())
+            slot, token_idx = torch.where(mask[e])
+            out.index_add_(
+                0, token_idx, self.expert(e, tokens[token_idx]) * weights[token_idx, slot, None]
+            )
+        return out
+
+
+class _HitThenCountInPlace(moe_modules.HitLoopMoE):
+    """Must not match: it counts the hit experts in place (`hits.add_(1)`, whose result
+    nothing reads: live for what it writes)."""
+
+    def dispatch(self, tokens, weights, ids):
+        out, hits = torch.zeros_like(tokens), torch.zeros((), dtype=tokens.dtype)
+        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
+        for row in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero():
+            e = int(row.item())
+            slot, token_idx = torch.where(mask[e])
+            hits.add_(1)
+            out.index_add_(
+                0, token_idx, self.expert(e, tokens[token_idx]) * weights[token_idx, slot, None]
+            )
+        return out * hits
+
+
+class _HitTopOneOnly(moe_modules.HitLoopMoE):
+    """Must not match: it loops over the experts some token ranks first, so an expert
+    chosen only in a lower slot is skipped (its hit tensor counts other ids than the
+    ones its selections read)."""
+
+    def dispatch(self, tokens, weights, ids):
+        out = torch.zeros_like(tokens)
+        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
+        first = F.one_hot(ids[:, :1], num_classes=self.num_experts).permute(2, 1, 0)
+        for row in torch.greater(first.sum(dim=(-1, -2)), 0).nonzero():
+            e = int(row.item())
+            slot, token_idx = torch.where(mask[e])
+            out.index_add_(
+                0, token_idx, self.expert(e, tokens[token_idx]) * weights[token_idx, slot, None]
+            )
+        return out
+
+
+class _HitLoop(moe_modules.HitLoopMoE):
+    """HitLoopMoE's loop, one expert's step as a method, for the must-not-match cases
+    below, which differ only in the Python state their loops keep."""
+
+    def hit(self, ids):
+        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
+        return mask, torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+
+    def step(self, out, tokens, weights, mask, e):
+        slot, token_idx = torch.where(mask[e])
+        out.index_add_(
+            0, token_idx, self.expert(e, tokens[token_idx]) * weights[token_idx, slot, None]
+        )
+
+
+class _HitThenPythonCount(_HitLoop):
+    """Must not match: a Python counter of the hit experts (unrolled: every expert's)."""
+
+    def dispatch(self, tokens, weights, ids):
+        (mask, hit), out, ran = self.hit(ids), torch.zeros_like(tokens), 0
+        for row in hit:
+            self.step(out, tokens, weights, mask, int(row.item()))
+            ran += 1
+        return out / ran
+
+
+class _HitThenLastExpert(_HitLoop):
+    """Must not match: the last hit expert, read after the loop (unrolled: the last one)."""
+
+    def dispatch(self, tokens, weights, ids):
+        (mask, hit), out, last = self.hit(ids), torch.zeros_like(tokens), 0
+        for row in hit:
+            last = int(row.item())
+            self.step(out, tokens, weights, mask, last)
+        return out * (1 + last)
+
+
+class _HitThenList(_HitLoop):
+    """Must not match: a list of the hit experts."""
+
+    def dispatch(self, tokens, weights, ids):
+        (mask, hit), out, seen = self.hit(ids), torch.zeros_like(tokens), []
+        for row in hit:
+            seen.append(int(row.item()))
+            self.step(out, tokens, weights, mask, seen[-1])
+        return out * len(seen)
+
+
+class _HitThenNoteInHelper(_HitLoop):
+    """Must not match: a helper the loop calls appends each hit expert to a list (the
+    loop's own bytecode shows no state; Dynamo's side effects do)."""
+
+    def note(self, seen, e):
+        seen.append(e)
+
+    def dispatch(self, tokens, weights, ids):
+        (mask, hit), out, seen = self.hit(ids), torch.zeros_like(tokens), []
+        for row in hit:
+            self.note(seen, int(row.item()))
+            self.step(out, tokens, weights, mask, seen[-1])
+        return out * len(seen)
+
+
+class _HitThenCountInBuffer(_HitLoop):
+    """Must not match: it counts the hit experts in a registered buffer (an in-place op
+    whose inputs are all the module's own: not a parameter read)."""
+
+    def dispatch(self, tokens, weights, ids):
+        if not hasattr(self, "hits"):
+            self.register_buffer("hits", torch.zeros(()))
+        (mask, hit), out = self.hit(ids), torch.zeros_like(tokens)
+        self.hits.zero_()
+        for row in hit:
+            self.step(out, tokens, weights, mask, int(row.item()))
+            self.hits.add_(1)
+        return out / self.hits
+
+
+class _HitPrunedCount(_HitLoop):
+    """Must not match: it zeroes expert 3's count in place before the loop (a disabled
+    expert), so eager skips expert 3 where a loop over every expert would run it."""
+
+    def dispatch(self, tokens, weights, ids):
+        out = torch.zeros_like(tokens)
+        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
+        counts = mask.sum(dim=(-1, -2))
+        counts[3] = 0
+        for row in torch.greater(counts, 0).nonzero():
+            self.step(out, tokens, weights, mask, int(row.item()))
+        return out
+
+
+class _HitThenBreak(_HitLoop):
+    """Must not match: it stops at the first hit expert past the middle."""
+
+    def dispatch(self, tokens, weights, ids):
+        (mask, hit), out = self.hit(ids), torch.zeros_like(tokens)
+        for row in hit:
+            e = int(row.item())
+            if e > self.num_experts // 2:
+                break
+            self.step(out, tokens, weights, mask, e)
+        return out
+
+
+class _HitCountedByGenerator(_HitLoop):
+    """Must not match: it counts the hit experts with a generator over the hit tensor."""
+
+    def dispatch(self, tokens, weights, ids):
+        (mask, hit), out = self.hit(ids), torch.zeros_like(tokens)
+        for row in hit:
+            self.step(out, tokens, weights, mask, int(row.item()))
+        return out / sum(1 for _ in hit)
+
+
+class _SkipThenNoteInHelper(moe_modules.LoopMoE):
+    """Must not match: past its skip a helper appends the expert to a list (Python state
+    the loop's own bytecode does not show; Dynamo's side effects do)."""
+
+    def note(self, seen, i):
+        seen.append(i)
+
+    def forward(self, x):
+        tokens, (weights, selected) = x.reshape(-1, x.shape[-1]), self.router(x)
+        out, seen = torch.zeros_like(tokens), []
+        for i, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(selected == i)
+            if token_idx.numel() == 0:
+                continue
+            self.note(seen, i)
+            out.index_add_(0, token_idx, expert(tokens[token_idx]) * weights[token_idx, slot, None])
+        return (out / len(seen)).reshape(x.shape)
+
+
 class _WorkBeforeSkip(moe_modules.LoopMoE):
     """Must not match: its empty path adds 1 before it continues (not a plain skip)."""
 
@@ -196,6 +416,23 @@ class _WorkBeforeSkip(moe_modules.LoopMoE):
         return out.reshape(x.shape)
 
 
+# Why lynx refused to unroll a loop over the hit experts, as its INFO log says
+REFUSED_BECAUSE = {
+    "_HitLoopThenCount": "writes ['hits']",
+    "_HitMoreThanTwo": "not `count > 0`",
+    "_HitTopOneOnly": "selects tokens by something other than the routing ids",
+    "_HitThenCountInPlace": "did not fuse all of it",
+    "_HitThenPythonCount": "writes ['ran']",
+    "_HitThenLastExpert": "writes ['last']",
+    "_HitThenList": ".append()",
+    "_HitThenBreak": "(break)",
+    "_HitThenNoteInHelper": "mutates a Python object",
+    "_HitThenCountInBuffer": "did not fuse all of it",
+    "_HitPrunedCount": "writes counts in place",
+    "_SkipThenNoteInHelper": "code past the skip mutates a Python object",
+}
+
+
 @pytest.mark.parametrize(
     "style, fused, retried",
     [
@@ -204,6 +441,20 @@ class _WorkBeforeSkip(moe_modules.LoopMoE):
         (_SkipThenPythonCount, False, False),  # the same with a Python int
         (_SkipThenNormalise, False, True),
         (_WorkBeforeSkip, False, False),  # not a plain `continue`: never assumed
+        (_HitLoopThenCount, False, False),  # `hits = hits + 1` carried: never unrolled
+        (_HitEnumerateThenCount, False, False),  # enumerate(hit): never unrolled
+        (_HitMoreThanTwo, False, False),  # not "experts with a token": never unrolled
+        (_HitThenCountInPlace, False, True),
+        (_HitTopOneOnly, False, True),  # its selections read other ids than it counts
+        (_HitThenPythonCount, False, False),  # Python state in the loop: never unrolled
+        (_HitThenLastExpert, False, False),
+        (_HitThenList, False, False),
+        (_HitThenNoteInHelper, False, True),  # refused when the loop is traced
+        (_HitThenBreak, False, False),
+        (_HitThenCountInBuffer, False, True),
+        (_HitPrunedCount, False, False),  # its count is written in place: never unrolled
+        (_SkipThenNoteInHelper, False, True),  # refused when the helper is traced
+        (_HitCountedByGenerator, False, True),  # the loop is, its graph break is not fused
     ],
     ids=lambda v: v.__name__.strip("_") if isinstance(v, type) else str(v),
 )
@@ -211,9 +462,11 @@ class _WorkBeforeSkip(moe_modules.LoopMoE):
 def test_empty_expert_skips_are_fused_only_where_the_skip_is_all_they_do(
     style, fused, retried, caplog
 ):
-    """An empty-expert `continue` is traced as not taken and the loop fused only where the
-    fused op then equals the loop; otherwise the frame is traced again as written (its graph
-    break), and at 1 token (28 of 32 experts empty) it still computes what eager does."""
+    """An empty-expert `continue` is traced as not taken, and a loop over the experts a batch
+    hits unrolled over every expert, and the loop fused, only where the fused op then equals
+    the loop; otherwise the frame is traced as written (its graph break), and at 1 token
+    (28 of 32 experts empty) it still computes what eager does. Where lynx refuses a hit
+    loop, its log gives the reason (REFUSED_BECAUSE)."""
     torch._dynamo.reset()
     lynx_compile.clear_report()
     torch.manual_seed(0)
@@ -229,6 +482,7 @@ def test_empty_expert_skips_are_fused_only_where_the_skip_is_all_they_do(
     expected = "rewritten" if fused else "skipped"
     assert dispatches and all(s["status"] == expected for s in dispatches), dispatches
     assert ("assumed non-empty" in caplog.text) == retried, caplog.text
+    assert REFUSED_BECAUSE.get(style.__name__, "") in caplog.text, caplog.text
 
 
 @torch.no_grad()

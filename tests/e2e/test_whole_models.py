@@ -12,8 +12,7 @@ Transformers as its encoder-decoder, 4 sparse layers) is compiled, and per famil
   checkpoints are served);
 - each MoE block of the model (counted from its modules, the independent reference) has
   its router rewritten, reported under the block's module path, and no router in the model
-  is skipped; its dispatch is fused into lynx::experts, except the families whose block
-  test keeps it (DISPATCH_KEPT, where it stays the model's with the block test's reason);
+  is skipped; its dispatch is fused into lynx::experts;
 - the families lynx leaves exact (NOT_REWRITTEN) report every router skipped;
 - under the default policy every MoE block's routing op gives each token k distinct
   experts the model allows (finite scores), touches no more distinct experts than
@@ -32,7 +31,6 @@ from lynx_compile.tools import hf_tiny
 
 import lynx_compile
 from tests.e2e.test_families import (
-    DISPATCH_KEPT,
     FP32_TOL,
     NOT_REWRITTEN,
     REWRITTEN,
@@ -167,8 +165,6 @@ def test_every_moe_layer_has_its_router_rewritten(whole):
     ]
     pattern = REWRITTEN[family][0]
     assert all(s["reason"] == pattern for s in routers), routers
-    if family in DISPATCH_KEPT:  # the router is a graph of its own, shared by the layers:
-        return  # its module path is the router's own (calls per block are checked above)
     found = [_block_of(s.get("layer"), blocks + attention) for s in routers]
     assert None not in found, (blocks, [s.get("layer") for s in routers])
     assert set(found) == set(blocks + attention), (blocks, attention, found)
@@ -181,10 +177,6 @@ def test_every_moe_layer_has_its_experts_fused(whole):
         return
     by_site = {(s["graph"], s["site"]): s for s in sites}
     dispatch = sites_of({"sites": sites}, kind="dispatch")
-    if family in DISPATCH_KEPT:
-        assert dispatch and all(s["status"] == "skipped" for s in dispatch), dispatch
-        assert all(DISPATCH_KEPT[family] in s["reason"] for s in dispatch), dispatch
-        return
     where = {
         id(s): _block_of(by_site[(s["graph"], s["router_site"])].get("layer"), blocks + attention)
         for s in dispatch
