@@ -353,7 +353,7 @@ class _HitLoop:
     """A loop over the experts a batch hits, unrolled in the trace under way."""
 
     graph: fx.Graph  # the graph it was traced into (a restarted trace leaves stale ones)
-    key: tuple  # (code, GET_ITER offset, loops unrolled before): what a row limit is for
+    key: tuple  # (code, GET_ITER offset, candidates): what a row limit is for
     source: hit_loops.HitSource
     rows: dict[fx.Node, int]  # the constant rows, each with its expert
     marks: list[tuple[int, fx.Node]] = field(default_factory=list)  # (row, last node before)
@@ -457,10 +457,9 @@ def _install_hit_loops() -> bool:
         if reason is not None:
             log.info("lynx: a loop over a tensor's nonzero rows is traced as written: %s", reason)
             return original_unpack(self, tx, idxes)
-        # which loop a row limit is for: its code and place, and how many hit loops this
-        # trace unrolled before it (a model's layers run the same code, maybe at other E)
-        earlier = sum(lp.graph is tx.output.graph for lp in _hit_loops)
-        key = (where[0].f_code, where[1].offset, earlier)
+        # which loops a row limit is for: this code and place at this many candidates (a
+        # model's layers run the same code: a limit one layer's trace found holds for all)
+        key = (where[0].f_code, where[1].offset, source.candidates)
         rows = min(source.candidates, _row_limits.get(key, source.candidates))
         _hit_rows_made += 1
         log.debug("lynx: hit loop unrolled over %d of %d experts", rows, source.candidates)
@@ -511,7 +510,10 @@ def _install_side_effect_watch() -> bool:
 
         def watch(self, var, *args, _original=original, _name=name, **kwargs):
             if _hit_loops or _skips:
-                _note_mutation(self, var, _name)
+                try:
+                    _note_mutation(self, var, _name)
+                except Exception as error:  # noqa: BLE001 (never raise into Dynamo)
+                    _refuse_open(f"lynx could not read a mutation ({error!r})")
             return _original(self, var, *args, **kwargs)
 
         setattr(SideEffects, name, watch)
@@ -520,21 +522,39 @@ def _install_side_effect_watch() -> bool:
 
 def _note_mutation(side_effects, var, how: str) -> None:
     """Refuse the open hit loops and the active empty-expert skips of the graph whose side
-    effects record `var` mutated (a hit loop's own iterator advancing aside)."""
-    output = getattr(side_effects, "output_graph_weakref", lambda: None)()
-    graph = getattr(output, "graph", None)
-    items = getattr(var, "items", None)
-    first = getattr(getattr(items[0], "proxy", None), "node", None) if items else None
+    effects record `var` mutated (a hit loop's own iterator advancing aside). Where the
+    graph or the mutation cannot be read, every open loop and active skip is refused."""
+    try:
+        output = side_effects.output_graph_weakref()
+        graph = output.graph
+    except Exception:  # noqa: BLE001 (another torch's SideEffects: refuse, never raise)
+        graph = None
+    loops = [
+        lp for lp in _hit_loops if not lp.closed and (graph is None or lp.graph is graph)
+    ]  # fmt: skip
+    skips = [
+        sk for sk in _skips
+        if sk.refusal is None and (graph is None or sk.graph is graph) and sk.active()
+    ]  # fmt: skip
+    items = getattr(var, "items", None)  # an iterator's items: a hit loop's rows
+    first = items[0] if isinstance(items, list) and items else None
+    node = getattr(getattr(first, "proxy", None), "node", None)
+    what = f"a Python object ({type(var).__name__}, {how})"
+    for loop in loops:
+        if node not in loop.rows:
+            loop.refusal = loop.refusal or f"its body mutates {what}, once per expert"
+    for skip in skips:
+        skip.refusal = f"code past the skip mutates {what}"
+
+
+def _refuse_open(reason: str) -> None:
+    """Refuse every open hit loop and active skip (a mutation lynx could not read)."""
     for loop in _hit_loops:
-        if loop.graph is graph and not loop.closed and first not in loop.rows:
-            loop.refusal = loop.refusal or (
-                f"its body mutates a Python object ({type(var).__name__}, {how}), once per expert"
-            )
+        if not loop.closed:
+            loop.refusal = loop.refusal or reason
     for skip in _skips:
-        if skip.graph is graph and skip.refusal is None and skip.active():
-            skip.refusal = (
-                f"code past the skip mutates a Python object ({type(var).__name__}, {how})"
-            )
+        if skip.refusal is None and skip.active():
+            skip.refusal = reason
 
 
 def _last_node(graph: fx.Graph) -> fx.Node:

@@ -359,6 +359,19 @@ class _HitPrunedCount(_HitLoop):
         return out
 
 
+class _HitThenDictAfter(_HitLoop):
+    """Must match: a dict is filled after the loop (Dynamo records the mutation, which
+    concerns no loop: the loop is closed by then)."""
+
+    def dispatch(self, tokens, weights, ids):
+        (mask, hit), out = self.hit(ids), torch.zeros_like(tokens)
+        for row in hit:
+            self.step(out, tokens, weights, mask, int(row.item()))
+        scale = {"a": 1.0}
+        scale["b"] = 2.0
+        return out * scale["b"]
+
+
 class _HitThenBreak(_HitLoop):
     """Must not match: it stops at the first hit expert past the middle."""
 
@@ -451,6 +464,7 @@ REFUSED_BECAUSE = {
         (_HitThenList, False, False),
         (_HitThenNoteInHelper, False, True),  # refused when the loop is traced
         (_HitThenBreak, False, False),
+        (_HitThenDictAfter, True, False),
         (_HitThenCountInBuffer, False, True),
         (_HitPrunedCount, False, False),  # its count is written in place: never unrolled
         (_SkipThenNoteInHelper, False, True),  # refused when the helper is traced
