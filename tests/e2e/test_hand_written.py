@@ -216,57 +216,6 @@ class _HitEnumerateThenCount(moe_modules.HitLoopMoE):
         return out * hits
 
 
-class _HitMoreThanTwo(moe_modules.HitLoopMoE):
-    """Must not match: it loops over the experts with more than 2 tokens, not every expert
-    with one (unrolled over every expert it would run the others too)."""
-
-    def dispatch(self, tokens, weights, ids):
-        out = torch.zeros_like(tokens)
-        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
-        for row in torch.greater(mask.sum(dim=(-1, -2)), 2).nonzero():
-            e = int(row.item())
-            slot, token_idx = torch.where(mask[e])
-            out.index_add_(
-                0, token_idx, self.expert(e, tokens[token_idx]) * weights[token_idx, slot, None]
-            )
-        return out
-
-
-class _HitThenCountInPlace(moe_modules.HitLoopMoE):
-    """Must not match: it counts the hit experts in place (`hits.add_(1)`, whose result
-    nothing reads: live for what it writes)."""
-
-    def dispatch(self, tokens, weights, ids):
-        out, hits = torch.zeros_like(tokens), torch.zeros((), dtype=tokens.dtype)
-        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
-        for row in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero():
-            e = int(row.item())
-            slot, token_idx = torch.where(mask[e])
-            hits.add_(1)
-            out.index_add_(
-                0, token_idx, self.expert(e, tokens[token_idx]) * weights[token_idx, slot, None]
-            )
-        return out * hits
-
-
-class _HitTopOneOnly(moe_modules.HitLoopMoE):
-    """Must not match: it loops over the experts some token ranks first, so an expert
-    chosen only in a lower slot is skipped (its hit tensor counts other ids than the
-    ones its selections read)."""
-
-    def dispatch(self, tokens, weights, ids):
-        out = torch.zeros_like(tokens)
-        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
-        first = F.one_hot(ids[:, :1], num_classes=self.num_experts).permute(2, 1, 0)
-        for row in torch.greater(first.sum(dim=(-1, -2)), 0).nonzero():
-            e = int(row.item())
-            slot, token_idx = torch.where(mask[e])
-            out.index_add_(
-                0, token_idx, self.expert(e, tokens[token_idx]) * weights[token_idx, slot, None]
-            )
-        return out
-
-
 class _HitLoop(moe_modules.HitLoopMoE):
     """HitLoopMoE's loop, one expert's step as a method, for the must-not-match cases
     below, which differ only in the Python state their loops keep."""
@@ -280,6 +229,45 @@ class _HitLoop(moe_modules.HitLoopMoE):
         out.index_add_(
             0, token_idx, self.expert(e, tokens[token_idx]) * weights[token_idx, slot, None]
         )
+
+
+class _HitMoreThanTwo(_HitLoop):
+    """Must not match: it loops over the experts with more than 2 tokens, not every expert
+    with one (unrolled over every expert it would run the others too)."""
+
+    def dispatch(self, tokens, weights, ids):
+        out = torch.zeros_like(tokens)
+        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
+        for row in torch.greater(mask.sum(dim=(-1, -2)), 2).nonzero():
+            self.step(out, tokens, weights, mask, int(row.item()))
+        return out
+
+
+class _HitThenCountInPlace(_HitLoop):
+    """Must not match: it counts the hit experts in place (`hits.add_(1)`, whose result
+    nothing reads: live for what it writes)."""
+
+    def dispatch(self, tokens, weights, ids):
+        (mask, hit), out = self.hit(ids), torch.zeros_like(tokens)
+        hits = torch.zeros((), dtype=tokens.dtype)
+        for row in hit:
+            hits.add_(1)
+            self.step(out, tokens, weights, mask, int(row.item()))
+        return out * hits
+
+
+class _HitTopOneOnly(_HitLoop):
+    """Must not match: it loops over the experts some token ranks first, so an expert
+    chosen only in a lower slot is skipped (its hit tensor counts other ids than the
+    ones its selections read)."""
+
+    def dispatch(self, tokens, weights, ids):
+        out = torch.zeros_like(tokens)
+        mask = F.one_hot(ids, num_classes=self.num_experts).permute(2, 1, 0)
+        first = F.one_hot(ids[:, :1], num_classes=self.num_experts).permute(2, 1, 0)
+        for row in torch.greater(first.sum(dim=(-1, -2)), 0).nonzero():
+            self.step(out, tokens, weights, mask, int(row.item()))
+        return out
 
 
 class _HitThenPythonCount(_HitLoop):
