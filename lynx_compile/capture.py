@@ -50,7 +50,9 @@ Only a plain `for` over the hit tensor is unrolled (not enumerate, a comprehensi
 generator over it). A body that indexes a smaller tensor than the candidates (DBRX's
 one_hot counts a class past its experts) fails to trace at the first row past it; the
 frame is traced again over the rows before it, which are all the eager loop can reach
-without failing itself (the limit lives for that frame's conversion only). The span check
+without failing itself (the limit lives for that frame's conversion only); a token routed
+past them makes eager raise IndexError, so that trace asserts every routing id is below
+the limit (`_assert_ids_below`), where the unrolled rows would drop it. The span check
 of the empty-expert `continue` counts only code traced in the function holding the branch,
 so that in a whole model the next decoder layer's attention, traced between two layers'
 loops, is not taken for loop code.
@@ -84,6 +86,7 @@ import torch
 import torch.fx as fx
 
 from lynx_compile import hit_loops
+from lynx_compile.passes.fx_utils import GUARD
 
 log = logging.getLogger("lynx_compile")
 
@@ -463,6 +466,8 @@ def _install_hit_loops() -> bool:
         rows = min(source.candidates, _row_limits.get(key, source.candidates))
         _hit_rows_made += 1
         log.debug("lynx: hit loop unrolled over %d of %d experts", rows, source.candidates)
+        if rows < source.candidates:
+            _assert_ids_below(tx, source.ids, rows)
         items, loop = [], _HitLoop(tx.output.graph, key, source, {})
         for e in range(rows):
             row = tx.output.create_proxy(
@@ -491,6 +496,26 @@ def _install_hit_loops() -> bool:
     TensorVariable.unpack_var_sequence = unpack_var_sequence
     setattr(ListIteratorVariable, step, next_item)
     return True
+
+
+def _assert_ids_below(tx, ids: fx.Node, rows: int) -> None:
+    """Trace `assert (ids < rows).all()` where a hit loop is unrolled over only its first
+    rows (a row limit): eager raises IndexError at a row past them, which the unrolled loop
+    never visits, so without it a token routed there would be dropped silently. On GPU it
+    is a device-side assert, no host sync."""
+    tracer, value = tx.output.current_tracer, ids.meta.get("example_value")
+    below = tx.output.create_proxy("call_function", torch.lt, (fx.Proxy(ids, tracer), rows), {})
+    below.node.meta["example_value"] = value < rows
+    every = tx.output.create_proxy("call_function", torch.all, (below,), {})
+    every.node.meta["example_value"] = below.node.meta["example_value"].all()
+    message = (
+        f"lynx: a token was routed to expert {rows} or above, past the {rows} experts this "
+        "loop over the hit experts can index (the model's own loop raises IndexError here); "
+        "check the router's expert count against the experts' weights"
+    )
+    check = tx.output.create_proxy("call_function", torch._assert_async, (every, message), {})
+    for node in (below.node, every.node, check.node):
+        node.meta[GUARD] = True
 
 
 def _install_side_effect_watch() -> bool:

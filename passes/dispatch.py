@@ -52,7 +52,7 @@ import torch.fx as fx
 from lynx_compile.lowering.constants import ELEMENTWISE_ACTIVATIONS
 from lynx_compile.lowering.ops import experts_op
 from lynx_compile.passes import report as report_mod
-from lynx_compile.passes.fx_utils import arg, canonical_op, example_value
+from lynx_compile.passes.fx_utils import GUARD, arg, canonical_op, example_value
 from lynx_compile.passes.group_routing import group_world
 from lynx_compile.passes.parallel_linears import (
     KEPT_BIASED,
@@ -634,7 +634,8 @@ def find_regions(
         return
     tokens = ids_val.shape[:-1]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    slice_ = _forward_slice([weights, ids]) - weight_nodes
+    guards = {n for n in gm.graph.nodes if n.meta.get(GUARD)}
+    slice_ = _forward_slice([weights, ids]) - weight_nodes - guards
     protected = _ancestors(route) | {route, weights, ids} | weight_nodes
     for out in sorted(slice_, key=order.__getitem__):
         val = example_value(out)

@@ -16,6 +16,10 @@ import torch.fx as fx
 
 F = torch.nn.functional
 
+# meta key of the nodes of an assertion lynx traced into a graph (capture's row-limit
+# guard): no pass takes them into a region it replaces, so they run where they were traced
+GUARD = "lynx_guard"
+
 _FUNCTIONS: dict[object, str] = {
     torch.softmax: "softmax",
     F.softmax: "softmax",

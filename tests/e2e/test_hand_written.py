@@ -557,3 +557,49 @@ def test_an_expert_parallel_slice_is_fused_at_its_own_offset(rank, world, first,
     dispatches = sites_of(lynx_compile.report(), kind="dispatch")
     assert dispatches and all(s["status"] == "rewritten" for s in dispatches), dispatches
     assert all(f"experts {first}..{last}" in s["reason"] for s in dispatches), dispatches
+
+
+class _HitPastItsExperts(moe_modules.HitLoopMoE):
+    """A loop over the hit experts of a 16-expert router whose weights hold 8 (a model
+    bug): eager raises IndexError once a token routes to expert 8 or above. lynx traces the
+    loop over rows 0..7 (its row limit), which alone would drop such a token."""
+
+    def __init__(self):
+        super().__init__(num_experts=8, top_k=2)
+        self.gate = torch.nn.Linear(32, 16)
+        with torch.no_grad():
+            self.gate.bias[8:] = -1e4  # route below 8 until a test moves the bias
+
+    def dispatch(self, tokens, weights, ids):
+        out = torch.zeros_like(tokens)
+        mask = F.one_hot(ids, num_classes=16).permute(2, 1, 0)
+        for row in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero():
+            e = row[0]
+            slot, token_idx = torch.where(mask[e])
+            y = self.expert(e, tokens[token_idx]) * weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y)
+        return out
+
+
+@torch.no_grad()
+def test_a_token_routed_past_a_row_limit_raises_as_eager_does():
+    """Where the unrolled hit loop is cut at the rows its weights hold, the graph asserts
+    every routing id is below them: a token routed past them raises (eager's IndexError),
+    never a result without that token; routed below them, it is fused and equals eager."""
+    torch._dynamo.reset()
+    lynx_compile.clear_report()
+    torch.manual_seed(0)
+    module = _HitPastItsExperts().eval()
+    model = torch.compile(module, backend="lynx", options={"policy": "exact"}, dynamic=True)
+    for tokens in (1, 13):
+        x = _inputs(tokens)
+        torch.testing.assert_close(model(x), module(x), **FP32_TOL)
+    dispatches = sites_of(lynx_compile.report(), kind="dispatch")
+    assert dispatches and all(s["status"] == "rewritten" for s in dispatches), dispatches
+    module.gate.bias[11] = 1e4  # every token's first choice: expert 11, past the weights
+    for tokens in (1, 13):
+        x = _inputs(tokens)
+        with pytest.raises(IndexError):
+            module(x)
+        with pytest.raises(RuntimeError, match="routed to expert 8 or above"):
+            model(x)
