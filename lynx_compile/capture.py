@@ -488,7 +488,7 @@ def _install_hit_loops() -> bool:
         loop = next((lp for lp in _hit_loops if first in lp.rows), None)
         if loop is not None and not loop.closed:
             if self.index < len(items):
-                loop.marks.append((self.index, _last_node(loop.graph)))
+                loop.marks.append((self.index, next(iter(reversed(loop.graph.nodes)))))
             else:
                 _close(loop)
         return original_step(self, tx, *args, **kwargs)
@@ -582,10 +582,6 @@ def _refuse_open(reason: str) -> None:
             skip.refusal = reason
 
 
-def _last_node(graph: fx.Graph) -> fx.Node:
-    return next(iter(reversed(graph.nodes)))
-
-
 def _close(loop: _HitLoop) -> None:
     """The whole loop was traced: mark its nodes HIT_BODY, record the unbacked symbols they
     hold, and check each iteration's token selections (hit_loops.iteration_reason)."""
@@ -598,7 +594,7 @@ def _close(loop: _HitLoop) -> None:
     symbols: set = set()
     for node in nodes[first:]:
         node.meta[HIT_BODY] = True
-        symbols.update(free_unbacked_symbols(_value(node)))
+        symbols.update(free_unbacked_symbols(hit_loops.traced_value(node)))
     loop.symbols = frozenset(symbols)
     written = hit_loops.mutation_reason(loop.source)
     if written is not None:
@@ -665,7 +661,7 @@ def check_hit_rows(gm: fx.GraphModule) -> None:
         and n.op not in ("placeholder", "get_attr", "output")
         and (
             (n.meta.get(HIT_BODY) and not _reads_parameters_only(n))
-            or set(free_unbacked_symbols(_value(n))) & symbols
+            or set(free_unbacked_symbols(hit_loops.traced_value(n))) & symbols
         )
     ]
     if left and refusal is None:
@@ -698,12 +694,6 @@ def _row_limit(error: BaseException) -> bool:
             return True
         error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
     return False
-
-
-def _value(node: fx.Node):
-    """A node's traced value of any kind (Dynamo's graphs keep it as "example_value"):
-    tuples and SymInts too, where passes.fx_utils.example_value returns tensors only."""
-    return node.meta.get("val", node.meta.get("example_value"))
 
 
 _TRACE_LINE = re.compile(r'File "(.+)", line (\d+), in ')
@@ -739,7 +729,7 @@ def nonempty_snapshot(gm: fx.GraphModule) -> list[tuple[str, str, frozenset, boo
         (
             n.name,
             n.op,
-            frozenset(free_unbacked_symbols(_value(n))) & assumed,
+            frozenset(free_unbacked_symbols(hit_loops.traced_value(n))) & assumed,
             _traced_in(n, codes),
         )
         for n in gm.graph.nodes
@@ -765,7 +755,11 @@ def check_nonempty_assumptions(gm: fx.GraphModule, before: list) -> None:
         for name, op, _, inside in before[start : (removed[-1] + 1 if removed else start)]
         if name in left and inside and op not in ("placeholder", "get_attr", "output")
     ]
-    holding = [n.name for n in gm.graph.nodes if set(free_unbacked_symbols(_value(n))) & assumed]
+    holding = [
+        n.name
+        for n in gm.graph.nodes
+        if set(free_unbacked_symbols(hit_loops.traced_value(n))) & assumed
+    ]
     refusal = next((s.refusal for s in _skips if s.graph is gm.graph and s.refusal), None)
     if refusal is not None:
         raise NonemptyAssumptionUnfused(

@@ -57,14 +57,17 @@ def _name(node) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", "")
 
 
-def _value(node):
-    return (
-        node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-    )
+def traced_value(node):
+    """A node's traced value of any kind (Dynamo's graphs keep it as "example_value", fake
+    propagation as "val"): tuples and SymInts too, where passes.fx_utils.example_value
+    returns tensors only; None for a non-node."""
+    if not isinstance(node, fx.Node):
+        return None
+    return node.meta.get("example_value", node.meta.get("val"))
 
 
 def _ndim(node) -> int | None:
-    value = _value(node)
+    value = traced_value(node)
     return value.dim() if isinstance(value, torch.Tensor) else None
 
 
@@ -143,7 +146,7 @@ def hit_source(nonzero: fx.Node) -> HitSource | str:
         return "the per-expert count's dims are not constant"
     if sorted(d % ndim for d in dims) != [d for d in range(ndim) if d != class_dim]:
         return "the per-expert count does not sum every dim but the experts'"
-    value, ids = _value(one_hot), one_hot.args[0] if one_hot.args else None
+    value, ids = traced_value(one_hot), one_hot.args[0] if one_hot.args else None
     if not isinstance(value, torch.Tensor) or not isinstance(value.shape[-1], int):
         return "the one-hot mask's class count is not static"
     if not isinstance(ids, fx.Node):
@@ -284,7 +287,7 @@ def _selected_by(node: fx.Node) -> fx.Node | None | bool:
     index = args[1] if isinstance(args[1], tuple) else (args[1],)
     masks = [
         i for i in index
-        if isinstance(i, fx.Node) and getattr(_value(i), "dtype", None) == torch.bool
+        if isinstance(i, fx.Node) and getattr(traced_value(i), "dtype", None) == torch.bool
     ]  # fmt: skip
     if not masks:
         return False
