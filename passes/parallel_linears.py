@@ -23,8 +23,11 @@ computes.
 Only chains inside an expert computation are rewritten: a colwise chain whose input is
 the hidden states indexed by an integer or bool tensor the routing ids decide (the
 tokens an expert reads), and a rowwise chain whose input is computed from such colwise
-outputs. Anything else (attention's projections in the same graph, a plan this file does
-not know, a rowwise linear with a bias: KEPT_BIASED) stays as the model traced it.
+outputs. A rowwise linear's replicated bias, which DTensor adds once to the ranks' sum,
+goes into the first rank's local product only (sum_r (h_r W_r^T + [r = 0] b) is the
+model's sum_r h_r W_r^T + b, summed in another order). Anything else (attention's
+projections in the same graph, a plan this file does not know, a rowwise bias that is not
+replicated: KEPT_BIASED) stays as the model traced it.
 """
 
 from __future__ import annotations
@@ -147,6 +150,17 @@ def _kind(chain: _Chain, real: dict) -> str | None:
     return None
 
 
+def _is_replicated(bias, weight) -> bool:
+    """Whether bias is a 1-D DTensor replicated on weight's (1-D) mesh."""
+    return (
+        hasattr(bias, "placements")
+        and bias.dim() == 1
+        and bias.device_mesh == weight.device_mesh
+        and len(bias.placements) == 1
+        and _is_replicate(bias.placements[0])
+    )
+
+
 def _strip_views(node: fx.Node) -> fx.Node:
     while canonical_op(node) == "view" and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
@@ -198,7 +212,7 @@ def _local(graph: fx.Graph, param: fx.Node, real: dict) -> fx.Node:
 
 
 # why an expert's rowwise linear with a bias is left as the model traced it
-KEPT_BIASED = "a RowwiseParallel linear with a bias (DTensor adds the bias once, to the ranks' sum)"
+KEPT_BIASED = "a RowwiseParallel linear with a bias not replicated on its mesh"
 
 
 def localize_expert_linears(gm: fx.GraphModule, routed: set[fx.Node], real: dict) -> int:
@@ -218,14 +232,18 @@ def localize_expert_linears(gm: fx.GraphModule, routed: set[fx.Node], real: dict
         above = _upstream(c.x, stops) | {c.x}
         feeding = {n for n in above if n in stops and _method(n, "to_local")}
         if feeding and feeding <= colwise:  # an expert's down projection of its own products
-            (rowwise if kinds[c] == "rowwise" else kept).append(c)
+            ok = kinds[c] == "rowwise" or _is_replicated(real.get(c.bias), real[c.weight])
+            (rowwise if ok else kept).append(c)
     chosen = [c for c in chains if c.to_local in colwise] + rowwise
     graph = gm.graph
     for c in chosen:
         value = c.to_local.meta.get("example_value")
         with graph.inserting_before(c.to_local):
             weight = _local(graph, c.weight, real)
-            bias = None if c.bias is None else _local(graph, c.bias, real)
+            # a rowwise linear's replicated bias, which DTensor adds once to the ranks' sum:
+            # in the first rank's partial product only
+            once = c not in rowwise or real[c.weight].device_mesh.get_local_rank() == 0
+            bias = None if c.bias is None or not once else _local(graph, c.bias, real)
             local = graph.call_function(torch._C._nn.linear, (c.x, weight, bias))
             result = local
             if c in rowwise:
