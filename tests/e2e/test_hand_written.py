@@ -529,6 +529,21 @@ def test_transformers_eager_experts_table_is_restored():
     assert dispatches and all(s["status"] == "rewritten" for s in dispatches), dispatches
 
 
+def _exact_and_fused(module: torch.nn.Module, token_counts) -> tuple:
+    """module compiled under the exact policy, from a fresh Dynamo and report: equal to
+    eager at each token count, every dispatch rewritten; (compiled module, dispatch sites)."""
+    torch._dynamo.reset()
+    lynx_compile.clear_report()
+    module.eval()
+    exact = torch.compile(module, backend="lynx", options={"policy": "exact"}, dynamic=True)
+    for tokens in token_counts:
+        x = _inputs(tokens)
+        torch.testing.assert_close(exact(x), module(x), **FP32_TOL)
+    dispatches = sites_of(lynx_compile.report(), kind="dispatch")
+    assert dispatches and all(s["status"] == "rewritten" for s in dispatches), dispatches
+    return exact, dispatches
+
+
 class _RankShare(moe_modules.ExpertParallelMoE):
     """One rank's share of ExpertParallelMoE (its expert range, slots routed elsewhere
     weighing 0), without the all_reduce: an expert-parallel dispatch in one process."""
@@ -547,15 +562,7 @@ def test_an_expert_parallel_slice_is_fused_at_its_own_offset(rank, world, first,
     check on ids from the first range only saw an all-zero region at every other offset and
     took rank 2 of 4 as experts 4..7 (a wrong answer in exact mode). A slice of fewer
     experts than top-k compiles too (the check draws ids with repeats)."""
-    torch._dynamo.reset()
-    lynx_compile.clear_report()
-    module = _RankShare(rank, world, num_experts=16, top_k=4).eval()
-    exact = torch.compile(module, backend="lynx", options={"policy": "exact"}, dynamic=True)
-    for tokens in (3, 13):
-        x = _inputs(tokens)
-        torch.testing.assert_close(exact(x), module(x), **FP32_TOL)
-    dispatches = sites_of(lynx_compile.report(), kind="dispatch")
-    assert dispatches and all(s["status"] == "rewritten" for s in dispatches), dispatches
+    _, dispatches = _exact_and_fused(_RankShare(rank, world, num_experts=16, top_k=4), (3, 13))
     assert all(f"experts {first}..{last}" in s["reason"] for s in dispatches), dispatches
 
 
@@ -586,16 +593,9 @@ def test_a_token_routed_past_a_row_limit_raises_as_eager_does():
     """Where the unrolled hit loop is cut at the rows its weights hold, the graph asserts
     every routing id is below them: a token routed past them raises (eager's IndexError),
     never a result without that token; routed below them, it is fused and equals eager."""
-    torch._dynamo.reset()
-    lynx_compile.clear_report()
     torch.manual_seed(0)
-    module = _HitPastItsExperts().eval()
-    model = torch.compile(module, backend="lynx", options={"policy": "exact"}, dynamic=True)
-    for tokens in (1, 13):
-        x = _inputs(tokens)
-        torch.testing.assert_close(model(x), module(x), **FP32_TOL)
-    dispatches = sites_of(lynx_compile.report(), kind="dispatch")
-    assert dispatches and all(s["status"] == "rewritten" for s in dispatches), dispatches
+    module = _HitPastItsExperts()
+    model, _ = _exact_and_fused(module, (1, 13))
     module.gate.bias[11] = 1e4  # every token's first choice: expert 11, past the weights
     for tokens in (1, 13):
         x = _inputs(tokens)
