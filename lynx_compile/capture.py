@@ -501,8 +501,9 @@ def _install_hit_loops() -> bool:
 def _assert_ids_below(tx, ids: fx.Node, rows: int) -> None:
     """Trace `assert (ids < rows).all()` where a hit loop is unrolled over only its first
     rows (a row limit): eager raises IndexError at a row past them, which the unrolled loop
-    never visits, so without it a token routed there would be dropped silently. On GPU it
-    is a device-side assert, no host sync."""
+    never visits, so without it a token routed there would be dropped silently. On CPU it
+    raises RuntimeError; on GPU it is a device-side assert (no host sync; like Inductor's
+    own indexing asserts it is fatal to the CUDA context, where eager raises IndexError)."""
     tracer, value = tx.output.current_tracer, ids.meta.get("example_value")
     below = tx.output.create_proxy("call_function", torch.lt, (fx.Proxy(ids, tracer), rows), {})
     below.node.meta["example_value"] = value < rows

@@ -356,7 +356,9 @@ def _external_inputs(region: set[fx.Node], order: dict[fx.Node, int]) -> list[fx
 
 
 def _is_closed(region: set[fx.Node], out: fx.Node) -> bool:
-    return all(u in region for n in region if n is not out for u in n.users)
+    """No value of the region but out is read outside it (a lynx guard may read one:
+    _replace keeps what it reads)."""
+    return all(u in region or u.meta.get(GUARD) for n in region if n is not out for u in n.users)
 
 
 def _is_float(node: fx.Node) -> bool:
@@ -1640,9 +1642,13 @@ def _replace(gm, region, out, plan: ExpertsPlan, weights, ids, dense: bool = Fal
     if out_val is not None:
         result.meta["example_value"] = out_val
     out.replace_all_uses_with(result)
+    kept: set[fx.Node] = set()  # what a guard reads (capture's ids check on ids.long())
     for node in reversed(list(graph.nodes)):
         if node in region:
-            graph.erase_node(node)
+            if node.users and all(u.meta.get(GUARD) or u in kept for u in node.users):
+                kept.add(node)
+            else:
+                graph.erase_node(node)
 
 
 def _list_weight_nodes(graph: fx.Graph, plan: ExpertsPlan):

@@ -571,15 +571,16 @@ class _HitPastItsExperts(moe_modules.HitLoopMoE):
     bug): eager raises IndexError once a token routes to expert 8 or above. lynx traces the
     loop over rows 0..7 (its row limit), which alone would drop such a token."""
 
-    def __init__(self):
+    def __init__(self, cast: bool):
         super().__init__(num_experts=8, top_k=2)
+        self.cast = cast  # one_hot of ids.long(): the check reads a node inside the dispatch
         self.gate = torch.nn.Linear(32, 16)
         with torch.no_grad():
             self.gate.bias[8:] = -1e4  # route below 8 until a test moves the bias
 
     def dispatch(self, tokens, weights, ids):
         out = torch.zeros_like(tokens)
-        mask = F.one_hot(ids, num_classes=16).permute(2, 1, 0)
+        mask = F.one_hot(ids.long() if self.cast else ids, num_classes=16).permute(2, 1, 0)
         for row in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero():
             e = row[0]
             slot, token_idx = torch.where(mask[e])
@@ -588,13 +589,14 @@ class _HitPastItsExperts(moe_modules.HitLoopMoE):
         return out
 
 
+@pytest.mark.parametrize("cast", [False, True], ids=["ids", "ids.long()"])
 @torch.no_grad()
-def test_a_token_routed_past_a_row_limit_raises_as_eager_does():
+def test_a_token_routed_past_a_row_limit_raises_as_eager_does(cast):
     """Where the unrolled hit loop is cut at the rows its weights hold, the graph asserts
     every routing id is below them: a token routed past them raises (eager's IndexError),
     never a result without that token; routed below them, it is fused and equals eager."""
     torch.manual_seed(0)
-    module = _HitPastItsExperts()
+    module = _HitPastItsExperts(cast)
     model, _ = _exact_and_fused(module, (1, 13))
     module.gate.bias[11] = 1e4  # every token's first choice: expert 11, past the weights
     for tokens in (1, 13):
