@@ -114,8 +114,9 @@ def _chain(to_local: fx.Node) -> _Chain | None:
 
 def _kind(chain: _Chain, real: dict) -> str | None:
     """'colwise' or 'rowwise' where the chain is one of the two plans on a 1-D mesh, its
-    weight a DTensor on the mesh its input is put on ('rowwise+bias': the rowwise plan on a
-    linear with a bias, which DTensor adds once to the sum); else None."""
+    weight a DTensor on the mesh its input is put on, its bias (if any) sharded like the
+    colwise product or replicated for the rowwise sum ('rowwise+bias': the rowwise plan on a
+    linear whose bias is not replicated); else None."""
     weight = real.get(chain.weight)
     mesh = chain.from_local.args[1] if len(chain.from_local.args) > 1 else None
     mesh = real.get(mesh) if isinstance(mesh, fx.Node) else mesh
@@ -131,34 +132,26 @@ def _kind(chain: _Chain, real: dict) -> str | None:
     if x_ndim < 1:
         return None
     bias = real.get(chain.bias) if chain.bias is not None else None
-    bias_sharded = (
-        hasattr(bias, "placements")
+    placed = (  # the bias's one placement on the mesh; None where it has none there
+        bias.placements[0]
+        if hasattr(bias, "placements")
         and bias.dim() == 1
         and bias.device_mesh == mesh
         and len(bias.placements) == 1
-        and _is_shard(bias.placements[0], 0, 1)
+        else None
     )
     if (
         _is_replicate(given[0])
         and _is_shard(held[0], 0, 2)
         and _is_shard(wanted[0], -1, x_ndim)
-        and (chain.bias is None or bias_sharded)
+        and (chain.bias is None or (placed is not None and _is_shard(placed, 0, 1)))
     ):
         return "colwise"
     if _is_shard(given[0], -1, x_ndim) and _is_shard(held[0], 1, 2) and _is_replicate(wanted[0]):
-        return "rowwise" if chain.bias is None else "rowwise+bias"
+        if chain.bias is None or (placed is not None and _is_replicate(placed)):
+            return "rowwise"
+        return "rowwise+bias"
     return None
-
-
-def _is_replicated(bias, weight) -> bool:
-    """Whether bias is a 1-D DTensor replicated on weight's (1-D) mesh."""
-    return (
-        hasattr(bias, "placements")
-        and bias.dim() == 1
-        and bias.device_mesh == weight.device_mesh
-        and len(bias.placements) == 1
-        and _is_replicate(bias.placements[0])
-    )
 
 
 def _strip_views(node: fx.Node) -> fx.Node:
@@ -232,8 +225,7 @@ def localize_expert_linears(gm: fx.GraphModule, routed: set[fx.Node], real: dict
         above = _upstream(c.x, stops) | {c.x}
         feeding = {n for n in above if n in stops and _method(n, "to_local")}
         if feeding and feeding <= colwise:  # an expert's down projection of its own products
-            ok = kinds[c] == "rowwise" or _is_replicated(real.get(c.bias), real[c.weight])
-            (rowwise if ok else kept).append(c)
+            (rowwise if kinds[c] == "rowwise" else kept).append(c)
     chosen = [c for c in chains if c.to_local in colwise] + rowwise
     graph = gm.graph
     for c in chosen:
@@ -242,8 +234,8 @@ def localize_expert_linears(gm: fx.GraphModule, routed: set[fx.Node], real: dict
             weight = _local(graph, c.weight, real)
             # a rowwise linear's replicated bias, which DTensor adds once to the ranks' sum:
             # in the first rank's partial product only
-            once = c not in rowwise or real[c.weight].device_mesh.get_local_rank() == 0
-            bias = None if c.bias is None or not once else _local(graph, c.bias, real)
+            later_rank = c in rowwise and real[c.weight].device_mesh.get_local_rank() != 0
+            bias = None if c.bias is None or later_rank else _local(graph, c.bias, real)
             local = graph.call_function(torch._C._nn.linear, (c.x, weight, bias))
             result = local
             if c in rowwise:
