@@ -539,7 +539,8 @@ def _install_side_effect_watch() -> bool:
                 try:
                     _note_mutation(self, var, _name)
                 except Exception as error:  # noqa: BLE001 (never raise into Dynamo)
-                    _refuse_open(f"lynx could not read a mutation ({error!r})")
+                    reason = f"lynx could not read a mutation ({error!r})"
+                    _refuse(reason, reason)
             return _original(self, var, *args, **kwargs)
 
         setattr(SideEffects, name, watch)
@@ -549,38 +550,28 @@ def _install_side_effect_watch() -> bool:
 def _note_mutation(side_effects, var, how: str) -> None:
     """Refuse the open hit loops and the active empty-expert skips of the graph whose side
     effects record `var` mutated (a hit loop's own iterator advancing aside). Where the
-    graph or the mutation cannot be read, every open loop and active skip is refused."""
+    graph cannot be read, every open loop and active skip is refused."""
     try:
-        output = side_effects.output_graph_weakref()
-        graph = output.graph
+        graph = side_effects.output_graph_weakref().graph
     except Exception:  # noqa: BLE001 (another torch's SideEffects: refuse, never raise)
         graph = None
-    loops = [
-        lp for lp in _hit_loops if not lp.closed and (graph is None or lp.graph is graph)
-    ]  # fmt: skip
-    skips = [
-        sk for sk in _skips
-        if sk.refusal is None and (graph is None or sk.graph is graph) and sk.active()
-    ]  # fmt: skip
     items = getattr(var, "items", None)  # an iterator's items: a hit loop's rows
     first = items[0] if isinstance(items, list) and items else None
     node = getattr(getattr(first, "proxy", None), "node", None)
     what = f"a Python object ({type(var).__name__}, {how})"
-    for loop in loops:
-        if node not in loop.rows:
-            loop.refusal = loop.refusal or f"its body mutates {what}, once per expert"
-    for skip in skips:
-        skip.refusal = f"code past the skip mutates {what}"
+    loop_reason = f"its body mutates {what}, once per expert"
+    _refuse(loop_reason, f"code past the skip mutates {what}", graph, spare=node)
 
 
-def _refuse_open(reason: str) -> None:
-    """Refuse every open hit loop and active skip (a mutation lynx could not read)."""
+def _refuse(loop_reason: str, skip_reason: str, graph=None, spare=None) -> None:
+    """Refuse the open hit loops and the active skips of graph (None: of every graph),
+    but a loop whose rows hold `spare` (its own iterator)."""
     for loop in _hit_loops:
-        if not loop.closed:
-            loop.refusal = loop.refusal or reason
+        if not loop.closed and (graph is None or loop.graph is graph) and spare not in loop.rows:
+            loop.refusal = loop.refusal or loop_reason
     for skip in _skips:
-        if skip.refusal is None and skip.active():
-            skip.refusal = reason
+        if skip.refusal is None and (graph is None or skip.graph is graph) and skip.active():
+            skip.refusal = skip_reason
 
 
 def _close(loop: _HitLoop) -> None:
