@@ -484,6 +484,16 @@ static inline float swiglu_clamped(float g, float u, float alpha, float limit, i
 
 /* 8-float vectors (GCC/Clang vector extensions: AVX2 or AVX-512 under -march=native,
  * plain SSE or scalar code elsewhere). aligned(4): loads from any float address. */
+/* 1: bf16 weights on the portable path go through matmul_rows_pairs (cpu v15);
+ * -DLYNX_BF16_PAIRS=0 keeps load_w's widening there, for measuring the two. */
+#ifndef LYNX_BF16_PAIRS
+#define LYNX_BF16_PAIRS 1
+#endif
+#if defined(LYNX_AVX512) || !LYNX_BF16_PAIRS
+#define PAIRS 0
+#else
+#define PAIRS 1
+#endif
 typedef float vf __attribute__((vector_size(32), aligned(4)));
 typedef uint16_t vh __attribute__((vector_size(16), aligned(2)));
 typedef uint32_t vu __attribute__((vector_size(32)));
@@ -978,9 +988,109 @@ static inline __attribute__((always_inline)) void matmul_rows_dt(
   }
 }
 
+#if PAIRS
+/* MODE_BF16 on the portable path (AVX2 and older: no AVX-512): 16 bf16 weights per 32-byte
+ * load, widened without shuffles: in each 32-bit lane, bits << 16 is the even column as a
+ * float32 and bits & 0xffff0000 the odd one. Each token's row is deinterleaved to match
+ * once per matrix (xp: per 16 columns, the 8 even ones then the 8 odd ones), so a weight
+ * pair costs a load, two integer ops and two multiply-adds, where load_w's widening took
+ * three shuffles per 8 weights (cpu v15: on Zen 3 the shuffles, not DRAM, bounded it).
+ * The sums are float32 as before, in another order. */
+typedef uint32_t vu2 __attribute__((vector_size(32), aligned(2)));
+
+static inline __attribute__((always_inline)) void blockp(const int TB, const int RB,
+                                                         const float *const *xp,
+                                                         const float *const *x,
+                                                         const uint16_t *w, int64_t r0,
+                                                         int64_t len, int64_t ld, float *out,
+                                                         int64_t ostride, const uint16_t *pfw) {
+  vf acc[3][8];
+  for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < RB; ++r) acc[t][r] = (vf){0};
+  const int64_t n16 = len & ~(int64_t)15;
+  const uint16_t *wr = w + r0 * ld;
+  for (int64_t c = 0; c < n16; c += 16) {
+    if (pfw && (c & 31) == 0)
+      for (int r = 0; r < RB; ++r) __builtin_prefetch(pfw + r * ld + c, 0, 2);
+    for (int r = 0; r < RB; ++r) {
+      const vu2 bits = *(const vu2 *)(wr + r * ld + c);
+      const vu lo = bits << 16, hi = bits & 0xffff0000u;
+      vf we, wo;
+      memcpy(&we, &lo, sizeof we);
+      memcpy(&wo, &hi, sizeof wo);
+      for (int t = 0; t < TB; ++t) {
+        acc[t][r] += *(const vf *)(xp[t] + c) * we;
+        acc[t][r] += *(const vf *)(xp[t] + c + 8) * wo;
+      }
+    }
+  }
+  for (int t = 0; t < TB; ++t) {
+    if (RB == 8) {
+      vf *a = acc[t];
+      vf sums = reduce8(a[0], a[2], a[1], a[3], a[4], a[6], a[5], a[7]);
+      memcpy(out + t * ostride, &sums, sizeof sums);
+    } else {
+      for (int r = 0; r < RB; ++r) out[t * ostride + r] = hsum(acc[t][r]);
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int64_t cc = n16; cc < len; ++cc)
+        out[t * ostride + r] += x[t][cc] * bf16_to_f32(wr[r * ld + cc]);
+  }
+}
+
+/* y[t * rows + r] = dot(x[t], w[r]) for m float32 tokens against every bf16 row of w
+ * through blockp: 8-row groups (one token: 8 rows at once; two or three: two 4-row halves,
+ * so the accumulators fit AVX2's 16 registers), tokens in blocks of up to 3, the first
+ * block's pass prefetching the next group at the same column. xp: m * len floats. */
+static void matmul_rows_pairs(const float *const *x, int64_t m, const uint16_t *w, int64_t rows,
+                              int64_t len, int64_t ld, float *y, float *xp) {
+  const int64_t n16 = len & ~(int64_t)15;
+  for (int64_t t = 0; t < m; ++t) {
+    float *dst = xp + t * len;
+    for (int64_t c = 0; c < n16; c += 16)
+      for (int j = 0; j < 8; ++j) dst[c + j] = x[t][c + 2 * j], dst[c + 8 + j] = x[t][c + 2 * j + 1];
+  }
+  for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+    const int full = r0 + 8 <= rows;
+    const uint16_t *pfw = full && r0 + 16 <= rows ? w + (r0 + 8) * ld : NULL;
+    for (int64_t t0 = 0; t0 < m; t0 += 3) {
+      const int tb = m - t0 < 3 ? (int)(m - t0) : 3;
+      const float *xt[3], *xpt[3];
+      for (int t = 0; t < tb; ++t) xt[t] = x[t0 + t], xpt[t] = xp + (t0 + t) * len;
+      const uint16_t *pf = t0 == 0 ? pfw : NULL;
+      float *o = y + t0 * rows + r0;
+      if (!full) {
+        for (int64_t r = r0; r < rows; ++r, ++o) {
+          switch (tb) {
+            case 3: blockp(3, 1, xpt, xt, w, r, len, ld, o, rows, NULL); break;
+            case 2: blockp(2, 1, xpt, xt, w, r, len, ld, o, rows, NULL); break;
+            default: blockp(1, 1, xpt, xt, w, r, len, ld, o, rows, NULL); break;
+          }
+        }
+      } else if (tb == 1) {
+        blockp(1, 8, xpt, xt, w, r0, len, ld, o, rows, pf);
+      } else {
+        for (int h = 0; h < 8; h += 4) {
+          const uint16_t *ph = pf ? pf + h * ld : NULL;
+          if (tb == 3) blockp(3, 4, xpt, xt, w, r0 + h, len, ld, o + h, rows, ph);
+          else blockp(2, 4, xpt, xt, w, r0 + h, len, ld, o + h, rows, ph);
+        }
+      }
+    }
+  }
+}
+#endif
+
 /* matmul_rows_dt compiled once per mode (a constant in each copy). */
 static void matmul_rows(const void *const *x, int64_t m, const void *w, int64_t rows,
-                        int64_t len, int64_t ld, int mode, float *y, pf_stream *pf) {
+                        int64_t len, int64_t ld, int mode, float *y, pf_stream *pf, float *xp) {
+#if PAIRS
+  if (mode == MODE_BF16) {
+    matmul_rows_pairs((const float *const *)x, m, (const uint16_t *)w, rows, len, ld, y, xp);
+    return;
+  }
+#endif
+  (void)xp;
   if (mode == MODE_F32) matmul_rows_dt(x, m, w, rows, len, ld, MODE_F32, y, pf);
 #ifdef LYNX_BF16DOT
   else if (mode == MODE_BF16DOT) matmul_rows_dt(x, m, w, rows, len, ld, MODE_BF16DOT, y, pf);
@@ -1040,7 +1150,9 @@ int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const f
    * then down projection), a [slots, i], and a's bf16 copy ab [slots, i] (MODE_BF16DOT). */
   int64_t hw = u > d ? u : d;
   size_t ints = (size_t)(2 * e + 1 + slots + 3 * e), ptrs = (size_t)(2 * slots + 3 * e);
-  size_t floats = (size_t)(slots * hw + slots * i), halves = (size_t)(slots * i);
+  /* xp [slots, max(d, i)]: the tokens' deinterleaved rows (matmul_rows_pairs only) */
+  const int64_t xpw = PAIRS && mode == MODE_BF16 ? (d > i ? d : i) : 0;
+  size_t floats = (size_t)(slots * hw + slots * i + slots * xpw), halves = (size_t)(slots * i);
   char *scratch = malloc(ints * sizeof(int64_t) + ptrs * sizeof(void *) + floats * sizeof(float) +
                          halves * sizeof(uint16_t));
   if (!scratch) return -1;
@@ -1049,7 +1161,8 @@ int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const f
   const char **seg = (const char **)(arow + slots);
   size_t *seglen = (size_t *)(seg + 3 * e);
   float *h = (float *)(seglen + 3 * e), *a = h + slots * hw;
-  uint16_t *ab = (uint16_t *)(a + slots * i);
+  float *xp = a + slots * i;
+  uint16_t *ab = (uint16_t *)(xp + slots * xpw);
   /* Counting sort of the slots by expert (stable: token order within an expert). */
   memset(count, 0, sizeof(int64_t) * (size_t)(e + 1));
   for (int64_t s = 0; s < slots; ++s) {
@@ -1081,7 +1194,7 @@ int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const f
    * rows are left to the hardware prefetcher (software prefetch on top made them slower,
    * cpu v10), and the AVX-512 column blocks (MODE_BF16DOT from two tokens, MODE_F32)
    * prefetch the next row group themselves (cpu v12). */
-  if (mode == MODE_BF16DOT) pf.nseg = 0;
+  if (mode == MODE_BF16DOT || (PAIRS && mode == MODE_BF16)) pf.nseg = 0;
 #ifdef LYNX_AVX512
   if (mode == MODE_F32) pf.nseg = 0;
 #endif
@@ -1103,11 +1216,11 @@ int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const f
       xrow[t] = mode == MODE_BF16DOT ? (const void *)(xb + (grp[t] / k) * d)
                                      : (const void *)(x + (grp[t] / k) * d);
     /* Up (and gate) projection: h [m, u], gate [m, i] into a when split. */
-    matmul_rows(xrow, m, wu, u, d, up_r, mode, h, &pf);
+    matmul_rows(xrow, m, wu, u, d, up_r, mode, h, &pf, xp);
     const float *gsrc = h, *usrc = gated ? h + i : NULL; /* fused [gate; up] halves */
     int64_t gstride = u;
     if (wg) {
-      matmul_rows(xrow, m, wg, i, d, gate_r, mode, a, &pf);
+      matmul_rows(xrow, m, wg, i, d, gate_r, mode, a, &pf, xp);
       gsrc = a, gstride = i, usrc = h;
     }
     /* Activation a [m, i] (in place over a split gate: each element is read first), and
@@ -1162,7 +1275,7 @@ int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const f
     /* Down projection [m, d] into h, then the weighted combine, accumulated in float32. */
     for (int64_t t = 0; t < m; ++t)
       arow[t] = mode == MODE_BF16DOT ? (const void *)(ab + t * i) : (const void *)(a + t * i);
-    matmul_rows(arow, m, wd, d, i, down_r, mode, h, &pf);
+    matmul_rows(arow, m, wd, d, i, down_r, mode, h, &pf, xp);
     for (int64_t t = 0; t < m; ++t) {
       float *o = out + (grp[t] / k) * d;
       float wt = weights[grp[t]];

@@ -13,6 +13,8 @@
 // weights or biases in another dtype than x) runs reference.experts_general_reference's loop
 // in ATen. Per-expert biases and the swiglu_clamped activation are taken on every path.
 
+#include <limits>
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -398,7 +400,13 @@ at::Tensor experts_core(const at::Tensor &x, const at::Tensor &ids, const at::Te
   const auto rows_contiguous = [](const Experts &w) { return w.stride(1) == 1; };
   const bool streamable = rows_contiguous(w_up) && rows_contiguous(w_down) &&
                           (!w_gate || rows_contiguous(w_gate));
-  const int64_t gemm_tokens = dt == at::kFloat ? kGemmTokensF32 : kGemmTokensBF16;
+  // bf16 GEMMs only where the CPU multiplies bf16 in hardware (AVX512-BF16, as this build's
+  // dot products): without it ATen's bf16 at::mm widens in software and lost to the
+  // streaming kernel at every token count measured (Zen 3, AVX2: 3.3x at 4 to 128 tokens,
+  // cpu v15 in docs/perf-notes.md), so every bf16 expert streams there.
+  const int64_t gemm_tokens = dt == at::kFloat ? kGemmTokensF32
+                              : lynx_bf16_dot() ? kGemmTokensBF16
+                                                : std::numeric_limits<int64_t>::max();
   std::vector<int64_t> stream, gemm;  // touched experts by way
   for (int64_t j = 0; j < e; ++j) {
     if (count[j] == 0) continue;

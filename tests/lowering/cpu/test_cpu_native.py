@@ -577,7 +577,9 @@ for tokens, form, act, dtype in [(13, "gated", "silu", torch.float32),
                                  (33, "split", "gelu_tanh", torch.float32),
                                  (3, "plain", "relu", torch.bfloat16),
                                  (13, "plain", "relu2", torch.bfloat16),
-                                 (33, "gated", "relu2", torch.float32)]:
+                                 (33, "gated", "relu2", torch.float32),
+                                 (1, "gated", "silu", torch.bfloat16),
+                                 (33, "split", "silu", torch.bfloat16)]:
     x, ids, w, w_up, w_down, w_gate = experts_case(tokens, 8, 2, 40, 20, form, dtype)
     gated = form != "plain"
     got = torch.ops.lynx.experts(x, ids, w, w_up, w_gate, w_down, act, gated)

@@ -170,7 +170,8 @@ def test_native_streaming_path_takes_biases_and_the_clamped_activation(
     tokens, form, activation, dtype
 ):
     """Rows contiguous: experts with few tokens stream through the C kernel, experts with
-    many (expert 5: every token's first slot; 8+ in fp32, 32+ in bf16) run as GEMMs.
+    many (expert 5: every token's first slot; 64+ in fp32, 32+ in bf16 where the CPU has
+    AVX512-BF16) run as GEMMs.
     bf16: the C kernel sums products in fp32 and rounds once, the reference rounds each
     GEMM to bf16 (TOL: a few bf16 ulps)."""
     x, ids, w, w_up, w_gate, w_down, b_up, b_gate, b_down = _row_contiguous_case(
