@@ -1145,24 +1145,19 @@ int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const f
 #ifdef LYNX_BF16DOT
   if (dt == 1 && round_mid && xb) mode = MODE_BF16DOT;
 #endif
-  /* One scratch block: counts [e + 1], fill [e], order [slots], row pointers [2 slots],
-   * prefetch segments [3 e] and their lengths [3 e], h [slots, max(u, d)] (up projection,
-   * then down projection), a [slots, i], and a's bf16 copy ab [slots, i] (MODE_BF16DOT). */
-  int64_t hw = u > d ? u : d;
+  /* Two scratch blocks. The first: counts [e + 1], fill [e], order [slots], row pointers
+   * [2 slots], prefetch segments [3 e] and their lengths [3 e]. The second, sized by the
+   * most tokens one computed expert takes (mx, known after the sort): h [mx, max(u, d)]
+   * (up projection, then down projection), a [mx, i], xp [mx, max(d, i)] (the tokens'
+   * deinterleaved rows, matmul_rows_pairs only) and a's bf16 copy ab [mx, i]
+   * (MODE_BF16DOT): a prompt's thousands of slots do not multiply the buffers per expert. */
   size_t ints = (size_t)(2 * e + 1 + slots + 3 * e), ptrs = (size_t)(2 * slots + 3 * e);
-  /* xp [slots, max(d, i)]: the tokens' deinterleaved rows (matmul_rows_pairs only) */
-  const int64_t xpw = PAIRS && mode == MODE_BF16 ? (d > i ? d : i) : 0;
-  size_t floats = (size_t)(slots * hw + slots * i + slots * xpw), halves = (size_t)(slots * i);
-  char *scratch = malloc(ints * sizeof(int64_t) + ptrs * sizeof(void *) + floats * sizeof(float) +
-                         halves * sizeof(uint16_t));
+  char *scratch = malloc(ints * sizeof(int64_t) + ptrs * sizeof(void *));
   if (!scratch) return -1;
   int64_t *count = (int64_t *)scratch, *fill = count + e + 1, *order = fill + e;
   const void **xrow = (const void **)(order + slots), **arow = xrow + slots;
   const char **seg = (const char **)(arow + slots);
   size_t *seglen = (size_t *)(seg + 3 * e);
-  float *h = (float *)(seglen + 3 * e), *a = h + slots * hw;
-  float *xp = a + slots * i;
-  uint16_t *ab = (uint16_t *)(xp + slots * xpw);
   /* Counting sort of the slots by expert (stable: token order within an expert). */
   memset(count, 0, sizeof(int64_t) * (size_t)(e + 1));
   for (int64_t s = 0; s < slots; ++s) {
@@ -1175,6 +1170,19 @@ int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const f
   for (int64_t j = 0; j < e; ++j) count[j + 1] += count[j];
   memcpy(fill, count, sizeof(int64_t) * (size_t)e);
   for (int64_t s = 0; s < slots; ++s) order[fill[ids[s]]++] = s;
+  int64_t mx = 0;
+  for (int64_t j = 0; j < e; ++j)
+    if (!take || take[j]) mx = count[j + 1] - count[j] > mx ? count[j + 1] - count[j] : mx;
+  const int64_t hw = u > d ? u : d, xpw = PAIRS && mode == MODE_BF16 ? (d > i ? d : i) : 0;
+  const size_t work = (size_t)(mx * (hw + i + xpw)) * sizeof(float) +
+                      (size_t)(mx * i) * sizeof(uint16_t);
+  float *h = malloc(work ? work : 1); /* mx 0: every touched expert is another thread's */
+  if (!h) {
+    free(scratch);
+    return -1;
+  }
+  float *a = h + mx * hw, *xp = a + mx * i;
+  uint16_t *ab = (uint16_t *)(xp + mx * xpw);
   size_t esz = dt == 0 ? sizeof(float) : sizeof(uint16_t);
   const int64_t up_r = rows[0], gate_r = rows[1], down_r = rows[2];
   /* The weights in the order they are read, prefetched PF_AHEAD bytes ahead. */
@@ -1290,6 +1298,7 @@ int lynx_experts(const float *x, const uint16_t *xb, const int64_t *ids, const f
       }
     }
   }
+  free(h);
   free(scratch);
   return 0;
 }
