@@ -538,6 +538,28 @@ static inline float hsum(vf v) {
   return s;
 }
 
+/* out[t * ostride + r] = the lane sum of acc[t][r] plus the columns c0..len-1 in scalar
+ * code, for the vector blocks below (8 rows: one transpose-and-add tree). */
+static inline __attribute__((always_inline)) void store_rows(const int TB, const int RB,
+                                                             vf acc[3][8], const float *const *x,
+                                                             const void *w, int64_t r0,
+                                                             int64_t c0, int64_t len, int64_t ld,
+                                                             int dt, float *out,
+                                                             int64_t ostride) {
+  for (int t = 0; t < TB; ++t) {
+    if (RB == 8) {
+      vf *a = acc[t];
+      vf sums = reduce8(a[0], a[2], a[1], a[3], a[4], a[6], a[5], a[7]);
+      memcpy(out + t * ostride, &sums, sizeof sums);
+    } else {
+      for (int r = 0; r < RB; ++r) out[t * ostride + r] = hsum(acc[t][r]);
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int64_t cc = c0; cc < len; ++cc)
+        out[t * ostride + r] += x[t][cc] * load_w1(w, (r0 + r) * ld + cc, dt);
+  }
+}
+
 /* out[t * ostride + r] = dot(x[t], w[r0 + r]) for TB tokens and RB (8 or 1) weight rows of
  * length len, ld elements apart: each weight vector is loaded once for all TB tokens, with TB*RB vector
  * accumulators. Always inlined with constant TB and RB so they stay in registers. */
@@ -557,18 +579,7 @@ static inline __attribute__((always_inline)) void block(const int TB, const int 
       for (int t = 0; t < TB; ++t) acc[t][r] += xv[t] * wv;
     }
   }
-  for (int t = 0; t < TB; ++t) {
-    if (RB == 8) {
-      vf *a = acc[t];
-      vf sums = reduce8(a[0], a[2], a[1], a[3], a[4], a[6], a[5], a[7]);
-      memcpy(out + t * ostride, &sums, sizeof sums);
-    } else {
-      for (int r = 0; r < RB; ++r) out[t * ostride + r] = hsum(acc[t][r]);
-    }
-    for (int r = 0; r < RB; ++r)
-      for (int64_t cc = c; cc < len; ++cc)
-        out[t * ostride + r] += x[t][cc] * load_w1(w, (r0 + r) * ld + cc, dt);
-  }
+  store_rows(TB, RB, acc, x, w, r0, c, len, ld, dt, out, ostride);
 }
 
 #ifdef LYNX_AVX512
@@ -1024,18 +1035,7 @@ static inline __attribute__((always_inline)) void blockp(const int TB, const int
       }
     }
   }
-  for (int t = 0; t < TB; ++t) {
-    if (RB == 8) {
-      vf *a = acc[t];
-      vf sums = reduce8(a[0], a[2], a[1], a[3], a[4], a[6], a[5], a[7]);
-      memcpy(out + t * ostride, &sums, sizeof sums);
-    } else {
-      for (int r = 0; r < RB; ++r) out[t * ostride + r] = hsum(acc[t][r]);
-    }
-    for (int r = 0; r < RB; ++r)
-      for (int64_t cc = n16; cc < len; ++cc)
-        out[t * ostride + r] += x[t][cc] * bf16_to_f32(wr[r * ld + cc]);
-  }
+  store_rows(TB, RB, acc, x, w, r0, n16, len, ld, 1, out, ostride);
 }
 
 /* y[t * rows + r] = dot(x[t], w[r]) for m float32 tokens against every bf16 row of w
