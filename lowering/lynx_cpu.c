@@ -482,8 +482,6 @@ static inline float swiglu_clamped(float g, float u, float alpha, float limit, i
   return u1 * glu;
 }
 
-/* 8-float vectors (GCC/Clang vector extensions: AVX2 or AVX-512 under -march=native,
- * plain SSE or scalar code elsewhere). aligned(4): loads from any float address. */
 /* 1: bf16 weights on the portable path go through matmul_rows_pairs (cpu v15);
  * -DLYNX_BF16_PAIRS=0 keeps load_w's widening there, for measuring the two. */
 #ifndef LYNX_BF16_PAIRS
@@ -494,6 +492,9 @@ static inline float swiglu_clamped(float g, float u, float alpha, float limit, i
 #else
 #define PAIRS 1
 #endif
+
+/* 8-float vectors (GCC/Clang vector extensions: AVX2 or AVX-512 under -march=native,
+ * plain SSE or scalar code elsewhere). aligned(4): loads from any float address. */
 typedef float vf __attribute__((vector_size(32), aligned(4)));
 typedef uint16_t vh __attribute__((vector_size(16), aligned(2)));
 typedef uint32_t vu __attribute__((vector_size(32)));

@@ -402,8 +402,8 @@ at::Tensor experts_core(const at::Tensor &x, const at::Tensor &ids, const at::Te
                           (!w_gate || rows_contiguous(w_gate));
   // bf16 GEMMs only where the CPU multiplies bf16 in hardware (AVX512-BF16, as this build's
   // dot products): without it ATen's bf16 at::mm widens in software and lost to the
-  // streaming kernel at every token count measured (Zen 3, AVX2: 3.3x at 4 to 128 tokens,
-  // cpu v15 in docs/perf-notes.md), so every bf16 expert streams there.
+  // streaming kernel at every token count measured (Zen 3, AVX2: by 3.0-6.3x at 4 to 128
+  // tokens, cpu v15 in docs/perf-notes.md), so every bf16 expert streams there.
   const int64_t gemm_tokens = dt == at::kFloat ? kGemmTokensF32
                               : lynx_bf16_dot() ? kGemmTokensBF16
                                                 : std::numeric_limits<int64_t>::max();
