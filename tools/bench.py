@@ -767,6 +767,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "memory are skipped and listed)",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="--suite real: interleaved rounds per row (default 5, --quick 2); more rounds "
+        "narrow the paired ratios' noise",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also write torch.profiler tables of the TinyMoE decode step and MoE layer per "

@@ -12,7 +12,12 @@ interquartile range of those per-round ratios: two backends within it are a tie)
 lynx default, from a telemetry compile), bytes (weights one call must read: routed experts
 touched, shared experts, router), floor_ms (bytes / the read bandwidth measured in the same
 rounds), floor_fraction (median over rounds of that round's floor / the backend's median)
-and gbps (bytes / ms); lynx exact's row also holds read_gbps, the paired bandwidth.
+and gbps (bytes / ms); lynx exact's row also holds read_gbps, the paired bandwidth, and
+aa_ratio: an A/A control, the same compiled lynx exact timed a second time in every round
+(AA) beside the first, median over rounds of AA / exact. Two backends doing the same work
+(lynx default where it keeps exact's experts) differ from 1.0 by as much as this control
+does, so a default / exact within max(noise vs exact, |A/A - 1|) of 1.0 is a tie measured
+in the same run.
 
 The floor is paired: a 1 GiB float32 sum at the row's thread count is one more "backend" in
 every interleaved round, so each round's fraction divides by the bandwidth of the same few
@@ -45,6 +50,7 @@ import lynx_compile
 
 BACKENDS = ("eager", "inductor", "lynx-exact", "lynx")
 FLOOR = "read-floor"  # the paired floor's turn in each round (not a backend)
+AA = "lynx-exact-again"  # lynx exact's second turn in each round: the A/A control
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,9 +381,13 @@ def run_shape(shape: Shape, dtype: torch.dtype, config: RealConfig, rows: bench.
                     for fn in fns.values():  # the first call compiles
                         bench.time_calls(fn, args, cpu, config.warmup)
                     calls = calls_per_round(bench.time_calls(fns["inductor"], args, cpu, 2), config)
-                    timed = {**fns, FLOOR: read_floor}
+                    # AA runs just before lynx exact, as lynx default runs just after it
+                    timed = {k: fns[k] for k in ("eager", "inductor")}
+                    timed |= {AA: fns["lynx-exact"], "lynx-exact": fns["lynx-exact"]}
+                    timed |= {"lynx": fns["lynx"], FLOOR: read_floor}
                     samples = bench.time_interleaved(timed, args, cpu, 0, config.rounds, calls)
                 floor_samples = samples.pop(FLOOR)
+                again = samples.pop(AA)
                 exact, chosen = touched[batch]
                 for backend, ms in samples.items():
                     median = statistics.median(ms)
@@ -404,6 +414,8 @@ def run_shape(shape: Shape, dtype: torch.dtype, config: RealConfig, rows: bench.
                 rows.add("real", name, "inductor", "calls_per_round", calls, "calls")
                 rows.add("real", name, "lynx", "paired_vs_exact", statistics.median(paired), "x")
                 rows.add("real", name, "lynx", "noise_vs_exact", noise(paired), "x")
+                aa = round_ratios(again, samples["lynx-exact"], calls)
+                rows.add("real", name, "lynx-exact", "aa_ratio", statistics.median(aa), "x")
             del fns, read_floor
             torch._dynamo.reset()
     finally:
@@ -466,9 +478,9 @@ def format_table(result: dict) -> str:
     out = [
         "| shape | dtype | threads | B | eager ms | Inductor ms | exact ms | default ms "
         "| exact / Inductor | noise | default / Inductor | default / exact | noise vs exact "
-        "| experts exact -> default | exact GB/s | read GB/s | exact floor ms "
+        "| exact A/A | experts exact -> default | exact GB/s | read GB/s | exact floor ms "
         "| exact floor fraction |",
-        "| --- " * 18 + "|",
+        "| --- " * 19 + "|",
     ]
     for case in bench._cases(rows, "real"):
         shape, dtype, threads, batch = case.split("/")
@@ -486,6 +498,7 @@ def format_table(result: dict) -> str:
             f(g("lynx", "paired_vs_inductor"), ".2f") + "x",
             f(g("lynx", "paired_vs_exact"), ".2f") + "x",
             f(g("lynx", "noise_vs_exact"), ".2f"),
+            f(g("lynx-exact", "aa_ratio"), ".2f") + "x",
             f(g("lynx-exact", "experts"), ".1f") + " -> " + f(g("lynx", "experts"), ".1f"),
             f(g("lynx-exact", "gbps"), ".1f"), f(g("lynx-exact", "read_gbps"), ".1f"),
             f(g("lynx-exact", "floor_ms"), ".2f"),
@@ -555,7 +568,9 @@ def write_results(result: dict, out: Path) -> list[Path]:
         f"as many calls as fill ~{meta['turn_ms']:.0f} ms (at least {meta['calls']}, at most 10); "
         "ratios are paired (median over rounds of the within-round ratio of medians); noise "
         "is half the interquartile range of lynx exact's per-round ratios to Inductor, noise "
-        "vs exact that of lynx default's per-round ratios to lynx exact.",
+        "vs exact that of lynx default's per-round ratios to lynx exact; exact A/A is the "
+        "same compiled lynx exact timed twice in every round (median over rounds of the "
+        "second turn / the first), the spread two equal-work backends show in this run.",
         f"Router: {meta['router']}. Skipped: {'; '.join(meta['skipped']) or 'nothing'}.",
         "",
         format_table(result),
@@ -573,4 +588,6 @@ def config_from_args(args) -> RealConfig:
         overrides["shapes"] = tuple(args.shapes)
     if args.quick:
         overrides.update(batches=(1, 4), threads=(1,), rounds=2, calls=1, warmup=1)
+    if getattr(args, "rounds", None):
+        overrides["rounds"] = args.rounds
     return RealConfig(quick=args.quick, dtypes=dtypes, **overrides)

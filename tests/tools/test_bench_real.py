@@ -29,7 +29,9 @@ def _exact_experts(shape_name: str, batch: int) -> int:
 def test_real_suite_quick_writes_every_row_and_the_plot(tmp_path):
     out_dir = tmp_path / "real"
     stdout = _lynx_compile(
-        ["bench", "--suite", "real", "--quick", "--shapes", *SHAPES, "--out", str(out_dir)], 600
+        ["bench", "--suite", "real", "--quick", "--shapes", *SHAPES, "--rounds", "3"]
+        + ["--out", str(out_dir)],
+        600,
     )
     result = json.loads((out_dir / "results.json").read_text())
     rows = result["rows"]
@@ -44,6 +46,9 @@ def test_real_suite_quick_writes_every_row_and_the_plot(tmp_path):
             assert got[backend, "ms"] > 0 and got[backend, "floor_ms"] > 0
         assert got["inductor", "paired_vs_inductor"] == 1.0
         assert got["lynx-exact", "read_gbps"] > 0  # the floor paired in the same rounds
+        # the A/A control: lynx exact timed twice per round, the second turn over the first
+        assert 0.2 < got["lynx-exact", "aa_ratio"] < 5.0, got["lynx-exact", "aa_ratio"]
+        assert ("lynx-exact-again", "ms") not in got  # a control, not a backend row
         # lynx default never touches more experts than the exact routing
         assert got["lynx", "experts"] <= got["lynx-exact", "experts"]
         assert got["eager", "experts"] == got["lynx-exact", "experts"]
@@ -51,6 +56,7 @@ def test_real_suite_quick_writes_every_row_and_the_plot(tmp_path):
     qwen = {(r["backend"], r["metric"]): r["value"] for r in rows if r["case"] == b4}
     assert qwen["lynx-exact", "experts"] == _exact_experts(SHAPES[0], 4)
     assert result["meta"]["skipped"] == [] and result["meta"]["read_bandwidth"]
+    assert result["meta"]["rounds"] == 3  # --rounds reaches the suite
     assert "| Qwen3-30B-A3B | bfloat16 | 1 | 4 |" in stdout
     assert (out_dir / "time_vs_experts.png").stat().st_size > 0
 
