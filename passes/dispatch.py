@@ -1251,10 +1251,10 @@ def _random_inputs(
     values = {ids: chosen, weights: w_region}
     for node in inputs:
         val = example_value(node)
+        if node is ids or node is weights:  # the random routing, also where they are inputs
+            continue
         if node in real:
             values[node] = real[node]
-        elif node is ids or node is weights:
-            continue
         elif val is not None:
             shape = [_hint(s) for s in val.shape]
             values[node] = torch.randn(shape, generator=gen).to(val.dtype).to(val.device)
@@ -1300,8 +1300,14 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
     lynx::experts; report either way."""
     route, weights, ids, router_entry = routed.route, routed.weights, routed.ids, routed.entry
     num_experts, top_k = router_entry["num_experts"], router_entry["top_k"]
+    # routing the graph takes as inputs (pipeline.input_routings): reported only where fused
+    inputs_routing = routed.logits is None
 
     def report(status, reason):
+        if inputs_routing:
+            if status != "rewritten":
+                return
+            reason += f"; {INPUT_ROUTING} (its router runs in another graph)"
         report_mod.add_site(
             kind="dispatch",
             status=status,
@@ -1313,7 +1319,9 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
         )
 
     weight_nodes: frozenset[fx.Node] = frozenset()
-    if router_entry["weights"] == "model":  # top-k values: the model derives the weights
+    if inputs_routing:  # the weights as the graph receives them
+        pass
+    elif router_entry["weights"] == "model":  # top-k values: the model derives the weights
         found = model_weights(gm, route, weights, ids, routed.logits)
         if isinstance(found, str):
             report("skipped", found)
@@ -1328,7 +1336,7 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
     if all(u.op == "output" for u in (*weights.users, *ids.users) if u not in weight_nodes):
         report("skipped", "routing leaves the graph: the experts run in another graph")
         return False
-    hidden_dim = router_hidden_dim(routed.logits)
+    hidden_dim = routed.hidden_dim if inputs_routing else router_hidden_dim(routed.logits)
     if hidden_dim is None:
         report("skipped", "the router's input (hidden size) is not visible in the graph")
         return False
@@ -1443,6 +1451,7 @@ def rewrite_dispatch(gm: fx.GraphModule, routed, example_inputs, graph_id: int) 
 
 
 _NOT_REPRODUCED = "no lynx::experts form reproduces the dispatch numerically"
+INPUT_ROUTING = "on the routing the graph takes as inputs"
 
 
 def _reads_expert_weights(inputs: list[fx.Node]) -> bool:

@@ -4,7 +4,8 @@
     lynx_scored_routers    every other top-k router (sigmoid, bias,  -> lynx::route_scored
                            group limit, top-k on logits, ...)
     lynx_expert_dispatch   the expert computation consuming a        -> lynx::experts
-                           rewritten router, where shown equivalent  (option fuse_experts)
+                           rewritten router (or routing the graph    (option fuse_experts)
+                           takes as inputs), where shown equivalent
 
 Each pass runs through `GraphTransformObserver(gm, name, subsystem="lynx")`, as Inductor's
 own passes do: provenance tracking (`from_node`) sees lynx's rewrites, the pass is timed in
@@ -65,7 +66,76 @@ class Routed:
     weights: fx.Node  # its weights output: final (lynx::route) or the top-k values
     ids: fx.Node  # [*tokens, k] expert ids
     entry: dict  # the router's report entry
-    logits: fx.Node  # the router's linear output (its input has the hidden size)
+    logits: fx.Node | None  # the router's linear output (its input has the hidden size);
+    # None for routing the graph takes as inputs (see input_routings)
+    hidden_dim: int | None = None  # the hidden size, where no router shows it
+
+
+def _int_value(v) -> int | None:
+    """A plain int size (a SymInt by its hint), None where it is neither."""
+    if isinstance(v, int):
+        return v
+    hint = getattr(getattr(v, "node", None), "hint", None)
+    return hint if isinstance(hint, int) else None
+
+
+def input_routings(ctx: PassContext) -> list[Routed]:
+    """Routing the graph receives as inputs, one Routed per candidate expert count: an
+    integer [*tokens, k] placeholder (the ids) beside a float one of the same rank and k (the
+    weights), the hidden states a float placeholder of that rank with the ids' token dims,
+    and 3-D float placeholders (stacked expert weights) giving the candidate expert counts.
+
+    This is the experts module compiled in a graph of its own: a graph break between the
+    router and the experts (transformers' expert-parallel all_to_all, which reads its split
+    sizes back to the host under a context manager, runs its experts in a later graph), or
+    a user who compiles the experts alone. The dispatch pass then fuses them as it fuses a
+    rewritten router's, with the same numerical checks; nothing is reported where no
+    expert computation reads the pair."""
+    holders = [n for n in ctx.gm.graph.nodes if n.op == "placeholder"]
+    values = {n: n.meta.get("example_value") for n in holders}
+    tensors = {n: v for n, v in values.items() if isinstance(v, torch.Tensor)}
+    taken = {r.ids for r in ctx.routed}
+    counts = sorted(
+        {
+            e
+            for v in tensors.values()
+            if v.dim() == 3
+            and v.dtype.is_floating_point
+            and (e := _int_value(v.shape[0])) is not None
+            and e > 1
+        }
+    )
+    found = []
+    for ids, iv in tensors.items():
+        if ids in taken or iv.dtype not in (torch.int64, torch.int32) or iv.dim() < 2:
+            continue
+        k = _int_value(iv.shape[-1])
+        if k is None or not 1 <= k <= 64 or not ids.users:
+            continue
+        tokens = [str(s) for s in iv.shape[:-1]]
+        weights = [
+            n
+            for n, v in tensors.items()
+            if v.dtype.is_floating_point
+            and v.dim() == iv.dim()
+            and _int_value(v.shape[-1]) == k
+            and n.users
+        ]
+        hidden = [
+            _int_value(v.shape[-1])
+            for n, v in tensors.items()
+            if v.dtype.is_floating_point
+            and v.dim() == iv.dim()
+            and [str(s) for s in v.shape[:-1]] == tokens
+            and n not in weights
+        ]
+        hidden = [d for d in hidden if d]
+        if len(weights) != 1 or len(hidden) != 1:
+            continue  # not one reading of the inputs: leave them
+        for e in counts:
+            entry = {"num_experts": e, "top_k": k, "weights": "input", "site": None}
+            found.append(Routed(ids, weights[0], ids, entry, None, hidden[0]))
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +179,15 @@ def expert_dispatch(ctx: PassContext) -> int:
     fused = 0
     for routed in ctx.routed:
         fused += rewrite_dispatch(ctx.gm, routed, ctx.example_inputs, ctx.graph_id)
+    if ctx.grad_needed:
+        return fused
+    done = set()  # one fused dispatch per ids input, whichever expert count fits
+    for routed in input_routings(ctx):
+        if routed.ids in done or routed.ids not in ctx.gm.graph.nodes:
+            continue
+        if rewrite_dispatch(ctx.gm, routed, ctx.example_inputs, ctx.graph_id):
+            done.add(routed.ids)
+            fused += 1
     return fused
 
 

@@ -12,6 +12,10 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# The dispatch report's words for experts fused in a graph of their own, on its inputs.
+INPUT_ROUTING = "on the routing the graph takes as inputs"
+
+
 def sites_of(report: dict, graph_ids=None, kind: str = "router") -> list[dict]:
     """Sites of one kind in a report, optionally limited to some graphs."""
     return [

@@ -16,7 +16,9 @@ Checked per model, rank and layout, on 3 and 13 decode tokens (one new token per
 - policy "exact" equals the single-process eager model;
 - the routers are rewritten; the dispatch is fused on the rank's shard (tp) or its expert
   range (ep all_reduce, "experts 0..3" / "4..7" in the report); with all_to_all the token
-  exchange breaks the graph, so the dispatch is left to the model and the report says so;
+  exchange breaks the graph (the router's graph reports the experts as run elsewhere), and
+  the later graph that runs the rank's 4 experts on the received tokens has them fused on
+  the routing it takes as inputs;
 - the default policy routes identically on both ranks (the ids the routing op returned
   are equal, the logits agree bit for bit) and equals single-process lynx on the model.
 """
@@ -32,6 +34,7 @@ import torch.distributed as dist
 from tests.helpers import (
     DECODE_TOKENS,
     GLOO_WORLD,
+    INPUT_ROUTING,
     SHARDED_FP32_TOL,
     assert_exact_equals_eager,
     assert_ranks_route_alike,
@@ -175,9 +178,18 @@ def test_each_rank_fuses_its_experts_where_they_sit_in_the_graph(ranks_of, model
         routers, dispatch = rank_sites(ranks, layout, rank)
         assert len(routers) >= 2 and all(s["status"] == "rewritten" for s in routers), routers
         assert dispatch, (rank, routers)
-        if layout == "ep_all_to_all":  # the token exchange graph-breaks before the experts
-            assert all(s["status"] == "skipped" for s in dispatch), dispatch
-            assert all("another graph" in s["reason"] for s in dispatch), dispatch
+        if layout == "ep_all_to_all":  # the token exchange graph-breaks before the experts:
+            # the router's graph reports them elsewhere, and the graph that runs them on the
+            # received tokens (its inputs: tokens, local ids, unit weights) has them fused
+            in_router_graph = [s for s in dispatch if s["router_site"] is not None]
+            on_inputs = [s for s in dispatch if s["router_site"] is None]
+            assert in_router_graph and all(
+                s["status"] == "skipped" and "another graph" in s["reason"] for s in in_router_graph
+            ), dispatch
+            assert on_inputs and all(
+                s["status"] == "rewritten" and INPUT_ROUTING in s["reason"] for s in on_inputs
+            ), dispatch
+            assert all(s["num_experts"] == 4 for s in on_inputs), dispatch  # the rank's own
             continue
         # both layers, in each compiled graph (exact, default, and a recompile for dynamic N)
         assert len(dispatch) >= 2 and all(s["status"] == "rewritten" for s in dispatch), dispatch

@@ -16,7 +16,7 @@ from torch import nn
 import lynx_compile
 from lynx_compile.backend import apply_lynx_passes
 from lynx_compile.config import parse_options
-from tests.helpers import dynamo_graph, sites_of
+from tests.helpers import INPUT_ROUTING, dynamo_graph, sites_of
 
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)  # reordered fp32 sums only
 # bf16 has 8 mantissa bits (eps 7.8e-3); fused and unfused paths round intermediates
@@ -609,3 +609,122 @@ def test_a_dispatchs_partial_sums_are_checked_as_sums_over_the_ranks(after):
         torch.allclose(_extract(gm, region, [x], out, ranks=c)(p), c * once) for c in sum_factors(2)
     ]
     assert all(scaled) == (after == "scale"), scaled
+
+
+# ------------------------------ experts compiled in a graph of their own (routing as inputs)
+
+
+def _qwen3_experts(impl: str, dtype: torch.dtype, experts=8):
+    """transformers' Qwen3-MoE experts module alone: forward(x [N, d], ids [N, k], w [N, k])."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    config = Qwen3MoeConfig(
+        hidden_size=32, moe_intermediate_size=24, num_experts=experts, num_experts_per_tok=2
+    )
+    config._experts_implementation = impl
+    torch.manual_seed(0)
+    module = Qwen3MoeExperts(config).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.2)
+    return module.to(dtype)
+
+
+def _routing(n: int, experts: int, k: int, gen: torch.Generator):
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(n)])
+    return ids, torch.rand(n, k, generator=gen) * 0.9 + 0.1
+
+
+@pytest.mark.parametrize(
+    ("impl", "dtype"),
+    [("grouped_mm", torch.float32), ("grouped_mm", torch.bfloat16), ("batched_mm", torch.float32)],
+)
+def test_experts_compiled_alone_are_fused_on_their_input_routing(impl, dtype):
+    """What runs after a graph break between router and experts (transformers' expert-
+    parallel all_to_all): the experts' graph takes (x, ids, weights) as inputs, and the
+    dispatch is fused on them; exact == eager at odd token counts."""
+    module = _qwen3_experts(impl, dtype)
+    torch._dynamo.reset()
+    lynx_compile.clear_report()
+    compiled = torch.compile(module, backend="lynx", options={"policy": "exact"})
+    gen = torch.Generator().manual_seed(0)
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    with torch.no_grad():
+        for n in (1, 3, 13, 33):
+            x = torch.randn(n, 32, generator=gen).to(dtype)
+            ids, w = _routing(n, 8, 2, gen)
+            w = w.to(dtype)
+            torch.testing.assert_close(compiled(x, ids, w), module(x, ids, w), **tol)
+    report = lynx_compile.report()
+    assert not sites_of(report), report  # no router in these graphs
+    dispatches = sites_of(report, kind="dispatch")
+    assert dispatches and all(s["status"] == "rewritten" for s in dispatches), dispatches
+    assert all(INPUT_ROUTING in s["reason"] for s in dispatches), dispatches
+    assert all(s["num_experts"] == 8 and s["top_k"] == 2 for s in dispatches), dispatches
+
+
+def test_input_routing_graph_runs_lynx_experts_on_the_parameters_in_place():
+    module = _qwen3_experts("grouped_mm", torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    ids, w = _routing(13, 8, 2, gen)
+    captured = []
+
+    def capture(gm, example_inputs):
+        captured.append((gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(module, backend=capture)(torch.randn(13, 32, generator=gen), ids, w)
+        gm, example_inputs = captured[0]
+        rewritten = apply_lynx_passes(gm, example_inputs, parse_options({"policy": "exact"}))
+    calls = [n for n in rewritten.graph.nodes if str(n.target) == "lynx.experts.default"]
+    assert len(calls) == 1, rewritten.graph
+    assert "_grouped_mm" not in " ".join(str(n.target) for n in rewritten.graph.nodes)
+    # the weights it reads are the graph's parameter inputs themselves (no copy, no stack)
+    holders = {n for n in rewritten.graph.nodes if n.op == "placeholder"}
+    reads = [a for a in calls[0].args if isinstance(a, torch.fx.Node) and a not in holders]
+    assert all(a.op != "get_attr" for a in reads), reads
+    assert calls[0].args[3] in holders and calls[0].args[5] in holders, calls[0].args
+
+
+class TanhExperts(nn.Module):
+    """Experts whose outputs pass a tanh before the routing weight: no lynx::experts form."""
+
+    def __init__(self, experts=8, dim=32, inter=24):
+        super().__init__()
+        self.w_up = nn.Parameter(torch.randn(experts, inter, dim) / dim**0.5)
+        self.w_down = nn.Parameter(torch.randn(experts, dim, inter) / inter**0.5)
+
+    def forward(self, x, ids, w):
+        h = F.silu(torch.einsum("nd,nkid->nki", x, self.w_up[ids]))
+        y = torch.tanh(torch.einsum("nki,nkdi->nkd", h, self.w_down[ids]))
+        return (y * w.unsqueeze(-1)).sum(1)
+
+
+class NotExperts(nn.Module):
+    """An integer [N, k] and a float [N, k] input beside a 3-D parameter, and no experts."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(8, 4, 32))
+
+    def forward(self, x, ids, w):
+        return x * w.sum(-1, keepdim=True) + self.table.sum(1)[ids].mean(1)
+
+
+@pytest.mark.parametrize("module_cls", [TanhExperts, NotExperts])
+def test_input_routing_that_is_not_lynx_experts_is_left_alone_and_unreported(module_cls):
+    torch.manual_seed(0)
+    module = module_cls().eval()
+    torch._dynamo.reset()
+    lynx_compile.clear_report()
+    compiled = torch.compile(module, backend="lynx", options={"policy": "exact"})
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n in (1, 3, 13):
+            x = torch.randn(n, 32, generator=gen)
+            ids, w = _routing(n, 8, 2, gen)
+            torch.testing.assert_close(compiled(x, ids, w), module(x, ids, w), **FP32_TOL)
+    assert lynx_compile.report()["sites"] == []
