@@ -36,6 +36,13 @@ PLAIN_ACTIVATIONS = {
 }
 
 
+def _exact_compiled(module: nn.Module):
+    """module compiled with lynx's exact policy, on an empty Dynamo cache and report."""
+    torch._dynamo.reset()
+    lynx_compile.clear_report()
+    return torch.compile(module, backend="lynx", options={"policy": "exact"})
+
+
 def softmax_top_k(router: nn.Module, tokens: torch.Tensor, top_k: int):
     """The router of this file's modules: softmax (fp32) over router(tokens), top-k,
     renormalised: (weights [N, k], ids [N, k])."""
@@ -91,9 +98,7 @@ class GatherBmmMoE(nn.Module):
 
 
 def _run(module, batches=(1, 3, 13)):
-    torch._dynamo.reset()
-    lynx_compile.clear_report()
-    compiled = torch.compile(module, backend="lynx", options={"policy": "exact"})
+    compiled = _exact_compiled(module)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for batch in batches:
@@ -161,9 +166,7 @@ def test_bf16_relu2_dispatch_is_fused_and_matches_eager():
     bf16's tolerance, so only relu2 is taken."""
     torch.manual_seed(0)
     module = GatherBmmMoE("plain_relu2").eval().to(torch.bfloat16)
-    torch._dynamo.reset()
-    lynx_compile.clear_report()
-    compiled = torch.compile(module, backend="lynx", options={"policy": "exact"})
+    compiled = _exact_compiled(module)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for batch in (1, 13, 33):
@@ -249,9 +252,7 @@ def test_batched_router_scores_and_dense_dispatch_are_fused(dtype):
     eager at odd shapes, decode steps and prefill alike."""
     torch.manual_seed(0)
     module = BatchedRouterMoE(num_experts=16, top_k=4).eval().to(dtype)
-    torch._dynamo.reset()
-    lynx_compile.clear_report()
-    compiled = torch.compile(module, backend="lynx", options={"policy": "exact"})
+    compiled = _exact_compiled(module)
     gen = torch.Generator().manual_seed(0)
     tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
     with torch.no_grad():
@@ -645,10 +646,7 @@ def test_experts_compiled_alone_are_fused_on_their_input_routing(impl, dtype):
     parallel all_to_all): the experts' graph takes (x, ids, weights) as inputs, and the
     dispatch is fused on them; exact == eager at odd token counts."""
     module = _qwen3_experts(impl, dtype)
-    torch._dynamo.reset()
-    lynx_compile.clear_report()
-    compiled = torch.compile(module, backend="lynx", options={"policy": "exact"})
-    gen = torch.Generator().manual_seed(0)
+    compiled, gen = _exact_compiled(module), torch.Generator().manual_seed(0)
     tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
     with torch.no_grad():
         for n in (1, 3, 13, 33):
@@ -718,9 +716,7 @@ class NotExperts(nn.Module):
 def test_input_routing_that_is_not_lynx_experts_is_left_alone_and_unreported(module_cls):
     torch.manual_seed(0)
     module = module_cls().eval()
-    torch._dynamo.reset()
-    lynx_compile.clear_report()
-    compiled = torch.compile(module, backend="lynx", options={"policy": "exact"})
+    compiled = _exact_compiled(module)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n in (1, 3, 13):
