@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
-from lynx_compile.passes.dispatch import rewrite_dispatch
+from lynx_compile.passes.dispatch import _hint, rewrite_dispatch
 from lynx_compile.passes.router import find_router_sites, report_skipped_router, rewrite_router
 from lynx_compile.passes.router_families import find_scored_router_sites, rewrite_scored_router
 from torch.fx.passes.graph_transform_observer import GraphTransformObserver
@@ -71,14 +71,6 @@ class Routed:
     hidden_dim: int | None = None  # the hidden size, where no router shows it
 
 
-def _int_value(v) -> int | None:
-    """A plain int size (a SymInt by its hint), None where it is neither."""
-    if isinstance(v, int):
-        return v
-    hint = getattr(getattr(v, "node", None), "hint", None)
-    return hint if isinstance(hint, int) else None
-
-
 def input_routings(ctx: PassContext) -> list[Routed]:
     """Routing the graph receives as inputs, one Routed per candidate expert count: an
     integer [*tokens, k] placeholder (the ids) beside a float one of the same rank and k (the
@@ -101,7 +93,7 @@ def input_routings(ctx: PassContext) -> list[Routed]:
             for v in tensors.values()
             if v.dim() == 3
             and v.dtype.is_floating_point
-            and (e := _int_value(v.shape[0])) is not None
+            and (e := _hint(v.shape[0])) is not None
             and e > 1
         }
     )
@@ -109,7 +101,7 @@ def input_routings(ctx: PassContext) -> list[Routed]:
     for ids, iv in tensors.items():
         if ids in taken or iv.dtype not in (torch.int64, torch.int32) or iv.dim() < 2:
             continue
-        k = _int_value(iv.shape[-1])
+        k = _hint(iv.shape[-1])
         if k is None or not 1 <= k <= 64 or not ids.users:
             continue
         tokens = [str(s) for s in iv.shape[:-1]]
@@ -118,11 +110,11 @@ def input_routings(ctx: PassContext) -> list[Routed]:
             for n, v in tensors.items()
             if v.dtype.is_floating_point
             and v.dim() == iv.dim()
-            and _int_value(v.shape[-1]) == k
+            and _hint(v.shape[-1]) == k
             and n.users
         ]
         hidden = [
-            _int_value(v.shape[-1])
+            _hint(v.shape[-1])
             for n, v in tensors.items()
             if v.dtype.is_floating_point
             and v.dim() == iv.dim()
@@ -183,7 +175,7 @@ def expert_dispatch(ctx: PassContext) -> int:
         return fused
     done = set()  # one fused dispatch per ids input, whichever expert count fits
     for routed in input_routings(ctx):
-        if routed.ids in done or routed.ids not in ctx.gm.graph.nodes:
+        if routed.ids in done:  # (a rewrite leaves the graph's placeholders in place)
             continue
         if rewrite_dispatch(ctx.gm, routed, ctx.example_inputs, ctx.graph_id):
             done.add(routed.ids)

@@ -71,8 +71,8 @@ def lynx_passes_only(graphs: list | None = None):
     return mock.patch("torch._inductor.compile_fx.compile_fx", run_as_is)
 
 
-def dynamo_graph(module: nn.Module, x: torch.Tensor):
-    """(gm, example_inputs) of the first graph Dynamo captures for module(x)."""
+def dynamo_graph(module: nn.Module, *args: torch.Tensor):
+    """(gm, example_inputs) of the first graph Dynamo captures for module(*args)."""
     captured = []
 
     def capture(gm, example_inputs):
@@ -80,7 +80,7 @@ def dynamo_graph(module: nn.Module, x: torch.Tensor):
         return gm.forward
 
     torch._dynamo.reset()
-    torch.compile(module, backend=capture)(x)
+    torch.compile(module, backend=capture)(*args)
     return captured[0]
 
 

@@ -666,16 +666,8 @@ def test_input_routing_graph_runs_lynx_experts_on_the_parameters_in_place():
     module = _qwen3_experts("grouped_mm", torch.float32)
     gen = torch.Generator().manual_seed(1)
     ids, w = _routing(13, 8, 2, gen)
-    captured = []
-
-    def capture(gm, example_inputs):
-        captured.append((gm, example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
     with torch.no_grad():
-        torch.compile(module, backend=capture)(torch.randn(13, 32, generator=gen), ids, w)
-        gm, example_inputs = captured[0]
+        gm, example_inputs = dynamo_graph(module, torch.randn(13, 32, generator=gen), ids, w)
         rewritten = apply_lynx_passes(gm, example_inputs, parse_options({"policy": "exact"}))
     calls = [n for n in rewritten.graph.nodes if str(n.target) == "lynx.experts.default"]
     assert len(calls) == 1, rewritten.graph
