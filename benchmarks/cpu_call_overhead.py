@@ -9,7 +9,9 @@ call here is preceded by a 128 MiB sum that evicts them, as the real-size suite'
 do (`lynx-compile bench --suite real`, where every backend's calls follow other backends'
 weight streams). Timed, at toy dimensions so that no weight read hides the fixed cost (the
 Qwen3-30B-A3B block of the suite at QUICK_SIZES): an empty Python call, one ATen op, one
-lynx::experts call, the block compiled by lynx (exact), by Inductor, and in eager. Hot
+lynx::experts call, Dynamo's frame alone (the block compiled by a backend that runs no graph
+and hands back a fixed output: what every compiled call pays before its graph runs), the
+block compiled by lynx (exact), by Inductor, and in eager. Hot
 times (no eviction) beside them.
 """
 
@@ -44,12 +46,18 @@ def main() -> None:
     experts = block.experts
     lynx = torch.compile(block, backend="lynx", options={"policy": "exact"})
     inductor = torch.compile(block)
+    with torch.no_grad():
+        out = block(x)
+    # Dynamo's frame without a graph to run: entry, guards and wrappers of a compiled call,
+    # whatever the backend (the backend hands back the eager output)
+    frame = torch.compile(block, backend=lambda gm, example_inputs: lambda *args: (out,))
     fns = {
         "python call": lambda: None,
         "one aten op": lambda: tokens.add(1),
         "lynx::experts": lambda: torch.ops.lynx.experts(
             tokens, ids, weights, experts.gate_up_proj, None, experts.down_proj, "silu", True
         ),
+        "Dynamo frame alone": lambda: frame(x),
         "block, lynx exact": lambda: lynx(x),
         "block, Inductor": lambda: inductor(x),
         "block, eager": lambda: block(x),
