@@ -43,21 +43,23 @@ class Stack(torch.nn.Module):
         return x
 
 
-def touched_per_layer(stack: Stack, x: torch.Tensor) -> list[int]:
-    """Distinct experts each layer's exact routing picks for x: the ids the model passes to
-    its experts module, caught by a forward pre-hook in eager."""
-    seen: list[int] = []
-
-    def hook(_module, args):
-        seen.append(int(torch.unique(args[1]).numel()))
-
-    handles = [b.experts.register_forward_pre_hook(hook) for b in stack.blocks]
+def eager_with_hooks(stack: Stack, x: torch.Tensor, part: str, hook) -> None:
+    """One eager call of the stack on x with `hook` as a forward pre-hook on each block's `part`
+    (its router "gate" or its "experts" module)."""
+    handles = [getattr(b, part).register_forward_pre_hook(hook) for b in stack.blocks]
     try:
         with torch.no_grad():
             stack(x)
     finally:
         for h in handles:
             h.remove()
+
+
+def touched_per_layer(stack: Stack, x: torch.Tensor) -> list[int]:
+    """Distinct experts each layer's exact routing picks for x: the ids the model passes to
+    its experts module, caught in eager."""
+    seen: list[int] = []
+    eager_with_hooks(stack, x, "experts", lambda _m, args: seen.append(args[1].unique().numel()))
     if len(seen) != len(stack.blocks):
         raise RuntimeError(f"caught {len(seen)} expert calls for {len(stack.blocks)} layers")
     return seen
@@ -76,13 +78,7 @@ def routing_margin(stack: Stack, x: torch.Tensor, top_k: int) -> float:
         top = logits.reshape(-1, logits.shape[-1]).topk(top_k + 1, dim=-1).values
         gaps.append((top[:, top_k - 1] - top[:, top_k]).min().item())
 
-    handles = [b.gate.register_forward_pre_hook(hook) for b in stack.blocks]
-    try:
-        with torch.no_grad():
-            stack(x)
-    finally:
-        for h in handles:
-            h.remove()
+    eager_with_hooks(stack, x, "gate", hook)
     return min(gaps)
 
 
