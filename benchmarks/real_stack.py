@@ -131,12 +131,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     shape = next(s for s in bench_real.SHAPES if s.name == args.shape)
     dtype = torch.bfloat16
+    config = bench_real.RealConfig()  # the suite's memory headroom and turn length
     need = args.layers * bench_real.block_bytes(shape, args.quick, dtype)
     free = bench_real.mem_available()
-    if free and need + 2 * 2**30 > free:
+    if free and need + config.headroom * 2**30 > free:
         raise SystemExit(
             f"{args.layers} layers need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB "
-            "available: pass fewer --layers"
+            f"available (keeping {config.headroom:.0f} GiB free): pass fewer --layers"
         )
     built = [bench_real.build(shape, args.quick, dtype, seed=s) for s in range(args.layers)]
     blocks, us = [b for b, _ in built], [u for _, u in built]
@@ -152,7 +153,6 @@ def main() -> None:
     check_fused(fns, stack, make_x, blocks[0].gate.top_k)
     read_floor = bench_real._summing(bench_real.floor_buffer())
     cpu = torch.device("cpu")
-    config = bench_real.RealConfig()
     threads = torch.get_num_threads()
     print(f"{shape.name} x {args.layers} layers, bf16, {threads} threads, "
           f"{args.rounds} interleaved rounds; torch {torch.__version__}")  # fmt: skip
