@@ -101,7 +101,11 @@ def register_fallbacks() -> None:
     from torch._inductor.lowering import make_fallback, tag_to_layout_constraint
     from torch._library.utils import get_layout_constraint_tag
 
-    for op in (torch.ops.lynx.experts.default, torch.ops.lynx.route_scored.default):
+    for op in (
+        torch.ops.lynx.experts.default,
+        torch.ops.lynx.route_scored.default,
+        torch.ops.lynx.route_experts_cpu.default,
+    ):
         constraint = tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
         make_fallback(op, constraint, override_decomp=True)
 

@@ -31,6 +31,15 @@
                                                 (GPT-OSS: constants.GLU_ACTIVATIONS) and are
                                                 None for the elementwise ones
 
+    route_experts_cpu(x, logits, top_k, policy, alpha, beta, k0, weights, scale,
+                      weights_dtype?, w_up, w_gate?, w_down, activation, gated, b_up?,
+                      b_gate?, b_down?, act_alpha?, act_limit?) -> [N, d]
+                                                lynx::route (exact or affinity, float32
+                                                logits), its weights times `scale` and cast
+                                                to weights_dtype, then lynx::experts, in one
+                                                call: the CPU lowering's fusion of the two
+                                                (cpu_fusion.py) where the native kernels run
+
     experts_list(x, ids, weights, w_up[], w_gate[], w_down[], b_up[], b_gate[], b_down[],
                  activation, gated, act_alpha?, act_limit?) -> [N, d]
                                                 lynx::experts with each projection's experts
@@ -683,6 +692,69 @@ def _check_experts_list(x, ids, weights, w_up, w_gate, w_down, b_up, b_gate, b_d
     )  # fmt: skip
 
 
+# ------------------------------------------------------------------ routing and experts fused
+
+
+@torch.library.custom_op("lynx::route_experts_cpu", mutates_args=())
+def route_experts_cpu(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    top_k: int,
+    policy: str,
+    alpha: float,
+    beta: float | None,
+    k0: int,
+    weights: str,
+    scale: float,
+    weights_dtype: torch.dtype | None,
+    w_up: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    w_down: torch.Tensor,
+    activation: str,
+    gated: bool,
+    b_up: torch.Tensor | None = None,
+    b_gate: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    act_alpha: float | None = None,
+    act_limit: float | None = None,
+) -> torch.Tensor:
+    """lynx::route(logits, top_k, policy, ...) -> (w, ids); w * scale, cast to weights_dtype
+    (None: kept); lynx::experts(x, ids, w, ...): x [N, d], float32 logits [N, E] -> [N, d].
+    The exact policy's top-k is the model's (torch.topk); affinity ranks equal probabilities
+    lower index first, as lynx::route_affinity_cpu. The CPU kernel is native (lynx_ops.cpp);
+    this body is the reference."""
+    pol = reference.RoutingPolicy(policy, alpha, beta, k0)
+    ties = "topk" if policy == "exact" else "lower_index"
+    w, ids = reference.route_reference(logits, top_k, pol, weights, ties)
+    if scale != 1.0:
+        w = w * scale
+    if weights_dtype is not None:
+        w = w.to(weights_dtype)
+    return experts_composite(
+        x, ids, w, w_up, w_gate, w_down, activation, gated, b_up, b_gate, b_down, act_alpha,
+        act_limit,
+    )  # fmt: skip
+
+
+@route_experts_cpu.register_fake
+def _route_experts_fake(
+    x, logits, top_k, policy, alpha, beta, k0, weights, scale, weights_dtype, w_up, w_gate,
+    w_down, activation, gated, *extras
+):  # fmt: skip
+    _check_scores(logits, top_k, "router logits")
+    _check_choice(policy, ("exact", "affinity"), "fused routing policy")
+    _check_choice(weights, WEIGHT_CONVENTIONS, "weight convention")
+    torch._check_type(
+        logits.dtype == torch.float32,
+        lambda: f"lynx::route_experts_cpu routes float32 logits, got {logits.dtype}",
+    )
+    ids, w = _route_outputs(logits, top_k)[::-1]
+    if weights_dtype is not None:
+        w = w.to(weights_dtype)
+    _check_experts(x, ids, w, w_up, w_gate, w_down, activation, gated, *extras)
+    return torch.empty_like(x)
+
+
 ALL_OPS = (
     route,
     route_recorded,
@@ -697,6 +769,7 @@ ALL_OPS = (
     route_scored_remap,
     experts,
     experts_list,
+    route_experts_cpu,
 )
 
 # ------------------------------------------------------------------ the passes' op selector

@@ -21,6 +21,7 @@ import lynx_compile.passes as passes_pkg
 from lynx_compile import calibration, capture, graph_dump
 from lynx_compile.config import LynxConfig, parse_options
 from lynx_compile.lowering import (  # noqa: F401  (the ops, their kernels and lowerings)
+    cpu_fusion,
     cpu_native,
     decompositions,
     ops,
@@ -50,6 +51,8 @@ def apply_lynx_passes(gm: fx.GraphModule, example_inputs, config: LynxConfig) ->
     except capture.NonemptyAssumptionUnfused:
         report_mod.discard_graph(graph_id)  # the frame is traced again
         raise
+    if _native_cpu(example_inputs):  # the CPU lowering's own rewrite (lowering/cpu_fusion.py)
+        cpu_fusion.fuse_route_experts(gm)
     if config.calibration is not None:  # the file must describe this model's routers
         sites = [s for s in report_mod.report()["sites"] if s.get("graph") == graph_id]
         calibration.check_sites(config.calibration, sites)
