@@ -1,6 +1,7 @@
 """Inductor decompositions of the lynx ops: the CPU path, and every path without a kernel.
 
-On CPU tensors:
+On CPU tensors (where lowering/cpu_fusion.py has not already fused a softmax router's route
+with its experts into one lynx::route_experts_cpu call, which Inductor calls as it is):
 - lynx::route with the affinity policy traces the model's softmax into Inductor's C++ graph;
   the rest (the model's top-k, AffinityBinning's ranking, kept set and remap, the weights) is
   one call of the native kernel lynx::route_affinity_cpu (lowering/lynx_ops.cpp), which

@@ -51,8 +51,6 @@ def apply_lynx_passes(gm: fx.GraphModule, example_inputs, config: LynxConfig) ->
     except capture.NonemptyAssumptionUnfused:
         report_mod.discard_graph(graph_id)  # the frame is traced again
         raise
-    if _native_cpu(example_inputs):  # the CPU lowering's own rewrite (lowering/cpu_fusion.py)
-        cpu_fusion.fuse_route_experts(gm)
     if config.calibration is not None:  # the file must describe this model's routers
         sites = [s for s in report_mod.report()["sites"] if s.get("graph") == graph_id]
         calibration.check_sites(config.calibration, sites)
@@ -109,5 +107,8 @@ def lynx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
     config = parse_options(options, mode)
     decompositions.register_fallbacks()
     gm = apply_lynx_passes(gm, example_inputs, config)
-    patches = _inductor_patches(config, _native_cpu(example_inputs))
+    native_cpu = _native_cpu(example_inputs)
+    if native_cpu:  # the CPU lowering's one rewrite (lowering/cpu_fusion.py); export and
+        cpu_fusion.fuse_route_experts(gm)  # the dump CLI keep the device-neutral ops
+    patches = _inductor_patches(config, native_cpu)
     return compile_fx(gm, example_inputs, config_patches=patches)

@@ -158,6 +158,19 @@ def experts_list_decomposed(
     return out.to(x.dtype)
 
 
+def route_experts_cpu_decomposed(x, logits, top_k, policy, alpha, beta, k0, weights, scale,
+                                 weights_dtype, w_up, w_gate, w_down, activation, gated,
+                                 *extras):  # fmt: skip
+    """lynx::route_experts_cpu: lynx::route (affinity ties to the lower index, as the kernel
+    orders them), the weights scaled and cast, then lynx::experts."""
+    ties = "topk" if policy == "exact" else "lower_index"
+    pol = RoutingPolicy(policy, alpha, beta, k0)
+    w, ids = route_reference(logits, top_k, pol, weights, ties=ties)
+    w = w * scale if scale != 1.0 else w
+    w = w.to(weights_dtype) if weights_dtype is not None else w
+    return experts_decomposed(x, ids, w, w_up, w_gate, w_down, activation, gated, *extras)
+
+
 # Ops with another op's schema and results, so an export writes that one.
 DEVICE_NEUTRAL = {"route_recorded": "route"}
 
@@ -171,6 +184,7 @@ DECOMPOSITIONS = {
     # graphs captured after lowering (or written by hand) still convert.
     "route_affinity_cpu": route_affinity_cpu_decomposed,
     "route_scored_affinity_cpu": route_scored_affinity_cpu_decomposed,
+    "route_experts_cpu": route_experts_cpu_decomposed,
     # The steps of routing across ranks (options routing_group): each converts; the
     # collectives between them are torch.distributed's, which ONNX has no operator for.
     "route_votes": distributed_route.route_votes_traced,

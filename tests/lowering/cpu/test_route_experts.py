@@ -152,3 +152,18 @@ def test_what_the_lowering_leaves_unfused(qwen3_block):
     assert _compiled(qwen3_block, x, {"policy": "oea"})[1] == 0  # traced whole
     assert _compiled(qwen3_block, x, {"telemetry": True})[1] == 0  # the recorded route
     assert _compiled(qwen3_block, x[:1], {"policy": "oea"})[1] == 1  # one token: exact
+
+
+@pytest.mark.parametrize("policy,rule", [("exact", "renorm"), ("affinity", "mass")])
+def test_the_onnx_decomposition_computes_the_op(policy, rule):
+    """An exported graph that holds the fused op writes it as routing plus dense experts."""
+    from lynx_compile import onnx_export
+
+    x, _, _, w_up, w_down, _ = experts_case(13, E, K, D, INTER, "gated", torch.float32, seed=3)
+    args = (x, tied_logits(13, seed=3), K, policy, 3.0, 2.0, 1, rule, 1.5, None, w_up, None,
+            w_down, "silu", True)  # fmt: skip
+    torch.testing.assert_close(
+        onnx_export.route_experts_cpu_decomposed(*args),
+        torch.ops.lynx.route_experts_cpu(*args),
+        **TOL[torch.float32],
+    )
