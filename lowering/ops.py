@@ -695,52 +695,45 @@ def _check_experts_list(x, ids, weights, w_up, w_gate, w_down, b_up, b_gate, b_d
 # ------------------------------------------------------------------ routing and experts fused
 
 
-@torch.library.custom_op("lynx::route_experts_cpu", mutates_args=())
-def route_experts_cpu(
-    x: torch.Tensor,
-    logits: torch.Tensor,
-    top_k: int,
-    policy: str,
-    alpha: float,
-    beta: float | None,
-    k0: int,
-    weights: str,
-    scale: float,
-    weights_dtype: torch.dtype | None,
-    w_up: torch.Tensor,
-    w_gate: torch.Tensor | None,
-    w_down: torch.Tensor,
-    activation: str,
-    gated: bool,
-    b_up: torch.Tensor | None = None,
-    b_gate: torch.Tensor | None = None,
-    b_down: torch.Tensor | None = None,
-    act_alpha: float | None = None,
-    act_limit: float | None = None,
-) -> torch.Tensor:
+# lynx::experts' arguments after (x, ids, weights), as its schema spells them
+_EXPERTS_TAIL = (
+    "Tensor w_up, Tensor? w_gate, Tensor w_down, str activation, bool gated, "
+    "Tensor? b_up=None, Tensor? b_gate=None, Tensor? b_down=None, float? act_alpha=None, "
+    "float? act_limit=None"
+)
+
+
+@torch.library.custom_op(
+    "lynx::route_experts_cpu",
+    mutates_args=(),
+    schema="(Tensor x, Tensor logits, int top_k, str policy, float alpha, float? beta, int k0, "
+    f"str weights, float scale, ScalarType? weights_dtype, {_EXPERTS_TAIL}) -> Tensor",
+)
+def route_experts_cpu(x, logits, top_k, policy, alpha, beta, k0, weights, scale, weights_dtype,
+                      *experts_args, **experts_kwargs):  # fmt: skip
     """lynx::route(logits, top_k, policy, ...) -> (w, ids); w * scale, cast to weights_dtype
-    (None: kept); lynx::experts(x, ids, w, ...): x [N, d], float32 logits [N, E] -> [N, d].
-    The exact policy's top-k is the model's (torch.topk); affinity ranks equal probabilities
-    lower index first, as lynx::route_affinity_cpu. The CPU kernel is native (lynx_ops.cpp);
-    this body is the reference."""
+    (None: kept); lynx::experts(x, ids, w, <experts_args>): x [N, d], float32 logits [N, E]
+    -> [N, d]. The exact policy's top-k is the model's (torch.topk); affinity ranks equal
+    probabilities lower index first, as lynx::route_affinity_cpu. The CPU kernel is native
+    (lynx_ops.cpp); this body is the reference."""
+    routed = fused_routing(logits, top_k, policy, alpha, beta, k0, weights, scale, weights_dtype)
+    return experts_composite(x, *routed[::-1], *experts_args, **experts_kwargs)
+
+
+def fused_routing(logits, top_k, policy, alpha, beta, k0, weights, scale, weights_dtype):
+    """lynx::route_experts_cpu's routing: (weights [N, k], ids [N, k]) as the experts get
+    them (scaled, cast)."""
     pol = reference.RoutingPolicy(policy, alpha, beta, k0)
     ties = "topk" if policy == "exact" else "lower_index"
     w, ids = reference.route_reference(logits, top_k, pol, weights, ties)
     if scale != 1.0:
         w = w * scale
-    if weights_dtype is not None:
-        w = w.to(weights_dtype)
-    return experts_composite(
-        x, ids, w, w_up, w_gate, w_down, activation, gated, b_up, b_gate, b_down, act_alpha,
-        act_limit,
-    )  # fmt: skip
+    return (w if weights_dtype is None else w.to(weights_dtype)), ids
 
 
 @route_experts_cpu.register_fake
-def _route_experts_fake(
-    x, logits, top_k, policy, alpha, beta, k0, weights, scale, weights_dtype, w_up, w_gate,
-    w_down, activation, gated, *extras
-):  # fmt: skip
+def _route_experts_fake(x, logits, top_k, policy, alpha, beta, k0, weights, scale, weights_dtype,
+                        *experts_args, **experts_kwargs):  # fmt: skip
     _check_scores(logits, top_k, "router logits")
     _check_choice(policy, ("exact", "affinity"), "fused routing policy")
     _check_choice(weights, WEIGHT_CONVENTIONS, "weight convention")
@@ -751,7 +744,7 @@ def _route_experts_fake(
     ids, w = _route_outputs(logits, top_k)[::-1]
     if weights_dtype is not None:
         w = w.to(weights_dtype)
-    _check_experts(x, ids, w, w_up, w_gate, w_down, activation, gated, *extras)
+    _check_experts(x, ids, w, *experts_args, **experts_kwargs)
     return torch.empty_like(x)
 
 

@@ -24,7 +24,7 @@ import torch.utils._pytree as pytree
 
 from lynx_compile._extras import require
 from lynx_compile.export import ExportError, capture_rewritten, describe_error, export_graph
-from lynx_compile.lowering import distributed_route, reference
+from lynx_compile.lowering import distributed_route, ops, reference
 from lynx_compile.lowering.reference import RoutingPolicy, route_reference
 
 # The ONNX stack is the [onnx] extra; torch.onnx.export(dynamo=True) runs on onnxscript.
@@ -163,11 +163,8 @@ def route_experts_cpu_decomposed(x, logits, top_k, policy, alpha, beta, k0, weig
                                  *extras):  # fmt: skip
     """lynx::route_experts_cpu: lynx::route (affinity ties to the lower index, as the kernel
     orders them), the weights scaled and cast, then lynx::experts."""
-    ties = "topk" if policy == "exact" else "lower_index"
-    pol = RoutingPolicy(policy, alpha, beta, k0)
-    w, ids = route_reference(logits, top_k, pol, weights, ties=ties)
-    w = w * scale if scale != 1.0 else w
-    w = w.to(weights_dtype) if weights_dtype is not None else w
+    w, ids = ops.fused_routing(logits, top_k, policy, alpha, beta, k0, weights, scale,
+                               weights_dtype)  # fmt: skip
     return experts_decomposed(x, ids, w, w_up, w_gate, w_down, activation, gated, *extras)
 
 
