@@ -1,5 +1,7 @@
 """The CPU lowering's one graph rewrite: a softmax router's lynx::route and the lynx::experts
-call that takes its output become one lynx::route_experts_cpu call.
+call that takes its output become one lynx::route_experts_cpu call. It runs inside Inductor
+(its pre-grad custom pass, which the backend sets where the native kernels run), so export,
+the dump CLI and a compile_fx stand-in see the lynx passes' device-neutral ops.
 
 At decode on CPU, a layer's routing is a few tiny kernels (the softmax, a top-k, the weights'
 renormalisation and cast), each ~40-60 us with the caches cold once the layer's weights have
@@ -39,15 +41,17 @@ _EXPERTS_DEFAULTS = {"b_up": None, "b_gate": None, "b_down": None, "act_alpha": 
                      "act_limit": None}  # fmt: skip
 
 
-def fuse_route_experts(gm: fx.GraphModule) -> int:
-    """Rewrite every matching route + experts pair of `gm` in place; the count rewritten."""
+def fuse_route_experts(graph: fx.Graph) -> int:
+    """Rewrite every matching route + experts pair of a Dynamo graph in place (Inductor's
+    pre-grad custom pass, set by the backend where the native kernels run); the count."""
     fused = 0
-    for node in list(gm.graph.nodes):
+    for node in list(graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.lynx.experts.default:
-            fused += _fuse(gm.graph, node)
+            fused += _fuse(graph, node)
     if fused:
-        gm.graph.lint()
-        gm.recompile()
+        graph.lint()
+        if graph.owning_module is not None:
+            graph.owning_module.recompile()
         counters["lynx"]["cpu_route_experts_fused"] += fused
     return fused
 

@@ -94,6 +94,9 @@ def _native_cpu(example_inputs) -> bool:
 
 def _inductor_patches(config: LynxConfig, native_cpu: bool) -> dict:
     patches = {"post_grad_custom_post_pass": LynxCacheSalt(config, native_cpu)}
+    if native_cpu:  # the CPU lowering's one graph rewrite, inside Inductor (export and the
+        # dump CLI, which run the lynx passes alone, keep the device-neutral ops)
+        patches["pre_grad_custom_pass"] = cpu_fusion.fuse_route_experts
     if config.mode is not None:
         patches.update(torch._inductor.list_mode_options(config.mode))
     patches.update(config.inductor)
@@ -107,8 +110,5 @@ def lynx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None
     config = parse_options(options, mode)
     decompositions.register_fallbacks()
     gm = apply_lynx_passes(gm, example_inputs, config)
-    native_cpu = _native_cpu(example_inputs)
-    if native_cpu:  # the CPU lowering's one rewrite (lowering/cpu_fusion.py); export and
-        cpu_fusion.fuse_route_experts(gm)  # the dump CLI keep the device-neutral ops
-    patches = _inductor_patches(config, native_cpu)
+    patches = _inductor_patches(config, _native_cpu(example_inputs))
     return compile_fx(gm, example_inputs, config_patches=patches)

@@ -122,7 +122,7 @@ def _compiled(block, x, options, fuse=True, monkeypatch=None):
     torch._dynamo.reset()
     counters.clear()
     if not fuse:
-        monkeypatch.setattr(cpu_fusion, "fuse_route_experts", lambda gm: 0)
+        monkeypatch.setattr(cpu_fusion, "fuse_route_experts", lambda graph: 0)
     with torch.no_grad():
         out = torch.compile(block, backend="lynx", options=options)(x)
     if not fuse:
