@@ -97,6 +97,10 @@ def _inductor_patches(config: LynxConfig, native_cpu: bool) -> dict:
     if native_cpu:  # the CPU lowering's one graph rewrite, inside Inductor (export and the
         # dump CLI, which run the lynx passes alone, keep the device-neutral ops)
         patches["pre_grad_custom_pass"] = cpu_fusion.fuse_route_experts
+        if hasattr(torch._inductor.config, "pre_grad_pass_timing"):  # torch >= 2.13
+            # before Inductor's cache lookup, on every compile (as without the option):
+            # the rewrite is cheap and its count (report, tests) is then always kept
+            patches["pre_grad_pass_timing"] = "early"
     if config.mode is not None:
         patches.update(torch._inductor.list_mode_options(config.mode))
     patches.update(config.inductor)
