@@ -9,10 +9,9 @@ call here is preceded by a 128 MiB sum that evicts them, as the real-size suite'
 do (`lynx-compile bench --suite real`, where every backend's calls follow other backends'
 weight streams). Timed, at toy dimensions so that no weight read hides the fixed cost (the
 Qwen3-30B-A3B block of the suite at QUICK_SIZES): an empty Python call, one ATen op, one
-lynx::experts call, one lynx::route_experts_cpu call (routing and experts: the compiled
-block's one native call since cpu v16), Dynamo's frame alone (the block compiled by a
-backend that runs no graph and hands back a fixed output: what every compiled call pays
-before its graph runs), the block compiled by lynx (exact), by Inductor, and in eager. Hot
+lynx::experts call, Dynamo's frame alone (the block compiled by a backend that runs no graph
+and hands back a fixed output: what every compiled call pays before its graph runs), the
+block compiled by lynx (exact), by Inductor, and in eager. Hot
 times (no eviction) beside them.
 """
 
@@ -45,7 +44,6 @@ def main() -> None:
     ids = torch.arange(k).view(1, k)
     weights = torch.full((1, k), 1.0 / k, dtype=torch.bfloat16)
     experts = block.experts
-    logits = torch.nn.functional.linear(tokens, block.gate.weight).float()  # the router's
     lynx = torch.compile(block, backend="lynx", options={"policy": "exact"})
     inductor = torch.compile(block)
     with torch.no_grad():
@@ -59,23 +57,6 @@ def main() -> None:
         "lynx::experts": lambda: torch.ops.lynx.experts(
             tokens, ids, weights, experts.gate_up_proj, None, experts.down_proj, "silu", True
         ),
-        "lynx::route_experts_cpu": lambda: torch.ops.lynx.route_experts_cpu(
-            tokens,
-            logits,
-            k,
-            "exact",
-            3.0,
-            2.0,
-            0,
-            "renorm",
-            1.0,
-            torch.bfloat16,
-            experts.gate_up_proj,
-            None,
-            experts.down_proj,
-            "silu",
-            True,
-        ),  # fmt: skip
         "Dynamo frame alone": lambda: frame(x),
         "block, lynx exact": lambda: lynx(x),
         "block, Inductor": lambda: inductor(x),

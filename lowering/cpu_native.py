@@ -12,10 +12,6 @@ touched. The C kernels do each in one call:
 - `lynx::experts(x, ids, weights, w_up, w_gate, w_down, activation, gated, b_up, b_gate,
   b_down, act_alpha, act_limit) -> out`: reference.experts_general_reference, per-expert
   biases and swiglu_clamped included; each touched expert's weights are read once, in place.
-- `lynx::route_experts_cpu(x, logits, top_k, policy, ..., weights, scale, weights_dtype,
-  <experts' arguments>) -> out`: the two in one call from float32 logits (the softmax
-  computed here; exact mode's top-k is ATen's own loop, torch's order of equal values),
-  emitted by cpu_fusion.py.
 
 The schemas and fake kernels are declared in ops.py; the CPU kernels are C++ (lynx_ops.cpp,
 which links the C code) registered under the ops' CPU dispatch key, so a compiled graph

@@ -1,7 +1,6 @@
 """Inductor decompositions of the lynx ops: the CPU path, and every path without a kernel.
 
-On CPU tensors (where lowering/cpu_fusion.py has not already fused a softmax router's route
-with its experts into one lynx::route_experts_cpu call, which Inductor calls as it is):
+On CPU tensors:
 - lynx::route with the affinity policy traces the model's softmax into Inductor's C++ graph;
   the rest (the model's top-k, AffinityBinning's ranking, kept set and remap, the weights) is
   one call of the native kernel lynx::route_affinity_cpu (lowering/lynx_ops.cpp), which
@@ -102,11 +101,7 @@ def register_fallbacks() -> None:
     from torch._inductor.lowering import make_fallback, tag_to_layout_constraint
     from torch._library.utils import get_layout_constraint_tag
 
-    for op in (
-        torch.ops.lynx.experts.default,
-        torch.ops.lynx.route_scored.default,
-        torch.ops.lynx.route_experts_cpu.default,
-    ):
+    for op in (torch.ops.lynx.experts.default, torch.ops.lynx.route_scored.default):
         constraint = tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
         make_fallback(op, constraint, override_decomp=True)
 

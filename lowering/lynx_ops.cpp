@@ -1,6 +1,5 @@
-// The CPU kernels of lynx::route_affinity_cpu, lynx::route_scored_affinity_cpu,
-// lynx::experts and lynx::route_experts_cpu (a softmax router and its experts in one call),
-// registered with the dispatcher in C++ so that a compiled graph calls them
+// The CPU kernels of lynx::route_affinity_cpu, lynx::route_scored_affinity_cpu and
+// lynx::experts, registered with the dispatcher in C++ so that a compiled graph calls them
 // without going through Python.
 //
 // The schemas (and the fake kernels used while tracing) are declared in lowering/ops.py;
@@ -16,10 +15,8 @@
 
 #include <limits>
 
-#include <ATen/AccumulateType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/native/TopKImpl.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/gather.h>
 #include <ATen/ops/gelu.h>
@@ -31,7 +28,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <map>
@@ -704,112 +700,6 @@ at::Tensor experts_list(const at::Tensor &x, const at::Tensor &ids, const at::Te
                       of(b_down), params, gated);
 }
 
-// The model's softmax of float32 logit rows [n, e] (reference.route_reference: the row's
-// maximum subtracted, exp, divided by the row's sum). A row holding a NaN, or whose maximum
-// is infinite, comes out all NaN, as torch.softmax's does.
-void softmax_rows(const float *lg, int64_t n, int64_t e, float *p) {
-  for (int64_t t = 0; t < n; ++t) {
-    const float *l = lg + t * e;
-    float *q = p + t * e;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < e; ++j) m = l[j] > m ? l[j] : m;
-    float z = 0.0f;
-    for (int64_t j = 0; j < e; ++j) z += (q[j] = std::exp(l[j] - m));
-    for (int64_t j = 0; j < e; ++j) q[j] /= z;
-  }
-}
-
-// torch.topk(p, k) of float32 rows [n, e] (largest, sorted): ATen's own CPU loop, from the
-// installed torch's headers, so that equal probabilities come out in the order the model's
-// top-k puts them (torch does not specify that order; its kernel fixes it). The ops' tests
-// compare it with torch.topk on rows full of ties (tests/lowering/cpu/test_route_experts.py).
-void model_topk(const float *p, int64_t n, int64_t e, int64_t k, float *vals, int64_t *ids) {
-  char *data[3] = {reinterpret_cast<char *>(vals), reinterpret_cast<char *>(ids),
-                   reinterpret_cast<char *>(const_cast<float *>(p))};
-  const int64_t strides[3] = {k * static_cast<int64_t>(sizeof(float)),
-                              k * static_cast<int64_t>(sizeof(int64_t)),
-                              e * static_cast<int64_t>(sizeof(float))};
-  at::native::topk_impl_loop<float, at::acc_type<float, false>>(1, 1, 1, k, e, true, true, data,
-                                                                strides, n);
-}
-
-// lynx::route (softmax router: exact or affinity policy) on float32 logits, its weights
-// scaled and cast as the graph did between the two ops, then lynx::experts, in one call: at
-// decode on CPU each ATen op costs ~40-60 us with the caches cold (the softmax, top-k and
-// weight kernels this replaces; benchmarks/cpu_call_overhead.py), a weight read of the
-// experts' size costs the same either way. "exact" takes the model's top-k (ties as
-// torch.topk orders them), "affinity" what lynx::route_affinity_cpu computes.
-at::Tensor route_experts_cpu(const at::Tensor &x, const at::Tensor &logits, int64_t top_k,
-                             c10::string_view policy, double alpha, std::optional<double> beta,
-                             int64_t k0, c10::string_view weights_rule, double scale,
-                             std::optional<at::ScalarType> weights_dtype, const at::Tensor &w_up,
-                             const std::optional<at::Tensor> &w_gate, const at::Tensor &w_down,
-                             c10::string_view activation, bool gated,
-                             const std::optional<at::Tensor> &b_up,
-                             const std::optional<at::Tensor> &b_gate,
-                             const std::optional<at::Tensor> &b_down,
-                             std::optional<double> act_alpha, std::optional<double> act_limit) {
-  TORCH_CHECK(logits.dim() == 2 && x.dim() == 2 && logits.size(0) == x.size(0),
-              "lynx::route_experts_cpu: want x [N, d] and logits [N, E]; got ", x.sizes(),
-              " and ", logits.sizes());
-  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat,
-                   "lynx::route_experts_cpu routes float32 logits; got ", logits.scalar_type(),
-                   " (lynx::route and lynx::experts take the others)");
-  const bool exact = policy == "exact";
-  TORCH_CHECK_VALUE(exact || policy == "affinity", "lynx::route_experts_cpu: policy must be ",
-                    "'exact' or 'affinity'; got '", std::string(policy), "'");
-  TORCH_CHECK_VALUE(weights_rule == "renorm" || weights_rule == "mass",
-                    "lynx::route_experts_cpu: weights must be 'renorm' or 'mass'; got '",
-                    std::string(weights_rule), "'");
-  const bool renorm = weights_rule == "renorm";
-  const int64_t n = logits.size(0), e = logits.size(1), k = top_k;
-  TORCH_CHECK_VALUE(1 <= k && k <= e, "lynx::route_experts_cpu: want 1 <= top_k <= E; got ",
-                    "top_k = ", k, ", E = ", e);
-  TORCH_CHECK_VALUE(k0 >= 0, "lynx::route_experts_cpu: want k0 >= 0; got ", k0);
-  const at::ScalarType wdt = weights_dtype.value_or(at::kFloat);
-  TORCH_CHECK_TYPE(wdt == at::kFloat || wdt == at::kBFloat16 || wdt == at::kHalf,
-                   "lynx::route_experts_cpu: weights_dtype must be float32, bfloat16 or "
-                   "float16; got ", wdt);
-  at::Tensor ids = at::empty({n, k}, logits.options().dtype(at::kLong));
-  at::Tensor weights = at::empty({n, k}, logits.options().dtype(wdt));
-  if (n > 0) {
-    const at::Tensor lg = logits.contiguous();
-    const float *l = lg.data_ptr<float>();
-    std::vector<float> probs(static_cast<size_t>(n * e)), w(static_cast<size_t>(n * k));
-    softmax_rows(l, n, e, probs.data());
-    int64_t *id = ids.data_ptr<int64_t>();
-    if (exact) {
-      model_topk(probs.data(), n, e, k, w.data(), id);
-      for (int64_t t = 0; t < n && renorm; ++t) {
-        float *v = w.data() + t * k, mass = 0.0f;
-        for (int64_t s = 0; s < k; ++s) mass += v[s];
-        for (int64_t s = 0; s < k; ++s) v[s] /= mass;
-      }
-    } else {
-      std::vector<int64_t> top(static_cast<size_t>(n * k));
-      std::vector<uint8_t> same(static_cast<size_t>(n));
-      int64_t status = lynx_topk_rows(probs.data(), n, e, k, top.data());
-      if (status >= 0)
-        status = lynx_affinity_ids(l, probs.data(), top.data(), n, e, k, alpha,
-                                   beta.has_value() ? *beta : -1.0, k0, id, same.data());
-      TORCH_CHECK(status >= 0, "lynx::route_experts_cpu: out of memory for its scratch buffers");
-      route_weights(probs.data(), top.data(), id, same.data(), n, e, k, renorm, w.data());
-    }
-    const float factor = static_cast<float>(scale);  // a float32 tensor times a Python float
-    if (factor != 1.0f)
-      for (float &v : w) v *= factor;
-    switch (wdt) {
-      case at::kFloat: std::copy(w.begin(), w.end(), weights.data_ptr<float>()); break;
-      case at::kBFloat16:
-        std::copy(w.begin(), w.end(), weights.data_ptr<c10::BFloat16>());
-        break;
-      default: std::copy(w.begin(), w.end(), weights.data_ptr<c10::Half>());
-    }
-  }
-  return experts(x, ids, weights, w_up, w_gate, w_down, activation, gated, b_up, b_gate, b_down,
-                 act_alpha, act_limit);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lynx, CPU, m) {
@@ -817,7 +707,6 @@ TORCH_LIBRARY_IMPL(lynx, CPU, m) {
   m.impl("route_scored_affinity_cpu", &route_scored_affinity_cpu);
   m.impl("experts", &experts);
   m.impl("experts_list", &experts_list);
-  m.impl("route_experts_cpu", &route_experts_cpu);
 }
 
 // Inference ops: their autograd kernel on CPU is torch's C++ "not implemented" fallback
@@ -829,5 +718,4 @@ TORCH_LIBRARY_IMPL(lynx, AutogradCPU, m) {
   m.impl("route_scored_affinity_cpu", torch::autograd::autogradNotImplementedFallback());
   m.impl("experts", torch::autograd::autogradNotImplementedFallback());
   m.impl("experts_list", torch::autograd::autogradNotImplementedFallback());
-  m.impl("route_experts_cpu", torch::autograd::autogradNotImplementedFallback());
 }

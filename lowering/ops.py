@@ -31,15 +31,6 @@
                                                 (GPT-OSS: constants.GLU_ACTIVATIONS) and are
                                                 None for the elementwise ones
 
-    route_experts_cpu(x, logits, top_k, policy, alpha, beta, k0, weights, scale,
-                      weights_dtype?, w_up, w_gate?, w_down, activation, gated, b_up?,
-                      b_gate?, b_down?, act_alpha?, act_limit?) -> [N, d]
-                                                lynx::route (exact or affinity, float32
-                                                logits), its weights times `scale` and cast
-                                                to weights_dtype, then lynx::experts, in one
-                                                call: the CPU lowering's fusion of the two
-                                                (cpu_fusion.py) where the native kernels run
-
     experts_list(x, ids, weights, w_up[], w_gate[], w_down[], b_up[], b_gate[], b_down[],
                  activation, gated, act_alpha?, act_limit?) -> [N, d]
                                                 lynx::experts with each projection's experts
@@ -692,62 +683,6 @@ def _check_experts_list(x, ids, weights, w_up, w_gate, w_down, b_up, b_gate, b_d
     )  # fmt: skip
 
 
-# ------------------------------------------------------------------ routing and experts fused
-
-
-# lynx::experts' arguments after (x, ids, weights), as its schema spells them
-_EXPERTS_TAIL = (
-    "Tensor w_up, Tensor? w_gate, Tensor w_down, str activation, bool gated, "
-    "Tensor? b_up=None, Tensor? b_gate=None, Tensor? b_down=None, float? act_alpha=None, "
-    "float? act_limit=None"
-)
-
-
-@torch.library.custom_op(
-    "lynx::route_experts_cpu",
-    mutates_args=(),
-    schema="(Tensor x, Tensor logits, int top_k, str policy, float alpha, float? beta, int k0, "
-    f"str weights, float scale, ScalarType? weights_dtype, {_EXPERTS_TAIL}) -> Tensor",
-)
-def route_experts_cpu(x, logits, top_k, policy, alpha, beta, k0, weights, scale, weights_dtype,
-                      *experts_args, **experts_kwargs):  # fmt: skip
-    """lynx::route(logits, top_k, policy, ...) -> (w, ids); w * scale, cast to weights_dtype
-    (None: kept); lynx::experts(x, ids, w, <experts_args>): x [N, d], float32 logits [N, E]
-    -> [N, d]. The exact policy's top-k is the model's (torch.topk); affinity ranks equal
-    probabilities lower index first, as lynx::route_affinity_cpu. The CPU kernel is native
-    (lynx_ops.cpp); this body is the reference."""
-    routed = fused_routing(logits, top_k, policy, alpha, beta, k0, weights, scale, weights_dtype)
-    return experts_composite(x, *routed[::-1], *experts_args, **experts_kwargs)
-
-
-def fused_routing(logits, top_k, policy, alpha, beta, k0, weights, scale, weights_dtype):
-    """lynx::route_experts_cpu's routing: (weights [N, k], ids [N, k]) as the experts get
-    them (scaled, cast)."""
-    pol = reference.RoutingPolicy(policy, alpha, beta, k0)
-    ties = "topk" if policy == "exact" else "lower_index"
-    w, ids = reference.route_reference(logits, top_k, pol, weights, ties)
-    if scale != 1.0:
-        w = w * scale
-    return (w if weights_dtype is None else w.to(weights_dtype)), ids
-
-
-@route_experts_cpu.register_fake
-def _route_experts_fake(x, logits, top_k, policy, alpha, beta, k0, weights, scale, weights_dtype,
-                        *experts_args, **experts_kwargs):  # fmt: skip
-    _check_scores(logits, top_k, "router logits")
-    _check_choice(policy, ("exact", "affinity"), "fused routing policy")
-    _check_choice(weights, WEIGHT_CONVENTIONS, "weight convention")
-    torch._check_type(
-        logits.dtype == torch.float32,
-        lambda: f"lynx::route_experts_cpu routes float32 logits, got {logits.dtype}",
-    )
-    ids, w = _route_outputs(logits, top_k)[::-1]
-    if weights_dtype is not None:
-        w = w.to(weights_dtype)
-    _check_experts(x, ids, w, *experts_args, **experts_kwargs)
-    return torch.empty_like(x)
-
-
 ALL_OPS = (
     route,
     route_recorded,
@@ -762,7 +697,6 @@ ALL_OPS = (
     route_scored_remap,
     experts,
     experts_list,
-    route_experts_cpu,
 )
 
 # ------------------------------------------------------------------ the passes' op selector

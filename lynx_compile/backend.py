@@ -21,7 +21,6 @@ import lynx_compile.passes as passes_pkg
 from lynx_compile import calibration, capture, graph_dump
 from lynx_compile.config import LynxConfig, parse_options
 from lynx_compile.lowering import (  # noqa: F401  (the ops, their kernels and lowerings)
-    cpu_fusion,
     cpu_native,
     decompositions,
     ops,
@@ -94,13 +93,6 @@ def _native_cpu(example_inputs) -> bool:
 
 def _inductor_patches(config: LynxConfig, native_cpu: bool) -> dict:
     patches = {"post_grad_custom_post_pass": LynxCacheSalt(config, native_cpu)}
-    if native_cpu:  # the CPU lowering's one graph rewrite, inside Inductor (export and the
-        # dump CLI, which run the lynx passes alone, keep the device-neutral ops)
-        patches["pre_grad_custom_pass"] = cpu_fusion.fuse_route_experts
-        if hasattr(torch._inductor.config, "pre_grad_pass_timing"):  # torch >= 2.13
-            # before Inductor's cache lookup, on every compile (as without the option):
-            # the rewrite is cheap and its count (report, tests) is then always kept
-            patches["pre_grad_pass_timing"] = "early"
     if config.mode is not None:
         patches.update(torch._inductor.list_mode_options(config.mode))
     patches.update(config.inductor)

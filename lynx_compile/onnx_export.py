@@ -24,7 +24,7 @@ import torch.utils._pytree as pytree
 
 from lynx_compile._extras import require
 from lynx_compile.export import ExportError, capture_rewritten, describe_error, export_graph
-from lynx_compile.lowering import distributed_route, ops, reference
+from lynx_compile.lowering import distributed_route, reference
 from lynx_compile.lowering.reference import RoutingPolicy, route_reference
 
 # The ONNX stack is the [onnx] extra; torch.onnx.export(dynamo=True) runs on onnxscript.
@@ -158,16 +158,6 @@ def experts_list_decomposed(
     return out.to(x.dtype)
 
 
-def route_experts_cpu_decomposed(x, logits, top_k, policy, alpha, beta, k0, weights, scale,
-                                 weights_dtype, w_up, w_gate, w_down, activation, gated,
-                                 *extras):  # fmt: skip
-    """lynx::route_experts_cpu: lynx::route (affinity ties to the lower index, as the kernel
-    orders them), the weights scaled and cast, then lynx::experts."""
-    w, ids = ops.fused_routing(logits, top_k, policy, alpha, beta, k0, weights, scale,
-                               weights_dtype)  # fmt: skip
-    return experts_decomposed(x, ids, w, w_up, w_gate, w_down, activation, gated, *extras)
-
-
 # Ops with another op's schema and results, so an export writes that one.
 DEVICE_NEUTRAL = {"route_recorded": "route"}
 
@@ -181,7 +171,6 @@ DECOMPOSITIONS = {
     # graphs captured after lowering (or written by hand) still convert.
     "route_affinity_cpu": route_affinity_cpu_decomposed,
     "route_scored_affinity_cpu": route_scored_affinity_cpu_decomposed,
-    "route_experts_cpu": route_experts_cpu_decomposed,
     # The steps of routing across ranks (options routing_group): each converts; the
     # collectives between them are torch.distributed's, which ONNX has no operator for.
     "route_votes": distributed_route.route_votes_traced,

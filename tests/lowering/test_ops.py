@@ -42,17 +42,6 @@ def _route_affinity_samples():
     yield (logits, torch.softmax(logits, -1), 4, 1.0, None, False)
 
 
-def _route_experts_samples():
-    """lynx::route_experts_cpu: float32 logits, each policy and weight rule, a scale and a
-    cast of the weights, the experts' forms and dtypes of _experts_samples."""
-    for n, (x, ids, _, *rest) in enumerate(_experts_samples()):
-        logits = _logits(x.shape[0], rest[0].shape[0])
-        k = ids.shape[1]
-        policy, rule = ("exact", "renorm") if n % 2 else ("affinity", "mass")
-        dtype = x.dtype if n % 3 else None
-        yield (x, logits, k, policy, 3.0, 2.0, 1, rule, 1.0 if n % 4 else 2.5, dtype, *rest)
-
-
 def _route_scored_affinity_samples():
     for space in ("logit", "prob", "score"):
         for dtype in (torch.float32, torch.bfloat16):
@@ -121,7 +110,6 @@ SAMPLES = {
     "route_scored_remap": lambda: _group_step_samples("remap", scored=True),
     "experts": _experts_samples,
     "experts_list": lambda: _experts_list_samples(),
-    "route_experts_cpu": _route_experts_samples,
 }
 
 

@@ -39,12 +39,10 @@ def test_grouped_kernel_takes_transposed_weight_views_and_empty_batches():
 
 
 def test_cpu_graph_calls_the_native_kernels_and_telemetry_keeps_the_route_op():
-    """On CPU the compiled graph routes and runs the experts in one native call
-    (lynx::route_experts_cpu: the softmax, top-k and weights of lynx::route fused into
-    lynx::experts' C++ kernel); telemetry keeps the opaque routing op, whose weights feed
-    lynx::experts kept whole for its C++ kernel."""
+    """On CPU the compiled graph traces the softmax and calls the two native kernels
+    (lynx::route_affinity_cpu, lynx::experts kept whole for its C++ CPU kernel); telemetry
+    keeps the opaque routing op."""
     from lynx_compile.tools import hf_tiny
-    from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
 
     import lynx_compile
@@ -53,29 +51,26 @@ def test_cpu_graph_calls_the_native_kernels_and_telemetry_keeps_the_route_op():
     x = torch.randn(5, 1, 32)
     for telemetry in (False, True):
         torch._dynamo.reset()
-        counters.clear()
         model = torch.compile(block, backend="lynx", options={"telemetry": telemetry})
         with torch.no_grad():
             _, code = run_and_get_code(model, x)
         source = "\n".join(code)
         assert ("torch.ops.lynx.route_recorded.default" in source) == telemetry
-        assert ("torch.ops.lynx.route_experts_cpu.default" in source) != telemetry
-        assert ("torch.ops.lynx.experts.default" in source) == telemetry
-        assert counters["lynx"]["cpu_route_experts_fused"] == (0 if telemetry else 1)
+        assert ("torch.ops.lynx.route_affinity_cpu.default" in source) != telemetry
         assert "aten.topk" not in source, "the native route replaces the model's top-k"
-        assert "route_affinity_cpu" not in source
+        assert "torch.ops.lynx.experts.default" in source
         assert "torch.ops.lynx.route.default" not in source
         assert "aten.bmm" not in source, "the native experts replace the traced gathered form"
     assert lynx_compile.report()["sites"]
-    # A graph specialised to one token routes exactly (nobody to share experts with), in the
-    # same one call, which reads the weights in place where the traced gathered form would
-    # copy each slot's expert.
+    # A graph specialised to one token routes exactly (traced: nobody to share experts with)
+    # and still calls the experts kernel, which reads the weights in place where the traced
+    # gathered form would copy each slot's expert.
     torch._dynamo.reset()
     model = torch.compile(block, backend="lynx")
     with torch.no_grad():
         out, code = run_and_get_code(model, x[:1])
     source = "\n".join(code)
-    assert "torch.ops.lynx.route_experts_cpu.default" in source and "topk" not in source
+    assert "torch.ops.lynx.experts.default" in source and "route_affinity_cpu" not in source
     assert "aten.bmm" not in source
     torch.testing.assert_close(out, block(x[:1]), **TOL[torch.float32])
 
@@ -125,7 +120,7 @@ def test_without_the_native_library_the_cpu_graph_traces_the_same_function(monke
         torch._dynamo.reset()
         with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
             outputs[native], code = run_and_get_code(torch.compile(block, backend="lynx"), x)
-        assert ("torch.ops.lynx.route_experts_cpu" in "\n".join(code)) == native
+        assert ("torch.ops.lynx.experts" in "\n".join(code)) == native
     # fp32 tolerance: the two forms sum the k expert outputs in different orders.
     torch.testing.assert_close(outputs[False], outputs[True], rtol=1e-5, atol=1e-5)
 
